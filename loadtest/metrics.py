@@ -1,0 +1,114 @@
+"""The paper's statistics over a run: TTFT and TBT per tier, SLO checks, goodput, capacity.
+
+* TTFT: arrival to first token. TBT: every gap between consecutive tokens of a request
+  (preemption stalls included).
+* A QPS point meets the SLOs (the paper's capacity criterion) when the median TTFT is at most
+  `ttft_p50_limit_s` (0.5 s) and every tier's P99 TBT is within its SLO.
+* Stable: additionally, when the last request arrived at most 1 % of the requests were still
+  waiting to start (DESIGN.md: under shortest-prompt-first an overloaded replica can keep the
+  median TTFT low while long prompts starve; this catches it).
+* Goodput: requests per second (over the run's makespan) whose TTFT met their tier's target
+  and at most 1 % of whose gaps exceeded their tier's TBT SLO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+TTFT_P50_LIMIT_S = 0.5
+STABLE_BACKLOG_FRACTION = 0.01
+PROMPT_BUCKETS = (0, 512, 1024, 2048, 4096, 8193)
+
+
+def _q(x: np.ndarray, q: float) -> float:
+    return float(np.quantile(x, q)) if len(x) else float("nan")
+
+
+def summarize(run: Any, ttft_p50_limit_s: float = TTFT_P50_LIMIT_S) -> dict[str, Any]:
+    """Statistics of one `ReplicaRun` (or any object with the same fields), JSON-ready."""
+    wl = run.workload
+    tiers = wl.tiers.tiers
+    ttft = run.ttft_s
+    per_tier: dict[str, dict[str, float]] = {}
+    slo_met = _q(ttft, 0.5) <= ttft_p50_limit_s
+    good = np.zeros(len(ttft), dtype=bool)
+    for k, tier in enumerate(tiers):
+        mask = wl.tier_idx == k
+        gaps = run.tbt_s.get(tier.name, np.zeros(0))
+        tbt_p99 = _q(gaps, 0.99)
+        per_tier[tier.name] = {
+            "requests": int(mask.sum()),
+            "ttft_p50_s": _q(ttft[mask], 0.5),
+            "ttft_mean_s": float(ttft[mask].mean()) if mask.any() else float("nan"),
+            "ttft_p99_s": _q(ttft[mask], 0.99),
+            "tbt_p99_s": tbt_p99,
+            "tbt_mean_s": float(gaps.mean()) if len(gaps) else float("nan"),
+        }
+        if len(gaps) and tbt_p99 > tier.tbt_slo_s:
+            slo_met = False
+        good |= mask & (ttft <= tier.ttft_target_s) & (run.tbt_miss_frac <= 0.01)
+    makespan = max(run.makespan_s, 1e-9)
+    stable = run.waiting_at_last_arrival <= STABLE_BACKLOG_FRACTION * len(wl) and run.unfinished == 0
+    buckets = {}
+    for lo, hi in zip(PROMPT_BUCKETS[:-1], PROMPT_BUCKETS[1:]):
+        m = (wl.prompt_lens >= lo) & (wl.prompt_lens < hi)
+        buckets[f"{lo}-{hi - 1}"] = _q(ttft[m], 0.5)
+    return {
+        "qps": wl.qps,
+        "requests": len(wl),
+        "ttft_p50_s": _q(ttft, 0.5),
+        "ttft_mean_s": float(ttft.mean()),
+        "ttft_p99_s": _q(ttft, 0.99),
+        "ttft_p99_long_s": _q(ttft[wl.prompt_lens > 4096], 0.99),
+        "tbt_p99_s": {k: v["tbt_p99_s"] for k, v in per_tier.items()},
+        "tiers": per_tier,
+        "ttft_p50_by_prompt_s": buckets,
+        "slo_met": bool(slo_met),
+        "stable": bool(stable),
+        "stable_slo_met": bool(slo_met and stable),
+        "goodput_rps": float(good.sum() / makespan),
+        "throughput_tokens_per_s": float((wl.prompt_lens.sum() + wl.output_lens.sum()) / makespan),
+        "waiting_at_last_arrival": int(run.waiting_at_last_arrival),
+        "unfinished": int(run.unfinished),
+        "iterations": int(run.num_iterations),
+        "preemptions": int(run.num_preemptions),
+        "makespan_s": float(run.makespan_s),
+        "sim_wall_s": float(run.wall_s),
+    }
+
+
+def capacity_bracket(points: Iterable[dict[str, Any]], key: str = "slo_met") -> tuple[float, float | None]:
+    """(largest passing QPS, smallest failing QPS above it or None). (0.0, None) if none passes."""
+    pts = list(points)
+    passing = [p["qps"] for p in pts if p[key]]
+    if not passing:
+        return 0.0, None
+    lo = max(passing)
+    hi = min((p["qps"] for p in pts if not p[key] and p["qps"] > lo), default=None)
+    return lo, hi
+
+
+def bisect_midpoint(lo: float, hi: float | None) -> float | None:
+    return None if hi is None or lo <= 0 else round((lo + hi) / 2, 6)
+
+
+def find_capacity(
+    evaluate: Callable[[float], dict[str, Any]],
+    points: Iterable[dict[str, Any]],
+    refine_steps: int = 3,
+    key: str = "slo_met",
+) -> tuple[float, list[dict[str, Any]]]:
+    """Largest QPS meeting `key`: the best passing point of a sweep, refined by bisection towards
+    the first failing point above it. Returns (capacity, extra points evaluated); 0.0 if no point
+    passes. Assumes the criterion is monotone in QPS, as the paper's capacity does."""
+    pts = list(points)
+    extra: list[dict[str, Any]] = []
+    for _ in range(refine_steps):
+        mid = bisect_midpoint(*capacity_bracket(pts + extra, key))
+        if mid is None:
+            break
+        extra.append(evaluate(mid))
+    return capacity_bracket(pts + extra, key)[0], extra

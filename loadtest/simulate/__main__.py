@@ -1,0 +1,109 @@
+"""Virtual-time benchmarks.
+
+  python -m loadtest.simulate paper [--requests N] [--profile P] [--trace T] [--tiers X] [--json PATH]
+      the paper's single-GPU experiment for every scheduler: QPS sweep, capacity, comparison
+  python -m loadtest.simulate run --scheduler S --qps Q [--requests N] ...
+      one scheduler at one QPS, statistics printed as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from loadtest.simulate.report import write_paper_report
+from loadtest.simulate.sweep import PAPER_QPS, Runner, SweepSetup, run_point, sweep_with_capacity
+from replica.policy.registry import available_schedulers
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+
+
+def _schedulers(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in available_schedulers()]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown scheduler(s) {unknown}; choose from {available_schedulers()}")
+    return names
+
+
+def _setup_args(p: argparse.ArgumentParser) -> None:
+    d = SweepSetup()
+    p.add_argument("--profile", default=d.profile, help="cost profile name or JSON path (default %(default)s)")
+    p.add_argument("--trace", default=d.trace, help="'paper', a CSV of token counts, or a ShareGPT JSON")
+    p.add_argument("--tiers", default=d.tiers, help="e.g. premium:0.1:0.05,free:0.5:0.95 or a YAML file (default: the paper's)")
+    p.add_argument("--requests", type=int, default=d.requests, help="requests per run (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--kv-blocks", type=int, default=d.kv_blocks, help="KV blocks of 16 tokens (default %(default)s)")
+
+
+def _setup(a: argparse.Namespace) -> SweepSetup:
+    if a.requests < 1:
+        raise SystemExit("--requests must be >= 1")
+    return SweepSetup(profile=a.profile, trace=a.trace, tiers=a.tiers, requests=a.requests, seed=a.seed, kv_blocks=a.kv_blocks)
+
+
+def cmd_paper(a: argparse.Namespace) -> int:
+    setup = _setup(a)
+    t0 = time.perf_counter()
+    with Runner(setup, jobs=a.jobs, progress=not a.quiet) as runner:
+        results = sweep_with_capacity(runner, a.schedulers, a.qps, refine_steps=a.refine)
+        ref_name = "sarathi-fcfs" if "sarathi-fcfs" in results else a.schedulers[0]
+        ref_qps = results[ref_name]["capacity_qps"] or min(a.qps)
+        at_ref = {}
+        todo = []
+        for name, r in results.items():
+            hit = [p for p in r["points"] if abs(p["qps"] - ref_qps) < 1e-9]
+            if hit:
+                at_ref[name] = hit[0]
+            else:
+                todo.append((name, ref_qps))
+        for res in runner.run(todo):
+            at_ref[res["scheduler"]] = res
+    wall_s = time.perf_counter() - t0
+    paths = write_paper_report(setup, results, ref_name, ref_qps, at_ref, wall_s, Path(a.out), a.json)
+    print((Path(a.out) / "summary.md").read_text())
+    print(f"wrote {', '.join(str(p) for p in paths)}; {wall_s:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    res = run_point(_setup(a), a.scheduler, a.qps)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loadtest.simulate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("paper", help="the paper's sweep for every scheduler")
+    _setup_args(p)
+    p.add_argument("--schedulers", type=_schedulers, default=available_schedulers(),
+                   help="comma-separated (default: all)")
+    p.add_argument("--qps", type=_floats, default=list(PAPER_QPS), help="QPS points (default 0.2..2.0)")
+    p.add_argument("--refine", type=int, default=3, help="bisection rounds for each capacity (default %(default)s)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--out", default=None, help="results folder (default results/paper-PROFILE)")
+    p.add_argument("--json", default=None, help="also write the results JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    r = sub.add_parser("run", help="one scheduler at one QPS")
+    _setup_args(r)
+    r.add_argument("--scheduler", required=True, type=lambda s: _schedulers(s)[0])
+    r.add_argument("--qps", required=True, type=float)
+    a = ap.parse_args(argv)
+    if a.cmd == "paper":
+        a.out = a.out or f"results/paper-{Path(a.profile).stem}"
+        return cmd_paper(a)
+    return cmd_run(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

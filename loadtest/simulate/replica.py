@@ -1,0 +1,137 @@
+"""One replica in virtual time: replay a workload through a policy and a cost profile."""
+
+from __future__ import annotations
+
+import time
+from array import array
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from loadtest.arrivals import poisson_arrival_times
+from loadtest.tiers import TierMix
+from loadtest.traces import Trace, sample_requests
+from replica.policy.base import SchedulingPolicy
+from replica.policy.state import Request
+from replica.sim.engine import PAPER_KV_BLOCKS, CostModel, SimEngine
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Requests of one run: arrival times, token counts and tiers (index into `tiers`)."""
+
+    arrival_s: np.ndarray
+    prompt_lens: np.ndarray
+    output_lens: np.ndarray
+    tier_idx: np.ndarray
+    tiers: TierMix
+    qps: float
+
+    def __len__(self) -> int:
+        return len(self.arrival_s)
+
+    @classmethod
+    def build(cls, trace: Trace, num_requests: int, qps: float, tiers: TierMix, seed: int = 42) -> "Workload":
+        """The paper's setup: requests drawn from the trace (shuffle seed), Poisson arrivals with
+        capped gaps, tiers drawn at random with their shares."""
+        prompt_lens, output_lens = sample_requests(trace, num_requests, seed=seed)
+        return cls(
+            arrival_s=poisson_arrival_times(num_requests, qps, seed=seed),
+            prompt_lens=np.asarray(prompt_lens, dtype=np.int64),
+            output_lens=np.asarray(output_lens, dtype=np.int64),
+            tier_idx=tiers.assign(num_requests, seed=seed),
+            tiers=tiers,
+            qps=qps,
+        )
+
+
+@dataclass
+class ReplicaRun:
+    """Raw outcome of one run; `loadtest.metrics` turns it into the paper's statistics."""
+
+    scheduler: str
+    workload: Workload
+    ttft_s: np.ndarray  # per request (arrival to first token)
+    finish_s: np.ndarray  # per request (last token)
+    tbt_miss_frac: np.ndarray  # per request: share of its gaps above its tier's TBT SLO
+    tbt_s: dict[str, np.ndarray] = field(default_factory=dict)  # every gap, per tier
+    waiting_at_last_arrival: int = 0
+    unfinished: int = 0
+    num_iterations: int = 0
+    num_preemptions: int = 0
+    busy_s: float = 0.0
+    makespan_s: float = 0.0
+    wall_s: float = 0.0
+
+
+def run_replica(
+    workload: Workload,
+    policy: SchedulingPolicy,
+    cost: CostModel,
+    num_kv_blocks: int = PAPER_KV_BLOCKS,
+) -> ReplicaRun:
+    """Run every request to completion (no time limit: runs drain)."""
+    t0 = time.perf_counter()
+    tiers = workload.tiers.tiers
+    n = len(workload)
+    reqs = [
+        Request(
+            req_id=str(i),
+            prompt_len=int(workload.prompt_lens[i]),
+            arrival_s=float(workload.arrival_s[i]),
+            tier=tiers[t].name,
+            tbt_slo_s=tiers[t].tbt_slo_s,
+            tier_rank=tiers[t].rank,
+            max_output_tokens=int(workload.output_lens[i]),
+        )
+        for i, t in enumerate(workload.tier_idx)
+    ]
+    gaps: dict[str, array] = {t.name: array("d") for t in tiers}
+    misses = np.zeros(n, dtype=np.int64)
+
+    def on_token(r: Request, t: float) -> None:
+        last = r.last_token_s
+        if last is not None:
+            gap = t - last
+            gaps[r.tier].append(gap)
+            if gap > r.tbt_slo_s:
+                misses[int(r.req_id)] += 1
+
+    engine = SimEngine(policy, cost, num_kv_blocks=num_kv_blocks, on_token=on_token)
+    arrival = workload.arrival_s.tolist()
+    i = 0
+    now = 0.0
+    waiting_at_last_arrival = 0
+    while i < n or engine.has_work:
+        if i < n and arrival[i] <= now:
+            while i < n and arrival[i] <= now:
+                engine.add_request(reqs[i])
+                i += 1
+            if i == n:
+                waiting_at_last_arrival = len(engine.state.waiting)
+        stepped = engine.step(now)
+        if stepped is not None:
+            now = stepped[1]
+        elif i < n:
+            now = max(now, arrival[i])
+        else:
+            break
+
+    ttft = np.array([(r.first_token_s - r.arrival_s) if r.first_token_s is not None else np.inf for r in reqs])
+    finish = np.array([r.last_token_s if r.is_finished else np.inf for r in reqs])
+    num_gaps = np.maximum(workload.output_lens - 1, 1)
+    return ReplicaRun(
+        scheduler=policy.name,
+        workload=workload,
+        ttft_s=ttft,
+        finish_s=finish,
+        tbt_miss_frac=misses / num_gaps,
+        tbt_s={k: np.frombuffer(v, dtype=np.float64) if len(v) else np.zeros(0) for k, v in gaps.items()},
+        waiting_at_last_arrival=waiting_at_last_arrival,
+        unfinished=sum(1 for r in reqs if not r.is_finished),
+        num_iterations=engine.num_iterations,
+        num_preemptions=engine.num_preemptions,
+        busy_s=engine.busy_s,
+        makespan_s=now,
+        wall_s=time.perf_counter() - t0,
+    )

@@ -1,0 +1,135 @@
+"""QPS sweeps of several schedulers on one replica, in parallel processes, with capacity search.
+
+One task = (scheduler, qps): build the workload, run it to completion in virtual time, summarise.
+Workers cache the trace and the cost profile, so a task costs only its simulation.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing as mp
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from loadtest.metrics import bisect_midpoint, capacity_bracket, summarize
+from loadtest.simulate.replica import Workload, run_replica
+from loadtest.tiers import TierMix, paper_tiers, parse_tiers
+from loadtest.traces import load_trace
+from replica.cost.profile import load_profile
+from replica.policy.registry import make_policy
+from replica.sim.engine import PAPER_KV_BLOCKS
+
+PAPER_QPS = tuple(round(0.2 * k, 1) for k in range(1, 11))  # 0.2 .. 2.0
+
+
+@dataclass(frozen=True)
+class SweepSetup:
+    profile: str = "rtx6000ada-mistral7b"
+    trace: str = "paper"
+    tiers: str = ""  # "" = the paper's tiers; else parse_tiers() text or file
+    requests: int = 16_384
+    seed: int = 42
+    kv_blocks: int = PAPER_KV_BLOCKS
+    scheduler_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def tier_mix(self) -> TierMix:
+        return parse_tiers(self.tiers) if self.tiers else paper_tiers()
+
+
+@functools.lru_cache(maxsize=8)
+def _trace(name: str):
+    return load_trace(name)
+
+
+@functools.lru_cache(maxsize=8)
+def _profile(name: str):
+    return load_profile(name)
+
+
+def run_point(setup: SweepSetup, scheduler: str, qps: float) -> dict[str, Any]:
+    """One (scheduler, qps) run, summarised."""
+    wl = Workload.build(_trace(setup.trace), setup.requests, qps, setup.tier_mix(), seed=setup.seed)
+    policy = make_policy(scheduler, **setup.scheduler_overrides)
+    run = run_replica(wl, policy, _profile(setup.profile), num_kv_blocks=setup.kv_blocks)
+    return {"scheduler": scheduler, **summarize(run)}
+
+
+def _task(args: tuple[dict, str, float]) -> dict[str, Any]:
+    setup_dict, scheduler, qps = args
+    return run_point(SweepSetup(**setup_dict), scheduler, qps)
+
+
+class Runner:
+    """Runs batches of (scheduler, qps) tasks on `jobs` processes with one progress bar."""
+
+    def __init__(self, setup: SweepSetup, jobs: int | None = None, progress: bool = True) -> None:
+        self.setup = setup
+        self.jobs = max(1, jobs or os.cpu_count() or 1)
+        self.progress = progress
+        self._pool = mp.get_context("fork").Pool(self.jobs) if self.jobs > 1 else None
+        self._bar = tqdm(total=0, unit="run", disable=not progress, desc="simulating")
+
+    def run(self, tasks: Iterable[tuple[str, float]]) -> list[dict[str, Any]]:
+        tasks = list(tasks)
+        self._bar.total += len(tasks)
+        self._bar.refresh()
+        args = [(asdict(self.setup), s, q) for s, q in tasks]
+        out = []
+        it = self._pool.imap_unordered(_task, args) if self._pool else map(_task, args)
+        for res in it:
+            out.append(res)
+            self._bar.update(1)
+        return out
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def sweep_with_capacity(
+    runner: Runner,
+    schedulers: Sequence[str],
+    qps_grid: Sequence[float],
+    refine_steps: int = 3,
+    keys: Sequence[str] = ("slo_met", "stable_slo_met"),
+) -> dict[str, dict[str, Any]]:
+    """Every scheduler at every QPS, then `refine_steps` bisection rounds (all runs of a round in
+    parallel) between each one's last passing and first failing QPS, for each criterion in
+    `keys` (the paper's capacity and the stable one)."""
+    points: dict[str, list[dict]] = {s: [] for s in schedulers}
+    for res in runner.run((s, q) for s in schedulers for q in qps_grid):
+        points[res["scheduler"]].append(res)
+    for _ in range(refine_steps):
+        todo = sorted(
+            {
+                (s, mid)
+                for s in schedulers
+                for key in keys
+                if (mid := bisect_midpoint(*capacity_bracket(points[s], key))) is not None
+            }
+        )
+        if not todo:
+            break
+        for res in runner.run(todo):
+            points[res["scheduler"]].append(res)
+    out = {}
+    for s in schedulers:
+        pts = sorted(points[s], key=lambda p: p["qps"])
+        out[s] = {
+            "capacity_qps": capacity_bracket(pts, "slo_met")[0],
+            "stable_capacity_qps": capacity_bracket(pts, "stable_slo_met")[0],
+            "points": pts,
+        }
+    return out

@@ -1,0 +1,1 @@
+"""One replica: pure scheduling policies, cost profiles and the simulated engine."""

@@ -1,0 +1,154 @@
+"""GPU + model cost profiles: how long one engine iteration takes for a given batch shape.
+
+Iteration-time model (ms), with N = tokens in the batch (prefill tokens + decodes):
+
+    t_ms = base_ms
+         + per_token_ms   * N                       linear layers, KV write
+         + prefill_sq_ms  * sum_i p_i^2             prefill attention within each chunk
+         + prefill_ctx_ms * sum_i p_i * c_i         prefill attention to the chunk's prior context
+         + decode_ctx_ms  * sum_j ctx_j             decode attention (reads each decode's KV)
+
+and an empty batch costs 0. There is no tile-padding term: the Vidur linear-layer data does not
+show padding steps (see docs/cost_profiles.md). `tile_tokens` is still carried for schedulers
+that align batch sizes (RAD).
+
+Profiles are JSON files in `profiles/`, written by `python -m replica.cost.calibrate`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from replica.cost.shape import BatchShape
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Coefficients(_Strict):
+    """The five coefficients of the iteration-time model, all in milliseconds."""
+
+    base_ms: NonNegative  # per iteration (weights read once, launch and CPU overhead)
+    per_token_ms: NonNegative  # per batch token
+    prefill_sq_ms: NonNegative  # per (new prefill tokens of a chunk)^2
+    prefill_ctx_ms: NonNegative  # per new prefill token x prior-context token of its request
+    decode_ctx_ms: NonNegative  # per context token of each decode
+
+
+class FitPoint(_Strict):
+    label: str
+    measured_ms: float
+    predicted_ms: float
+    rel_error: float  # predicted / measured - 1
+
+
+class FitError(_Strict):
+    """Relative errors of the profile against the points it was fitted to."""
+
+    num_points: int = Field(gt=0)
+    mean_rel_error: NonNegative  # mean |predicted / measured - 1|
+    max_rel_error: NonNegative
+    points: list[FitPoint] = []  # listed when there are few; else see `calibrate --per-point`
+
+
+class Provenance(_Strict):
+    sources: list[str] = Field(min_length=1)
+    fitted_to: str  # which measurements, what was fitted, how
+    tile_tokens_source: str  # where `tile_tokens` comes from
+    tile_padding_term: str  # why the model has (or has not) a tile-padding term
+    fit_error: FitError
+    notes: list[str] = []
+
+
+class _TimeFn:
+    """The hot path: plain floats, no pydantic. Coefficients converted to seconds once."""
+
+    __slots__ = ("base_s", "per_token_s", "prefill_sq_s", "prefill_ctx_s", "decode_ctx_s")
+
+    def __init__(self, c: Coefficients) -> None:
+        self.base_s = c.base_ms / 1000.0
+        self.per_token_s = c.per_token_ms / 1000.0
+        self.prefill_sq_s = c.prefill_sq_ms / 1000.0
+        self.prefill_ctx_s = c.prefill_ctx_ms / 1000.0
+        self.decode_ctx_s = c.decode_ctx_ms / 1000.0
+
+    def time_s(self, shape: BatchShape) -> float:
+        num_tokens = shape.num_prefill_tokens + shape.num_decodes
+        if num_tokens == 0:
+            return 0.0
+        return (
+            self.base_s
+            + self.per_token_s * num_tokens
+            + self.prefill_sq_s * shape.sum_prefill_sq
+            + self.prefill_ctx_s * shape.sum_prefill_ctx
+            + self.decode_ctx_s * shape.sum_decode_ctx
+        )
+
+
+class CostProfile(_Strict):
+    name: str = Field(min_length=1)
+    gpu: str
+    model: str
+    coefficients: Coefficients
+    # GEMM tile, in tokens, that a RAD scheduler aligns batch sizes to (not used in the timing).
+    tile_tokens: int = Field(gt=0)
+    provenance: Provenance
+
+    def model_post_init(self, _context: object) -> None:
+        # Shadow the method below with a bound method of a plain object: the simulator calls
+        # this millions of times and pydantic attribute access would dominate its cost.
+        object.__setattr__(self, "iteration_time_s", _TimeFn(self.coefficients).time_s)
+
+    def iteration_time_s(self, shape: BatchShape) -> float:  # replaced per instance, see above
+        return _TimeFn(self.coefficients).time_s(shape)
+
+    def model_copy(self, *, update=None, deep: bool = False) -> "CostProfile":
+        copy = super().model_copy(update=update, deep=deep)
+        copy.model_post_init(None)  # the copied timing function may be stale after `update`
+        return copy
+
+
+def available_profiles(profiles_dir: Path = PROFILES_DIR) -> list[str]:
+    """Names of the shipped profiles (the JSON files in `profiles/`)."""
+    return sorted(p.stem for p in profiles_dir.glob("*.json"))
+
+
+def load_profile(name_or_path: str | Path) -> CostProfile:
+    """Load a profile by name (`a100-mistral7b`) or by path to a JSON file.
+
+    Raises ValueError naming the file for unknown names, unreadable or malformed files (with the
+    line for JSON syntax errors and the field for validation errors).
+    """
+    text = str(name_or_path)
+    by_path = isinstance(name_or_path, Path) or text.endswith(".json") or "/" in text or "\\" in text
+    path = Path(text) if by_path else PROFILES_DIR / f"{text}.json"
+    if not path.is_file():
+        if by_path:
+            raise ValueError(f"cost profile file {path} does not exist")
+        raise ValueError(f"unknown cost profile {text!r} (no {path}); available: {available_profiles()}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read cost profile: {e}") from None
+    try:
+        profile = CostProfile.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"field {'.'.join(str(part) for part in err['loc']) or '<root>'}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise ValueError(f"{path}: invalid cost profile: {problems}") from None
+    if not by_path and profile.name != text:
+        raise ValueError(f"{path}: profile name {profile.name!r} does not match the file name")
+    return profile

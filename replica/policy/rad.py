@@ -1,0 +1,69 @@
+"""RAD (Resource-Aware Dynamic), built from the paper's two throughput principles.
+
+The paper proves RAD throughput-optimal but publishes no implementation, so the rule below is
+ours (documented in docs/BENCHMARKS.md next to its measurements):
+
+* Optimal tiling: whenever there is more prefill work than fits, an iteration's total size
+  (decodes + prefill tokens) is a multiple of the profile's GEMM tile (`tile_tokens`), so no
+  matrix-multiply tile is padded; a batch smaller than that is only formed when the queue
+  holds less work.
+* Dynamic allocation by queue state: every running decode runs in every iteration (decode
+  work never waits), and the prefill share of the iteration is whatever the prefill backlog
+  (uncomputed tokens of started prefills plus waiting prompts) can fill, up to
+  `max_batch_tokens`. A long backlog gives large, tile-aligned prefill iterations (prefill
+  mode); an empty one gives decode-only iterations (decode mode); the split follows the queues
+  at every step, never a fixed ratio.
+* Admission in arrival order, at most `max_active_requests` holding KV (the cap on prefills
+  admitted per cycle), whole prompt reserved in KV with the 1 % watermark, recompute
+  preemption of the latest arrival like Sarathi. SLOs are ignored, as in the paper.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from replica.policy.base import PlanBuilder
+from replica.policy.config import SchedulerConfig
+from replica.policy.plan import BatchPlan
+from replica.policy.state import EngineState
+
+
+class RADPolicy:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.tile = config.tile_tokens
+        self.max_aligned_tokens = (config.max_batch_tokens // self.tile) * self.tile
+
+    def _iteration_size(self, num_decodes: int, backlog_tokens: int) -> int:
+        """Tokens this iteration: all of the work if it fits, else the largest tile multiple."""
+        if num_decodes + backlog_tokens <= self.max_aligned_tokens:
+            return num_decodes + backlog_tokens
+        return max(self.max_aligned_tokens, -(-num_decodes // self.tile) * self.tile)
+
+    def schedule(self, state: EngineState) -> BatchPlan:
+        cfg = self.config
+        queue = deque(sorted(state.running, key=lambda r: r.arrival_s))
+        backlog = sum(r.num_uncomputed_tokens for r in queue if r.is_prefill)
+        backlog += sum(r.num_tokens for r in state.waiting)
+        num_decodes = min(cfg.max_decodes, sum(1 for r in queue if not r.is_prefill))
+        size = self._iteration_size(num_decodes, backlog)
+        b = PlanBuilder(state, size, cfg.max_active_requests, cfg.max_decodes)
+        started = []
+        while queue:
+            r = queue.popleft()
+            if r.is_prefill:
+                started.append(r)
+            elif b.decode_room:
+                b.add_decode(r, queue)
+        for r in started:
+            if b.budget_left <= 0:
+                break
+            b.add_started_prefill(r)
+        for r in state.waiting:
+            if not b.try_admit(r):
+                break
+        return b.plan
+
+    def on_batch_end(self, state: EngineState, plan: BatchPlan, batch_start_s: float, batch_end_s: float) -> None:
+        pass

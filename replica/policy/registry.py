@@ -1,0 +1,45 @@
+"""One registry of scheduling policies: name -> configured policy object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from replica.policy.base import SchedulingPolicy
+from replica.policy.config import SchedulerConfig
+from replica.policy.rad import RADPolicy
+from replica.policy.sarathi import SarathiPolicy
+from replica.policy.slai import SLAIPolicy
+from replica.policy.vllm_style import VLLMStylePolicy
+
+_CLASSES = {"slai": SLAIPolicy, "sarathi": SarathiPolicy, "vllm": VLLMStylePolicy, "rad": RADPolicy}
+
+# The paper's schedulers (PAPER.md "Variants evaluated" and "Baselines"), plus RAD.
+PRESETS: dict[str, dict[str, Any]] = {
+    "sarathi-fcfs": {"kind": "sarathi", "admission_order": "fcfs"},
+    "sarathi-spf": {"kind": "sarathi", "admission_order": "spf"},
+    "vllm": {"kind": "vllm", "admission_order": "fcfs"},
+    "slai-fcfs-fixed": {"kind": "slai", "admission_order": "fcfs", "dynamic_theta": False},
+    "slai-spf-fixed": {"kind": "slai", "admission_order": "spf", "dynamic_theta": False},
+    "slai-spf-dynamic": {"kind": "slai", "admission_order": "spf", "dynamic_theta": True},
+    "slai-spf-tier-dynamic": {"kind": "slai", "admission_order": "spf-tier", "dynamic_theta": True},
+    "rad": {"kind": "rad", "admission_order": "fcfs"},
+}
+
+
+def available_schedulers() -> list[str]:
+    return list(PRESETS)
+
+
+def scheduler_config(name: str, **overrides: Any) -> SchedulerConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(PRESETS)}")
+    return SchedulerConfig(name=name, **{**PRESETS[name], **overrides})
+
+
+def make_policy(config: SchedulerConfig | str, **overrides: Any) -> SchedulingPolicy:
+    """A fresh policy object (policies hold per-engine state: one per engine)."""
+    if isinstance(config, str):
+        config = scheduler_config(config, **overrides)
+    elif overrides:
+        config = config.model_copy(update=overrides)
+    return _CLASSES[config.kind](config)

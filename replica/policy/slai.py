@@ -1,0 +1,105 @@
+"""SLAI (SLO-aware LLM inference), as the paper's authors implement it.
+
+Every decode-ready request j carries a last schedulable time for its next token, set after each
+batch that ran it:
+
+    LST_j = end of that batch + TBT_j - Theta * mean_batch_time
+
+`mean_batch_time` is the running mean of every measured batch wall time; Theta is 5 while KV-cache
+use is below 96 % and 10 at or above (dynamic offset), or a constant (fixed offset). A decode that
+is not scheduled keeps its old LST.
+
+Each iteration, under a token budget (512), an active-request cap (128) and a decode cap (128):
+1. critical decodes (now >= LST), earliest LST first;
+2. prefills already started, in the order they started, chunk = min(remaining, budget left);
+3. new arrivals in FCFS, SPF, or SPF-with-strict-tiers-first order, admitted while the budget,
+   KV blocks for the whole prompt (1 % watermark) and the active cap allow;
+4. leftover budget to the non-critical decodes, earliest LST first, within the decode cap.
+When a decode needs a KV block that is not free, the newest started prefill not yet in this
+batch is preempted (recompute), else the decode itself.
+"""
+
+from __future__ import annotations
+
+from replica.policy.base import AdmissionOrder, PlanBuilder, order_waiting
+from replica.policy.config import SchedulerConfig
+from replica.policy.plan import BatchPlan
+from replica.policy.state import EngineState, Request
+
+
+def _lst_key(r: Request) -> tuple[float, float]:
+    return (r.lst_s, r.arrival_s)
+
+
+class SLAIPolicy:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.order = AdmissionOrder(config.admission_order)
+        self.mean_batch_time_s = 0.0
+        self.num_batches = 0
+        self.theta = config.theta_low
+
+    def schedule(self, state: EngineState) -> BatchPlan:
+        cfg = self.config
+        now = state.now_s
+        b = PlanBuilder(state, cfg.token_budget, cfg.max_active_requests, cfg.max_decodes)
+        decoding: list[Request] = []
+        prefilling: list[Request] = []
+        for r in state.running:
+            (prefilling if r.is_prefill else decoding).append(r)
+        decoding.sort(key=_lst_key)
+        victims = list(prefilling)  # started prefills not yet in this batch, newest last
+
+        # 1. critical decodes
+        i = 0
+        n_dec = len(decoding)
+        while i < n_dec and b.budget_left > 0 and b.decode_room:
+            r = decoding[i]
+            if now < r.lst_s:
+                break
+            i += 1
+            if b.add_decode(r, victims):
+                b.plan.num_critical_decodes += 1
+
+        # 2. started prefills, FIFO
+        preempted = b.plan.preempted
+        pending = [r for r in victims if r not in preempted] if preempted else victims
+        victims = []
+        for k, r in enumerate(pending):
+            if b.budget_left <= 0:
+                victims = pending[k:]
+                break
+            b.add_started_prefill(r)
+
+        # 3. new prefills
+        if b.budget_left > 0 and state.waiting:
+            for r in order_waiting(state.waiting, self.order):
+                if not b.try_admit(r):
+                    break
+
+        # 4. non-critical decodes
+        while i < n_dec and b.budget_left > 0 and b.decode_room:
+            b.add_decode(decoding[i], victims)
+            i += 1
+        return b.plan
+
+    def current_theta(self, kv_usage: float) -> float:
+        cfg = self.config
+        if not cfg.dynamic_theta:
+            return cfg.theta_low
+        return cfg.theta_high if kv_usage >= cfg.theta_kv_threshold else cfg.theta_low
+
+    def on_batch_end(
+        self, state: EngineState, plan: BatchPlan, batch_start_s: float, batch_end_s: float
+    ) -> None:
+        self.num_batches += 1
+        self.mean_batch_time_s += (batch_end_s - batch_start_s - self.mean_batch_time_s) / self.num_batches
+        self.theta = self.current_theta(state.kv.usage)
+        offset_s = self.theta * self.mean_batch_time_s
+        for r in plan.decodes:
+            if not r.is_finished and r.num_blocks:
+                r.lst_s = batch_end_s + r.tbt_slo_s - offset_s
+        for r, _ in plan.prefills:
+            if not r.is_finished and r.num_blocks and not r.is_prefill:
+                r.lst_s = batch_end_s + r.tbt_slo_s - offset_s

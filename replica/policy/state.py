@@ -1,0 +1,135 @@
+"""Plain request and engine state shared by every scheduling policy.
+
+The token accounting follows vLLM V1 (`Request.num_computed_tokens`, `num_tokens`), so the vLLM
+adapter can mirror it one to one:
+
+* `num_tokens = prompt_len + num_output_tokens` are the tokens the request knows;
+* `num_computed_tokens` of them have their KV computed;
+* a step that computes the last uncomputed token samples one new output token.
+
+A fresh request is a prefill of `prompt_len` tokens; once it has emitted its first token it is a
+decode (exactly one uncomputed token per step). A request preempted by recompute drops its KV
+(`num_computed_tokens = 0`) and becomes a prefill of `prompt_len + num_output_tokens` tokens whose
+last chunk emits its next token.
+
+Nothing here imports vLLM or Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+INF = float("inf")
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    req_id: str
+    prompt_len: int
+    arrival_s: float
+    tier: str = "default"
+    tbt_slo_s: float = 0.5
+    tier_rank: int = 0  # 0 = strictest tier (first under tier-first ordering)
+    # Set by the mechanism (simulator: the trace's output length; vLLM: max_tokens/EOS).
+    # Policies never read it: SLAI does not use output lengths.
+    max_output_tokens: int | None = None
+
+    # Progress, advanced by the mechanism that executes plans.
+    num_output_tokens: int = 0
+    num_computed_tokens: int = 0
+    num_blocks: int = 0  # KV blocks held
+    is_finished: bool = False
+    num_preemptions: int = 0
+
+    # Owned by the policy: SLAI's last schedulable time of the next token.
+    lst_s: float = INF
+
+    # Observed by the mechanism (TTFT = first_token_s - arrival_s; TBT = gaps between tokens).
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_len + self.num_output_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.prompt_len + self.num_output_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """True until the request's KV is complete and it has produced a token (decode phase)."""
+        return (
+            self.num_output_tokens == 0
+            or self.prompt_len + self.num_output_tokens - self.num_computed_tokens > 1
+        )
+
+
+@dataclass(slots=True)
+class KVCache:
+    """Paged KV cache accounting: blocks of `block_size` tokens, a free-block watermark kept for
+    admissions (vLLM / Sarathi: 1 % of the blocks)."""
+
+    num_blocks: int
+    block_size: int = 16
+    watermark: float = 0.01
+    num_used_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_blocks <= 0 or self.block_size <= 0:
+            raise ValueError(f"KVCache needs positive sizes, got {self.num_blocks} blocks of {self.block_size}")
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError(f"KVCache watermark must be in [0, 1), got {self.watermark}")
+
+    @property
+    def watermark_blocks(self) -> int:
+        return int(self.watermark * self.num_blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.num_blocks - self.num_used_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_admit(self, num_free_blocks: int, num_tokens: int) -> bool:
+        """Admission check for a whole prompt: the watermark must stay free afterwards."""
+        return num_free_blocks - self.blocks_for(num_tokens) >= self.watermark_blocks
+
+    def extra_blocks_for_step(self, req: Request) -> int:
+        """Blocks `req` must add so that every token it knows has a slot (0 or 1 for a decode)."""
+        return max(0, self.blocks_for(req.num_tokens) - req.num_blocks)
+
+    # --- mutation, used by mechanisms (the simulator; vLLM's own KV manager in the adapter) ---
+    def grow_to(self, req: Request, num_tokens: int) -> None:
+        need = self.blocks_for(num_tokens) - req.num_blocks
+        if need <= 0:
+            return
+        if need > self.num_free_blocks:
+            raise RuntimeError(
+                f"KV cache overflow: {req.req_id} needs {need} blocks, {self.num_free_blocks} free"
+            )
+        req.num_blocks += need
+        self.num_used_blocks += need
+
+    def free(self, req: Request) -> None:
+        self.num_used_blocks -= req.num_blocks
+        req.num_blocks = 0
+
+
+@dataclass(slots=True)
+class EngineState:
+    """What a policy sees at the start of an iteration.
+
+    `waiting`: arrived requests holding no KV, in arrival order, preempted ones in front.
+    `running`: admitted requests holding KV (partly prefilled and decoding), in admission order.
+    """
+
+    now_s: float
+    kv: KVCache
+    waiting: list[Request] = field(default_factory=list)
+    running: list[Request] = field(default_factory=list)

@@ -1,0 +1,154 @@
+"""The simulated engine: executes a policy's plans against a GPU cost profile.
+
+It is the mechanism twin of the vLLM adapter: the same policy object decides, this class does
+what vLLM's KV manager and model runner would (reserve and free KV blocks, preempt by
+recompute, advance prefills, emit tokens), and the cost profile says how long the iteration
+took. The clock is the caller's: `loadtest.simulate` drives it in virtual time; the serving
+backend drives it in real time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from replica.cost.shape import BatchShape
+from replica.policy.base import SchedulingPolicy
+from replica.policy.plan import BatchPlan
+from replica.policy.state import EngineState, KVCache, Request
+
+# PAPER.md: 14,733 KV blocks of 16 tokens on the RTX 6000 Ada with Mistral-7B, 1 % watermark.
+PAPER_KV_BLOCKS = 14_733
+
+
+class CostModel(Protocol):
+    def iteration_time_s(self, shape: BatchShape) -> float: ...
+
+
+class SchedulerStalled(RuntimeError):
+    """The policy returned an empty plan although requests are waiting and nothing runs."""
+
+
+TokenCallback = Callable[[Request, float], None]
+
+
+class SimEngine:
+    def __init__(
+        self,
+        policy: SchedulingPolicy,
+        cost: CostModel,
+        num_kv_blocks: int = PAPER_KV_BLOCKS,
+        block_size: int = 16,
+        kv_watermark: float = 0.01,
+        on_token: TokenCallback | None = None,
+        on_finish: Callable[[Request], None] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.cost = cost
+        self.state = EngineState(now_s=0.0, kv=KVCache(num_kv_blocks, block_size, kv_watermark))
+        self.on_token = on_token
+        self.on_finish = on_finish
+        self.num_iterations = 0
+        self.num_preemptions = 0
+        self.busy_s = 0.0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.state.waiting or self.state.running)
+
+    def add_request(self, req: Request) -> None:
+        """Enqueue an arrived request (its `max_output_tokens` must be set: when to stop)."""
+        if req.max_output_tokens is None or req.max_output_tokens < 1:
+            raise ValueError(f"request {req.req_id}: max_output_tokens must be >= 1")
+        self.state.waiting.append(req)
+
+    def abort(self, req: Request) -> None:
+        """Drop a request wherever it is (client gone); frees its KV."""
+        st = self.state
+        if req in st.running:
+            st.running.remove(req)
+            st.kv.free(req)
+        elif req in st.waiting:
+            st.waiting.remove(req)
+        req.is_finished = True
+
+    def plan(self, now_s: float) -> BatchPlan:
+        self.state.now_s = now_s
+        plan = self.policy.schedule(self.state)
+        if plan.is_empty and self.state.waiting and not self.state.running:
+            head = self.state.waiting[0]
+            raise SchedulerStalled(
+                f"{self.policy.name}: nothing schedulable with {len(self.state.waiting)} waiting "
+                f"(head {head.req_id}: {head.num_tokens} tokens, {self.state.kv.num_free_blocks} "
+                f"free KV blocks): the request cannot fit this engine"
+            )
+        return plan
+
+    def begin(self, plan: BatchPlan) -> float:
+        """Carry out the plan's KV decisions; returns the iteration time the cost profile gives."""
+        st = self.state
+        kv = st.kv
+        if plan.preempted:
+            gone = set(map(id, plan.preempted))
+            st.running = [r for r in st.running if id(r) not in gone]
+            for r in plan.preempted:  # the last victim ends up first, as in Sarathi/vLLM
+                kv.free(r)
+                r.num_computed_tokens = 0
+                r.num_preemptions += 1
+                st.waiting.insert(0, r)
+            self.num_preemptions += len(plan.preempted)
+        if plan.admitted:
+            new = set(map(id, plan.admitted))
+            st.waiting = [r for r in st.waiting if id(r) not in new]
+            for r in plan.admitted:
+                kv.grow_to(r, r.num_tokens)
+                st.running.append(r)
+        for r in plan.decodes:
+            kv.grow_to(r, r.num_tokens)
+        return self.cost.iteration_time_s(plan.shape())
+
+    def finish(self, plan: BatchPlan, start_s: float, end_s: float) -> None:
+        """Advance progress at the end of the iteration, emit tokens, retire finished requests."""
+        st = self.state
+        st.now_s = end_s
+        self.num_iterations += 1
+        self.busy_s += end_s - start_s
+        done: list[Request] = []
+        emit = self._emit
+        for r, n in plan.prefills:
+            r.num_computed_tokens += n
+            if r.num_computed_tokens == r.prompt_len + r.num_output_tokens:
+                emit(r, end_s, done)
+        for r in plan.decodes:
+            r.num_computed_tokens += 1
+            emit(r, end_s, done)
+        if done:
+            kv = st.kv
+            gone = set(map(id, done))
+            st.running = [r for r in st.running if id(r) not in gone]
+            for r in done:
+                kv.free(r)
+                if self.on_finish is not None:
+                    self.on_finish(r)
+        self.policy.on_batch_end(st, plan, start_s, end_s)
+
+    def _emit(self, r: Request, t: float, done: list[Request]) -> None:
+        r.num_output_tokens += 1
+        if r.first_token_s is None:
+            r.first_token_s = t
+        if self.on_token is not None:
+            self.on_token(r, t)
+        r.last_token_s = t
+        if r.num_output_tokens >= r.max_output_tokens:  # type: ignore[operator]
+            r.is_finished = True
+            done.append(r)
+
+    def step(self, now_s: float) -> tuple[BatchPlan, float] | None:
+        """Plan and execute one iteration starting at `now_s` (virtual time). Returns the plan and
+        its end time, or None if there is nothing to run."""
+        plan = self.plan(now_s)
+        if plan.is_empty:
+            return None
+        end_s = now_s + self.begin(plan)
+        self.finish(plan, now_s, end_s)
+        return plan, end_s
