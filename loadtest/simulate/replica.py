@@ -89,15 +89,16 @@ def run_replica(
     gaps: dict[str, array] = {t.name: array("d") for t in tiers}
     misses = np.zeros(n, dtype=np.int64)
 
-    def on_token(r: Request, t: float) -> None:
-        last = r.last_token_s
-        if last is not None:
-            gap = t - last
-            gaps[r.tier].append(gap)
-            if gap > r.tbt_slo_s:
-                misses[int(r.req_id)] += 1
+    def on_tokens(emitted: list[Request], t: float) -> None:
+        for r in emitted:
+            last = r.last_token_s
+            if last is not None:
+                gap = t - last
+                gaps[r.tier].append(gap)
+                if gap > r.tbt_slo_s:
+                    misses[int(r.req_id)] += 1
 
-    engine = SimEngine(policy, cost, num_kv_blocks=num_kv_blocks, on_token=on_token)
+    engine = SimEngine(policy, cost, num_kv_blocks=num_kv_blocks, on_tokens=on_tokens)
     arrival = workload.arrival_s.tolist()
     i = 0
     now = 0.0

@@ -92,6 +92,21 @@ class PlanBuilder:
         self.num_tokens += 1
         return True
 
+    def add_decodes_if_no_preemption(self, reqs: list[Request]) -> bool:
+        """Fast path: schedule all of `reqs` as decodes if their new KV blocks fit without any
+        preemption (the same outcome `add_decode` would reach one by one); else add nothing."""
+        bs = self.kv.block_size
+        need = 0
+        for r in reqs:
+            if r.prompt_len + r.num_output_tokens > r.num_blocks * bs:
+                need += 1
+        if need > self.free_blocks:
+            return False
+        self.free_blocks -= need
+        self.plan.decodes.extend(reqs)
+        self.num_tokens += len(reqs)
+        return True
+
     def add_started_prefill(self, req: Request, max_chunk: int | None = None) -> int:
         """Next chunk of a request that already holds its KV; returns the tokens scheduled."""
         chunk = min(req.num_uncomputed_tokens, self.budget_left)

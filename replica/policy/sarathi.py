@@ -10,11 +10,15 @@ the cap on requests in the batch allow.
 from __future__ import annotations
 
 from collections import deque
+from operator import attrgetter
 
 from replica.policy.base import AdmissionOrder, PlanBuilder, order_waiting
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState
+
+
+_arrival = attrgetter("arrival_s")
 
 
 class SarathiPolicy:
@@ -26,14 +30,18 @@ class SarathiPolicy:
     def schedule(self, state: EngineState) -> BatchPlan:
         cfg = self.config
         b = PlanBuilder(state, cfg.token_budget, cfg.max_active_requests, cfg.max_decodes)
-        queue = deque(sorted(state.running, key=lambda r: r.arrival_s))
-        started_prefills = []
-        while queue:
-            r = queue.popleft()
-            if r.is_prefill:
-                started_prefills.append(r)
-            else:
-                b.add_decode(r, queue)
+        by_arrival = sorted(state.running, key=_arrival)
+        started_prefills = [r for r in by_arrival if r.is_prefill]
+        decodes = [r for r in by_arrival if not r.is_prefill] if started_prefills else by_arrival
+        if not b.add_decodes_if_no_preemption(decodes):
+            started_prefills = []
+            queue = deque(by_arrival)
+            while queue:
+                r = queue.popleft()
+                if r.is_prefill:
+                    started_prefills.append(r)
+                else:
+                    b.add_decode(r, queue)
         for r in started_prefills:
             b.add_started_prefill(r)
         if state.waiting and b.budget_left > 0:

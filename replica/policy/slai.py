@@ -21,14 +21,15 @@ batch is preempted (recompute), else the decode itself.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 from replica.policy.base import AdmissionOrder, PlanBuilder, order_waiting
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState, Request
 
 
-def _lst_key(r: Request) -> tuple[float, float]:
-    return (r.lst_s, r.arrival_s)
+_lst_key = attrgetter("lst_s", "arrival_s")
 
 
 class SLAIPolicy:
@@ -46,21 +47,32 @@ class SLAIPolicy:
         b = PlanBuilder(state, cfg.token_budget, cfg.max_active_requests, cfg.max_decodes)
         decoding: list[Request] = []
         prefilling: list[Request] = []
-        for r in state.running:
-            (prefilling if r.is_prefill else decoding).append(r)
+        for r in state.running:  # inlined Request.is_prefill (hot loop)
+            if r.num_output_tokens == 0 or r.prompt_len + r.num_output_tokens - r.num_computed_tokens > 1:
+                prefilling.append(r)
+            else:
+                decoding.append(r)
         decoding.sort(key=_lst_key)
         victims = list(prefilling)  # started prefills not yet in this batch, newest last
 
         # 1. critical decodes
         i = 0
         n_dec = len(decoding)
-        while i < n_dec and b.budget_left > 0 and b.decode_room:
-            r = decoding[i]
-            if now < r.lst_s:
-                break
-            i += 1
-            if b.add_decode(r, victims):
-                b.plan.num_critical_decodes += 1
+        room = min(n_dec, b.budget_left, cfg.max_decodes)
+        n_crit = 0
+        while n_crit < room and now >= decoding[n_crit].lst_s:
+            n_crit += 1
+        if n_crit and b.add_decodes_if_no_preemption(decoding[:n_crit]):
+            i = n_crit
+            b.plan.num_critical_decodes = n_crit
+        else:
+            while i < n_dec and b.budget_left > 0 and b.decode_room:
+                r = decoding[i]
+                if now < r.lst_s:
+                    break
+                i += 1
+                if b.add_decode(r, victims):
+                    b.plan.num_critical_decodes += 1
 
         # 2. started prefills, FIFO
         preempted = b.plan.preempted
@@ -79,6 +91,9 @@ class SLAIPolicy:
                     break
 
         # 4. non-critical decodes
+        k = min(n_dec - i, b.budget_left, cfg.max_decodes - len(b.plan.decodes))
+        if k > 0 and b.add_decodes_if_no_preemption(decoding[i : i + k]):
+            i += k
         while i < n_dec and b.budget_left > 0 and b.decode_room:
             b.add_decode(decoding[i], victims)
             i += 1

@@ -29,7 +29,8 @@ class SchedulerStalled(RuntimeError):
     """The policy returned an empty plan although requests are waiting and nothing runs."""
 
 
-TokenCallback = Callable[[Request, float], None]
+# Called once per iteration with the requests that emitted a token and the time they did.
+TokensCallback = Callable[[list[Request], float], None]
 
 
 class SimEngine:
@@ -40,13 +41,13 @@ class SimEngine:
         num_kv_blocks: int = PAPER_KV_BLOCKS,
         block_size: int = 16,
         kv_watermark: float = 0.01,
-        on_token: TokenCallback | None = None,
+        on_tokens: TokensCallback | None = None,
         on_finish: Callable[[Request], None] | None = None,
     ) -> None:
         self.policy = policy
         self.cost = cost
         self.state = EngineState(now_s=0.0, kv=KVCache(num_kv_blocks, block_size, kv_watermark))
-        self.on_token = on_token
+        self.on_tokens = on_tokens
         self.on_finish = on_finish
         self.num_iterations = 0
         self.num_preemptions = 0
@@ -103,8 +104,15 @@ class SimEngine:
             for r in plan.admitted:
                 kv.grow_to(r, r.num_tokens)
                 st.running.append(r)
-        for r in plan.decodes:
-            kv.grow_to(r, r.num_tokens)
+        bs = kv.block_size
+        grown = 0
+        for r in plan.decodes:  # a decode adds at most one block (its KV covers all but 1 token)
+            if r.prompt_len + r.num_output_tokens > r.num_blocks * bs:
+                r.num_blocks += 1
+                grown += 1
+        if grown > kv.num_free_blocks:
+            raise RuntimeError(f"KV cache overflow: decodes need {grown} blocks, {kv.num_free_blocks} free")
+        kv.num_used_blocks += grown
         return self.cost.iteration_time_s(plan.shape())
 
     def finish(self, plan: BatchPlan, start_s: float, end_s: float) -> None:
@@ -114,14 +122,24 @@ class SimEngine:
         self.num_iterations += 1
         self.busy_s += end_s - start_s
         done: list[Request] = []
-        emit = self._emit
+        emitted: list[Request] = []
         for r, n in plan.prefills:
             r.num_computed_tokens += n
             if r.num_computed_tokens == r.prompt_len + r.num_output_tokens:
-                emit(r, end_s, done)
+                emitted.append(r)
+                if r.first_token_s is None:
+                    r.first_token_s = end_s
+        emitted += plan.decodes
         for r in plan.decodes:
             r.num_computed_tokens += 1
-            emit(r, end_s, done)
+        if self.on_tokens is not None:
+            self.on_tokens(emitted, end_s)  # sees each request's previous last_token_s
+        for r in emitted:
+            r.last_token_s = end_s
+            r.num_output_tokens += 1
+            if r.num_output_tokens >= r.max_output_tokens:  # type: ignore[operator]
+                r.is_finished = True
+                done.append(r)
         if done:
             kv = st.kv
             gone = set(map(id, done))
@@ -131,17 +149,6 @@ class SimEngine:
                 if self.on_finish is not None:
                     self.on_finish(r)
         self.policy.on_batch_end(st, plan, start_s, end_s)
-
-    def _emit(self, r: Request, t: float, done: list[Request]) -> None:
-        r.num_output_tokens += 1
-        if r.first_token_s is None:
-            r.first_token_s = t
-        if self.on_token is not None:
-            self.on_token(r, t)
-        r.last_token_s = t
-        if r.num_output_tokens >= r.max_output_tokens:  # type: ignore[operator]
-            r.is_finished = True
-            done.append(r)
 
     def step(self, now_s: float) -> tuple[BatchPlan, float] | None:
         """Plan and execute one iteration starting at `now_s` (virtual time). Returns the plan and

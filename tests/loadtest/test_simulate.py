@@ -1,0 +1,86 @@
+"""Virtual-time replica runs and the paper benchmark command."""
+
+import json
+
+import numpy as np
+import pytest
+
+from loadtest.simulate.__main__ import main
+from loadtest.simulate.replica import Workload, run_replica
+from loadtest.metrics import summarize
+from loadtest.tiers import paper_tiers
+from loadtest.traces import load_trace
+from replica.cost.profile import load_profile
+from replica.policy import make_policy
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return load_trace("paper")
+
+
+@pytest.fixture(scope="module")
+def rtx():
+    return load_profile("rtx6000ada-mistral7b")
+
+
+def _run(trace, rtx, scheduler, qps, n=600):
+    return run_replica(Workload.build(trace, n, qps, paper_tiers()), make_policy(scheduler), rtx)
+
+
+def test_every_request_finishes_with_its_tokens(trace, rtx):
+    run = _run(trace, rtx, "slai-spf-dynamic", 1.0, n=300)
+    wl = run.workload
+    assert run.unfinished == 0 and np.isfinite(run.ttft_s).all() and (run.ttft_s > 0).all()
+    assert sum(len(g) for g in run.tbt_s.values()) == int((wl.output_lens - 1).sum())
+    assert (run.finish_s >= wl.arrival_s + run.ttft_s - 1e-9).all()
+
+
+def test_same_seed_same_result(trace, rtx):
+    a = summarize(_run(trace, rtx, "slai-spf-dynamic", 1.5, n=300))
+    b = summarize(_run(trace, rtx, "slai-spf-dynamic", 1.5, n=300))
+    a.pop("sim_wall_s"), b.pop("sim_wall_s")
+    assert a == b
+
+
+def test_slai_median_ttft_below_sarathi_fcfs_at_high_load(trace, rtx):
+    slai = summarize(_run(trace, rtx, "slai-spf-dynamic", 1.8))
+    sarathi = summarize(_run(trace, rtx, "sarathi-fcfs", 1.8))
+    assert slai["ttft_p50_s"] < 0.8 * sarathi["ttft_p50_s"]
+    assert slai["tbt_p99_s"]["premium"] <= 0.100
+
+
+def test_slai_defers_free_decodes_but_keeps_premium_pace(trace, rtx):
+    s = summarize(_run(trace, rtx, "slai-spf-dynamic", 1.4))
+    sarathi = summarize(_run(trace, rtx, "sarathi-fcfs", 1.4))
+    # free decodes wait (up to their deadline) when prefills contest the budget; premium never does
+    assert s["tbt_p99_s"]["free"] > 2 * sarathi["tbt_p99_s"]["free"]
+    assert s["tbt_p99_s"]["free"] <= 0.500
+    assert s["tbt_p99_s"]["premium"] <= sarathi["tbt_p99_s"]["premium"]
+
+
+def test_paper_command_writes_json_table_and_plots(tmp_path):
+    out = tmp_path / "res"
+    rc = main([
+        "paper", "--requests", "120", "--qps", "0.5,3.0", "--schedulers", "sarathi-fcfs,slai-spf-dynamic",
+        "--refine", "1", "--jobs", "1", "--quiet", "--out", str(out), "--json", str(tmp_path / "r.json"),
+    ])
+    assert rc == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["profile"] == "rtx6000ada-mistral7b" and doc["requests"] == 120
+    for name in ("sarathi-fcfs", "slai-spf-dynamic"):
+        sched = doc["schedulers"][name]
+        assert isinstance(sched["capacity_qps"], float)
+        assert len(sched["points"]) >= 2
+        for p in sched["points"]:
+            assert {"qps", "ttft_p50_s", "ttft_p99_s", "tbt_p99_s", "slo_met"} <= set(p)
+            assert set(p["tbt_p99_s"]) == {"premium", "free"}
+    for f in ("summary.md", "ttft_p50_vs_qps.png", "tbt_p99_vs_qps.png", "ttft_by_prompt_len.png"):
+        assert (out / f).stat().st_size > 0
+
+
+def test_paper_command_rejects_unknown_scheduler(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["paper", "--schedulers", "nope"])
+    assert e.value.code == 2
+    assert "unknown scheduler" in capsys.readouterr().err
