@@ -23,8 +23,11 @@ STABLE_BACKLOG_FRACTION = 0.01
 PROMPT_BUCKETS = (0, 512, 1024, 2048, 4096, 8193)
 
 
-def _q(x: np.ndarray, q: float) -> float:
-    return float(np.quantile(x, q)) if len(x) else float("nan")
+def _q(x: np.ndarray, q: float, weights: np.ndarray | None = None) -> float:
+    """Quantile (the inverted-CDF definition: an observed value), optionally weighted."""
+    if not len(x):
+        return float("nan")
+    return float(np.quantile(x, q, weights=weights, method="inverted_cdf"))
 
 
 def summarize(run: Any, ttft_p50_limit_s: float = TTFT_P50_LIMIT_S) -> dict[str, Any]:
@@ -38,14 +41,18 @@ def summarize(run: Any, ttft_p50_limit_s: float = TTFT_P50_LIMIT_S) -> dict[str,
     for k, tier in enumerate(tiers):
         mask = wl.tier_idx == k
         gaps = run.tbt_s.get(tier.name, np.zeros(0))
-        tbt_p99 = _q(gaps, 0.99)
+        weights = getattr(run, "tbt_weight", {}).get(tier.name)
+        if weights is None:
+            weights = np.ones(len(gaps))
+        tbt_p99 = _q(gaps, 0.99, weights)
         per_tier[tier.name] = {
             "requests": int(mask.sum()),
             "ttft_p50_s": _q(ttft[mask], 0.5),
             "ttft_mean_s": float(ttft[mask].mean()) if mask.any() else float("nan"),
             "ttft_p99_s": _q(ttft[mask], 0.99),
             "tbt_p99_s": tbt_p99,
-            "tbt_mean_s": float(gaps.mean()) if len(gaps) else float("nan"),
+            "tbt_mean_s": float(np.average(gaps, weights=weights)) if len(gaps) else float("nan"),
+            "tbt_count": int(weights.sum()),
         }
         if len(gaps) and tbt_p99 > tier.tbt_slo_s:
             slo_met = False

@@ -20,7 +20,8 @@ from loadtest.simulate.replica import Workload, run_replica
 from loadtest.tiers import TierMix, paper_tiers, parse_tiers
 from loadtest.traces import load_trace
 from replica.cost.profile import load_profile
-from replica.policy.registry import make_policy
+from replica.policy.config import SchedulerConfig
+from replica.policy.registry import make_policy, scheduler_config
 from replica.sim.engine import PAPER_KV_BLOCKS
 
 PAPER_QPS = tuple(round(0.2 * k, 1) for k in range(1, 11))  # 0.2 .. 2.0
@@ -53,8 +54,11 @@ def _profile(name: str):
 def run_point(setup: SweepSetup, scheduler: str, qps: float) -> dict[str, Any]:
     """One (scheduler, qps) run, summarised."""
     wl = Workload.build(_trace(setup.trace), setup.requests, qps, setup.tier_mix(), seed=setup.seed)
-    policy = make_policy(scheduler, **setup.scheduler_overrides)
-    run = run_replica(wl, policy, _profile(setup.profile), num_kv_blocks=setup.kv_blocks)
+    profile = _profile(setup.profile)
+    config = scheduler_config(scheduler, **setup.scheduler_overrides)
+    if config.kind == "rad":  # RAD aligns iterations to the GPU's tile: the profile's
+        config = SchedulerConfig.model_validate({**config.model_dump(), "tile_tokens": profile.tile_tokens})
+    run = run_replica(wl, make_policy(config), profile, num_kv_blocks=setup.kv_blocks)
     return {"scheduler": scheduler, **summarize(run)}
 
 

@@ -5,8 +5,9 @@ ours (documented in docs/BENCHMARKS.md next to its measurements):
 
 * Optimal tiling: whenever there is more prefill work than fits, an iteration's total size
   (decodes + prefill tokens) is a multiple of the profile's GEMM tile (`tile_tokens`), so no
-  matrix-multiply tile is padded; a batch smaller than that is only formed when the queue
-  holds less work.
+  matrix-multiply tile is padded (if admissions are blocked by KV or the cap, the last prefill
+  chunk is cut back to the tile boundary below); a batch off the tile grid is only formed when
+  the queue holds less work than that.
 * Dynamic allocation by queue state: every running decode runs in every iteration (decode
   work never waits), and the prefill share of the iteration is whatever the prefill backlog
   (uncomputed tokens of started prefills plus waiting prompts) can fill, up to
@@ -63,7 +64,18 @@ class RADPolicy:
         for r in state.waiting:
             if not b.try_admit(r):
                 break
-        return b.plan
+        plan = b.plan
+        excess = b.num_tokens % self.tile
+        if excess and self.tile < b.num_tokens < num_decodes + backlog and plan.prefills:
+            # more work is queued than this batch holds (admissions blocked by KV or the cap):
+            # end the batch at the tile boundary below instead of padding a tile
+            req, n = plan.prefills[-1]
+            if n > excess:
+                plan.prefills[-1] = (req, n - excess)
+        return plan
 
     def on_batch_end(self, state: EngineState, plan: BatchPlan, batch_start_s: float, batch_end_s: float) -> None:
+        pass
+
+    def on_batches_end(self, state: EngineState, plan: BatchPlan, starts_s: list[float], ends_s: list[float]) -> None:
         pass

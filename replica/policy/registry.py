@@ -40,6 +40,6 @@ def make_policy(config: SchedulerConfig | str, **overrides: Any) -> SchedulingPo
     """A fresh policy object (policies hold per-engine state: one per engine)."""
     if isinstance(config, str):
         config = scheduler_config(config, **overrides)
-    elif overrides:
-        config = config.model_copy(update=overrides)
+    elif overrides:  # validate the combination (model_copy would not)
+        config = SchedulerConfig.model_validate({**config.model_dump(), **overrides})
     return _CLASSES[config.kind](config)

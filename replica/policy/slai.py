@@ -108,9 +108,19 @@ class SLAIPolicy:
     def on_batch_end(
         self, state: EngineState, plan: BatchPlan, batch_start_s: float, batch_end_s: float
     ) -> None:
-        self.num_batches += 1
-        self.mean_batch_time_s += (batch_end_s - batch_start_s - self.mean_batch_time_s) / self.num_batches
+        self.on_batches_end(state, plan, [batch_start_s], [batch_end_s])
+
+    def on_batches_end(
+        self, state: EngineState, plan: BatchPlan, starts_s: list[float], ends_s: list[float]
+    ) -> None:
+        """After one batch, or the same batch repeated back to back (a decode stretch): fold
+        every measured duration into the running mean, then set the LST of each request that
+        ran and is decode-ready."""
+        for start, end in zip(starts_s, ends_s):
+            self.num_batches += 1
+            self.mean_batch_time_s += (end - start - self.mean_batch_time_s) / self.num_batches
         self.theta = self.current_theta(state.kv.usage)
+        batch_end_s = ends_s[-1]
         offset_s = self.theta * self.mean_batch_time_s
         for r in plan.decodes:
             if not r.is_finished and r.num_blocks:

@@ -40,3 +40,6 @@ class VLLMStylePolicy:
 
     def on_batch_end(self, state: EngineState, plan: BatchPlan, batch_start_s: float, batch_end_s: float) -> None:
         pass
+
+    def on_batches_end(self, state: EngineState, plan: BatchPlan, starts_s: list[float], ends_s: list[float]) -> None:
+        pass

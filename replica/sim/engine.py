@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
+
 from replica.cost.shape import BatchShape
 from replica.policy.base import SchedulingPolicy
 from replica.policy.plan import BatchPlan
@@ -31,6 +33,9 @@ class SchedulerStalled(RuntimeError):
 
 # Called once per iteration with the requests that emitted a token and the time they did.
 TokensCallback = Callable[[list[Request], float], None]
+# Called once per fast-forwarded decode stretch: the requests (each emitted one token at every
+# one of the iteration end times) and those end times.
+RepeatedTokensCallback = Callable[[list[Request], list[float]], None]
 
 
 class SimEngine:
@@ -43,12 +48,14 @@ class SimEngine:
         kv_watermark: float = 0.01,
         on_tokens: TokensCallback | None = None,
         on_finish: Callable[[Request], None] | None = None,
+        on_repeated_tokens: RepeatedTokensCallback | None = None,
     ) -> None:
         self.policy = policy
         self.cost = cost
         self.state = EngineState(now_s=0.0, kv=KVCache(num_kv_blocks, block_size, kv_watermark))
         self.on_tokens = on_tokens
         self.on_finish = on_finish
+        self.on_repeated_tokens = on_repeated_tokens
         self.num_iterations = 0
         self.num_preemptions = 0
         self.busy_s = 0.0
@@ -141,21 +148,107 @@ class SimEngine:
                 r.is_finished = True
                 done.append(r)
         if done:
-            kv = st.kv
-            gone = set(map(id, done))
-            st.running = [r for r in st.running if id(r) not in gone]
-            for r in done:
-                kv.free(r)
-                if self.on_finish is not None:
-                    self.on_finish(r)
+            self._retire(done)
         self.policy.on_batch_end(st, plan, start_s, end_s)
 
-    def step(self, now_s: float) -> tuple[BatchPlan, float] | None:
-        """Plan and execute one iteration starting at `now_s` (virtual time). Returns the plan and
-        its end time, or None if there is nothing to run."""
+    def step(self, now_s: float, until_s: float = float("inf")) -> tuple[BatchPlan, float] | None:
+        """Plan and execute iterations starting at `now_s` (virtual time). Returns the plan and the
+        end time, or None if there is nothing to run.
+
+        Decode stretches are fast-forwarded: when the plan is every running request decoding and
+        nothing waits, every policy plans the same batch again until a request finishes, a new
+        request arrives (`until_s`: the next arrival) or a decode would need a KV block that is not
+        free. Those iterations are then executed at once (same times, same tokens, same policy
+        updates) instead of one by one. This needs `policy.on_batches_end` and, if tokens are
+        observed, `on_repeated_tokens`; otherwise the engine steps one iteration at a time."""
         plan = self.plan(now_s)
         if plan.is_empty:
             return None
+        st = self.state
+        if (
+            self._can_repeat
+            and not st.waiting
+            and not plan.prefills
+            and not plan.preempted
+            and len(plan.decodes) == len(st.running)
+        ):
+            end_s = self._repeat_decodes(plan, now_s, until_s)
+            if end_s is not None:
+                return plan, end_s
         end_s = now_s + self.begin(plan)
         self.finish(plan, now_s, end_s)
         return plan, end_s
+
+    @property
+    def _can_repeat(self) -> bool:
+        return hasattr(self.policy, "on_batches_end") and (
+            self.on_tokens is None or self.on_repeated_tokens is not None
+        )
+
+    def _repeat_decodes(self, plan: BatchPlan, now_s: float, until_s: float) -> float | None:
+        reqs = plan.decodes
+        n = len(reqs)
+        kv = self.state.kv
+        bs = kv.block_size
+        k_max = min(r.max_output_tokens - r.num_output_tokens for r in reqs)  # type: ignore[operator]
+        if k_max < 2:
+            return None
+        tokens = np.fromiter((r.prompt_len + r.num_output_tokens for r in reqs), np.int64, n)
+        blocks = np.fromiter((r.num_blocks for r in reqs), np.int64, n)
+
+        def extra_blocks(k: int) -> int:  # blocks the k iterations add (iteration j holds T + j - 1)
+            return int(np.maximum(-(-(tokens + k - 1) // bs) - blocks, 0).sum())
+
+        free = kv.num_free_blocks
+        if extra_blocks(k_max) > free:
+            lo, hi = 0, k_max  # largest k with extra_blocks(k) <= free
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if extra_blocks(mid) <= free:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            k_max = lo
+            if k_max < 2:
+                return None
+        cost = self.cost.iteration_time_s
+        ctx = plan.shape().sum_decode_ctx
+        ends: list[float] = []
+        t = now_s
+        for j in range(k_max):
+            t += cost(BatchShape(0, 0, 0, n, ctx + j * n))
+            ends.append(t)
+            if t >= until_s:
+                break
+        k = len(ends)
+        new_blocks = np.maximum(-(-(tokens + k - 1) // bs), blocks)
+        kv.num_used_blocks += int((new_blocks - blocks).sum())
+        for r, nb in zip(reqs, new_blocks.tolist()):
+            r.num_blocks = nb
+            r.num_computed_tokens += k
+        if self.on_repeated_tokens is not None:
+            self.on_repeated_tokens(reqs, ends)  # sees each request's previous last_token_s
+        done = []
+        for r in reqs:
+            r.last_token_s = t
+            r.num_output_tokens += k
+            if r.num_output_tokens >= r.max_output_tokens:  # type: ignore[operator]
+                r.is_finished = True
+                done.append(r)
+        st = self.state
+        st.now_s = t
+        self.num_iterations += k
+        self.busy_s += t - now_s
+        if done:
+            self._retire(done)
+        self.policy.on_batches_end(st, plan, [now_s, *ends[:-1]], ends)  # type: ignore[attr-defined]
+        return t
+
+    def _retire(self, done: list[Request]) -> None:
+        st = self.state
+        gone = set(map(id, done))
+        st.running = [r for r in st.running if id(r) not in gone]
+        for r in done:
+            st.kv.free(r)
+            if self.on_finish is not None:
+                self.on_finish(r)

@@ -32,8 +32,22 @@ def test_every_request_finishes_with_its_tokens(trace, rtx):
     run = _run(trace, rtx, "slai-spf-dynamic", 1.0, n=300)
     wl = run.workload
     assert run.unfinished == 0 and np.isfinite(run.ttft_s).all() and (run.ttft_s > 0).all()
-    assert sum(len(g) for g in run.tbt_s.values()) == int((wl.output_lens - 1).sum())
+    assert sum(w.sum() for w in run.tbt_weight.values()) == int((wl.output_lens - 1).sum())
     assert (run.finish_s >= wl.arrival_s + run.ttft_s - 1e-9).all()
+
+
+@pytest.mark.parametrize("scheduler", ["sarathi-fcfs", "vllm", "slai-spf-dynamic", "rad"])
+def test_fast_forwarded_decode_stretches_change_no_result(trace, rtx, scheduler):
+    wl = Workload.build(trace, 150, 0.5, paper_tiers())
+    fast = summarize(run_replica(wl, make_policy(scheduler), rtx, fast_forward=True))
+    slow = summarize(run_replica(wl, make_policy(scheduler), rtx, fast_forward=False))
+    assert fast["iterations"] == slow["iterations"]
+    for key in ("ttft_p50_s", "ttft_p99_s", "goodput_rps", "makespan_s"):
+        assert fast[key] == pytest.approx(slow[key], rel=1e-9), key
+    for tier in ("premium", "free"):
+        for key in ("tbt_p99_s", "tbt_mean_s", "tbt_count"):
+            assert fast["tiers"][tier][key] == pytest.approx(slow["tiers"][tier][key], rel=1e-9), (tier, key)
+    assert fast["sim_wall_s"] < slow["sim_wall_s"]
 
 
 def test_same_seed_same_result(trace, rtx):
