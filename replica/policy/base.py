@@ -28,13 +28,25 @@ class AdmissionOrder(str, Enum):
     SPF_TIER = "spf-tier"  # strict tiers first (lower rank), then shortest prompt
 
 
-def order_waiting(waiting: Sequence[Request], order: AdmissionOrder) -> list[Request]:
-    """The waiting queue in admission order. Sorts are stable, so ties keep queue order."""
-    if order is AdmissionOrder.FCFS:
-        return list(waiting)
-    if order is AdmissionOrder.SPF:
-        return sorted(waiting, key=lambda r: r.prompt_len)
-    return sorted(waiting, key=lambda r: (r.tier_rank, r.prompt_len))
+def _spf_key(r: Request) -> int:
+    return r.prompt_len
+
+
+def _spf_tier_key(r: Request) -> tuple[int, int]:
+    return (r.tier_rank, r.prompt_len)
+
+
+WAITING_KEYS = {AdmissionOrder.FCFS: None, AdmissionOrder.SPF: _spf_key, AdmissionOrder.SPF_TIER: _spf_tier_key}
+
+
+def order_waiting(state: EngineState, order: AdmissionOrder) -> Sequence[Request]:
+    """The waiting queue in admission order. Sorts are stable, so ties keep queue order (where
+    preempted requests are in front). A mechanism that keeps `state.waiting` sorted by this
+    order says so in `state.waiting_sorted_by`, and the list is used as it is."""
+    key = WAITING_KEYS[order]
+    if key is None or state.waiting_sorted_by == order.value:
+        return state.waiting
+    return sorted(state.waiting, key=key)
 
 
 class SchedulingPolicy(Protocol):

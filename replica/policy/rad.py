@@ -46,8 +46,11 @@ class RADPolicy:
         cfg = self.config
         queue = deque(sorted(state.running, key=lambda r: r.arrival_s))
         backlog = sum(r.num_uncomputed_tokens for r in queue if r.is_prefill)
-        backlog += sum(r.num_tokens for r in state.waiting)
         num_decodes = min(cfg.max_decodes, sum(1 for r in queue if not r.is_prefill))
+        for r in state.waiting:  # only whether the backlog exceeds one batch matters: stop there
+            if num_decodes + backlog > self.max_aligned_tokens:
+                break
+            backlog += r.num_tokens
         size = self._iteration_size(num_decodes, backlog)
         b = PlanBuilder(state, size, cfg.max_active_requests, cfg.max_decodes)
         started = []

@@ -45,7 +45,7 @@ class SarathiPolicy:
         for r in started_prefills:
             b.add_started_prefill(r)
         if state.waiting and b.budget_left > 0:
-            for r in order_waiting(state.waiting, self.order):
+            for r in order_waiting(state, self.order):
                 if not b.try_admit(r):
                     break
         return b.plan

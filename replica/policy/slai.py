@@ -86,7 +86,7 @@ class SLAIPolicy:
 
         # 3. new prefills
         if b.budget_left > 0 and state.waiting:
-            for r in order_waiting(state.waiting, self.order):
+            for r in order_waiting(state, self.order):
                 if not b.try_admit(r):
                     break
 

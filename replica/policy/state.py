@@ -133,3 +133,6 @@ class EngineState:
     kv: KVCache
     waiting: list[Request] = field(default_factory=list)
     running: list[Request] = field(default_factory=list)
+    # Set by a mechanism that keeps `waiting` already sorted in a policy's admission order
+    # (an AdmissionOrder value), so the policy need not sort it every iteration.
+    waiting_sorted_by: str | None = None

@@ -9,13 +9,14 @@ backend drives it in real time.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 
 from replica.cost.shape import BatchShape
-from replica.policy.base import SchedulingPolicy
+from replica.policy.base import WAITING_KEYS, SchedulingPolicy
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState, KVCache, Request
 
@@ -56,6 +57,12 @@ class SimEngine:
         self.on_tokens = on_tokens
         self.on_finish = on_finish
         self.on_repeated_tokens = on_repeated_tokens
+        # Keep the waiting queue in the policy's admission order (if it sorts), so the policy
+        # does not re-sort a long queue every iteration.
+        order = getattr(policy, "order", None)
+        self._waiting_key = WAITING_KEYS.get(order) if order is not None else None
+        if self._waiting_key is not None:
+            self.state.waiting_sorted_by = order.value
         self.num_iterations = 0
         self.num_preemptions = 0
         self.busy_s = 0.0
@@ -68,7 +75,10 @@ class SimEngine:
         """Enqueue an arrived request (its `max_output_tokens` must be set: when to stop)."""
         if req.max_output_tokens is None or req.max_output_tokens < 1:
             raise ValueError(f"request {req.req_id}: max_output_tokens must be >= 1")
-        self.state.waiting.append(req)
+        if self._waiting_key is None:
+            self.state.waiting.append(req)
+        else:
+            bisect.insort_right(self.state.waiting, req, key=self._waiting_key)
 
     def abort(self, req: Request) -> None:
         """Drop a request wherever it is (client gone); frees its KV."""
@@ -103,7 +113,10 @@ class SimEngine:
                 kv.free(r)
                 r.num_computed_tokens = 0
                 r.num_preemptions += 1
-                st.waiting.insert(0, r)
+                if self._waiting_key is None:
+                    st.waiting.insert(0, r)
+                else:  # in front of its equals, as a stable sort of a front-inserted queue
+                    st.waiting.insert(bisect.bisect_left(st.waiting, self._waiting_key(r), key=self._waiting_key), r)
             self.num_preemptions += len(plan.preempted)
         if plan.admitted:
             new = set(map(id, plan.admitted))

@@ -292,3 +292,26 @@ def test_the_policy_learns_each_iterations_start_and_end():
     end = run_until_idle(eng, 10.0)
     assert pol.batches == [(10.0, 11.0), (11.0, 12.0), (12.0, 13.0), (13.0, 14.0)]
     assert end == 14.0 and eng.num_iterations == 4 and eng.busy_s == 4.0
+
+
+def test_engine_keeps_the_waiting_queue_in_spf_order_with_preempted_in_front_of_equals():
+    from replica.cost.shape import BatchShape  # noqa: F401  (the engine's cost contract)
+    from replica.policy import Request, make_policy
+    from replica.sim.engine import SimEngine
+
+    class Zero:
+        def iteration_time_s(self, shape):
+            return 0.0
+
+    eng = SimEngine(make_policy("slai-spf-dynamic"), Zero(), num_kv_blocks=100)
+    for i, n in enumerate([50, 10, 30, 10, 70]):
+        eng.add_request(Request(req_id=f"r{i}", prompt_len=n, arrival_s=0.0, max_output_tokens=1))
+    assert [r.req_id for r in eng.state.waiting] == ["r1", "r3", "r2", "r0", "r4"]
+    assert eng.state.waiting_sorted_by == "spf"
+    # the policy uses the kept order as it is, and it equals sorting an arrival-ordered queue
+    unsorted = sorted(eng.state.waiting, key=lambda r: int(r.req_id[1:]))
+    from replica.policy.base import AdmissionOrder, order_waiting
+    from replica.policy.state import EngineState
+
+    fresh = EngineState(now_s=0.0, kv=eng.state.kv, waiting=unsorted)
+    assert list(order_waiting(fresh, AdmissionOrder.SPF)) == eng.state.waiting
