@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from loadtest.simulate.report import write_paper_report
-from loadtest.simulate.sweep import PAPER_QPS, Runner, SweepSetup, run_point, sweep_with_capacity
+from loadtest.simulate.sweep import PAPER_QPS, Runner, SweepSetup, _profile, _trace, run_point, sweep_with_capacity
 from replica.policy.registry import available_schedulers
 
 
@@ -38,6 +38,7 @@ def _setup_args(p: argparse.ArgumentParser) -> None:
     d = SweepSetup()
     p.add_argument("--profile", default=d.profile, help="cost profile name or JSON path (default %(default)s)")
     p.add_argument("--trace", default=d.trace, help="'paper', a CSV of token counts, or a ShareGPT JSON")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer.json that counts a ShareGPT JSON trace's tokens")
     p.add_argument("--tiers", default=d.tiers, help="e.g. premium:0.1:0.05,free:0.5:0.95 or a YAML file (default: the paper's)")
     p.add_argument("--requests", type=int, default=d.requests, help="requests per run (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -45,9 +46,20 @@ def _setup_args(p: argparse.ArgumentParser) -> None:
 
 
 def _setup(a: argparse.Namespace) -> SweepSetup:
+    """The run's setup, with its trace, profile and tiers loaded once here so that bad input
+    stops the command with the loader's message (file and line) before any work starts."""
     if a.requests < 1:
-        raise SystemExit("--requests must be >= 1")
-    return SweepSetup(profile=a.profile, trace=a.trace, tiers=a.tiers, requests=a.requests, seed=a.seed, kv_blocks=a.kv_blocks)
+        raise SystemExit("error: --requests must be >= 1")
+    setup = SweepSetup(profile=a.profile, trace=a.trace, tokenizer=a.tokenizer, tiers=a.tiers,
+                       requests=a.requests, seed=a.seed, kv_blocks=a.kv_blocks)
+    try:
+        _trace(setup.trace, setup.tokenizer)
+        _profile(setup.profile)
+        setup.tier_mix()
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return setup
 
 
 def cmd_paper(a: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ PAPER_QPS = tuple(round(0.2 * k, 1) for k in range(1, 11))  # 0.2 .. 2.0
 class SweepSetup:
     profile: str = "rtx6000ada-mistral7b"
     trace: str = "paper"
+    tokenizer: str = ""  # tokenizer.json for a ShareGPT JSON trace
     tiers: str = ""  # "" = the paper's tiers; else parse_tiers() text or file
     requests: int = 16_384
     seed: int = 42
@@ -42,8 +43,8 @@ class SweepSetup:
 
 
 @functools.lru_cache(maxsize=8)
-def _trace(name: str):
-    return load_trace(name)
+def _trace(name: str, tokenizer: str):
+    return load_trace(name, tokenizer=tokenizer or None)
 
 
 @functools.lru_cache(maxsize=8)
@@ -53,7 +54,7 @@ def _profile(name: str):
 
 def run_point(setup: SweepSetup, scheduler: str, qps: float) -> dict[str, Any]:
     """One (scheduler, qps) run, summarised."""
-    wl = Workload.build(_trace(setup.trace), setup.requests, qps, setup.tier_mix(), seed=setup.seed)
+    wl = Workload.build(_trace(setup.trace, setup.tokenizer), setup.requests, qps, setup.tier_mix(), seed=setup.seed)
     profile = _profile(setup.profile)
     config = scheduler_config(scheduler, **setup.scheduler_overrides)
     if config.kind == "rad":  # RAD aligns iterations to the GPU's tile: the profile's

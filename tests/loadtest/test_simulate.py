@@ -98,3 +98,42 @@ def test_paper_command_rejects_unknown_scheduler(capsys):
         main(["paper", "--schedulers", "nope"])
     assert e.value.code == 2
     assert "unknown scheduler" in capsys.readouterr().err
+
+
+def test_run_command_reads_a_sharegpt_json_with_a_tokenizer_file(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["hello world how are you", "fine thanks"], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    convs = [
+        {"id": str(i), "conversations": [{"from": "human", "value": "hello world " * (5 + i)},
+                                         {"from": "gpt", "value": "fine thanks " * (3 + i)}]}
+        for i in range(20)
+    ]
+    (tmp_path / "sg.json").write_text(json.dumps(convs))
+    rc = main(["run", "--scheduler", "slai-spf-dynamic", "--qps", "2", "--requests", "20",
+               "--trace", str(tmp_path / "sg.json"), "--tokenizer", str(tmp_path / "tokenizer.json")])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["requests"] == 20 and out["unfinished"] == 0
+
+
+def test_bad_trace_stops_the_command_naming_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "t.csv"
+    bad.write_text("num_prefill_tokens,num_decode_tokens\n10,5\n12,x\n")
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--scheduler", "vllm", "--qps", "1", "--trace", str(bad)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "t.csv" in err and "line 3" in err
+
+
+def test_bad_profile_stops_the_command_naming_the_file(tmp_path, capsys):
+    bad = tmp_path / "p.json"
+    bad.write_text('{"name": "x",\n "gpu": }')
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--scheduler", "vllm", "--qps", "1", "--profile", str(bad)])
+    assert e.value.code == 2
+    assert "p.json" in capsys.readouterr().err
