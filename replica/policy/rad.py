@@ -9,11 +9,15 @@ ours (documented in docs/BENCHMARKS.md next to its measurements):
   chunk is cut back to the tile boundary below); a batch off the tile grid is only formed when
   the queue holds less work than that.
 * Dynamic allocation by queue state: every running decode runs in every iteration (decode
-  work never waits), and the prefill share of the iteration is whatever the prefill backlog
-  (uncomputed tokens of started prefills plus waiting prompts) can fill, up to
-  `max_batch_tokens`. A long backlog gives large, tile-aligned prefill iterations (prefill
-  mode); an empty one gives decode-only iterations (decode mode); the split follows the queues
-  at every step, never a fixed ratio.
+  work never waits). Which resource binds decides the prefill share:
+  - slot-bound (a prompt waits but the active cap or the KV cache stops its admission): the
+    requests in the engine are the bottleneck and each finishes faster with short iterations,
+    so the iteration is capped at `token_budget` (like Sarathi's);
+  - otherwise compute-bound: prefill takes whatever the backlog (uncomputed tokens of started
+    prefills plus waiting prompts) fills, up to `max_batch_tokens`: large iterations amortise
+    the per-iteration cost;
+  - no prefill work: decode-only iterations.
+  The split follows the queues at every step, never a fixed ratio.
 * Admission in arrival order, at most `max_active_requests` holding KV (the cap on prefills
   admitted per cycle), whole prompt reserved in KV with the 1 % watermark, recompute
   preemption of the latest arrival like Sarathi. SLOs are ignored, as in the paper.
@@ -22,11 +26,14 @@ ours (documented in docs/BENCHMARKS.md next to its measurements):
 from __future__ import annotations
 
 from collections import deque
+from operator import attrgetter
 
 from replica.policy.base import PlanBuilder
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState
+
+_arrival = attrgetter("arrival_s")
 
 
 class RADPolicy:
@@ -34,24 +41,39 @@ class RADPolicy:
         self.config = config
         self.name = config.name
         self.tile = config.tile_tokens
-        self.max_aligned_tokens = (config.max_batch_tokens // self.tile) * self.tile
+        self.compute_bound_tokens = max(self.tile, (config.max_batch_tokens // self.tile) * self.tile)
+        self.slot_bound_tokens = min(
+            self.compute_bound_tokens, max(self.tile, (config.token_budget // self.tile) * self.tile)
+        )
 
-    def _iteration_size(self, num_decodes: int, backlog_tokens: int) -> int:
+    def _iteration_size(self, num_decodes: int, backlog_tokens: int, limit: int) -> int:
         """Tokens this iteration: all of the work if it fits, else the largest tile multiple."""
-        if num_decodes + backlog_tokens <= self.max_aligned_tokens:
+        if num_decodes + backlog_tokens <= limit:
             return num_decodes + backlog_tokens
-        return max(self.max_aligned_tokens, -(-num_decodes // self.tile) * self.tile)
+        return max(limit, -(-num_decodes // self.tile) * self.tile)
 
     def schedule(self, state: EngineState) -> BatchPlan:
         cfg = self.config
-        queue = deque(sorted(state.running, key=lambda r: r.arrival_s))
+        queue = deque(sorted(state.running, key=_arrival))
         backlog = sum(r.num_uncomputed_tokens for r in queue if r.is_prefill)
         num_decodes = min(cfg.max_decodes, sum(1 for r in queue if not r.is_prefill))
-        for r in state.waiting:  # only whether the backlog exceeds one batch matters: stop there
-            if num_decodes + backlog > self.max_aligned_tokens:
-                break
-            backlog += r.num_tokens
-        size = self._iteration_size(num_decodes, backlog)
+        kv = state.kv
+        slot_bound = bool(state.waiting) and (
+            len(queue) >= cfg.max_active_requests
+            or not kv.can_admit(kv.num_free_blocks, state.waiting[0].num_tokens)
+        )
+        if slot_bound:
+            limit = self.slot_bound_tokens
+        else:  # the fuller the engine, the closer to the token budget
+            free_frac = 1.0 - len(queue) / cfg.max_active_requests
+            span = self.compute_bound_tokens - self.slot_bound_tokens
+            limit = self.slot_bound_tokens + int(span * free_frac) // self.tile * self.tile
+        if not slot_bound:
+            for r in state.waiting:  # only whether the backlog exceeds one batch matters: stop there
+                if num_decodes + backlog > limit:
+                    break
+                backlog += r.num_tokens
+        size = self._iteration_size(num_decodes, backlog, limit)
         b = PlanBuilder(state, size, cfg.max_active_requests, cfg.max_decodes)
         started = []
         while queue:

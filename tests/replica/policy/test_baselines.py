@@ -156,6 +156,16 @@ def test_rad_iteration_size_is_a_tile_multiple_when_the_backlog_exceeds_max_batc
     assert size % tile == 0
 
 
+def test_rad_caps_iterations_at_the_token_budget_while_the_active_cap_blocks_admissions():
+    running = [decoding(f"d{i}", arrival_s=float(i)) for i in range(3)]
+    running.append(started("p", 3100, 100, arrival_s=3.0))  # 3000 tokens left
+    blocked = make_policy("rad", tile_tokens=128, max_batch_tokens=2048, token_budget=512, max_active_requests=4)
+    free = make_policy("rad", tile_tokens=128, max_batch_tokens=2048, token_budget=512, max_active_requests=8)
+    st = lambda: state(0.0, running=running, waiting=[waiting("w", 3000, 4.0)], kv_blocks=2000)  # noqa: E731
+    assert blocked.schedule(st()).num_tokens == 512
+    assert free.schedule(st()).num_tokens == 2048
+
+
 def test_rad_takes_the_whole_backlog_when_it_fits():
     running = [decoding(f"d{i}", arrival_s=float(i)) for i in range(3)]
     running.append(started("p", 100, 80, arrival_s=3.0))
