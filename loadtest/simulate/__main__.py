@@ -79,8 +79,12 @@ def cmd_paper(a: argparse.Namespace) -> int:
                 todo.append((name, ref_qps))
         for res in runner.run(todo):
             at_ref[res["scheduler"]] = res
+        saturation = {}
+        if a.saturation_qps:
+            for res in runner.run((name, a.saturation_qps) for name in results):
+                saturation[res["scheduler"]] = res
     wall_s = time.perf_counter() - t0
-    paths = write_paper_report(setup, results, ref_name, ref_qps, at_ref, wall_s, Path(a.out), a.json)
+    paths = write_paper_report(setup, results, ref_name, ref_qps, at_ref, saturation, wall_s, Path(a.out), a.json)
     print((Path(a.out) / "summary.md").read_text())
     print(f"wrote {', '.join(str(p) for p in paths)}; {wall_s:.1f} s", file=sys.stderr)
     return 0
@@ -101,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedulers", type=_schedulers, default=available_schedulers(),
                    help="comma-separated (default: all)")
     p.add_argument("--qps", type=_floats, default=list(PAPER_QPS), help="QPS points (default 0.2..2.0)")
+    p.add_argument("--saturation-qps", type=float, default=3.0,
+                   help="also run every scheduler at this overload QPS to measure its throughput (0: skip)")
     p.add_argument("--refine", type=int, default=3, help="bisection rounds for each capacity (default %(default)s)")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--out", default=None, help="results folder (default results/paper-PROFILE)")

@@ -115,7 +115,7 @@ def run_replica(
         for tier, count in per_tier.items():
             rep_gaps[tier].extend(common.tolist())
             rep_weights[tier].extend([float(count)] * len(common))
-        slo_misses = {r.tbt_slo_s: int((common > r.tbt_slo_s).sum()) for r in reqs}
+        slo_misses = {slo: int((common > slo).sum()) for slo in {r.tbt_slo_s for r in reqs}}
         if any(slo_misses.values()):
             for r in reqs:
                 misses[int(r.req_id)] += slo_misses[r.tbt_slo_s]

@@ -38,7 +38,9 @@ def paper_comparison(results: dict[str, dict], ref_name: str, at_ref: dict[str, 
     return out
 
 
-def markdown_table(setup: SweepSetup, results: dict, ref_name: str, ref_qps: float, comp: dict, wall_s: float) -> str:
+def markdown_table(
+    setup: SweepSetup, results: dict, ref_name: str, ref_qps: float, comp: dict, wall_s: float, sat_qps: float | None
+) -> str:
     tiers = setup.tier_mix().names
     lines = [
         f"profile `{setup.profile}`, trace `{setup.trace}`, {setup.requests} requests per run, "
@@ -46,8 +48,9 @@ def markdown_table(setup: SweepSetup, results: dict, ref_name: str, ref_qps: flo
         "",
         "| scheduler | capacity QPS | vs ref | stable capacity QPS | vs ref | median TTFT at ref QPS (s) | change "
         + "".join(f"| P99 TBT {t} at ref (s) " for t in tiers)
-        + "| P99 TTFT prompts >4k at ref (s) |",
-        "|---|---|---|---|---|---|---" + "|---" * len(tiers) + "|---|",
+        + "| P99 TTFT prompts >4k at ref (s) "
+        + (f"| throughput at {sat_qps:g} QPS (tokens/s) | vs ref |" if sat_qps else "|"),
+        "|---|---|---|---|---|---|---" + "|---" * len(tiers) + "|---|" + ("---|---|" if sat_qps else ""),
     ]
     for name, r in results.items():
         c = comp[name]
@@ -58,6 +61,11 @@ def markdown_table(setup: SweepSetup, results: dict, ref_name: str, ref_qps: flo
             f"| {'' if change is None else f'{change * 100:+.0f} %'} "
             + "".join(f"| {c['tbt_p99_s_at_ref'][t]:.3f} " for t in tiers)
             + f"| {c['ttft_p99_long_s_at_ref']:.2f} |"
+            + (
+                f" {c['saturation_throughput_tokens_per_s']:.0f} | {c['saturation_throughput_ratio'] or 0:.3f}x |"
+                if sat_qps
+                else ""
+            )
         )
     return "\n".join(lines) + "\n"
 
@@ -68,12 +76,18 @@ def write_paper_report(
     ref_name: str,
     ref_qps: float,
     at_ref: dict[str, dict[str, Any]],
+    saturation: dict[str, dict[str, Any]],
     wall_s: float,
     out_dir: Path,
     json_path: str | None,
 ) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     comp = paper_comparison(results, ref_name, at_ref)
+    if saturation:
+        ref_tput = saturation.get(ref_name, {}).get("throughput_tokens_per_s", 0.0)
+        for name, p in saturation.items():
+            comp[name]["saturation_throughput_tokens_per_s"] = p["throughput_tokens_per_s"]
+            comp[name]["saturation_throughput_ratio"] = _ratio(p["throughput_tokens_per_s"], ref_tput)
     doc = {
         "profile": setup.profile,
         "requests": setup.requests,
@@ -83,6 +97,7 @@ def write_paper_report(
         "reference": {"scheduler": ref_name, "qps": ref_qps},
         "schedulers": results,
         "at_reference_qps": at_ref,
+        "saturation": saturation,
         "comparison": comp,
         "wall_s": round(wall_s, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -94,7 +109,8 @@ def write_paper_report(
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(text)
         paths.append(Path(json_path))
-    paths[1].write_text(markdown_table(setup, results, ref_name, ref_qps, comp, wall_s))
+    sat_qps = next(iter(saturation.values()))["qps"] if saturation else None
+    paths[1].write_text(markdown_table(setup, results, ref_name, ref_qps, comp, wall_s, sat_qps))
     title = f"{setup.profile}, {setup.requests} req"
     slos = {t.name: t.tbt_slo_s for t in setup.tier_mix().tiers}
     paths.append(plots.plot_ttft_vs_qps(results, out_dir / "ttft_p50_vs_qps.png", title))

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from replica.cost.shape import BatchShape
@@ -94,6 +95,14 @@ class _TimeFn:
         )
 
 
+    def decode_stretch_times_s(self, num_decodes: int, sum_decode_ctx: int, num_iterations: int) -> np.ndarray:
+        """Durations of `num_iterations` back-to-back decode-only iterations of the same
+        `num_decodes` requests (each context grows by one token per iteration); element j equals
+        `time_s` of that iteration's shape exactly (same operations, same order)."""
+        ctx = sum_decode_ctx + num_decodes * np.arange(num_iterations, dtype=np.float64)
+        return self.base_s + self.per_token_s * num_decodes + self.prefill_sq_s * 0 + self.prefill_ctx_s * 0 + self.decode_ctx_s * ctx
+
+
 class CostProfile(_Strict):
     name: str = Field(min_length=1)
     gpu: str
@@ -106,10 +115,15 @@ class CostProfile(_Strict):
     def model_post_init(self, _context: object) -> None:
         # Shadow the method below with a bound method of a plain object: the simulator calls
         # this millions of times and pydantic attribute access would dominate its cost.
-        object.__setattr__(self, "iteration_time_s", _TimeFn(self.coefficients).time_s)
+        fn = _TimeFn(self.coefficients)
+        object.__setattr__(self, "iteration_time_s", fn.time_s)
+        object.__setattr__(self, "decode_stretch_times_s", fn.decode_stretch_times_s)
 
     def iteration_time_s(self, shape: BatchShape) -> float:  # replaced per instance, see above
         return _TimeFn(self.coefficients).time_s(shape)
+
+    def decode_stretch_times_s(self, num_decodes: int, sum_decode_ctx: int, num_iterations: int) -> np.ndarray:
+        return _TimeFn(self.coefficients).decode_stretch_times_s(num_decodes, sum_decode_ctx, num_iterations)
 
     def model_copy(self, *, update=None, deep: bool = False) -> "CostProfile":
         copy = super().model_copy(update=update, deep=deep)

@@ -14,8 +14,12 @@ ours (documented in docs/BENCHMARKS.md next to its measurements):
     requests in the engine are the bottleneck and each finishes faster with short iterations,
     so the iteration is capped at `token_budget` (like Sarathi's);
   - otherwise compute-bound: prefill takes whatever the backlog (uncomputed tokens of started
-    prefills plus waiting prompts) fills, up to `max_batch_tokens`: large iterations amortise
-    the per-iteration cost;
+    prefills plus waiting prompts) fills, up to a size between `token_budget` (engine full)
+    and `max_batch_tokens` (engine empty) in proportion to the free request slots: large
+    iterations amortise the per-iteration cost while slots are free, and shrink as the
+    engine fills, because long iterations slow every decode and so hold slots longer (without
+    this, at high load RAD ran out of slots before Sarathi did: measured in
+    docs/BENCHMARKS.md);
   - no prefill work: decode-only iterations.
   The split follows the queues at every step, never a fixed ratio.
 * Admission in arrival order, at most `max_active_requests` holding KV (the cap on prefills
@@ -25,6 +29,7 @@ ours (documented in docs/BENCHMARKS.md next to its measurements):
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from operator import attrgetter
 
@@ -67,7 +72,7 @@ class RADPolicy:
         else:  # the fuller the engine, the closer to the token budget
             free_frac = 1.0 - len(queue) / cfg.max_active_requests
             span = self.compute_bound_tokens - self.slot_bound_tokens
-            limit = self.slot_bound_tokens + int(span * free_frac) // self.tile * self.tile
+            limit = self.slot_bound_tokens + math.ceil(span * free_frac / self.tile) * self.tile
         if not slot_bound:
             for r in state.waiting:  # only whether the backlog exceeds one batch matters: stop there
                 if num_decodes + backlog > limit:

@@ -224,16 +224,23 @@ class SimEngine:
             k_max = lo
             if k_max < 2:
                 return None
-        cost = self.cost.iteration_time_s
         ctx = plan.shape().sum_decode_ctx
-        ends: list[float] = []
-        t = now_s
-        for j in range(k_max):
-            t += cost(BatchShape(0, 0, 0, n, ctx + j * n))
-            ends.append(t)
-            if t >= until_s:
-                break
-        k = len(ends)
+        stretch = getattr(self.cost, "decode_stretch_times_s", None)
+        if stretch is not None:  # vectorised: same durations, summed in the same order
+            all_ends = np.cumsum(np.concatenate(([now_s], stretch(n, ctx, k_max))))[1:]
+            k = min(k_max, int(np.searchsorted(all_ends, until_s, side="left")) + 1)
+            ends = all_ends[:k].tolist()
+        else:
+            cost = self.cost.iteration_time_s
+            ends = []
+            t = now_s
+            for j in range(k_max):
+                t += cost(BatchShape(0, 0, 0, n, ctx + j * n))
+                ends.append(t)
+                if t >= until_s:
+                    break
+            k = len(ends)
+        t = ends[-1]
         new_blocks = np.maximum(-(-(tokens + k - 1) // bs), blocks)
         kv.num_used_blocks += int((new_blocks - blocks).sum())
         for r, nb in zip(reqs, new_blocks.tolist()):

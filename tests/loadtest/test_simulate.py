@@ -77,7 +77,7 @@ def test_paper_command_writes_json_table_and_plots(tmp_path):
     out = tmp_path / "res"
     rc = main([
         "paper", "--requests", "120", "--qps", "0.5,3.0", "--schedulers", "sarathi-fcfs,slai-spf-dynamic",
-        "--refine", "1", "--jobs", "1", "--quiet", "--out", str(out), "--json", str(tmp_path / "r.json"),
+        "--refine", "1", "--saturation-qps", "4", "--jobs", "1", "--quiet", "--out", str(out), "--json", str(tmp_path / "r.json"),
     ])
     assert rc == 0
     doc = json.loads((tmp_path / "r.json").read_text())

@@ -160,10 +160,23 @@ def test_rad_caps_iterations_at_the_token_budget_while_the_active_cap_blocks_adm
     running = [decoding(f"d{i}", arrival_s=float(i)) for i in range(3)]
     running.append(started("p", 3100, 100, arrival_s=3.0))  # 3000 tokens left
     blocked = make_policy("rad", tile_tokens=128, max_batch_tokens=2048, token_budget=512, max_active_requests=4)
-    free = make_policy("rad", tile_tokens=128, max_batch_tokens=2048, token_budget=512, max_active_requests=8)
+    free = make_policy("rad", tile_tokens=128, max_batch_tokens=2048, token_budget=512, max_active_requests=1000)
     st = lambda: state(0.0, running=running, waiting=[waiting("w", 3000, 4.0)], kv_blocks=2000)  # noqa: E731
     assert blocked.schedule(st()).num_tokens == 512
     assert free.schedule(st()).num_tokens == 2048
+
+
+def test_rad_iteration_shrinks_towards_the_token_budget_as_the_engine_fills():
+    def size(num_running):
+        running = [decoding(f"d{i}", arrival_s=float(i)) for i in range(num_running - 1)]
+        running.append(started("p", 9100, 100, arrival_s=99.0))
+        pol = make_policy("rad", tile_tokens=128, max_batch_tokens=2048, token_budget=512, max_active_requests=64)
+        return pol.schedule(state(0.0, running=running, waiting=[waiting("w", 100, 100.0)], kv_blocks=5000)).num_tokens
+
+    assert size(1) == 2048
+    assert size(32) == 512 + 768  # half the slots free: half the span
+    assert size(63) == 512 + 128
+    assert size(1) > size(16) > size(32) > size(48) >= 512
 
 
 def test_rad_takes_the_whole_backlog_when_it_fits():
