@@ -81,7 +81,8 @@ def cmd_paper(a: argparse.Namespace) -> int:
             at_ref[res["scheduler"]] = res
         saturation = {}
         if a.saturation_qps:
-            for res in runner.run((name, a.saturation_qps) for name in results):
+            sat = [n for n in a.saturation_schedulers if n in results]
+            for res in runner.run((name, a.saturation_qps) for name in sat):
                 saturation[res["scheduler"]] = res
     wall_s = time.perf_counter() - t0
     paths = write_paper_report(setup, results, ref_name, ref_qps, at_ref, saturation, wall_s, Path(a.out), a.json)
@@ -106,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated (default: all)")
     p.add_argument("--qps", type=_floats, default=list(PAPER_QPS), help="QPS points (default 0.2..2.0)")
     p.add_argument("--saturation-qps", type=float, default=3.0,
-                   help="also run every scheduler at this overload QPS to measure its throughput (0: skip)")
+                   help="also run --saturation-schedulers at this overload QPS to measure throughput (0: skip)")
+    p.add_argument("--saturation-schedulers", type=_schedulers, default=["sarathi-fcfs", "rad"],
+                   help="schedulers run at --saturation-qps (default %(default)s)")
     p.add_argument("--refine", type=int, default=3, help="bisection rounds for each capacity (default %(default)s)")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--out", default=None, help="results folder (default results/paper-PROFILE)")

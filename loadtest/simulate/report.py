@@ -62,7 +62,11 @@ def markdown_table(
             + "".join(f"| {c['tbt_p99_s_at_ref'][t]:.3f} " for t in tiers)
             + f"| {c['ttft_p99_long_s_at_ref']:.2f} |"
             + (
-                f" {c['saturation_throughput_tokens_per_s']:.0f} | {c['saturation_throughput_ratio'] or 0:.3f}x |"
+                (
+                    f" {c['saturation_throughput_tokens_per_s']:.0f} | {c['saturation_throughput_ratio'] or 0:.3f}x |"
+                    if "saturation_throughput_tokens_per_s" in c
+                    else " | |"
+                )
                 if sat_qps
                 else ""
             )

@@ -82,7 +82,8 @@ class Runner:
         tasks = list(tasks)
         self._bar.total += len(tasks)
         self._bar.refresh()
-        args = [(asdict(self.setup), s, q) for s, q in tasks]
+        # heaviest first (high QPS runs longest), so no worker is left with a long tail alone
+        args = [(asdict(self.setup), s, q) for s, q in sorted(tasks, key=lambda t: -t[1])]
         out = []
         it = self._pool.imap_unordered(_task, args) if self._pool else map(_task, args)
         for res in it:

@@ -45,34 +45,29 @@ class SLAIPolicy:
         cfg = self.config
         now = state.now_s
         b = PlanBuilder(state, cfg.token_budget, cfg.max_active_requests, cfg.max_decodes)
-        decoding: list[Request] = []
+        critical: list[Request] = []
+        non_critical: list[Request] = []
         prefilling: list[Request] = []
         for r in state.running:  # inlined Request.is_prefill (hot loop)
             if r.num_output_tokens == 0 or r.prompt_len + r.num_output_tokens - r.num_computed_tokens > 1:
                 prefilling.append(r)
+            elif now >= r.lst_s:
+                critical.append(r)
             else:
-                decoding.append(r)
-        decoding.sort(key=_lst_key)
+                non_critical.append(r)
         victims = list(prefilling)  # started prefills not yet in this batch, newest last
 
-        # 1. critical decodes
-        i = 0
-        n_dec = len(decoding)
-        room = min(n_dec, b.budget_left, cfg.max_decodes)
-        n_crit = 0
-        while n_crit < room and now >= decoding[n_crit].lst_s:
-            n_crit += 1
-        if n_crit and b.add_decodes_if_no_preemption(decoding[:n_crit]):
-            i = n_crit
-            b.plan.num_critical_decodes = n_crit
-        else:
-            while i < n_dec and b.budget_left > 0 and b.decode_room:
-                r = decoding[i]
-                if now < r.lst_s:
+        # 1. critical decodes, earliest LST first
+        critical.sort(key=_lst_key)
+        if not (
+            len(critical) <= min(b.budget_left, cfg.max_decodes)
+            and b.add_decodes_if_no_preemption(critical)
+        ):
+            for r in critical:
+                if b.budget_left <= 0 or not b.decode_room:
                     break
-                i += 1
-                if b.add_decode(r, victims):
-                    b.plan.num_critical_decodes += 1
+                b.add_decode(r, victims)
+        b.plan.num_critical_decodes = len(b.plan.decodes)
 
         # 2. started prefills, FIFO
         preempted = b.plan.preempted
@@ -90,13 +85,15 @@ class SLAIPolicy:
                 if not b.try_admit(r):
                     break
 
-        # 4. non-critical decodes
-        k = min(n_dec - i, b.budget_left, cfg.max_decodes - len(b.plan.decodes))
-        if k > 0 and b.add_decodes_if_no_preemption(decoding[i : i + k]):
-            i += k
-        while i < n_dec and b.budget_left > 0 and b.decode_room:
-            b.add_decode(decoding[i], victims)
-            i += 1
+        # 4. non-critical decodes, earliest LST first, in the budget left (sorted only if any fit)
+        k = min(len(non_critical), b.budget_left, cfg.max_decodes - len(b.plan.decodes))
+        if k > 0:
+            non_critical.sort(key=_lst_key)
+            if not b.add_decodes_if_no_preemption(non_critical[:k]):
+                for r in non_critical:
+                    if b.budget_left <= 0 or not b.decode_room:
+                        break
+                    b.add_decode(r, victims)
         return b.plan
 
     def current_theta(self, kv_usage: float) -> float:
