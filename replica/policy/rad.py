@@ -18,8 +18,7 @@ ours (documented in docs/BENCHMARKS.md next to its measurements):
     and `max_batch_tokens` (engine empty) in proportion to the free request slots: large
     iterations amortise the per-iteration cost while slots are free, and shrink as the
     engine fills, because long iterations slow every decode and so hold slots longer (without
-    this, at high load RAD ran out of slots before Sarathi did: measured in
-    docs/BENCHMARKS.md);
+    this, at high load RAD ran out of slots and KV before Sarathi did and fell behind it);
   - no prefill work: decode-only iterations.
   The split follows the queues at every step, never a fixed ratio.
 * Admission in arrival order, at most `max_active_requests` holding KV (the cap on prefills
