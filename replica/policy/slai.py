@@ -113,9 +113,13 @@ class SLAIPolicy:
         """After one batch, or the same batch repeated back to back (a decode stretch): fold
         every measured duration into the running mean, then set the LST of each request that
         ran and is decode-ready."""
+        n = self.num_batches
+        mean = self.mean_batch_time_s
         for start, end in zip(starts_s, ends_s):
-            self.num_batches += 1
-            self.mean_batch_time_s += (end - start - self.mean_batch_time_s) / self.num_batches
+            n += 1
+            mean += (end - start - mean) / n
+        self.num_batches = n
+        self.mean_batch_time_s = mean
         self.theta = self.current_theta(state.kv.usage)
         batch_end_s = ends_s[-1]
         offset_s = self.theta * self.mean_batch_time_s
