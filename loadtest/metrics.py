@@ -88,18 +88,22 @@ def summarize(run: Any, ttft_p50_limit_s: float = TTFT_P50_LIMIT_S) -> dict[str,
 
 
 def capacity_bracket(points: Iterable[dict[str, Any]], key: str = "slo_met") -> tuple[float, float | None]:
-    """(largest passing QPS, smallest failing QPS above it or None). (0.0, None) if none passes."""
-    pts = list(points)
-    passing = [p["qps"] for p in pts if p[key]]
-    if not passing:
-        return 0.0, None
-    lo = max(passing)
-    hi = min((p["qps"] for p in pts if not p[key] and p["qps"] > lo), default=None)
+    """(capacity so far, first failing QPS or None): the capacity is the largest measured QPS
+    that passes with every lower measured QPS passing too (a load the replica holds, and every
+    lighter one); (0.0, first) if the lowest point fails. A pass above a failure does not count:
+    a scheduler can miss an SLO at moderate load and meet it at higher load (SLAI does on the
+    A100 profile, docs/BENCHMARKS.md), and no operator could run at such a "capacity"."""
+    lo, hi = 0.0, None
+    for p in sorted(points, key=lambda p: p["qps"]):
+        if not p[key]:
+            hi = p["qps"]
+            break
+        lo = p["qps"]
     return lo, hi
 
 
 def bisect_midpoint(lo: float, hi: float | None) -> float | None:
-    return None if hi is None or lo <= 0 else round((lo + hi) / 2, 6)
+    return None if hi is None else round((lo + hi) / 2, 6)
 
 
 def find_capacity(
