@@ -1,0 +1,241 @@
+"""vLLM V1 scheduler classes that carry out a pure policy's plan (SLAI and its baselines).
+
+Plug in with `scheduler_cls="replica.vllm_scheduler.SLAIScheduler"` (or `--scheduler-cls`);
+`SLAIAsyncScheduler` keeps vLLM's asynchronous scheduling. Other presets:
+`PolicyScheduler` / `PolicyAsyncScheduler` run the preset named by the environment variable
+`REPLICA_SCHEDULER` (any name in `replica.policy.available_schedulers()`).
+
+The policy decides, vLLM executes. Every step:
+1. vLLM's requests are mirrored into the pure state (`replica.policy.state`): running requests
+   in admission order, the waiting queue, and KV blocks from vLLM's block pool, where a started
+   prefill counts the blocks of its whole prompt (the Sarathi-style reservation the policies
+   assume; vLLM itself allocates chunk by chunk, so its allocations then always succeed);
+2. the policy returns a BatchPlan;
+3. the plan is carried out by vLLM's own machinery: the plan's victims are preempted with
+   `_preempt_request` (recompute); this step's `running` list is the plan's decodes then its
+   started prefills, in the plan's order (running requests the plan leaves out, i.e. deferred
+   decodes, are set aside for this step and put back after it); the plan's admissions go to
+   the head of the waiting queue; `max_num_scheduled_tokens` is the plan's token count; then
+   vLLM's `schedule()` runs unchanged: its KV manager allocates, it builds the output.
+After the model ran, `update_from_output()` measures the iteration wall time (end of
+`schedule()` to the start of `update_from_output()`), updates the mirror and calls the
+policy's `on_batch_end`.
+
+Per-request metadata comes in `SamplingParams.extra_args` (`vllm_xargs` over HTTP):
+`{"tier": NAME, "tbt_slo_s": SECONDS}`. A missing tier is the default tier (the most lenient
+one of `REPLICA_TIERS`, default the paper's premium/free); an unknown tier or a bad `tbt_slo_s`
+finishes that request at once (finish reason "abort", the reason in `stop_reason`, a log line);
+the engine loop and the other requests go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+from vllm.v1.request import Request as VRequest
+from vllm.v1.request import RequestStatus
+
+from loadtest.tiers import TierMix, paper_tiers, parse_tiers
+from replica.policy import BatchPlan, EngineState, KVCache, Request, make_policy
+from replica.policy.base import SchedulingPolicy
+
+logger = logging.getLogger(__name__)
+
+KV_WATERMARK = 0.01
+
+
+class TierMetadataError(ValueError):
+    pass
+
+
+def resolve_tier(extra_args: dict | None, tiers: TierMix, default_tier: str) -> tuple[str, float, int]:
+    """(tier, tbt_slo_s, rank) from a request's extra_args; raises TierMetadataError."""
+    extra = extra_args or {}
+    name = extra.get("tier", default_tier)
+    if not isinstance(name, str) or name not in tiers.names:
+        raise TierMetadataError(f"unknown tier {name!r}; known tiers: {', '.join(tiers.names)}")
+    spec = tiers.by_name(name)
+    slo = extra.get("tbt_slo_s", spec.tbt_slo_s)
+    if isinstance(slo, bool) or not isinstance(slo, (int, float)) or not math.isfinite(slo) or slo <= 0:
+        raise TierMetadataError(f"tbt_slo_s must be a positive number of seconds, got {slo!r}")
+    return name, float(slo), int(spec.rank)
+
+
+@dataclass
+class StepRecord:
+    """One step as planned and as executed (kept for conformance checks and benchmarks)."""
+
+    planned: dict
+    executed: dict[str, int]
+    schedule_s: float
+
+
+class PolicySchedulerMixin:
+    """Carries out `self.policy`'s plans inside a vLLM V1 scheduler (see the module docstring)."""
+
+    preset: str | None = None  # None: from $REPLICA_SCHEDULER
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        name = self.preset or os.environ.get("REPLICA_SCHEDULER", "slai-spf-dynamic")
+        tiers_text = os.environ.get("REPLICA_TIERS", "")
+        self.tiers = parse_tiers(tiers_text) if tiers_text else paper_tiers()
+        self.default_tier = os.environ.get("REPLICA_DEFAULT_TIER") or max(
+            self.tiers.tiers, key=lambda t: t.rank
+        ).name
+        self.configured_max_tokens = self.max_num_scheduled_tokens
+        self.policy: SchedulingPolicy = make_policy(
+            name,
+            token_budget=self.configured_max_tokens,
+            max_active_requests=self.max_num_active_reqs,
+            max_decodes=min(128, self.max_num_running_reqs),
+            max_prefill_tokens=self.configured_max_tokens,
+        )
+        pool = self.kv_cache_manager.block_pool
+        self.kv = KVCache(pool.num_gpu_blocks - 1, self.block_size, KV_WATERMARK)  # block 0 is vLLM's null block
+        self.mirrors: dict[str, Request] = {}
+        self._rejected: list[EngineCoreOutput] = []
+        self._rejected_clients: list[int] = []
+        self._in_flight: deque[tuple[BatchPlan, float]] = deque()
+        self.step_log: deque[StepRecord] = deque(maxlen=int(os.environ.get("REPLICA_STEP_LOG", "0")) or None)
+        self.record_steps = bool(os.environ.get("REPLICA_STEP_LOG"))
+        logger.info("vLLM scheduler %s runs policy %s", type(self).__name__, name)
+
+    # --- requests in -------------------------------------------------------------------------
+    def add_request(self, request: VRequest) -> None:
+        super().add_request(request)
+        sp = request.sampling_params
+        try:
+            tier, slo, rank = resolve_tier(sp.extra_args if sp is not None else None, self.tiers, self.default_tier)
+        except TierMetadataError as e:
+            # finish it (freeing nothing: it never ran) and tell its client in the next output
+            logger.warning("request %s rejected: %s", request.request_id, e)
+            self.finish_requests(request.request_id, RequestStatus.FINISHED_ABORTED)
+            self._rejected.append(
+                EngineCoreOutput(
+                    request_id=request.request_id,
+                    new_token_ids=[],
+                    finish_reason=FinishReason.ABORT,
+                    stop_reason=f"rejected: {e}",
+                )
+            )
+            self._rejected_clients.append(request.client_index)
+            return
+        self.mirrors[request.request_id] = Request(
+            req_id=request.request_id,
+            prompt_len=request.num_prompt_tokens,
+            arrival_s=request.arrival_time,
+            tier=tier,
+            tbt_slo_s=slo,
+            tier_rank=rank,
+        )
+
+    # --- the mirror ----------------------------------------------------------------------------
+    def _sync(self, vreq: VRequest) -> Request:
+        m = self.mirrors[vreq.request_id]
+        # tokens in flight (async scheduling) count as produced: vLLM schedules past them
+        m.num_output_tokens = vreq.num_output_tokens + vreq.num_output_placeholders
+        m.num_computed_tokens = vreq.num_computed_tokens
+        return m
+
+    def mirror_state(self, now_s: float) -> EngineState:
+        kv = self.kv
+        running = []
+        used = 0
+        for vreq in self.running:
+            m = self._sync(vreq)
+            held = len(self.kv_cache_manager.get_block_ids(vreq.request_id)[0])
+            m.num_blocks = max(held, kv.blocks_for(m.num_tokens)) if m.is_prefill else held
+            used += m.num_blocks
+            running.append(m)
+        waiting = []
+        for vreq in self.waiting:
+            m = self._sync(vreq)
+            m.num_blocks = 0
+            waiting.append(m)
+        kv.num_used_blocks = min(used, kv.num_blocks)
+        return EngineState(now_s=now_s, kv=kv, waiting=waiting, running=running)
+
+    # --- one step --------------------------------------------------------------------------------
+    def schedule(self, *args, **kwargs) -> SchedulerOutput:
+        t0 = time.perf_counter()
+        state = self.mirror_state(t0)
+        plan = self.policy.schedule(state)
+        req = self.requests
+        for m in plan.preempted:
+            vreq = req[m.req_id]
+            self.running.remove(vreq)
+            self._preempt_request(vreq, time.monotonic())
+        step_running = [req[m.req_id] for m in plan.decodes]
+        admitted = {m.req_id for m in plan.admitted}
+        step_running += [req[m.req_id] for m, _ in plan.prefills if m.req_id not in admitted]
+        chosen = {v.request_id for v in step_running}
+        set_aside = [v for v in self.running if v.request_id not in chosen]
+        for m in reversed(plan.admitted):
+            vreq = req[m.req_id]
+            self.waiting.remove_request(vreq)
+            self.waiting.prepend_request(vreq)
+        self.running = step_running
+        self.max_num_scheduled_tokens = min(plan.num_tokens, self.configured_max_tokens)
+        try:
+            out = super().schedule(*args, **kwargs)
+        finally:
+            self.running.extend(v for v in set_aside if not v.is_finished())
+            self.max_num_scheduled_tokens = self.configured_max_tokens
+        end = time.perf_counter()
+        if self.record_steps:
+            self.step_log.append(StepRecord(plan.summary(), dict(out.num_scheduled_tokens), end - t0))
+        self._in_flight.append((plan, end))
+        return out
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        start_s = time.perf_counter()
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if self._in_flight:
+            plan, schedule_end_s = self._in_flight.popleft()
+            for m in (*plan.decodes, *(m for m, _ in plan.prefills)):
+                vreq = self.requests.get(m.req_id)
+                if vreq is None or vreq.is_finished():
+                    m.is_finished = True
+                    m.num_blocks = 0
+                else:
+                    self._sync(vreq)
+                    m.num_blocks = len(self.kv_cache_manager.get_block_ids(m.req_id)[0])
+            if not plan.is_empty:
+                state = EngineState(now_s=start_s, kv=self._kv_now())
+                self.policy.on_batch_end(state, plan, schedule_end_s, start_s)
+        for rid in [rid for rid, m in self.mirrors.items() if rid not in self.requests]:
+            del self.mirrors[rid]
+        for out, client in zip(self._rejected, self._rejected_clients):
+            if client in outputs:
+                outputs[client].outputs.append(out)
+            else:
+                outputs[client] = EngineCoreOutputs(outputs=[out])
+        self._rejected.clear()
+        self._rejected_clients.clear()
+        return outputs
+
+    def _kv_now(self) -> KVCache:
+        pool = self.kv_cache_manager.block_pool
+        self.kv.num_used_blocks = min(self.kv.num_blocks, pool.num_gpu_blocks - pool.get_num_free_blocks())
+        return self.kv
+
+
+def _policy_scheduler(name: str, base: type, preset: str | None) -> type:
+    return type(name, (PolicySchedulerMixin, base), {"preset": preset, "__module__": __name__})
+
+
+SLAIScheduler = _policy_scheduler("SLAIScheduler", Scheduler, "slai-spf-dynamic")
+SLAIAsyncScheduler = _policy_scheduler("SLAIAsyncScheduler", AsyncScheduler, "slai-spf-dynamic")
+SarathiFCFSScheduler = _policy_scheduler("SarathiFCFSScheduler", Scheduler, "sarathi-fcfs")
+PolicyScheduler = _policy_scheduler("PolicyScheduler", Scheduler, None)
+PolicyAsyncScheduler = _policy_scheduler("PolicyAsyncScheduler", AsyncScheduler, None)
