@@ -47,6 +47,7 @@ from vllm.v1.request import RequestStatus
 from loadtest.tiers import TierMix, paper_tiers, parse_tiers
 from replica.policy import BatchPlan, EngineState, KVCache, Request, make_policy
 from replica.policy.base import SchedulingPolicy
+from replica.slo import SLOTracker
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,9 @@ class PolicySchedulerMixin:
         pool = self.kv_cache_manager.block_pool
         self.kv = KVCache(pool.num_gpu_blocks - 1, self.block_size, KV_WATERMARK)  # block 0 is vLLM's null block
         self.mirrors: dict[str, Request] = {}
+        self.slo = SLOTracker({t.name: t.tbt_slo_s for t in self.tiers.tiers},
+                              {t.name: t.ttft_target_s for t in self.tiers.tiers})
+        self.replica_id = os.environ.get("REPLICA_ID", f"replica-{os.getpid()}")
         self._rejected: list[EngineCoreOutput] = []
         self._rejected_clients: list[int] = []
         self._in_flight: deque[tuple[BatchPlan, float]] = deque()
@@ -202,14 +206,25 @@ class PolicySchedulerMixin:
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if self._in_flight:
             plan, schedule_end_s = self._in_flight.popleft()
+            now_wall = time.time()
+            emitted = []
             for m in (*plan.decodes, *(m for m, _ in plan.prefills)):
+                before = m.num_output_tokens
                 vreq = self.requests.get(m.req_id)
                 if vreq is None or vreq.is_finished():
                     m.is_finished = True
                     m.num_blocks = 0
+                    m.num_output_tokens = before + 1 if vreq is None else vreq.num_output_tokens
                 else:
                     self._sync(vreq)
                     m.num_blocks = len(self.kv_cache_manager.get_block_ids(m.req_id)[0])
+                if m.num_output_tokens > before:
+                    emitted.append(m)
+            self.slo.on_tokens(emitted, now_wall)
+            for m in emitted:
+                m.last_token_s = now_wall
+                if m.first_token_s is None:
+                    m.first_token_s = now_wall
             if not plan.is_empty:
                 state = EngineState(now_s=start_s, kv=self._kv_now())
                 self.policy.on_batch_end(state, plan, schedule_end_s, start_s)
@@ -223,6 +238,13 @@ class PolicySchedulerMixin:
         self._rejected.clear()
         self._rejected_clients.clear()
         return outputs
+
+    def feedback_snapshot(self) -> dict:
+        """The replica's feedback snapshot (`replica.slo`): queue, decodes per tier, KV use,
+        mean batch time, per-tier TTFT/TBT over the last minute."""
+        state = self.mirror_state(time.perf_counter())
+        state.kv = self._kv_now()
+        return self.slo.snapshot(self.replica_id, state, getattr(self.policy, "mean_batch_time_s", 0.0))
 
     def _kv_now(self) -> KVCache:
         pool = self.kv_cache_manager.block_pool

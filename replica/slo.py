@@ -1,0 +1,117 @@
+"""Per-tier SLO tracking and the replica's feedback snapshot (pure: no vLLM, no Ray).
+
+Both mechanisms feed it: the vLLM scheduler adapter (wall clock) and the simulated engine. It
+keeps, per tier, the TTFTs and TBT gaps of a sliding time window and counts SLO misses, and it
+builds the small, versioned snapshot a replica reports to the routers (DESIGN.md): what is
+queued (prefill tokens and their prompt-length histogram), decodes running per tier, KV use,
+mean batch time, per-tier TTFT/TBT quantiles and misses over the window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from replica.policy.state import EngineState, Request
+
+SNAPSHOT_VERSION = 1
+PROMPT_HISTOGRAM_EDGES = (0, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclass
+class _TierWindow:
+    ttft: deque = field(default_factory=deque)  # (t, ttft_s)
+    tbt: deque = field(default_factory=deque)  # (t, gap_s)
+    ttft_misses: int = 0
+    tbt_misses: int = 0
+    tokens: int = 0
+
+
+class SLOTracker:
+    def __init__(self, tbt_slo_s: dict[str, float], ttft_target_s: dict[str, float] | None = None,
+                 window_s: float = 60.0) -> None:
+        self.tbt_slo_s = dict(tbt_slo_s)
+        self.ttft_target_s = dict(ttft_target_s or {})
+        self.window_s = window_s
+        self.tiers: dict[str, _TierWindow] = {name: _TierWindow() for name in self.tbt_slo_s}
+
+    def _tier(self, name: str) -> _TierWindow:
+        w = self.tiers.get(name)
+        if w is None:
+            w = self.tiers[name] = _TierWindow()
+        return w
+
+    def on_tokens(self, reqs: Iterable[Request], t: float) -> None:
+        """Each request emitted a token at `t`; call before updating `last_token_s`."""
+        for r in reqs:
+            w = self._tier(r.tier)
+            w.tokens += 1
+            if r.last_token_s is None:
+                ttft = t - r.arrival_s
+                w.ttft.append((t, ttft))
+                target = self.ttft_target_s.get(r.tier)
+                if target is not None and ttft > target:
+                    w.ttft_misses += 1
+            else:
+                gap = t - r.last_token_s
+                w.tbt.append((t, gap))
+                if gap > r.tbt_slo_s:
+                    w.tbt_misses += 1
+
+    def _trim(self, now: float) -> None:
+        horizon = now - self.window_s
+        for w in self.tiers.values():
+            for q in (w.ttft, w.tbt):
+                while q and q[0][0] < horizon:
+                    q.popleft()
+
+    def tier_stats(self, now: float) -> dict[str, dict[str, float | int | None]]:
+        self._trim(now)
+        out = {}
+        for name, w in self.tiers.items():
+            ttft = np.fromiter((v for _, v in w.ttft), float, len(w.ttft))
+            tbt = np.fromiter((v for _, v in w.tbt), float, len(w.tbt))
+            slo = self.tbt_slo_s.get(name)
+            out[name] = {
+                "ttft_p50_s": float(np.median(ttft)) if len(ttft) else None,
+                "ttft_p99_s": float(np.quantile(ttft, 0.99)) if len(ttft) else None,
+                "tbt_p50_s": float(np.median(tbt)) if len(tbt) else None,
+                "tbt_p99_s": float(np.quantile(tbt, 0.99)) if len(tbt) else None,
+                "tbt_miss_frac": float((tbt > slo).mean()) if len(tbt) and slo else 0.0,
+                "ttft_misses_total": w.ttft_misses,
+                "tbt_misses_total": w.tbt_misses,
+                "tokens_total": w.tokens,
+            }
+        return out
+
+    def snapshot(self, replica_id: str, state: EngineState, mean_batch_time_s: float,
+                 now: float | None = None) -> dict:
+        """The feedback snapshot a replica reports (JSON-ready, small)."""
+        now = time.time() if now is None else now
+        waiting_tokens = [r.num_uncomputed_tokens for r in state.waiting]
+        waiting_tokens += [r.num_uncomputed_tokens for r in state.running if r.is_prefill]
+        hist = np.histogram(waiting_tokens, bins=PROMPT_HISTOGRAM_EDGES + (10**9,))[0] if waiting_tokens else None
+        decodes: dict[str, int] = {}
+        for r in state.running:
+            if not r.is_prefill:
+                decodes[r.tier] = decodes.get(r.tier, 0) + 1
+        return {
+            "version": SNAPSHOT_VERSION,
+            "replica_id": replica_id,
+            "timestamp_s": now,
+            "num_waiting": len(state.waiting),
+            "num_running": len(state.running),
+            "waiting_prefill_tokens": int(sum(waiting_tokens)),
+            "waiting_prompt_histogram": {
+                "edges": list(PROMPT_HISTOGRAM_EDGES),
+                "counts": [int(c) for c in hist] if hist is not None else [0] * len(PROMPT_HISTOGRAM_EDGES),
+            },
+            "running_decodes_by_tier": decodes,
+            "kv_usage": round(state.kv.usage, 4),
+            "mean_batch_time_s": mean_batch_time_s,
+            "tiers": self.tier_stats(now),
+        }
