@@ -1,0 +1,58 @@
+"""Per-tier SLO tracking and the feedback snapshot."""
+
+import pytest
+
+from replica.policy.state import EngineState, KVCache, Request
+from replica.slo import SNAPSHOT_VERSION, SLOTracker
+
+
+def _req(rid, tier, slo, arrival=0.0, prompt=100, computed=0, outputs=0):
+    return Request(req_id=rid, prompt_len=prompt, arrival_s=arrival, tier=tier, tbt_slo_s=slo,
+                   num_computed_tokens=computed, num_output_tokens=outputs)
+
+
+def _emit(tracker, reqs, t):
+    tracker.on_tokens(reqs, t)
+    for r in reqs:
+        r.last_token_s = t
+
+
+def test_first_token_counts_as_ttft_and_later_gaps_as_tbt_per_tier():
+    tr = SLOTracker({"premium": 0.1, "free": 0.5}, {"premium": 0.5, "free": 0.5})
+    p, f = _req("p", "premium", 0.1, arrival=1.0), _req("f", "free", 0.5, arrival=1.0)
+    _emit(tr, [p, f], 1.2)
+    _emit(tr, [p], 1.25)
+    _emit(tr, [p, f], 1.5)
+    stats = tr.tier_stats(now=2.0)
+    assert stats["premium"]["ttft_p50_s"] == pytest.approx(0.2)
+    assert stats["premium"]["tbt_p99_s"] == pytest.approx(0.25, abs=0.01)
+    assert stats["premium"]["tbt_misses_total"] == 1  # the 0.25 s gap
+    assert stats["free"]["tbt_p50_s"] == pytest.approx(0.3) and stats["free"]["tbt_misses_total"] == 0
+    assert stats["free"]["tokens_total"] == 2
+
+
+def test_window_forgets_old_samples_but_keeps_miss_totals():
+    tr = SLOTracker({"free": 0.5}, window_s=10.0)
+    r = _req("f", "free", 0.5)
+    _emit(tr, [r], 1.0)
+    _emit(tr, [r], 2.0)  # a 1 s gap: a miss
+    assert tr.tier_stats(now=5.0)["free"]["tbt_p99_s"] == pytest.approx(1.0)
+    later = tr.tier_stats(now=100.0)["free"]
+    assert later["tbt_p99_s"] is None and later["tbt_misses_total"] == 1
+
+
+def test_snapshot_reports_queue_decodes_per_tier_and_kv():
+    kv = KVCache(100)
+    kv.num_used_blocks = 25
+    waiting = [_req("w1", "free", 0.5, prompt=300), _req("w2", "free", 0.5, prompt=5000)]
+    running = [
+        _req("d1", "premium", 0.1, prompt=50, computed=50, outputs=1),
+        _req("d2", "free", 0.5, prompt=50, computed=52, outputs=3),
+        _req("p1", "free", 0.5, prompt=1000, computed=200),
+    ]
+    snap = SLOTracker({"premium": 0.1, "free": 0.5}).snapshot("r0", EngineState(0.0, kv, waiting, running), 0.04, now=7.0)
+    assert snap["version"] == SNAPSHOT_VERSION and snap["replica_id"] == "r0" and snap["timestamp_s"] == 7.0
+    assert snap["waiting_prefill_tokens"] == 300 + 5000 + 800
+    assert snap["waiting_prompt_histogram"]["counts"] == [1, 1, 0, 0, 1, 0]
+    assert snap["running_decodes_by_tier"] == {"premium": 1, "free": 1}
+    assert snap["kv_usage"] == 0.25 and snap["mean_batch_time_s"] == 0.04
