@@ -57,4 +57,5 @@ class BatchPlan:
             "prefills": [(r.req_id, n) for r, n in self.prefills],
             "admitted": [r.req_id for r in self.admitted],
             "preempted": [r.req_id for r in self.preempted],
+            "num_critical_decodes": self.num_critical_decodes,
         }

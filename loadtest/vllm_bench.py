@@ -1,0 +1,157 @@
+"""Benchmarks of the vLLM scheduler adapter on a real (CPU) engine with the tiny model.
+
+  python -m loadtest.vllm_bench overhead [--running 16,64,128,256] [--steps 40]
+      scheduler CPU time per step (schedule() + update_from_output()) of SLAI against vLLM's own
+      scheduler, with N requests decoding
+  python -m loadtest.vllm_bench burst [--requests 48] [--budget 64]
+      median TTFT of a burst of mixed prompt lengths, SLAI against vLLM's default scheduler
+
+Both build the tiny random-weight model (replica.tiny_model) in a temporary folder and run the
+engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0). Needs the `cpu` (or `gpu`) extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SLAI = "replica.vllm_scheduler.SLAIScheduler"
+
+
+def _engine(model_dir: Path, scheduler_cls: str | None, **kw):
+    from vllm import LLM
+
+    args = dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 << 20, max_model_len=1024,
+                enable_prefix_caching=False, seed=0)
+    args.update(kw)
+    return LLM(model=str(model_dir), tokenizer=str(model_dir), scheduler_cls=scheduler_cls, **args)
+
+
+def _shutdown(llm) -> None:
+    import gc
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001  (best effort: the process ends soon anyway)
+        pass
+    del llm
+    gc.collect()
+
+
+def _timed(sched) -> dict[str, list[float]]:
+    """Wrap the instance's schedule/update_from_output to time every call."""
+    times: dict[str, list[float]] = {"schedule": [], "update": []}
+    schedule, update = sched.schedule, sched.update_from_output
+
+    def timed_schedule(*a, **k):
+        t = time.perf_counter()
+        out = schedule(*a, **k)
+        times["schedule"].append(time.perf_counter() - t)
+        return out
+
+    def timed_update(*a, **k):
+        t = time.perf_counter()
+        out = update(*a, **k)
+        times["update"].append(time.perf_counter() - t)
+        return out
+
+    sched.schedule, sched.update_from_output = timed_schedule, timed_update
+    return times
+
+
+def overhead(model_dir: Path, running: list[int], steps: int) -> dict:
+    from vllm import SamplingParams
+
+    results = {}
+    for name, cls in (("vllm-default", None), ("slai", SLAI)):
+        per_n = {}
+        for n in running:
+            llm = _engine(model_dir, cls, max_num_seqs=n, max_num_batched_tokens=max(256, n * 8))
+            eng = llm.llm_engine
+            sched = eng.engine_core.engine_core.scheduler
+            tiers = ("premium", "free")
+            for i in range(n):
+                eng.add_request(f"r{i}", {"prompt_token_ids": [5 + (i * 7 + j) % 1500 for j in range(8)]},
+                                SamplingParams(temperature=0, max_tokens=steps + 20, ignore_eos=True,
+                                               extra_args={"tier": tiers[i % 20 == 0 and 0 or 1]}))
+            while len(sched.running) < n:  # admit everyone (prefills) before measuring decodes
+                eng.step()
+            times = _timed(sched)
+            for _ in range(steps):
+                eng.step()
+            per_step = [s + u for s, u in zip(times["schedule"], times["update"])]
+            per_n[n] = {"median_ms": statistics.median(per_step) * 1e3, "mean_ms": statistics.fmean(per_step) * 1e3}
+            while eng.has_unfinished_requests():
+                eng.step()
+            _shutdown(llm)
+        results[name] = per_n
+    results["ratio"] = {n: results["slai"][n]["median_ms"] / results["vllm-default"][n]["median_ms"] for n in running}
+    return results
+
+
+def burst(model_dir: Path, num_requests: int, budget: int, seed: int = 0) -> dict:
+    from vllm import SamplingParams
+
+    rng = random.Random(seed)
+    prompts = [rng.choice([16, 32, 64, 128, 256, 512, 768]) for _ in range(num_requests)]
+    results = {}
+    for name, cls in (("vllm-default", None), ("slai", SLAI)):
+        llm = _engine(model_dir, cls, max_num_seqs=64, max_num_batched_tokens=budget)
+        eng = llm.llm_engine
+        # warm the engine and (for SLAI) its batch-time mean on a few short requests
+        for i in range(4):
+            eng.add_request(f"w{i}", {"prompt_token_ids": [5] * 16}, SamplingParams(max_tokens=8, ignore_eos=True))
+        while eng.has_unfinished_requests():
+            eng.step()
+        t0 = time.perf_counter()
+        first: dict[str, float] = {}
+        for i, n in enumerate(prompts):
+            tier = "premium" if i % 20 == 0 else "free"
+            eng.add_request(f"b{i}", {"prompt_token_ids": [5 + (i * 13 + j) % 1500 for j in range(n)]},
+                            SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, extra_args={"tier": tier}))
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.request_id not in first and o.outputs and o.outputs[0].token_ids:
+                    first[o.request_id] = time.perf_counter() - t0
+        ttft = sorted(first.values())
+        results[name] = {"ttft_p50_s": statistics.median(ttft), "ttft_mean_s": statistics.fmean(ttft),
+                         "ttft_max_s": ttft[-1], "requests": len(ttft)}
+        _shutdown(llm)
+    results["ttft_p50_change"] = results["slai"]["ttft_p50_s"] / results["vllm-default"]["ttft_p50_s"] - 1
+    results["prompt_lens"] = prompts
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    ap = argparse.ArgumentParser(prog="python -m loadtest.vllm_bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("overhead")
+    o.add_argument("--running", default="16,64,128,256")
+    o.add_argument("--steps", type=int, default=40)
+    b = sub.add_parser("burst")
+    b.add_argument("--requests", type=int, default=48)
+    b.add_argument("--budget", type=int, default=64)
+    a = ap.parse_args(argv)
+    from replica.tiny_model import build_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_tiny_model(Path(tmp) / "tiny")
+        if a.cmd == "overhead":
+            res = overhead(model_dir, [int(x) for x in a.running.split(",")], a.steps)
+        else:
+            res = burst(model_dir, a.requests, a.budget)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

