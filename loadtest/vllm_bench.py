@@ -131,6 +131,7 @@ def burst(model_dir: Path, num_requests: int, budget: int, seed: int = 0) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep stdout for the JSON result
     ap = argparse.ArgumentParser(prog="python -m loadtest.vllm_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -155,9 +155,11 @@ class PolicySchedulerMixin:
         kv = self.kv
         running = []
         used = 0
+        bs = kv.block_size
         for vreq in self.running:
             m = self._sync(vreq)
-            held = len(self.kv_cache_manager.get_block_ids(vreq.request_id)[0])
+            # vLLM allocates exactly the computed tokens' blocks (no prefix caching, no lookahead)
+            held = -(-m.num_computed_tokens // bs)
             m.num_blocks = max(held, kv.blocks_for(m.num_tokens)) if m.is_prefill else held
             used += m.num_blocks
             running.append(m)
@@ -217,7 +219,7 @@ class PolicySchedulerMixin:
                     m.num_output_tokens = before + 1 if vreq is None else vreq.num_output_tokens
                 else:
                     self._sync(vreq)
-                    m.num_blocks = len(self.kv_cache_manager.get_block_ids(m.req_id)[0])
+                    m.num_blocks = -(-m.num_computed_tokens // self.block_size)
                 if m.num_output_tokens > before:
                     emitted.append(m)
             self.slo.on_tokens(emitted, now_wall)
