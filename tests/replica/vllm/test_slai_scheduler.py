@@ -199,3 +199,21 @@ def test_feedback_snapshot_reports_per_tier_latencies(make_llm):
         assert t["ttft_p50_s"] is not None and t["ttft_p50_s"] > 0
         assert t["tbt_p99_s"] is not None and t["tokens_total"] >= 10
     assert snap["mean_batch_time_s"] > 0
+
+
+def test_preemption_under_kv_pressure_is_the_plans_and_changes_no_output(make_llm):
+    tight = dict(kv_cache_memory_bytes=1 << 20, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64)
+    script = [
+        Arrival(0, f"r{i}", 100 + 10 * i, 150, {"tier": "premium" if i == 0 else "free"}) for i in range(6)
+    ]
+    llm = make_llm(SLAI, **tight)
+    steps_of(llm)
+    ours = run_script(llm, script)
+    log = steps_of(llm)
+    preempted = sum(len(rec.planned["preempted"]) for rec in log)
+    assert preempted > 0, "the KV cache was not tight enough to force a preemption"
+    for k, rec in enumerate(log):
+        planned = {rid: 1 for rid in rec.planned["decodes"]}
+        planned.update(dict(rec.planned["prefills"]))
+        assert rec.executed == planned, f"step {k}"
+    assert ours == run_script(make_llm(None, **tight), script)
