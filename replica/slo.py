@@ -89,9 +89,12 @@ class SLOTracker:
         return out
 
     def snapshot(self, replica_id: str, state: EngineState, mean_batch_time_s: float,
-                 now: float | None = None) -> dict:
-        """The feedback snapshot a replica reports (JSON-ready, small)."""
+                 now: float | None = None, timestamp_s: float | None = None) -> dict:
+        """The feedback snapshot a replica reports (JSON-ready, small). `now` is on the clock the
+        token times were given in (it ends the window); `timestamp_s` is wall-clock time (for
+        the routers; default: `now`, or time.time())."""
         now = time.time() if now is None else now
+        timestamp_s = now if timestamp_s is None else timestamp_s
         waiting_tokens = [r.num_uncomputed_tokens for r in state.waiting]
         waiting_tokens += [r.num_uncomputed_tokens for r in state.running if r.is_prefill]
         hist = np.histogram(waiting_tokens, bins=PROMPT_HISTOGRAM_EDGES + (10**9,))[0] if waiting_tokens else None
@@ -102,7 +105,7 @@ class SLOTracker:
         return {
             "version": SNAPSHOT_VERSION,
             "replica_id": replica_id,
-            "timestamp_s": now,
+            "timestamp_s": timestamp_s,
             "num_waiting": len(state.waiting),
             "num_running": len(state.running),
             "waiting_prefill_tokens": int(sum(waiting_tokens)),
