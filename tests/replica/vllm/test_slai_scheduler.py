@@ -217,3 +217,20 @@ def test_preemption_under_kv_pressure_is_the_plans_and_changes_no_output(make_ll
         planned.update(dict(rec.planned["prefills"]))
         assert rec.executed == planned, f"step {k}"
     assert ours == run_script(make_llm(None, **tight), script)
+
+
+def test_the_async_scheduler_class_carries_out_the_plan_too(make_llm):
+    from replica.vllm_scheduler import SLAIAsyncScheduler
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    script = [Arrival(0, f"a{i}", 20 + 30 * i, 20, {"tier": "premium" if i == 0 else "free"}) for i in range(6)]
+    llm = make_llm("replica.vllm_scheduler.SLAIAsyncScheduler", async_scheduling=True, max_num_batched_tokens=64, max_num_seqs=8)
+    sched = engine_scheduler(llm)
+    assert type(sched) is SLAIAsyncScheduler and isinstance(sched, AsyncScheduler)
+    steps_of(llm)
+    ours = run_script(llm, script)
+    for k, rec in enumerate(steps_of(llm)):
+        planned = {rid: 1 for rid in rec.planned["decodes"]}
+        planned.update(dict(rec.planned["prefills"]))
+        assert rec.executed == planned, f"step {k}"
+    assert ours == run_script(make_llm(None, max_num_batched_tokens=64, max_num_seqs=8), script)
