@@ -1,0 +1,92 @@
+"""The Ray Serve adapter: a RequestRouter that delegates to a pure routing policy.
+
+Configure a replica deployment with
+
+    RequestRouterConfig(request_router_class="router.ray_router.TierAwareRouter",
+                        request_router_kwargs={"policy": "slo"},
+                        request_routing_stats_period_s=1.0)
+
+For every request it reads the routing metadata from the request (the dict the ingress passes
+to `generate`: request_id, tier, tbt_slo_s, tier_rank, prompt_len), every candidate replica's
+`routing_stats` (the feedback snapshot its `record_routing_stats()` returned, replica/slo.py),
+and its own in-flight ledger of what it sent since each snapshot; the policy ranks the replicas
+and Serve tries them in that order (one replica per rank). Requests that carry no routing
+metadata (e.g. `record_routing_stats` probes, health calls) keep Serve's default order.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from router.feedback import FeedbackError, ReplicaFeedback, build_views
+from router.ledger import InFlightLedger
+from router.policies.base import RoutingRequest
+from router.policies.registry import make_router_policy
+
+
+def routing_request(pending: PendingRequest | None) -> RoutingRequest | None:
+    """The routing metadata of a pending `generate(request_dict)` call, if it has any."""
+    if pending is None:
+        return None
+    payload = pending.args[0] if pending.args else pending.kwargs.get("request")
+    if not isinstance(payload, dict) or "prompt_len" not in payload:
+        return None
+    return RoutingRequest(
+        request_id=str(payload.get("request_id", pending.metadata.request_id)),
+        tier=str(payload.get("tier", "default")),
+        tbt_slo_s=float(payload.get("tbt_slo_s", 0.5)),
+        tier_rank=int(payload.get("tier_rank", 0)),
+        prompt_len=int(payload["prompt_len"]),
+    )
+
+
+class TierAwareRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, policy: str = "slo", **policy_kwargs: Any) -> None:
+        self.policy = make_router_policy(policy, **policy_kwargs)
+        self.ledger = InFlightLedger()
+        self._feedback: dict[str, tuple[float, ReplicaFeedback]] = {}
+        self._ledger_ids: dict[str, tuple[str, str]] = {}  # Serve's internal id -> (replica, ours)
+
+    def _latest_feedback(self, replica: RunningReplica) -> ReplicaFeedback | None:
+        rid = replica.replica_id.unique_id
+        stats = replica.routing_stats
+        if not stats:
+            return None
+        ts = stats.get("timestamp_s")
+        cached = self._feedback.get(rid)
+        if cached is not None and cached[0] == ts:
+            return cached[1]
+        try:
+            fb = ReplicaFeedback.from_snapshot(stats)
+        except (FeedbackError, ValueError):
+            return None  # a malformed snapshot: treat the replica as unknown, not as a crash
+        self._feedback[rid] = (ts, fb)
+        self.ledger.on_snapshot(rid, fb.timestamp_s)
+        return fb
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        request = routing_request(pending_request)
+        if request is None or not candidate_replicas:
+            return [candidate_replicas]
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        feedback = {rid: self._latest_feedback(r) for rid, r in by_id.items()}
+        views = build_views(list(by_id), feedback, self.ledger, time.time())
+        return [[by_id[rid]] for rid in self.policy.rank(request, views)]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        request = routing_request(pending_request)
+        if request is None:
+            return
+        rid = replica_id.unique_id
+        self.ledger.record(rid, request)
+        self._ledger_ids[pending_request.metadata.internal_request_id] = (rid, request.request_id)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        entry = self._ledger_ids.pop(internal_request_id, None)
+        if entry is not None:
+            self.ledger.on_done(*entry)
