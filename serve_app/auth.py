@@ -1,0 +1,252 @@
+"""API keys -> tiers.  The key store holds only SHA-256 hashes of keys.
+
+Keys come from the sources the config names (`serve_app.config.ApiKeysConfig`):
+
+- ``api_keys.env``: an environment variable holding ``KEY:TIER,KEY:TIER`` (for local testing,
+  e.g. ``export TIERED_API_KEYS='dev-premium-key:premium,dev-free-key:free'``);
+- ``api_keys.file``: a secret file (e.g. a mounted Kubernetes Secret), one ``KEY TIER`` or
+  ``KEY:TIER`` per line, ``#`` starts a comment;
+- ``api_keys.hashes``: ``{sha256-hex: tier}`` in the config itself.
+
+Wherever a key is expected, ``sha256:<64 hex digits>`` may stand instead: the hash of the key, as
+printed by ``python -m serve_app.auth hash KEY`` (or ``... hash -`` reading keys from stdin, which
+keeps them out of the shell history), so secret files need not hold plaintext either.
+
+A key is a Bearer token (RFC 6750 ``b64token``: letters, digits and ``-._~+/``, then ``=``
+padding).  `KeyStore.tier_for` parses ``Authorization: Bearer KEY`` strictly (scheme
+case-insensitive), hashes the key and compares the digest with **every** stored digest by
+`hmac.compare_digest` (no early exit: the time does not depend on which key matched).  Failures
+are `AuthError` (401, OpenAI error code ``invalid_api_key``), whose messages never contain the key.
+Unsalted SHA-256 is sound here because API keys are long random tokens, not passwords.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serve_app.config import AppConfig
+
+__all__ = ["AuthError", "KeyConfigError", "KeyStore", "hash_key", "is_valid_key"]
+
+HASH_PREFIX = "sha256:"
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_AUTH_HEADER = re.compile(r"([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*) +(\S+)")
+_OWS = " \t"
+
+
+class AuthError(Exception):
+    """A request that is not authenticated.  ``status_code``/``code``/``type`` follow OpenAI's
+    error format (`to_openai()`); the message never contains the presented key."""
+
+    def __init__(self, message: str, *, status_code: int = 401, code: str = "invalid_api_key",
+                 type: str = "invalid_request_error") -> None:  # noqa: A002 (OpenAI's field name)
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.code = code
+        self.type = type
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers for the error (RFC 6750 challenge on 401)."""
+        return {"WWW-Authenticate": "Bearer"} if self.status_code == 401 else {}
+
+    def to_openai(self) -> dict[str, Any]:
+        """The response body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
+
+
+class KeyConfigError(ValueError):
+    """A key source is unusable (unset, unreadable, malformed line, unknown tier, conflicting
+    entries).  Messages name the source and the line or entry number, never a key."""
+
+
+def hash_key(key: str) -> str:
+    """SHA-256 hex digest of a key (UTF-8)."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def is_valid_key(key: str) -> bool:
+    """Whether ``key`` can be sent as a Bearer token (RFC 6750 b64token)."""
+    return _TOKEN68.fullmatch(key) is not None
+
+
+_MISSING = ("You didn't provide an API key. You need to provide your API key in an Authorization "
+            "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+_MALFORMED = "Malformed Authorization header: expected 'Authorization: Bearer YOUR_KEY'."
+_UNKNOWN = "Incorrect API key provided."
+
+
+class KeyStore:
+    """SHA-256 digests of API keys -> tier names.  No plaintext key is kept, and ``repr``/``str``
+    show only counts."""
+
+    def __init__(self, hashes: Mapping[str, str]) -> None:
+        """``hashes``: SHA-256 hex digest -> tier name."""
+        tiers: dict[str, str] = {}
+        for digest, tier in hashes.items():
+            d = digest.lower()
+            if not _HEX64.fullmatch(d):
+                raise KeyConfigError("KeyStore takes SHA-256 hex digests (64 hex digits), not keys")
+            tiers[d] = tier
+        self._tiers = tiers
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: AppConfig, environ: Mapping[str, str] | None = None,
+                    *, allow_empty: bool = False) -> KeyStore:
+        """The keys of every source in ``config.api_keys``, each checked against the config's
+        tiers.  ``environ`` defaults to ``os.environ``.  An unset environment variable adds no
+        keys; a configured file must exist.  No key at all is an error unless ``allow_empty``."""
+        environ = os.environ if environ is None else environ
+        src = config.api_keys
+        tiers = config.tier_names
+        entries: list[tuple[str, str, str]] = []  # (digest, tier, where)
+        if src.env is not None and environ.get(src.env, "").strip():
+            entries += parse_env_keys(environ[src.env], tiers, f"environment variable {src.env}")
+        if src.file is not None:
+            entries += parse_key_file(src.file, tiers)
+        entries += [(d, t, f"config api_keys.hashes[{i}]") for i, (d, t) in enumerate(src.hashes.items())]
+        if not entries and not allow_empty:
+            hint = ",".join(f"dev-{t}-key:{t}" for t in tiers)
+            sources = [f"environment variable {src.env} is unset or empty" if src.env else None,
+                       f"file {src.file} has no keys" if src.file else None,
+                       "api_keys.hashes is empty"]
+            raise KeyConfigError(f"no API keys: {'; '.join(s for s in sources if s)} "
+                                 f"(for local testing: export {src.env or 'TIERED_API_KEYS'}='{hint}')")
+        return cls._from_entries(entries)
+
+    @classmethod
+    def _from_entries(cls, entries: Iterable[tuple[str, str, str]]) -> KeyStore:
+        seen: dict[str, tuple[str, str]] = {}
+        for digest, tier, where in entries:
+            if digest in seen and seen[digest][0] != tier:
+                raise KeyConfigError(f"{where}: the same key is also given for tier {seen[digest][0]!r} "
+                                     f"({seen[digest][1]}); a key has one tier")
+            seen.setdefault(digest, (tier, where))
+        return cls({d: t for d, (t, _) in seen.items()})
+
+    # --- lookup ---------------------------------------------------------------------------------
+    def tier_for(self, authorization_header: str | None) -> str:
+        """The tier of the key in an ``Authorization: Bearer KEY`` header; `AuthError` (401,
+        ``invalid_api_key``) if the header is missing, malformed, not Bearer, or the key unknown."""
+        if authorization_header is None or not authorization_header.strip(_OWS):
+            raise AuthError(_MISSING)
+        m = _AUTH_HEADER.fullmatch(authorization_header.strip(_OWS))
+        if m is None or m.group(1).lower() != "bearer" or not is_valid_key(m.group(2)):
+            raise AuthError(_MALFORMED)
+        digest = hash_key(m.group(2))
+        found: str | None = None
+        for stored, tier in self._tiers.items():  # every key, no early exit
+            if hmac.compare_digest(digest, stored):
+                found = tier
+        if found is None:
+            raise AuthError(_UNKNOWN)
+        return found
+
+    # --- introspection (counts only) ------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._tiers)
+
+    @property
+    def tier_counts(self) -> dict[str, int]:
+        """Number of keys per tier."""
+        return dict(Counter(self._tiers.values()))
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{t}={n}" for t, n in sorted(self.tier_counts.items()))
+        return f"KeyStore({len(self)} keys: {counts})"
+
+    __str__ = __repr__
+
+
+# ------------------------------------------------------------------------------------ key sources
+
+def _entry(key: str, tier: str, tiers: list[str], where: str) -> tuple[str, str, str]:
+    if key.lower().startswith(HASH_PREFIX):
+        digest = key[len(HASH_PREFIX):].lower()
+        if not _HEX64.fullmatch(digest):
+            raise KeyConfigError(f"{where}: '{HASH_PREFIX}' must be followed by a SHA-256 hex digest (64 hex digits)")
+    elif not is_valid_key(key):
+        raise KeyConfigError(f"{where}: the key has characters a Bearer token cannot carry "
+                             "(allowed: letters, digits, -._~+/ and trailing =)")
+    else:
+        digest = hash_key(key)
+    if tier not in tiers:
+        raise KeyConfigError(f"{where}: unknown tier {tier!r}; tiers are {', '.join(tiers)}")
+    return digest, tier, where
+
+
+def parse_env_keys(text: str, tiers: list[str], source: str) -> list[tuple[str, str, str]]:
+    """``KEY:TIER,KEY:TIER`` -> ``[(digest, tier, where)]``; errors name ``source`` and the entry."""
+    out = []
+    for i, item in enumerate(text.split(","), start=1):
+        item = item.strip()
+        if not item:
+            continue
+        where = f"{source}, entry {i}"
+        key, sep, tier = item.rpartition(":")
+        if not sep or not key.strip() or not tier.strip():
+            raise KeyConfigError(f"{where}: expected KEY:TIER")
+        out.append(_entry(key.strip(), tier.strip(), tiers, where))
+    return out
+
+
+def parse_key_file(path: str | os.PathLike[str], tiers: list[str]) -> list[tuple[str, str, str]]:
+    """A key file (``KEY TIER`` or ``KEY:TIER`` per line, ``#`` comments) -> ``[(digest, tier, where)]``;
+    errors name the file and the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise KeyConfigError(f"API key file {path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    out = []
+    for n, line in enumerate(lines, start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"API key file {path}, line {n}"
+        parts = line.split()
+        if len(parts) == 2:
+            key, tier = parts
+        elif len(parts) == 1 and ":" in parts[0]:
+            key, _, tier = parts[0].rpartition(":")
+        else:
+            raise KeyConfigError(f"{where}: expected 'KEY TIER' or 'KEY:TIER'")
+        if not key or not tier:
+            raise KeyConfigError(f"{where}: expected 'KEY TIER' or 'KEY:TIER'")
+        out.append(_entry(key, tier, tiers, where))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_app.auth", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    h = sub.add_parser("hash", help="print the SHA-256 hex digest of a key (use as sha256:DIGEST in key sources)")
+    h.add_argument("key", help="the key, or - to read keys from stdin (one per line)")
+    args = parser.parse_args(argv)
+    keys = [line.strip() for line in sys.stdin if line.strip()] if args.key == "-" else [args.key]
+    for i, key in enumerate(keys, start=1):
+        if not is_valid_key(key):
+            print(f"error: key {i} has characters a Bearer token cannot carry "
+                  "(allowed: letters, digits, -._~+/ and trailing =)", file=sys.stderr)
+            return 2
+        print(hash_key(key))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

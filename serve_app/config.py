@@ -1,0 +1,583 @@
+"""The application config: one pydantic model (`AppConfig`) for tiers, API-key sources, replicas,
+engine, router and HTTP, read from YAML by `load_config`.
+
+Every model forbids unknown keys: Ray Serve's own YAML schema ignores unknown keys silently, so a
+typo there (``num_replica: 4``) would just be dropped; here it is an error naming the file, the
+line and the field.  `load_config` also rejects duplicate keys in a YAML mapping (PyYAML would keep
+the last one silently).
+
+Tiers.  A serving tier (`ServingTier`) has the fields of a `loadtest.tiers.TierSpec`, with the
+traffic share optional (serving never needs it), plus ``shed_order``.  ``rank`` 0 is the strictest tier (scheduled
+first); ranks are either all given or all left out (then assigned by ``tbt_slo_s``, strictest
+first, by `loadtest.tiers.TierMix`, exactly as for simulations).  ``shed_order`` says which tier
+is shed first under overload: tiers are shed in increasing ``shed_order`` (0 = shed first); all
+given or all left out (then the most lenient tier, the highest rank, is shed first).  ``share`` is
+optional and only feeds `AppConfig.tier_mix()`, which turns the serving tiers into a `TierMix` for
+simulations and load tests (shares must then sum to 1; without shares the mix is uniform).
+
+API keys never appear in plaintext in the config: ``api_keys.env`` names an environment variable
+holding ``KEY:TIER,KEY:TIER``, ``api_keys.file`` a secret file (``KEY TIER`` or ``KEY:TIER`` per
+line, ``#`` comments), and ``api_keys.hashes`` maps SHA-256 hex digests of keys (from
+``python -m serve_app.auth hash KEY``) to tiers.  Reading the env var and the file is the job of
+`serve_app.auth.KeyStore.from_config` (at startup), not of `load_config`: a config validates
+without the secrets being present (CI, rendering manifests), and the key store checks every key's
+tier against the config's tiers when it loads them.
+
+String values may use ``${NAME}`` or ``${NAME:-default}`` (environment variables, expanded by
+`load_config`; an unset variable without a default is an error naming it), and `load_config`
+takes dotted-path overrides (``{"engine.model": "/models/tiny"}``, e.g. from a CLI ``--set``),
+applied before expansion.  Relative ``api_keys.file`` and cost-profile paths are resolved against
+the config file's directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from loadtest.tiers import TierMix, TierSpec, paper_tiers
+
+__all__ = [
+    "CONFIGS_DIR",
+    "DEFAULT_CONFIG_PATH",
+    "ApiKeysConfig",
+    "AppConfig",
+    "ConfigError",
+    "EngineConfig",
+    "HttpConfig",
+    "ReplicasConfig",
+    "RouterConfig",
+    "ServingTier",
+    "SimEngineConfig",
+    "VLLMEngineConfig",
+    "default_config",
+    "load_config",
+]
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG_PATH = CONFIGS_DIR / "sim.yaml"
+
+TIER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # no ':' ',' or spaces: key sources split on them
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$"
+DEFAULT_KV_BLOCKS = 14_733  # replica.sim.engine.PAPER_KV_BLOCKS (checked by a test)
+DEFAULT_COST_PROFILE = "rtx6000ada-mistral7b"
+DEFAULT_SCHEDULER = "slai-spf-dynamic"
+DEFAULT_VLLM_SCHEDULER_CLS = "replica.vllm_scheduler.SLAIScheduler"
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message names the file, the line (where known) and the field, one
+    problem per line.  ``problems`` holds the same lines as a list."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _FieldError(ValueError):
+    """Raised inside a model validator to point the error at a field below the model."""
+
+    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
+        self.loc = loc
+        super().__init__(msg)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# ------------------------------------------------------------------------------------------ tiers
+
+class ServingTier(_Strict):
+    """One service tier as served.  Same fields and constraints as `loadtest.tiers.TierSpec`
+    (``share`` optional), plus ``shed_order``; `to_spec()` gives the `TierSpec`."""
+
+    name: str = Field(pattern=TIER_NAME_PATTERN, max_length=64)
+    tbt_slo_s: float = Field(gt=0, description="time-between-tokens SLO (s)")
+    ttft_target_s: float = Field(default=0.5, gt=0, description="time-to-first-token target (s)")
+    rank: int | None = Field(default=None, ge=0, description="0 = strictest, scheduled first")
+    shed_order: int | None = Field(default=None, ge=0, description="shed in increasing order under overload")
+    share: float | None = Field(default=None, gt=0, le=1,
+                                description="expected traffic share: simulations/load tests only")
+
+    def to_spec(self, share: float | None = None) -> TierSpec:
+        """This tier as a `TierSpec` with ``share`` (default: its own share; 1.0 if it has none)."""
+        s = share if share is not None else (self.share if self.share is not None else 1.0)
+        return TierSpec(name=self.name, tbt_slo_s=self.tbt_slo_s, ttft_target_s=self.ttft_target_s,
+                        share=s, rank=self.rank)
+
+
+def _paper_serving_tiers() -> list[ServingTier]:
+    """The paper's tiers (`loadtest.tiers.paper_tiers`), the most lenient shed first."""
+    specs = sorted(paper_tiers().tiers, key=lambda t: t.rank or 0)
+    n = len(specs)
+    return [ServingTier(name=t.name, tbt_slo_s=t.tbt_slo_s, ttft_target_s=t.ttft_target_s,
+                        rank=t.rank, shed_order=n - 1 - (t.rank or 0), share=t.share) for t in specs]
+
+
+# --------------------------------------------------------------------------------------- API keys
+
+class ApiKeysConfig(_Strict):
+    """Where API keys come from (never plaintext keys themselves)."""
+
+    env: str | None = Field(default="TIERED_API_KEYS", pattern=ENV_NAME_PATTERN,
+                            description="environment variable holding KEY:TIER,KEY:TIER")
+    file: Path | None = Field(default=None, description="secret file: 'KEY TIER' or 'KEY:TIER' per line, # comments")
+    hashes: dict[str, str] = Field(default_factory=dict,
+                                   description="SHA-256 hex digest of a key -> tier (python -m serve_app.auth hash KEY)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_plaintext(cls, data: Any) -> Any:
+        allowed = set(cls.model_fields)
+        if isinstance(data, Mapping):
+            unknown = sorted(str(k) for k in data if k not in allowed)
+            if not unknown:
+                return data
+            what = f"unknown field(s) {', '.join(unknown)}"
+        else:
+            what = f"a {type(data).__name__} instead of a mapping"
+        raise ValueError(f"{what}: API keys are never given in the config; use api_keys.env "
+                         "(an environment variable with KEY:TIER,...), api_keys.file (a secret file) "
+                         "or api_keys.hashes (SHA-256 digests from `python -m serve_app.auth hash KEY`)")
+
+    @field_validator("hashes")
+    @classmethod
+    def _check_hashes(cls, hashes: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for digest, tier in hashes.items():
+            d = digest.strip().lower().removeprefix("sha256:")
+            if not re.fullmatch(SHA256_HEX_PATTERN, d):
+                raise ValueError("keys of api_keys.hashes must be SHA-256 hex digests (64 hex digits; "
+                                 "`python -m serve_app.auth hash KEY`), not keys")
+            out[d] = tier
+        return out
+
+    @model_validator(mode="after")
+    def _some_source(self) -> ApiKeysConfig:
+        if self.env is None and self.file is None and not self.hashes:
+            raise ValueError("no API key source: set api_keys.env, api_keys.file or api_keys.hashes")
+        return self
+
+
+# ------------------------------------------------------------------------------------ deployment
+
+class ReplicasConfig(_Strict):
+    num_replicas: int = Field(default=1, ge=1)
+    gpus_per_replica: float = Field(default=0.0, ge=0, description="0 = CPU replicas")
+    cpus_per_replica: float = Field(default=1.0, ge=0, description="Ray CPUs reserved per replica")
+    max_ongoing_requests: int = Field(default=256, ge=1,
+                                      description="per replica (Serve's default of 5 starves an LLM replica)")
+
+
+class SimEngineConfig(_Strict):
+    """The simulated engine: the SLAI policy on the wall clock, iteration times from a GPU cost
+    profile (`replica.sim.realtime.RealtimeSimEngine`)."""
+
+    backend: Literal["sim"] = "sim"
+    cost_profile: str = Field(default=DEFAULT_COST_PROFILE,
+                              description="name in replica/cost/profiles or a profile JSON path")
+    scheduler: str = Field(default=DEFAULT_SCHEDULER, description="a name in replica.policy.available_schedulers()")
+    kv_blocks: int = Field(default=DEFAULT_KV_BLOCKS, gt=0, description="KV-cache blocks of 16 tokens per replica")
+    time_scale: float = Field(default=1.0, gt=0, description="wall seconds per simulated GPU second")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        return _check_scheduler(name)
+
+    @field_validator("cost_profile")
+    @classmethod
+    def _known_profile(cls, name: str) -> str:
+        from replica.cost import available_profiles
+
+        if _is_path(name):
+            if not Path(name).is_file():
+                raise ValueError(f"cost profile file {name} does not exist")
+        elif name not in available_profiles():
+            raise ValueError(f"unknown cost profile {name!r}; available: {', '.join(available_profiles())}")
+        return name
+
+
+class VLLMEngineConfig(_Strict):
+    """vLLM (AsyncLLM) with the SLAI scheduler plugged in as ``scheduler_cls``."""
+
+    backend: Literal["vllm"]
+    model: str | None = Field(default=None, min_length=1, description="model folder or hub id (required)")
+    tokenizer: str | None = Field(default=None, min_length=1, description="default: the model's")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_model_len: int | None = Field(default=None, gt=0)
+    kv_cache_memory_bytes: int | None = Field(default=None, gt=0, description="required on CPU")
+    enforce_eager: bool = False
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    max_num_batched_tokens: int | None = Field(default=None, gt=0, description="the token budget per iteration")
+    enable_prefix_caching: bool | None = None
+    seed: int | None = None
+    scheduler_cls: str = Field(default=DEFAULT_VLLM_SCHEDULER_CLS,
+                               pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$",
+                               description="dotted path of the vLLM scheduler class")
+    scheduler: str | None = Field(default=None,
+                                  description="preset for PolicyScheduler/PolicyAsyncScheduler (REPLICA_SCHEDULER)")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str | None) -> str | None:
+        return None if name is None else _check_scheduler(name)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for vLLM's engine args (the ones set; ``scheduler`` excluded: it
+        travels as the ``REPLICA_SCHEDULER`` environment variable)."""
+        return self.model_dump(exclude={"backend", "scheduler"}, exclude_none=True)
+
+
+def _engine_tag(value: Any) -> str:
+    if isinstance(value, Mapping):
+        backend = value.get("backend", "sim")
+        return backend if backend in ("sim", "vllm") else "invalid"
+    return getattr(value, "backend", "invalid")
+
+
+EngineConfig = Annotated[
+    Annotated[SimEngineConfig, Tag("sim")] | Annotated[VLLMEngineConfig, Tag("vllm")],
+    Discriminator(_engine_tag, custom_error_type="invalid_backend",
+                  custom_error_message="engine.backend must be 'sim' or 'vllm'"),
+]
+
+
+class RouterConfig(_Strict):
+    policy: Literal["slo", "pow2", "round_robin"] = "slo"
+    feedback_period_s: float = Field(default=1.0, gt=0, description="replica feedback poll period (s)")
+    feedback_timeout_s: float = Field(default=5.0, gt=0, description="timeout of one feedback poll (s)")
+
+
+class HttpConfig(_Strict):
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_ongoing_requests: int = Field(default=256, ge=1, description="of the ingress deployment")
+
+
+# ------------------------------------------------------------------------------------------- app
+
+class AppConfig(_Strict):
+    """The whole application.  After validation every tier has a ``rank`` and a ``shed_order``
+    and ``model_name`` is set."""
+
+    tiers: list[ServingTier] = Field(default_factory=_paper_serving_tiers, min_length=1)
+    api_keys: ApiKeysConfig = Field(default_factory=ApiKeysConfig)
+    replicas: ReplicasConfig = Field(default_factory=ReplicasConfig)
+    engine: EngineConfig = Field(default_factory=SimEngineConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    model_name: str | None = Field(default=None, min_length=1, description="served model id (/v1/models)")
+    max_request_bytes: int = Field(default=1 << 20, gt=0, description="largest accepted request body")
+    default_max_tokens: int = Field(default=256, gt=0, description="max_tokens when a request gives none")
+
+    @model_validator(mode="after")
+    def _check(self) -> AppConfig:
+        self._resolve_tiers()
+        for digest, tier in self.api_keys.hashes.items():
+            if tier not in self.tier_names:
+                raise _FieldError(("api_keys", "hashes"),
+                                  f"a key hash maps to unknown tier {tier!r}; tiers are {', '.join(self.tier_names)}")
+        eng = self.engine
+        if isinstance(eng, VLLMEngineConfig):
+            if eng.model is None:
+                raise _FieldError(("engine", "model"), "the vllm backend requires a model path")
+            if self.replicas.gpus_per_replica == 0:
+                if eng.kv_cache_memory_bytes is None:
+                    raise _FieldError(("engine", "kv_cache_memory_bytes"),
+                                      "required for vllm on CPU (replicas.gpus_per_replica: 0); "
+                                      "without it vLLM takes 92 % of RAM")
+                if not eng.enforce_eager:
+                    raise _FieldError(("engine", "enforce_eager"),
+                                      "must be true for vllm on CPU (replicas.gpus_per_replica: 0)")
+        if self.model_name is None:
+            # vLLM's convention: the served name is the model argument as given
+            name = eng.model if isinstance(eng, VLLMEngineConfig) else f"sim-{Path(eng.cost_profile).stem}"
+            object.__setattr__(self, "model_name", name)
+        return self
+
+    def _resolve_tiers(self) -> None:
+        names = [t.name for t in self.tiers]
+        for i, t in enumerate(self.tiers):
+            if t.name in names[:i]:
+                raise _FieldError(("tiers", i, "name"), f"duplicate tier name {t.name!r}")
+        for field in ("rank", "shed_order"):
+            given = [getattr(t, field) for t in self.tiers]
+            if any(v is None for v in given) and any(v is not None for v in given):
+                i = next(i for i, v in enumerate(given) if v is None)
+                raise _FieldError(("tiers", i, field), f"give a {field} for every tier or for none")
+            for i, v in enumerate(given):
+                if v is not None and v in given[:i]:
+                    raise _FieldError(("tiers", i, field), f"duplicate {field} {v}")
+        shares = [t.share for t in self.tiers]
+        if any(s is None for s in shares) and any(s is not None for s in shares):
+            i = next(i for i, s in enumerate(shares) if s is None)
+            raise _FieldError(("tiers", i, "share"), "give a share for every tier or for none")
+        if shares[0] is not None:  # given shares must form a valid mix (they sum to 1)
+            try:
+                TierMix(tiers=[t.to_spec() for t in self.tiers])
+            except ValidationError as e:
+                raise _FieldError(("tiers",), str(e.errors()[0]["msg"]).removeprefix("Value error, ")) from None
+        # Ranks: TierMix's rule (all given, or by tbt_slo_s); uniform shares stand in for absent ones.
+        mix = TierMix(tiers=[t.to_spec(1.0 / len(self.tiers)) for t in self.tiers])
+        tiers = [t.model_copy(update={"rank": s.rank}) for t, s in zip(self.tiers, mix.tiers)]
+        if tiers[0].shed_order is None:  # the most lenient (highest rank) is shed first
+            order = sorted(range(len(tiers)), key=lambda i: -(tiers[i].rank or 0))
+            shed = {i: k for k, i in enumerate(order)}
+            tiers = [t.model_copy(update={"shed_order": shed[i]}) for i, t in enumerate(tiers)]
+        object.__setattr__(self, "tiers", tiers)
+
+    # --- tier helpers ---------------------------------------------------------------------------
+    @property
+    def tier_names(self) -> list[str]:
+        return [t.name for t in self.tiers]
+
+    def tier(self, name: str) -> ServingTier:
+        """The tier called ``name``; ``KeyError`` naming the known tiers otherwise."""
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(f"unknown tier {name!r}; tiers are {', '.join(self.tier_names)}")
+
+    @property
+    def strictest(self) -> ServingTier:
+        return min(self.tiers, key=lambda t: t.rank or 0)
+
+    @property
+    def shed_sequence(self) -> list[str]:
+        """Tier names in the order they are shed under overload (first shed first)."""
+        return [t.name for t in sorted(self.tiers, key=lambda t: t.shed_order or 0)]
+
+    def tier_mix(self, shares: Mapping[str, float] | None = None) -> TierMix:
+        """The tiers as a `loadtest.tiers.TierMix` (for simulations and load tests, which draw
+        each request's tier by share): ``shares`` (name -> share) if given, else the tiers'
+        configured shares, else uniform.  Shares must sum to 1 (`TierMix` checks)."""
+        n = len(self.tiers)
+        if shares is not None:
+            unknown = sorted(set(shares) - set(self.tier_names))
+            missing = [name for name in self.tier_names if name not in shares]
+            if unknown or missing:
+                raise ValueError(f"shares must name every tier exactly: unknown {unknown}, missing {missing}")
+            values = [float(shares[t.name]) for t in self.tiers]
+        elif self.tiers[0].share is not None:
+            values = [float(t.share) for t in self.tiers]  # type: ignore[arg-type]
+        else:
+            values = [1.0 / n] * n
+        return TierMix(tiers=[t.to_spec(v) for t, v in zip(self.tiers, values)])
+
+
+def _check_scheduler(name: str) -> str:
+    from replica.policy import available_schedulers
+
+    if name not in available_schedulers():
+        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(available_schedulers())}")
+    return name
+
+
+def _is_path(text: str) -> bool:
+    return text.endswith(".json") or "/" in text or "\\" in text
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys in a mapping (PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})", key_node.start_mark)
+        seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def default_config() -> AppConfig:
+    """The embedded default (`configs/sim.yaml`)."""
+    return load_config(DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None) -> AppConfig:
+    """Read and validate an app config YAML.
+
+    ``overrides`` maps dotted paths (``engine.model``, ``tiers.0.tbt_slo_s``) to values that
+    replace (or add) entries before validation; ``environ`` (default ``os.environ``) expands
+    ``${NAME}`` / ``${NAME:-default}`` in string values.  Errors are `ConfigError`, naming the
+    file, the line and the field (never the value of anything under ``api_keys``).
+    """
+    path = Path(path)
+    environ = os.environ if environ is None else environ
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        data = yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        root = yaml.compose(raw, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: empty config (write `{{}}` for all defaults)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}, line 1: the config must be a mapping, got {type(data).__name__}")
+
+    overridden: list[tuple[str, ...]] = []
+    for dotted, value in (overrides or {}).items():
+        keys = tuple(dotted.split("."))
+        _set_path(data, keys, value, path)
+        overridden.append(keys)
+
+    problems: list[str] = []
+    data = _expand_env(data, (), environ, lambda loc, msg: problems.append(
+        _format(path, root, loc, msg, overridden)))
+    if problems:
+        raise ConfigError(problems)
+
+    base = path.parent
+    try:
+        files = data.get("api_keys", {}).get("file") if isinstance(data.get("api_keys"), dict) else None
+        if isinstance(files, str) and files and not Path(files).is_absolute():
+            data["api_keys"]["file"] = str(base / files)
+        eng = data.get("engine")
+        if isinstance(eng, dict) and isinstance(eng.get("cost_profile"), str):
+            cp = eng["cost_profile"]
+            if _is_path(cp) and not Path(cp).is_absolute():
+                eng["cost_profile"] = str(base / cp)
+    except AttributeError:
+        pass  # malformed sections: validation below reports them
+
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError([_format_error(path, root, err, overridden) for err in e.errors()]) from None
+
+
+def _set_path(data: dict, keys: tuple[str, ...], value: Any, path: Path) -> None:
+    node: Any = data
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"{path}: override {'.'.join(keys)}: no list item {key!r}")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            elif key in node:
+                node = node[key]
+            elif keys[i + 1].isdigit():
+                raise ConfigError(f"{path}: override {'.'.join(keys)}: no list item {keys[i + 1]!r} "
+                                  f"({'.'.join(keys[:i + 1])} is not in the config)")
+            else:
+                node = node[key] = {}
+        else:
+            raise ConfigError(f"{path}: override {'.'.join(keys)}: {'.'.join(keys[:i])} is not a mapping")
+
+
+def _expand_env(value: Any, loc: tuple, environ: Mapping[str, str], report) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand_env(v, (*loc, k), environ, report) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, (*loc, i), environ, report) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        report(loc, f"environment variable {name} is not set (set it, or override {'.'.join(map(str, loc))})")
+        return m.group(0)
+
+    return _ENV_REF.sub(sub, value)
+
+
+def _format_error(path: Path, root: yaml.Node | None, err: Any, overridden: list[tuple[str, ...]]) -> str:
+    loc = tuple(err["loc"])
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, _FieldError):
+        loc = (*loc, *ctx_error.loc)
+        msg = str(ctx_error)
+    else:
+        msg = str(err["msg"]).removeprefix("Value error, ")
+    loc = ("engine", "backend") if err["type"] == "invalid_backend" else _strip_union_tags(loc)
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field (not in the config schema)"
+    elif err["type"] not in ("missing", "value_error") \
+            and (not loc or loc[0] != "api_keys") and _echo_ok(err.get("input")):
+        msg = f"{msg} (got {err['input']!r})"
+    return _format(path, root, loc, msg, overridden)
+
+
+def _strip_union_tags(loc: tuple) -> tuple:
+    # Pydantic puts the union member's tag after the union's field: ('engine', 'vllm', 'model').
+    out = list(loc)
+    if len(out) >= 2 and out[0] == "engine" and out[1] in ("sim", "vllm", "invalid"):
+        del out[1]
+    return tuple(out)
+
+
+def _echo_ok(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 200)
+
+
+def _format(path: Path, root: yaml.Node | None, loc: tuple, msg: str, overridden: list[tuple[str, ...]]) -> str:
+    field = ".".join(str(p) for p in loc)
+    strloc = tuple(str(p) for p in loc)
+    for o in overridden:
+        if strloc[:len(o)] == o or (strloc and o[:len(strloc)] == strloc):
+            return f"{path}: {field} (override {'.'.join(o)}): {msg}"
+    where = _where(path, root, loc)
+    return f"{where}: {field}: {msg}" if field else f"{where}: {msg}"
+
+
+def _where(path: Path, root: yaml.Node | None, loc: tuple) -> str:
+    """``path, line N``: the line of the deepest key (or list item) along ``loc`` found in the YAML."""
+    node, mark = root, root
+    for key in loc:
+        if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = mark = node.value[key]
+        elif isinstance(node, yaml.MappingNode):
+            pair = next(((k, v) for k, v in node.value if k.value == str(key)), None)
+            if pair is None:
+                break
+            mark, node = pair
+        else:
+            break
+    return f"{path}, line {mark.start_mark.line + 1}" if mark is not None else str(path)

@@ -1,0 +1,211 @@
+"""API keys -> tiers: hashes only, strict Bearer parsing, constant-time comparison, no key in any output."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serve_app import auth
+from serve_app.auth import AuthError, KeyConfigError, KeyStore, hash_key
+from serve_app.config import AppConfig
+
+KEYS = {"pk-alpha-111": "premium", "fk-beta-222": "free", "fk-gamma-333": "free"}
+ENV = {"TIERED_API_KEYS": ",".join(f"{k}:{t}" for k, t in KEYS.items())}
+
+
+@pytest.fixture
+def store() -> KeyStore:
+    return KeyStore.from_config(AppConfig(), environ=ENV)
+
+
+def test_hash_key() -> None:
+    assert hash_key("abc") == hashlib.sha256(b"abc").hexdigest()
+    assert len(hash_key("x")) == 64
+
+
+# ---------------------------------------------------------------------------------------- lookup
+
+@pytest.mark.parametrize("key,tier", list(KEYS.items()))
+def test_valid_key_gives_its_tier(store: KeyStore, key: str, tier: str) -> None:
+    assert store.tier_for(f"Bearer {key}") == tier
+
+
+@pytest.mark.parametrize("header", ["bearer pk-alpha-111", "BEARER pk-alpha-111", "Bearer   pk-alpha-111",
+                                    " Bearer pk-alpha-111\t"])
+def test_scheme_is_case_insensitive(store: KeyStore, header: str) -> None:
+    assert store.tier_for(header) == "premium"
+
+
+REJECTED = [
+    ("missing header", None, "didn't provide an API key"),
+    ("empty header", "", "didn't provide an API key"),
+    ("blank header", "   ", "didn't provide an API key"),
+    ("bare key", "pk-alpha-111", "Malformed"),
+    ("basic scheme", "Basic pk-alpha-111", "Malformed"),
+    ("scheme only", "Bearer", "Malformed"),
+    ("scheme glued", "Bearerpk-alpha-111", "Malformed"),
+    ("two tokens", "Bearer pk-alpha-111 extra", "Malformed"),
+    ("bad token chars", "Bearer pk-alpha-111\"", "Malformed"),
+    ("comma list", "Bearer pk-alpha-111, Bearer fk-beta-222", "Malformed"),
+    ("unknown key", "Bearer pk-alpha-112", "Incorrect API key"),
+    ("key with other case", "Bearer PK-ALPHA-111", "Incorrect API key"),
+    ("hash instead of key", f"Bearer {hash_key('pk-alpha-111')}", "Incorrect API key"),
+]
+
+
+@pytest.mark.parametrize("header,fragment", [c[1:] for c in REJECTED], ids=[c[0] for c in REJECTED])
+def test_rejected_headers_are_401_invalid_api_key(store: KeyStore, header: str | None, fragment: str) -> None:
+    with pytest.raises(AuthError) as info:
+        store.tier_for(header)
+    err = info.value
+    assert (err.status_code, err.code, err.type) == (401, "invalid_api_key", "invalid_request_error")
+    assert fragment in err.message
+    assert err.headers == {"WWW-Authenticate": "Bearer"}
+    body = err.to_openai()
+    assert body == {"error": {"message": err.message, "type": "invalid_request_error", "param": None,
+                              "code": "invalid_api_key"}}
+    for key in [*KEYS, "pk-alpha-112", "PK-ALPHA-111"]:  # never echoes a key
+        assert key not in str(err) and key not in repr(err) and key not in str(body)
+
+
+def test_compare_digest_runs_for_every_stored_key(store: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str]] = []
+    real = hmac.compare_digest
+
+    def counting(a, b):  # noqa: ANN001
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
+    for header in ["Bearer pk-alpha-111", "Bearer fk-gamma-333", "Bearer unknown-key"]:
+        calls.clear()
+        try:
+            store.tier_for(header)
+        except AuthError:
+            pass
+        assert len(calls) == len(KEYS) == len(store)  # no early exit, match or not
+        assert {b for _, b in calls} == {hash_key(k) for k in KEYS}
+
+
+# ------------------------------------------------------------------------------------ no plaintext
+
+def _all_strings(obj, seen=None):  # noqa: ANN001, ANN202
+    """Every string reachable from obj's attributes and containers."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _all_strings(k, seen)
+            yield from _all_strings(v, seen)
+    elif isinstance(obj, list | tuple | set | frozenset):
+        for v in obj:
+            yield from _all_strings(v, seen)
+    elif hasattr(obj, "__dict__"):
+        yield from _all_strings(vars(obj), seen)
+
+
+def test_only_hashes_in_memory(store: KeyStore) -> None:
+    strings = list(_all_strings(store))
+    assert strings, "the walk found nothing: vars(store) is empty?"
+    for key in KEYS:
+        assert not any(key in s for s in strings)
+    assert set(vars(store)["_tiers"]) == {hash_key(k) for k in KEYS}
+
+
+def test_repr_shows_counts_only(store: KeyStore) -> None:
+    for text in (repr(store), str(store), f"{store}"):
+        assert text == "KeyStore(3 keys: free=2, premium=1)"
+        assert not any(k in text for k in KEYS) and not any(hash_key(k) in text for k in KEYS)
+    assert len(store) == 3 and store.tier_counts == {"premium": 1, "free": 2}
+
+
+# --------------------------------------------------------------------------------------- sources
+
+def test_key_file_formats_and_hashes(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(
+        "# operators' keys\n"
+        "pk-file-1 premium\n"
+        "fk-file-2:free   # trailing comment\n"
+        "\n"
+        f"sha256:{hash_key('pk-hashed-3')} premium\n"
+        f"SHA256:{hash_key('fk-hashed-4').upper()}:free\n"
+    )
+    cfg = AppConfig(api_keys={"env": None, "file": keys, "hashes": {hash_key("pk-inline-5"): "premium"}})
+    store = KeyStore.from_config(cfg, environ={})
+    assert len(store) == 5
+    for key, tier in [("pk-file-1", "premium"), ("fk-file-2", "free"), ("pk-hashed-3", "premium"),
+                      ("fk-hashed-4", "free"), ("pk-inline-5", "premium")]:
+        assert store.tier_for(f"Bearer {key}") == tier
+
+
+def test_env_and_file_combine(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("pk-file-1 premium\npk-alpha-111 premium\n")  # same key, same tier: fine
+    cfg = AppConfig(api_keys={"env": "TIERED_API_KEYS", "file": keys})
+    store = KeyStore.from_config(cfg, environ=ENV)
+    assert len(store) == 4 and store.tier_for("Bearer pk-file-1") == "premium"
+    # an unset env var adds nothing when the file has keys
+    assert len(KeyStore.from_config(cfg, environ={})) == 2
+
+
+ENV_CASES = [
+    ("unknown tier", "pk-a:premium,pk-b:gold", "entry 2", "unknown tier 'gold'"),
+    ("no tier", "pk-a:premium,pk-b", "entry 2", "expected KEY:TIER"),
+    ("empty key", ":premium", "entry 1", "expected KEY:TIER"),
+    ("bad chars", "pk a:premium", "entry 1", "Bearer token"),
+    ("conflict", "pk-a:premium,pk-a:free", "entry 2", "also given for tier 'premium'"),
+]
+
+
+@pytest.mark.parametrize("value,where,fragment", [c[1:] for c in ENV_CASES], ids=[c[0] for c in ENV_CASES])
+def test_bad_env_keys_name_the_variable_and_entry(value: str, where: str, fragment: str) -> None:
+    with pytest.raises(KeyConfigError) as info:
+        KeyStore.from_config(AppConfig(), environ={"TIERED_API_KEYS": value})
+    msg = str(info.value)
+    assert f"environment variable TIERED_API_KEYS, {where}" in msg and fragment in msg
+    assert "pk-a" not in msg and "pk-b" not in msg
+
+
+def test_no_keys_is_an_error_with_a_dev_hint() -> None:
+    with pytest.raises(KeyConfigError, match="export TIERED_API_KEYS='dev-premium-key:premium,dev-free-key:free'"):
+        KeyStore.from_config(AppConfig(), environ={})
+    assert len(KeyStore.from_config(AppConfig(), environ={"TIERED_API_KEYS": " "}, allow_empty=True)) == 0
+
+
+def test_missing_key_file_is_named(tmp_path: Path) -> None:
+    cfg = AppConfig(api_keys={"env": None, "file": tmp_path / "absent"})
+    with pytest.raises(KeyConfigError, match=f"API key file {tmp_path / 'absent'}: cannot read"):
+        KeyStore.from_config(cfg, environ={})
+
+
+def test_keystore_takes_digests_not_keys() -> None:
+    with pytest.raises(KeyConfigError, match="digests"):
+        KeyStore({"pk-alpha-111": "premium"})
+    assert KeyStore({hash_key("k").upper(): "free"}).tier_for("Bearer k") == "free"
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def test_cli_hash(capsys: pytest.CaptureFixture[str]) -> None:
+    assert auth.main(["hash", "pk-alpha-111"]) == 0
+    assert capsys.readouterr().out == hash_key("pk-alpha-111") + "\n"
+    assert auth.main(["hash", "bad key"]) == 2
+    err = capsys.readouterr().err
+    assert "Bearer token" in err and "bad key" not in err
+
+
+def test_cli_module_entry_point_and_stdin() -> None:
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "serve_app.auth", "hash", "-"], input="k1\nk2\n",
+                         capture_output=True, text=True, cwd=root, check=True).stdout
+    assert out.split() == [hash_key("k1"), hash_key("k2")]
