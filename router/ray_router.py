@@ -38,7 +38,7 @@ def routing_request(pending: PendingRequest | None) -> RoutingRequest | None:
         request_id=str(payload.get("request_id", pending.metadata.request_id)),
         tier=str(payload.get("tier", "default")),
         tbt_slo_s=float(payload.get("tbt_slo_s", 0.5)),
-        tier_rank=int(payload.get("tier_rank", 0)),
+        tier_rank=int(payload.get("tier_rank", 99)),  # unknown: the most lenient
         prompt_len=int(payload["prompt_len"]),
     )
 
