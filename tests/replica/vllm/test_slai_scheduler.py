@@ -66,6 +66,17 @@ def internal(rid: str, ids) -> str:
     return hit
 
 
+def assert_executed_as_planned(log, budget: int | None = None) -> None:
+    """Every step: vLLM scheduled exactly the plan's requests with the plan's token counts."""
+    assert log, "no step recorded"
+    for k, rec in enumerate(log):
+        planned = {rid: 1 for rid in rec.planned["decodes"]}
+        planned.update(dict(rec.planned["prefills"]))
+        assert rec.executed == planned, f"step {k}: vLLM ran {rec.executed}, the policy planned {planned}"
+        if budget is not None:
+            assert sum(planned.values()) <= budget
+
+
 def test_the_engine_runs_the_slai_scheduler_class(make_llm):
     sched = engine_scheduler(make_llm(SLAI))
     assert type(sched) is SLAIScheduler
@@ -89,11 +100,8 @@ def test_every_step_vllm_executes_is_the_pure_policys_plan(make_llm):
     assert all(len(outs[a.rid]) == a.max_tokens for a in script)
     log = steps_of(llm)
     mixed = deferred = 0
-    for k, rec in enumerate(log):
-        planned = {rid: 1 for rid in rec.planned["decodes"]}
-        planned.update(dict(rec.planned["prefills"]))
-        assert rec.executed == planned, f"step {k}: vLLM ran {rec.executed}, the policy planned {planned}"
-        assert sum(planned.values()) <= 48
+    assert_executed_as_planned(log, budget=48)
+    for rec in log:
         mixed += bool(rec.planned["decodes"]) and bool(rec.planned["prefills"])
     # the script exercises what SLAI decides: mixed batches, and decodes left out of full batches
     running_ids = set()
@@ -212,10 +220,7 @@ def test_preemption_under_kv_pressure_is_the_plans_and_changes_no_output(make_ll
     log = steps_of(llm)
     preempted = sum(len(rec.planned["preempted"]) for rec in log)
     assert preempted > 0, "the KV cache was not tight enough to force a preemption"
-    for k, rec in enumerate(log):
-        planned = {rid: 1 for rid in rec.planned["decodes"]}
-        planned.update(dict(rec.planned["prefills"]))
-        assert rec.executed == planned, f"step {k}"
+    assert_executed_as_planned(log)
     assert ours == run_script(make_llm(None, **tight), script)
 
 
@@ -229,8 +234,5 @@ def test_the_async_scheduler_class_carries_out_the_plan_too(make_llm):
     assert type(sched) is SLAIAsyncScheduler and isinstance(sched, AsyncScheduler)
     steps_of(llm)
     ours = run_script(llm, script)
-    for k, rec in enumerate(steps_of(llm)):
-        planned = {rid: 1 for rid in rec.planned["decodes"]}
-        planned.update(dict(rec.planned["prefills"]))
-        assert rec.executed == planned, f"step {k}"
+    assert_executed_as_planned(steps_of(llm))
     assert ours == run_script(make_llm(None, max_num_batched_tokens=64, max_num_seqs=8), script)
