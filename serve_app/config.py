@@ -196,6 +196,9 @@ class SimEngineConfig(_Strict):
     scheduler: str = Field(default=DEFAULT_SCHEDULER, description="a name in replica.policy.available_schedulers()")
     kv_blocks: int = Field(default=DEFAULT_KV_BLOCKS, gt=0, description="KV-cache blocks of 16 tokens per replica")
     time_scale: float = Field(default=1.0, gt=0, description="wall seconds per simulated GPU second")
+    tokenizer: str | None = Field(default=None, min_length=1,
+                                  description="tokenizer.json (or a folder with one) for the ingress; "
+                                              "default: a built-in byte-level BPE")
 
     @field_validator("scheduler")
     @classmethod

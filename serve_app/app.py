@@ -1,0 +1,92 @@
+"""The Serve application: ``serve run serve_app.app:build_app [config=PATH] [KEY.PATH=VALUE ...]``.
+
+`build_app(args)` reads the app config (``config``, default `serve_app/configs/sim.yaml`), applies
+dotted-path overrides (``engine.time_scale=0.05`` on the command line, or ``overrides: {...}``
+from Python), and binds:
+
+- ``LLMReplica`` (`replica.deployment`) with the config's replica options and the tier-aware
+  router (`router.ray_router.TierAwareRouter`, the config's policy and feedback period);
+- ``Ingress`` (`serve_app.ingress`), the OpenAI-compatible HTTP front door, holding a handle to
+  the replicas.  API keys are read at ingress start (`KeyStore.from_config`; by default the
+  environment variable ``TIERED_API_KEYS``).
+
+Other args: ``max_context_tokens`` (longest accepted prompt; default the vllm ``max_model_len``
+if set, else 8192) and ``ingress_num_cpus`` (default 0: the ingress is light).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from replica.deployment import LLMReplica
+from serve_app.config import DEFAULT_CONFIG_PATH, AppConfig, ConfigError, VLLMEngineConfig, load_config
+from serve_app.ingress import DEFAULT_MAX_CONTEXT_TOKENS, Ingress
+
+__all__ = ["build_app", "build_app_from_config"]
+
+ROUTER_CLASS = "router.ray_router.TierAwareRouter"
+_ARGS = {"config", "overrides", "max_context_tokens", "ingress_num_cpus"}
+
+
+def _cli_value(value: Any) -> Any:
+    """``serve run`` passes every arg as a string: read it as YAML (numbers, booleans, lists)."""
+    if isinstance(value, str):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    return value
+
+
+def build_app(args: Mapping[str, Any] | None = None) -> Application:
+    """The application for ``serve run serve_app.app:build_app``; see the module docstring."""
+    args = dict(args or {})
+    unknown = sorted(k for k in args if k not in _ARGS and "." not in k)
+    if unknown:
+        raise ValueError(f"unknown build_app argument(s) {', '.join(unknown)}; use "
+                         f"{', '.join(sorted(_ARGS))} or dotted config overrides like engine.time_scale=0.05")
+    overrides = dict(args.get("overrides") or {})
+    overrides.update({k: _cli_value(v) for k, v in args.items() if "." in k})
+    config = load_config(args.get("config") or DEFAULT_CONFIG_PATH, overrides=overrides)
+    ctx = args.get("max_context_tokens")
+    return build_app_from_config(config, max_context_tokens=int(ctx) if ctx is not None else None,
+                                 ingress_num_cpus=float(args.get("ingress_num_cpus", 0)))
+
+
+def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None = None,
+                          ingress_num_cpus: float = 0.0) -> Application:
+    eng = config.engine
+    if isinstance(eng, VLLMEngineConfig):
+        raise ConfigError("engine.backend 'vllm' is not wired into the Serve app yet: the replica runs "
+                          "only the simulated engine (use engine.backend: sim, e.g. serve_app/configs/sim.yaml)")
+    if max_context_tokens is None:
+        max_context_tokens = DEFAULT_MAX_CONTEXT_TOKENS
+    if max_context_tokens <= 0:
+        raise ValueError(f"max_context_tokens must be positive, got {max_context_tokens}")
+    r = config.replicas
+    actor_options: dict[str, Any] = {"num_cpus": r.cpus_per_replica}
+    if r.gpus_per_replica:
+        actor_options["num_gpus"] = r.gpus_per_replica
+    replicas = serve.deployment(LLMReplica, name="LLMReplica").options(
+        num_replicas=r.num_replicas,
+        max_ongoing_requests=r.max_ongoing_requests,
+        ray_actor_options=actor_options,
+        request_router_config=RequestRouterConfig(
+            request_router_class=ROUTER_CLASS,
+            request_router_kwargs={"policy": config.router.policy},
+            request_routing_stats_period_s=config.router.feedback_period_s,
+            request_routing_stats_timeout_s=config.router.feedback_timeout_s,
+        ),
+    )
+    tiers = {t.name: {"tbt_slo_s": t.tbt_slo_s, "ttft_target_s": t.ttft_target_s} for t in config.tiers}
+    replica_app = replicas.bind(backend="sim", scheduler=eng.scheduler, cost_profile=eng.cost_profile,
+                                kv_blocks=eng.kv_blocks, time_scale=eng.time_scale, tiers=tiers)
+    ingress = Ingress.options(max_ongoing_requests=config.http.max_ongoing_requests,
+                              ray_actor_options={"num_cpus": ingress_num_cpus})
+    return ingress.bind(replica_app, config.model_dump(mode="json"), max_context_tokens)

@@ -1,0 +1,311 @@
+"""The HTTP ingress: an OpenAI-compatible FastAPI app in a Serve deployment (`Ingress`).
+
+HTTP -> Ingress -> DeploymentHandle -> `replica.deployment.LLMReplica` (routed by
+`router.ray_router.TierAwareRouter`, which reads tier and prompt length from the request dict;
+Serve's HTTP proxy would give the router no body, hence this hop).
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming SSE or one JSON with
+``usage``), ``GET /v1/models``, ``GET /health``.
+
+The tier comes only from the API key (``Authorization: Bearer KEY`` -> `serve_app.auth.KeyStore`);
+body fields such as ``priority``, ``vllm_xargs``, ``user`` or ``tier`` are accepted and ignored, so
+a client can never choose its tier.  The resolved tier is returned in the ``x-tier`` header.
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 401 (missing or
+unknown key), 400 (invalid JSON, wrong types, ``max_tokens`` <= 0, prompt over the context), 404
+(unknown model), 413 (body over ``max_request_bytes``).  A client that disconnects has its
+replica stream cancelled, which aborts the engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+
+from serve_app.auth import AuthError, KeyStore
+from serve_app.config import AppConfig
+from serve_app.tokenizer import Tokenizer, tokenizer_for
+
+__all__ = ["DEFAULT_MAX_CONTEXT_TOKENS", "ChatCompletionRequest", "CompletionRequest", "Ingress", "app"]
+
+logger = logging.getLogger("ray.serve")
+
+DEFAULT_MAX_CONTEXT_TOKENS = 8192
+
+
+# -------------------------------------------------------------------------------------- schemas
+
+class _OpenAIRequest(BaseModel):
+    """Fields common to both endpoints.  Unknown fields are ignored (never a tier source)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None  # accepted, ignored
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str] | list[int]
+    echo: bool = False
+    logprobs: int | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+class RequestError(Exception):
+    """A request rejected before it reaches a replica; rendered as OpenAI's error JSON."""
+
+    def __init__(self, status_code: int, message: str, *, type: str = "invalid_request_error",  # noqa: A002
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status_code, self.message, self.type, self.param, self.code = status_code, message, type, param, code
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _error_response(err: RequestError | AuthError, headers: dict[str, str] | None = None) -> JSONResponse:
+    h = dict(getattr(err, "headers", {}) or {})
+    h.update(headers or {})
+    return JSONResponse(err.to_openai(), status_code=err.status_code, headers=h)
+
+
+def _chat_prompt(messages: list[ChatMessage]) -> str:
+    """A plain chat template: one ``role: content`` line per message, then ``assistant:``."""
+    lines = []
+    for m in messages:
+        if isinstance(m.content, list):
+            text = "".join(str(p.get("text", "")) for p in m.content if p.get("type") == "text")
+        else:
+            text = m.content or ""
+        lines.append(f"{m.role}: {text}")
+    lines.append("assistant:")
+    return "\n".join(lines)
+
+
+def _validation_message(e: ValidationError) -> tuple[str, str | None]:
+    err = e.errors()[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    return f"{param}: {err['msg']}" if param else err["msg"], param
+
+
+# ------------------------------------------------------------------------------------------ app
+
+app = FastAPI(title="tiered-llm-serve", docs_url=None, redoc_url=None)
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """OpenAI-compatible front door.  ``replicas``: a DeploymentHandle to the `LLMReplica`
+    deployment; ``config``: the `AppConfig`; ``max_context_tokens``: the longest accepted prompt."""
+
+    def __init__(self, replicas: Any, config: AppConfig | dict[str, Any],
+                 max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS) -> None:
+        self.config = config if isinstance(config, AppConfig) else AppConfig.model_validate(config)
+        self.replicas = replicas
+        self.keys = KeyStore.from_config(self.config)
+        self.tokenizer: Tokenizer = tokenizer_for(self.config.engine)
+        self.max_context_tokens = int(max_context_tokens)
+        self.model_name = str(self.config.model_name)
+        self.created = int(time.time())
+        logger.info("ingress: model %s, %r, %r, context %d", self.model_name, self.keys, self.tokenizer,
+                    self.max_context_tokens)
+
+    # --- plain endpoints ------------------------------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        try:
+            self.keys.tier_for(request.headers.get("authorization"))
+        except AuthError as e:
+            return _error_response(e)
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "tiered-llm-serve",
+             "max_model_len": self.max_context_tokens}]})
+
+    # --- generation -----------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: Request, *, chat: bool):
+        try:
+            tier = self.keys.tier_for(request.headers.get("authorization"))
+        except AuthError as e:
+            return _error_response(e)
+        headers = {"x-tier": tier}
+        try:
+            req, prompt_len, max_tokens = await self._parse(request, chat)
+        except RequestError as e:
+            return _error_response(e, headers)
+        t = self.config.tier(tier)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        payload = {"request_id": rid, "prompt_len": prompt_len, "max_tokens": max_tokens,
+                   "tier": tier, "tbt_slo_s": t.tbt_slo_s, "tier_rank": t.rank or 0}
+        gen = self.replicas.options(stream=True).generate.remote(payload)
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        if req.stream:
+            return StreamingResponse(self._sse(gen, rid, chat, prompt_len, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={**headers, "cache-control": "no-cache"})
+        try:
+            n = 0
+            parts = []
+            async for chunk in gen:
+                n = int(chunk["index"])
+                parts.append(self.tokenizer.sim_token_text(n))
+        except asyncio.CancelledError:
+            gen.cancel()  # client gone: abort the engine request
+            raise
+        except Exception as e:  # noqa: BLE001
+            gen.cancel()
+            logger.warning("request %s failed: %r", rid, e)
+            return _error_response(RequestError(500, "the replica failed to serve the request",
+                                                type="server_error", code="internal_error"), headers)
+        text = "".join(parts)
+        usage = {"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}
+        base = {"id": rid, "created": int(time.time()), "model": self.model_name}
+        if chat:
+            body = {**base, "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                 "finish_reason": "length"}], "usage": usage}
+        else:
+            body = {**base, "object": "text_completion", "choices": [
+                {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}], "usage": usage}
+        return JSONResponse(body, headers=headers)
+
+    async def _parse(self, request: Request, chat: bool) -> tuple[_OpenAIRequest, int, int]:
+        limit = self.config.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"request body larger than {limit} bytes", code="request_too_large")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise RequestError(413, f"request body larger than {limit} bytes", code="request_too_large")
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise RequestError(400, "the request body must be a JSON object", code="invalid_json")
+        model_cls = ChatCompletionRequest if chat else CompletionRequest
+        try:
+            req = model_cls.model_validate(data)
+        except ValidationError as e:
+            msg, param = _validation_message(e)
+            raise RequestError(400, msg, param=param, code="invalid_value") from None
+        if req.model != self.model_name:
+            raise RequestError(404, f"The model `{req.model}` does not exist. Available: {self.model_name}",
+                               param="model", code="model_not_found")
+        if req.n != 1:
+            raise RequestError(400, "only n=1 is supported", param="n", code="invalid_value")
+        max_tokens = req.max_tokens
+        if chat and req.max_completion_tokens is not None:  # type: ignore[attr-defined]
+            max_tokens = req.max_completion_tokens  # type: ignore[attr-defined]
+        if max_tokens is None:
+            max_tokens = self.config.default_max_tokens
+        if max_tokens <= 0:
+            raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens",
+                               code="invalid_value")
+        if chat:
+            prompt_len = self.tokenizer.count(_chat_prompt(req.messages))  # type: ignore[attr-defined]
+        else:
+            prompt = req.prompt  # type: ignore[attr-defined]
+            if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+                if len(prompt) != 1:
+                    raise RequestError(400, "batched prompts are not supported: send one prompt per request",
+                                       param="prompt", code="invalid_value")
+                prompt = prompt[0]
+            prompt_len = self.tokenizer.count(prompt) if isinstance(prompt, str) else len(prompt)
+        if prompt_len == 0:
+            raise RequestError(400, "the prompt is empty", param="messages" if chat else "prompt",
+                               code="invalid_value")
+        if prompt_len > self.max_context_tokens:
+            raise RequestError(400, f"This model's maximum context length is {self.max_context_tokens} tokens; "
+                               f"the prompt has {prompt_len} tokens", param="messages" if chat else "prompt",
+                               code="context_length_exceeded")
+        return req, prompt_len, int(max_tokens)
+
+    async def _sse(self, gen: Any, rid: str, chat: bool, prompt_len: int, include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created, "model": self.model_name}
+
+        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+            if chat:
+                delta: dict[str, Any] = {}
+                if first:
+                    delta["role"] = "assistant"
+                if text is not None:
+                    delta["content"] = text
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+
+        n = 0
+        done = False
+        try:
+            if chat:
+                yield chunk("", None, first=True)
+            async for c in gen:
+                n = int(c["index"])
+                yield chunk(self.tokenizer.sim_token_text(n), None)
+            yield chunk(None if chat else "", "length")
+            if include_usage:
+                usage = {"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}
+                yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+            done = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            logger.warning("stream %s failed: %r", rid, e)
+            err = RequestError(500, "the replica failed to serve the request", type="server_error",
+                               code="internal_error")
+            yield f"data: {json.dumps(err.to_openai())}\n\n"
+            yield "data: [DONE]\n\n"
+            done = True
+        finally:
+            if not done:
+                gen.cancel()  # client disconnected mid-stream: abort the engine request

@@ -1,0 +1,100 @@
+"""The ingress tokenizer: prompts are tokenized once, at the ingress, to give the router and the
+replica the prompt length (and the client its ``usage``).
+
+`load_tokenizer(path)` reads a Hugging Face ``tokenizer.json`` (a file, or a model folder holding
+one) with the `tokenizers` package; `default_tokenizer()` trains a small deterministic byte-level
+BPE in-process (the corpus and recipe of `replica.tiny_model`, without transformers/torch; every
+string encodes, no ``<unk>``), cached per process.  `tokenizer_for(engine_config)` picks one for
+the app config: vllm -> ``engine.tokenizer`` or the model's; sim -> ``engine.tokenizer`` if given,
+else the built-in one.
+
+`Tokenizer.sim_token_text(n)` is the text of the simulated engine's n-th generated token: a fixed
+id (``300 + n % 500``) decoded, so sim output is deterministic text.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Tokenizer", "default_tokenizer", "load_tokenizer", "tokenizer_for"]
+
+SIM_TOKEN_BASE = 300  # past the 256 byte-alphabet ids (4..259): merged tokens, readable text
+SIM_TOKEN_SPAN = 500
+
+
+class Tokenizer:
+    """A thin wrapper around a `tokenizers.Tokenizer` (no special tokens added on encode)."""
+
+    def __init__(self, tok: Any, source: str) -> None:
+        self._tok = tok
+        self.source = source
+        self.vocab_size = tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def sim_token_id(self, n: int) -> int:
+        """The id the simulated engine 'generates' as its n-th token."""
+        return (SIM_TOKEN_BASE + n % SIM_TOKEN_SPAN) % max(self.vocab_size, 1)
+
+    def sim_token_text(self, n: int) -> str:
+        return self.decode([self.sim_token_id(n)])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.source}, vocab={self.vocab_size})"
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A ``tokenizer.json`` file, or a folder holding one."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {path}")
+    return Tokenizer(HFTokenizer.from_file(str(p)), str(p))
+
+
+_LOCK = threading.Lock()
+
+
+@functools.cache
+def _trained() -> Any:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from replica.tiny_model import SPECIAL_TOKENS, TOKENIZER_VOCAB, UNK, _corpus  # no torch at import
+
+    tok = HFTokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+def default_tokenizer() -> Tokenizer:
+    """The built-in deterministic byte-level BPE (trained once per process, ~0.1-1 s)."""
+    with _LOCK:
+        return Tokenizer(_trained(), "builtin byte-level BPE")
+
+
+def tokenizer_for(engine: Any) -> Tokenizer:
+    """The tokenizer for an engine config (`serve_app.config.SimEngineConfig`/`VLLMEngineConfig`)."""
+    path = getattr(engine, "tokenizer", None)
+    if path is None and getattr(engine, "backend", "sim") == "vllm":
+        path = engine.model
+    if path is None:
+        return default_tokenizer()
+    return load_tokenizer(path)

@@ -1,0 +1,182 @@
+"""The whole app end to end on a local loopback Ray Serve: HTTP -> Ingress -> tier-aware router ->
+3 simulated replicas, through httpx and the openai SDK."""
+
+import json
+import os
+import socket
+
+import pytest
+
+ray = pytest.importorskip("ray")
+httpx = pytest.importorskip("httpx")
+from ray import serve  # noqa: E402
+
+from serve_app.app import build_app  # noqa: E402
+from serve_app.tokenizer import default_tokenizer  # noqa: E402
+
+MODEL = "mistral-7b-sim"
+KEYS = {"premium": "test-premium-key-123", "free": "test-free-key-456"}
+CONTEXT = 512
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    old_keys = os.environ.get("TIERED_API_KEYS")
+    os.environ["TIERED_API_KEYS"] = ",".join(f"{k}:{t}" for t, k in KEYS.items())
+    port = _free_port()
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False,
+             runtime_env={"env_vars": {"TIERED_API_KEYS": os.environ["TIERED_API_KEYS"],
+                                       "RAY_AUTH_MODE": "disabled"}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"overrides": {"engine.time_scale": 0.05, "replicas.num_replicas": 3,
+                                           "replicas.cpus_per_replica": 0, "max_request_bytes": 20_000,
+                                           "router.feedback_period_s": 0.5},
+                             "max_context_tokens": CONTEXT}),
+                  name="tiered", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        if old_keys is None:
+            os.environ.pop("TIERED_API_KEYS", None)
+        else:
+            os.environ["TIERED_API_KEYS"] = old_keys
+
+
+def _auth(tier="free"):
+    return {"Authorization": f"Bearer {KEYS[tier]}"}
+
+
+def _sse_events(resp) -> list[str]:
+    """The ``data:`` payloads of an SSE response, read line by line: every event is one
+    ``data: ...`` line followed by a blank line."""
+    events, expect_blank = [], False
+    for line in resp.iter_lines():
+        if expect_blank:
+            assert line == "", f"no blank line after an event: {line!r}"
+            expect_blank = False
+        elif line:
+            assert line.startswith("data: "), line
+            events.append(line[len("data: "):])
+            expect_blank = True
+    assert not expect_blank, "the stream did not end with a blank line"
+    return events
+
+
+def _assert_error(resp, status, code=None):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code is not None:
+        assert err["code"] == code
+
+
+def test_health_and_models(base_url):
+    assert httpx.get(f"{base_url}/health").json() == {"status": "ok"}
+    r = httpx.get(f"{base_url}/v1/models", headers=_auth())
+    assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == [MODEL]
+
+
+def test_streaming_completion_sse_framing_and_done(base_url):
+    body = {"model": MODEL, "prompt": "Hello world, stream me some tokens.", "max_tokens": 7, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers=_auth(), timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-tier"] == "free"
+        raw = r.read().decode()
+    assert raw.endswith("data: [DONE]\n\n")
+    events = [e.removeprefix("data: ") for e in raw.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]".removeprefix("data: ")
+    chunks = [json.loads(e) for e in events[:-1]]
+    tokens = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"] is None]
+    assert len(tokens) == 7 and all(c["object"] == "text_completion" and c["model"] == MODEL for c in chunks)
+    final = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"] is not None]
+    assert [c["choices"][0]["finish_reason"] for c in final] == ["length"]
+    usage = chunks[-1]["usage"]
+    n_prompt = default_tokenizer().count(body["prompt"])
+    assert usage == {"prompt_tokens": n_prompt, "completion_tokens": 7, "total_tokens": n_prompt + 7}
+
+
+def test_non_streaming_usage_counts(base_url):
+    prompt = "The quick brown fox jumps over the lazy dog " * 3
+    r = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 5},
+                   headers=_auth("premium"), timeout=30)
+    assert r.status_code == 200 and r.headers["x-tier"] == "premium"
+    out = r.json()
+    n_prompt = default_tokenizer().count(prompt)
+    assert out["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 5, "total_tokens": n_prompt + 5}
+    assert out["choices"][0]["finish_reason"] == "length" and out["choices"][0]["text"]
+
+
+def test_chat_streaming_and_non_streaming(base_url):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 4}
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=_auth(), timeout=30)
+    assert r.status_code == 200
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["usage"]["completion_tokens"] == 4
+    assert out["choices"][0]["message"]["role"] == "assistant"
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json={**body, "stream": True},
+                      headers=_auth(), timeout=30) as r:
+        events = _sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert sum(1 for c in chunks if c["choices"][0]["delta"].get("content")) == 4
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_missing_and_unknown_keys_are_401(base_url):
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+    r = httpx.post(f"{base_url}/v1/completions", json=body)
+    _assert_error(r, 401, "invalid_api_key")
+    r = httpx.post(f"{base_url}/v1/completions", json=body, headers={"Authorization": "Bearer not-a-real-key"})
+    _assert_error(r, 401, "invalid_api_key")
+    assert "not-a-real-key" not in r.text
+
+
+def test_a_free_key_cannot_ask_for_premium(base_url):
+    body = {"model": MODEL, "prompt": "make me premium", "max_tokens": 2, "tier": "premium", "priority": 0,
+            "vllm_xargs": {"tier": "premium"}, "user": "premium"}
+    r = httpx.post(f"{base_url}/v1/completions", json=body, headers={**_auth("free"), "x-tier": "premium"},
+                   timeout=30)
+    assert r.status_code == 200 and r.headers["x-tier"] == "free"
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b"{not json", 400, "invalid_json"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": "lots"}, 400, "invalid_value"),
+    ({"model": MODEL, "max_tokens": 3}, 400, "invalid_value"),
+    ({"model": "gpt-unknown", "prompt": "hi", "max_tokens": 3}, 404, "model_not_found"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "invalid_value"),
+    ({"model": MODEL, "prompt": "hello " * (CONTEXT + 10), "max_tokens": 3}, 400, "context_length_exceeded"),
+    ({"model": MODEL, "prompt": "x" * 30_000, "max_tokens": 3}, 413, "request_too_large"),
+])
+def test_bad_inputs_get_openai_errors(base_url, body, status, code):
+    kw = {"content": body, "headers": {**_auth(), "content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body, "headers": _auth()}
+    r = httpx.post(f"{base_url}/v1/completions", timeout=30, **kw)
+    _assert_error(r, status, code)
+
+
+def test_streaming_through_the_openai_sdk(base_url):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEYS["premium"], max_retries=0, timeout=30)
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}],
+                                            max_tokens=6, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage.completion_tokens == 6
+    comp = client.completions.create(model=MODEL, prompt="hello world", max_tokens=3)
+    assert comp.usage.completion_tokens == 3 and comp.choices[0].finish_reason == "length"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong-key", max_retries=0).models.list()
+
