@@ -180,3 +180,30 @@ def test_streaming_through_the_openai_sdk(base_url):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong-key", max_retries=0).models.list()
 
+
+
+@pytest.fixture(scope="module")
+def single_replica(base_url):
+    """A second app on the same Serve: one replica at real GPU pace, so a stream stays open."""
+    serve.run(build_app({"overrides": {"engine.time_scale": 1.0, "replicas.num_replicas": 1,
+                                       "replicas.cpus_per_replica": 0}}),
+              name="one", route_prefix="/one")
+    return f"{base_url}/one", serve.get_deployment_handle("LLMReplica", app_name="one")
+
+
+def test_client_disconnect_mid_stream_aborts_the_engine_request(single_replica):
+    import time
+
+    url, replica = single_replica
+    body = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": 2000, "stream": True}
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{url}/v1/completions", headers=_auth("free"), json=body) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            assert replica.num_unfinished.remote().result() == 1  # 2000 tokens take ~40 s here
+        # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 10
+    while replica.num_unfinished.remote().result() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert replica.num_unfinished.remote().result() == 0
