@@ -73,16 +73,19 @@ def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None =
     actor_options: dict[str, Any] = {"num_cpus": r.cpus_per_replica}
     if r.gpus_per_replica:
         actor_options["num_gpus"] = r.gpus_per_replica
-    replicas = serve.deployment(LLMReplica, name="LLMReplica").options(
-        num_replicas=r.num_replicas,
-        max_ongoing_requests=r.max_ongoing_requests,
-        ray_actor_options=actor_options,
-        request_router_config=RequestRouterConfig(
+    router_options: dict[str, Any] = {}
+    if config.router.policy != "serve-default":
+        router_options["request_router_config"] = RequestRouterConfig(
             request_router_class=ROUTER_CLASS,
             request_router_kwargs={"policy": config.router.policy},
             request_routing_stats_period_s=config.router.feedback_period_s,
             request_routing_stats_timeout_s=config.router.feedback_timeout_s,
-        ),
+        )
+    replicas = serve.deployment(LLMReplica, name="LLMReplica").options(
+        num_replicas=r.num_replicas,
+        max_ongoing_requests=r.max_ongoing_requests,
+        ray_actor_options=actor_options,
+        **router_options,
     )
     tiers = {t.name: {"tbt_slo_s": t.tbt_slo_s, "ttft_target_s": t.ttft_target_s} for t in config.tiers}
     replica_app = replicas.bind(backend="sim", scheduler=eng.scheduler, cost_profile=eng.cost_profile,

@@ -264,7 +264,9 @@ EngineConfig = Annotated[
 
 
 class RouterConfig(_Strict):
-    policy: Literal["slo", "pow2", "round_robin"] = "slo"
+    # serve-default: no custom router, Ray Serve's own (power of two choices on queue length);
+    # a baseline for benchmarks.
+    policy: Literal["slo", "pow2", "round_robin", "serve-default"] = "slo"
     feedback_period_s: float = Field(default=1.0, gt=0, description="replica feedback poll period (s)")
     feedback_timeout_s: float = Field(default=5.0, gt=0, description="timeout of one feedback poll (s)")
 
