@@ -44,7 +44,7 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request as VRequest
 from vllm.v1.request import RequestStatus
 
-from loadtest.tiers import TierMix, paper_tiers, parse_tiers
+from replica.tiers import TierMix, paper_tiers, parse_tiers
 from replica.policy import BatchPlan, EngineState, KVCache, Request, make_policy
 from replica.policy.base import SchedulingPolicy
 from replica.slo import SLOTracker

@@ -6,10 +6,10 @@ typo there (``num_replica: 4``) would just be dropped; here it is an error namin
 line and the field.  `load_config` also rejects duplicate keys in a YAML mapping (PyYAML would keep
 the last one silently).
 
-Tiers.  A serving tier (`ServingTier`) has the fields of a `loadtest.tiers.TierSpec`, with the
+Tiers.  A serving tier (`ServingTier`) has the fields of a `replica.tiers.TierSpec`, with the
 traffic share optional (serving never needs it), plus ``shed_order``.  ``rank`` 0 is the strictest tier (scheduled
 first); ranks are either all given or all left out (then assigned by ``tbt_slo_s``, strictest
-first, by `loadtest.tiers.TierMix`, exactly as for simulations).  ``shed_order`` says which tier
+first, by `replica.tiers.TierMix`, exactly as for simulations).  ``shed_order`` says which tier
 is shed first under overload: tiers are shed in increasing ``shed_order`` (0 = shed first); all
 given or all left out (then the most lenient tier, the highest rank, is shed first).  ``share`` is
 optional and only feeds `AppConfig.tier_mix()`, which turns the serving tiers into a `TierMix` for
@@ -50,7 +50,7 @@ from pydantic import (
     model_validator,
 )
 
-from loadtest.tiers import TierMix, TierSpec, paper_tiers
+from replica.tiers import TierMix, TierSpec, paper_tiers
 
 __all__ = [
     "CONFIGS_DIR",
@@ -105,7 +105,7 @@ class _Strict(BaseModel):
 # ------------------------------------------------------------------------------------------ tiers
 
 class ServingTier(_Strict):
-    """One service tier as served.  Same fields and constraints as `loadtest.tiers.TierSpec`
+    """One service tier as served.  Same fields and constraints as `replica.tiers.TierSpec`
     (``share`` optional), plus ``shed_order``; `to_spec()` gives the `TierSpec`."""
 
     name: str = Field(pattern=TIER_NAME_PATTERN, max_length=64)
@@ -124,7 +124,7 @@ class ServingTier(_Strict):
 
 
 def _paper_serving_tiers() -> list[ServingTier]:
-    """The paper's tiers (`loadtest.tiers.paper_tiers`), the most lenient shed first."""
+    """The paper's tiers (`replica.tiers.paper_tiers`), the most lenient shed first."""
     specs = sorted(paper_tiers().tiers, key=lambda t: t.rank or 0)
     n = len(specs)
     return [ServingTier(name=t.name, tbt_slo_s=t.tbt_slo_s, ttft_target_s=t.ttft_target_s,
@@ -371,7 +371,7 @@ class AppConfig(_Strict):
         return [t.name for t in sorted(self.tiers, key=lambda t: t.shed_order or 0)]
 
     def tier_mix(self, shares: Mapping[str, float] | None = None) -> TierMix:
-        """The tiers as a `loadtest.tiers.TierMix` (for simulations and load tests, which draw
+        """The tiers as a `replica.tiers.TierMix` (for simulations and load tests, which draw
         each request's tier by share): ``shares`` (name -> share) if given, else the tiers'
         configured shares, else uniform.  Shares must sum to 1 (`TierMix` checks)."""
         n = len(self.tiers)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from loadtest.arrivals import poisson_arrival_times
-from loadtest.tiers import TierMix
+from replica.tiers import TierMix
 from loadtest.traces import Trace, sample_requests
 from replica.policy.base import SchedulingPolicy
 from replica.policy.state import Request

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from loadtest.metrics import capacity_bracket, find_capacity, summarize
-from loadtest.tiers import paper_tiers
+from replica.tiers import paper_tiers
 
 
 def _run(ttft, tbt_premium, tbt_free, waiting=0, prompt_lens=None):

@@ -8,7 +8,7 @@ import pytest
 from loadtest.simulate.__main__ import main
 from loadtest.simulate.replica import Workload, run_replica
 from loadtest.metrics import summarize
-from loadtest.tiers import paper_tiers
+from replica.tiers import paper_tiers
 from loadtest.traces import load_trace
 from replica.cost.profile import load_profile
 from replica.policy import make_policy

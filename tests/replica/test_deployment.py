@@ -1,8 +1,6 @@
 """The replica deployment on a real (local, loopback-only) Ray Serve, sim backend."""
 
 import asyncio
-import os
-import socket
 
 import pytest
 
@@ -13,28 +11,13 @@ from ray.serve.config import RequestRouterConfig  # noqa: E402
 from replica.deployment import LLMReplica  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def replica_handle(tmp_path_factory):
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+def replica_handle(local_serve):
     dep = serve.deployment(LLMReplica).options(
         num_replicas=2, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0},
         request_router_config=RequestRouterConfig(request_routing_stats_period_s=0.5),
     )
-    handle = serve.run(dep.bind(time_scale=0.25), name="replicas", route_prefix=None)
-    try:
-        yield handle
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    return serve.run(dep.bind(time_scale=0.25), name="replicas", route_prefix=None)
 
 
 def _request(rid, prompt_len=300, max_tokens=12, tier="free"):

@@ -44,11 +44,7 @@ class FakeReplica:
 
 
 @pytest.fixture(scope="module")
-def routed_handle(tmp_path_factory):
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": 0})
+def routed_handle(local_serve, tmp_path_factory):
     dep = serve.deployment(FakeReplica).options(
         num_replicas=2, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0},
         request_router_config=RequestRouterConfig(
@@ -57,12 +53,7 @@ def routed_handle(tmp_path_factory):
             request_routing_stats_period_s=0.5,
         ),
     )
-    handle = serve.run(dep.bind(str(tmp_path_factory.mktemp("m") / "overloaded")), name="routed", route_prefix=None)
-    try:
-        yield handle
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    return serve.run(dep.bind(str(tmp_path_factory.mktemp("m") / "overloaded")), name="routed", route_prefix=None)
 
 
 def _send(handle, n, tier):

@@ -2,8 +2,6 @@
 3 simulated replicas, through httpx and the openai SDK."""
 
 import json
-import os
-import socket
 
 import pytest
 
@@ -19,37 +17,17 @@ KEYS = {"premium": "test-premium-key-123", "free": "test-free-key-456"}
 CONTEXT = 512
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SERVE_ENV_VARS = {"TIERED_API_KEYS": ",".join(f"{k}:{t}" for t, k in KEYS.items())}  # read by local_serve
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    old_keys = os.environ.get("TIERED_API_KEYS")
-    os.environ["TIERED_API_KEYS"] = ",".join(f"{k}:{t}" for t, k in KEYS.items())
-    port = _free_port()
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False,
-             runtime_env={"env_vars": {"TIERED_API_KEYS": os.environ["TIERED_API_KEYS"],
-                                       "RAY_AUTH_MODE": "disabled"}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"overrides": {"engine.time_scale": 0.05, "replicas.num_replicas": 3,
-                                           "replicas.cpus_per_replica": 0, "max_request_bytes": 20_000,
-                                           "router.feedback_period_s": 0.5},
-                             "max_context_tokens": CONTEXT}),
-                  name="tiered", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        if old_keys is None:
-            os.environ.pop("TIERED_API_KEYS", None)
-        else:
-            os.environ["TIERED_API_KEYS"] = old_keys
+def base_url(local_serve):
+    serve.run(build_app({"overrides": {"engine.time_scale": 0.05, "replicas.num_replicas": 3,
+                                       "replicas.cpus_per_replica": 0, "max_request_bytes": 20_000,
+                                       "router.feedback_period_s": 0.5},
+                         "max_context_tokens": CONTEXT}),
+              name="tiered", route_prefix="/")
+    return f"http://127.0.0.1:{local_serve}"
 
 
 def _auth(tier="free"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from loadtest.tiers import TierMix, paper_tiers
+from replica.tiers import TierMix, paper_tiers
 from replica.policy import available_schedulers
 from replica.sim.engine import PAPER_KV_BLOCKS
 from serve_app.auth import KeyConfigError, KeyStore

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from loadtest.tiers import TierError, TierMix, TierSpec, paper_tiers, parse_tiers
+from replica.tiers import TierError, TierMix, TierSpec, paper_tiers, parse_tiers
 
 
 def spec(name: str, tbt_slo_s: float, share: float, **kw: object) -> TierSpec:
