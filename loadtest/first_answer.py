@@ -2,7 +2,7 @@
 
   python -m loadtest.first_answer [--timeout 300] [-- EXTRA build_app ARGS]
 
-Starts `bash .ci/start` (set-up, then `serve run` on 127.0.0.1:8000), sends the README's curl
+Starts `bash .ci/start` (set-up, then `python -m serve_app` on 127.0.0.1:8000), sends the README's curl
 request every 0.5 s until one is answered, prints the elapsed time and the answer as JSON, then
 stops the server it started (SIGTERM to that process group) and waits for it to exit.
 """

@@ -1,18 +1,25 @@
-"""The replica as a Ray Serve deployment: one engine per replica.
+"""The replica as a Ray Serve deployment: one engine per replica (one GPU in production).
 
 `LLMReplica` is a plain class; `serve_app` wraps it with `serve.deployment(...)` options from the
-app config. Its engine is the real-time simulated engine (`backend="sim"`, the embedded default:
-the same SLAI policy and a GPU cost profile, tokens at that GPU's pace) or, in a later step,
-vLLM `AsyncLLM` with the SLAI scheduler class.
+app config.  Its engine (``backend``):
+
+- ``"sim"`` (the embedded default): `replica.sim.realtime.RealtimeSimEngine`, the same pure
+  scheduling policy and a GPU cost profile, tokens at that GPU's pace (no model, no GPU);
+- ``"vllm"``: `replica.vllm_backend.VLLMBackend`, vLLM ``AsyncLLM`` with the policy scheduler
+  class (`replica.vllm_scheduler`) plugged in as ``scheduler_cls``; ``engine_kwargs`` are vLLM's
+  engine arguments (`serve_app.config.VLLMEngineConfig.engine_kwargs()`).
 
 Requests arrive through a DeploymentHandle (so the router sees tier and prompt length):
 
-    {"request_id": str, "prompt_len": int, "max_tokens": int,
-     "tier": str, "tbt_slo_s": float, "tier_rank": int}
+    {"request_id": str, "prompt_len": int, "prompt_token_ids": list[int] (vllm: required),
+     "max_tokens": int, "tier": str, "tbt_slo_s": float, "tier_rank": int,
+     "sampling": {"temperature", "top_p", "seed", "stop", ...} (vllm only)}
 
-`generate` streams `{"index": n, "finished": bool}` per token; cancelling the stream (client
-gone) aborts the engine request. `record_routing_stats()` returns the feedback snapshot
-(`replica.slo`) that Serve pushes to every router.
+`generate` streams ``{"index": n, "text": str | None, "finished": bool, "finish_reason": str | None}``
+(``index``: completion tokens so far; ``text``: the new text, None from the sim backend, whose
+tokens have no text).  Cancelling the stream (client gone) aborts the engine request.
+`record_routing_stats()` returns the feedback snapshot (`replica.slo`) that Serve pushes to
+every router.
 """
 
 from __future__ import annotations
@@ -22,30 +29,35 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from replica.cost.profile import load_profile
-from replica.policy import make_policy
 from replica.sim.engine import PAPER_KV_BLOCKS
-from replica.sim.realtime import RealtimeSimEngine
-from replica.slo import SLOTracker
+from replica.tiers import TierMix, TierSpec
+
+DEFAULT_TIERS = {"premium": {"tbt_slo_s": 0.1, "ttft_target_s": 0.5, "rank": 0},
+                 "free": {"tbt_slo_s": 0.5, "ttft_target_s": 0.5, "rank": 1}}
 
 
-class LLMReplica:
-    def __init__(
-        self,
-        backend: str = "sim",
-        scheduler: str = "slai-spf-dynamic",
-        cost_profile: str = "rtx6000ada-mistral7b",
-        kv_blocks: int = PAPER_KV_BLOCKS,
-        time_scale: float = 1.0,
-        tiers: dict[str, dict[str, float]] | None = None,
-        replica_id: str | None = None,
-    ) -> None:
-        if backend != "sim":
-            raise ValueError(f"backend {backend!r} is not available in this replica yet (only 'sim')")
-        tiers = tiers or {"premium": {"tbt_slo_s": 0.1, "ttft_target_s": 0.5}, "free": {"tbt_slo_s": 0.5, "ttft_target_s": 0.5}}
-        self.replica_id = replica_id or os.environ.get("REPLICA_ID") or f"replica-{uuid.uuid4().hex[:8]}"
-        slo = SLOTracker({k: v["tbt_slo_s"] for k, v in tiers.items()},
-                         {k: v.get("ttft_target_s", 0.5) for k, v in tiers.items()})
+def tier_mix_of(tiers: dict[str, dict[str, float]]) -> TierMix:
+    """The serving tiers ``{name: {tbt_slo_s, ttft_target_s, rank}}`` as a TierMix (uniform
+    shares: serving never draws tiers)."""
+    ranked = all("rank" in t for t in tiers.values())
+    return TierMix(tiers=[
+        TierSpec(name=name, tbt_slo_s=t["tbt_slo_s"], ttft_target_s=t.get("ttft_target_s", 0.5),
+                 share=1.0 / len(tiers), rank=int(t["rank"]) if ranked else None)
+        for name, t in tiers.items()])
+
+
+class SimBackend:
+    """The real-time simulated engine behind the replica interface."""
+
+    def __init__(self, *, scheduler: str, cost_profile: str, kv_blocks: int, time_scale: float,
+                 tiers: TierMix, replica_id: str) -> None:
+        from replica.cost.profile import load_profile
+        from replica.policy import make_policy
+        from replica.sim.realtime import RealtimeSimEngine
+        from replica.slo import SLOTracker
+
+        self.replica_id = replica_id
+        slo = SLOTracker({t.name: t.tbt_slo_s for t in tiers.tiers}, {t.name: t.ttft_target_s for t in tiers.tiers})
         self.engine = RealtimeSimEngine(make_policy(scheduler), load_profile(cost_profile),
                                         num_kv_blocks=kv_blocks, time_scale=time_scale, slo=slo)
 
@@ -59,11 +71,13 @@ class LLMReplica:
             tbt_slo_s=float(request.get("tbt_slo_s", 0.5)),
             tier_rank=int(request.get("tier_rank", 0)),
         ):
-            yield {"index": n, "finished": n >= max_tokens}
+            finished = n >= max_tokens
+            yield {"index": n, "text": None, "finished": finished, "finish_reason": "length" if finished else None}
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    async def snapshot(self) -> dict[str, Any]:
         return self.engine.snapshot(self.replica_id)
 
+    @property
     def num_unfinished(self) -> int:
         return self.engine.num_unfinished
 
@@ -71,3 +85,50 @@ class LLMReplica:
         task = self.engine._loop_task
         if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
             raise RuntimeError(f"engine loop died: {task.exception()!r}")
+
+
+class LLMReplica:
+    def __init__(
+        self,
+        backend: str = "sim",
+        scheduler: str | None = "slai-spf-dynamic",
+        cost_profile: str = "rtx6000ada-mistral7b",
+        kv_blocks: int = PAPER_KV_BLOCKS,
+        time_scale: float = 1.0,
+        tiers: dict[str, dict[str, float]] | None = None,
+        replica_id: str | None = None,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        mix = tier_mix_of(tiers or DEFAULT_TIERS)
+        self.replica_id = replica_id or os.environ.get("REPLICA_ID") or f"replica-{uuid.uuid4().hex[:8]}"
+        if backend == "sim":
+            self.backend: Any = SimBackend(scheduler=scheduler or "slai-spf-dynamic", cost_profile=cost_profile,
+                                           kv_blocks=kv_blocks, time_scale=time_scale, tiers=mix,
+                                           replica_id=self.replica_id)
+        elif backend == "vllm":
+            if not engine_kwargs or "model" not in engine_kwargs:
+                raise ValueError("the vllm backend needs engine_kwargs with a model")
+            from replica.vllm_backend import VLLMBackend
+
+            self.backend = VLLMBackend(dict(engine_kwargs), tiers=mix, scheduler=scheduler,
+                                       replica_id=self.replica_id)
+        else:
+            raise ValueError(f"unknown backend {backend!r}: expected 'sim' or 'vllm'")
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for chunk in self.backend.generate(request):
+            yield chunk
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        return await self.backend.snapshot()
+
+    def num_unfinished(self) -> int:
+        return self.backend.num_unfinished
+
+    async def check_health(self) -> None:
+        await self.backend.check_health()
+
+    def __del__(self) -> None:
+        shutdown = getattr(getattr(self, "backend", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()

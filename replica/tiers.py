@@ -126,7 +126,11 @@ def paper_tiers() -> TierMix:
 def parse_tiers(text: str | os.PathLike[str]) -> TierMix:
     """A ``TierMix`` from a YAML/JSON file path or a compact ``name:tbt_slo_s:share[:ttft_target_s]``
     list (comma-separated).  A string is taken as a path if it names an existing file or ends in
-    .yaml/.yml/.json.  Errors are ``TierError`` naming the offending part (and file and line)."""
+    .yaml/.yml/.json; a string starting with ``{`` or ``[`` is inline JSON (``TierMix.model_dump_json()``
+    output, or a list of tier objects).  Errors are ``TierError`` naming the offending part (and
+    file and line)."""
+    if isinstance(text, str) and text.lstrip().startswith(("{", "[")):
+        return _parse_inline_json(text)
     if isinstance(text, os.PathLike) or Path(text).is_file() or text.lower().endswith(_FILE_SUFFIXES):
         return _parse_file(Path(text))
     return _parse_compact(text)
@@ -148,6 +152,17 @@ def _parse_compact(text: str) -> TierMix:
         _check_new_name(spec, specs, where)
         specs.append(spec)
     return _validate_mix(specs, f"tiers {text!r}")
+
+
+def _parse_inline_json(text: str) -> TierMix:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TierError(f"inline tier JSON, column {e.colno}: malformed JSON: {e.msg}") from e
+    try:
+        return TierMix.model_validate({"tiers": data} if isinstance(data, list) else data)
+    except ValidationError as e:
+        raise TierError(f"inline tier JSON: {_format_error(e.errors()[0])}") from e
 
 
 def _parse_file(path: Path) -> TierMix:

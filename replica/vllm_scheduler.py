@@ -254,6 +254,27 @@ class PolicySchedulerMixin:
         return self.kv
 
 
+def _install_feedback_utility() -> None:
+    """Give vLLM's EngineCore a utility method ``replica_feedback_snapshot`` (AsyncLLM reaches it
+    with ``engine_core.call_utility_async``): the scheduler's feedback snapshot, out of the
+    engine-core process.  Only adds a method; nothing of vLLM's changes.  Runs when this module
+    is imported, which the engine core does to resolve ``scheduler_cls``."""
+    from vllm.v1.engine.core import EngineCore
+
+    if hasattr(EngineCore, FEEDBACK_UTILITY):
+        return
+
+    def replica_feedback_snapshot(self) -> dict | None:
+        snapshot = getattr(self.scheduler, "feedback_snapshot", None)
+        return snapshot() if snapshot is not None else None
+
+    setattr(EngineCore, FEEDBACK_UTILITY, replica_feedback_snapshot)
+
+
+FEEDBACK_UTILITY = "replica_feedback_snapshot"  # replica.vllm_backend calls it by this name
+_install_feedback_utility()
+
+
 def _policy_scheduler(name: str, base: type, preset: str | None) -> type:
     return type(name, (PolicySchedulerMixin, base), {"preset": preset, "__module__": __name__})
 

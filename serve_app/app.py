@@ -10,13 +10,16 @@ from Python), and binds:
   the replicas.  API keys are read at ingress start (`KeyStore.from_config`; by default the
   environment variable ``TIERED_API_KEYS``).
 
-Other args: ``max_context_tokens`` (longest accepted prompt; default the vllm ``max_model_len``
-if set, else 8192) and ``ingress_num_cpus`` (default 0: the ingress is light).
+Other args: ``max_context_tokens`` (prompt + completion limit the ingress enforces; default
+`model_context_tokens`: vllm's ``max_model_len``, else the model's, else 8192) and ``ingress_num_cpus`` (default 0: the ingress is light).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -25,10 +28,13 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from replica.deployment import LLMReplica
-from serve_app.config import DEFAULT_CONFIG_PATH, AppConfig, ConfigError, VLLMEngineConfig, load_config
+from serve_app.config import (DEFAULT_CONFIG_PATH, AppConfig, ConfigError, SimEngineConfig, VLLMEngineConfig,
+                              load_config)
 from serve_app.ingress import DEFAULT_MAX_CONTEXT_TOKENS, Ingress
 
 __all__ = ["build_app", "build_app_from_config"]
+
+logger = logging.getLogger(__name__)
 
 ROUTER_CLASS = "router.ray_router.TierAwareRouter"
 _ARGS = {"config", "overrides", "max_context_tokens", "ingress_num_cpus"}
@@ -59,14 +65,31 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
                                  ingress_num_cpus=float(args.get("ingress_num_cpus", 0)))
 
 
+def model_context_tokens(engine: SimEngineConfig | VLLMEngineConfig) -> int:
+    """The context length the ingress enforces: vLLM's ``max_model_len`` if set, else the model
+    folder's ``max_position_embeddings`` (config.json), else `DEFAULT_MAX_CONTEXT_TOKENS`."""
+    if not isinstance(engine, VLLMEngineConfig):
+        return DEFAULT_MAX_CONTEXT_TOKENS
+    if engine.max_model_len is not None:
+        return engine.max_model_len
+    config_json = Path(engine.model or "") / "config.json"
+    if config_json.is_file():
+        try:
+            value = json.loads(config_json.read_text()).get("max_position_embeddings")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{config_json}: cannot read the model config: {e}") from e
+        if isinstance(value, int) and value > 0:
+            return value
+    logger.warning("engine.max_model_len is not set and %s gives no max_position_embeddings: the ingress "
+                   "accepts up to %d tokens per request", config_json, DEFAULT_MAX_CONTEXT_TOKENS)
+    return DEFAULT_MAX_CONTEXT_TOKENS
+
+
 def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None = None,
                           ingress_num_cpus: float = 0.0) -> Application:
     eng = config.engine
-    if isinstance(eng, VLLMEngineConfig):
-        raise ConfigError("engine.backend 'vllm' is not wired into the Serve app yet: the replica runs "
-                          "only the simulated engine (use engine.backend: sim, e.g. serve_app/configs/sim.yaml)")
     if max_context_tokens is None:
-        max_context_tokens = DEFAULT_MAX_CONTEXT_TOKENS
+        max_context_tokens = model_context_tokens(eng)
     if max_context_tokens <= 0:
         raise ValueError(f"max_context_tokens must be positive, got {max_context_tokens}")
     r = config.replicas
@@ -87,9 +110,14 @@ def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None =
         ray_actor_options=actor_options,
         **router_options,
     )
-    tiers = {t.name: {"tbt_slo_s": t.tbt_slo_s, "ttft_target_s": t.ttft_target_s} for t in config.tiers}
-    replica_app = replicas.bind(backend="sim", scheduler=eng.scheduler, cost_profile=eng.cost_profile,
-                                kv_blocks=eng.kv_blocks, time_scale=eng.time_scale, tiers=tiers)
+    tiers = {t.name: {"tbt_slo_s": t.tbt_slo_s, "ttft_target_s": t.ttft_target_s, "rank": t.rank}
+             for t in config.tiers}
+    if isinstance(eng, VLLMEngineConfig):
+        replica_app = replicas.bind(backend="vllm", scheduler=eng.scheduler, tiers=tiers,
+                                    engine_kwargs=eng.engine_kwargs())
+    else:
+        replica_app = replicas.bind(backend="sim", scheduler=eng.scheduler, cost_profile=eng.cost_profile,
+                                    kv_blocks=eng.kv_blocks, time_scale=eng.time_scale, tiers=tiers)
     ingress = Ingress.options(max_ongoing_requests=config.http.max_ongoing_requests,
                               ray_actor_options={"num_cpus": ingress_num_cpus})
     return ingress.bind(replica_app, config.model_dump(mode="json"), max_context_tokens)

@@ -11,9 +11,12 @@ The tier comes only from the API key (``Authorization: Bearer KEY`` -> `serve_ap
 body fields such as ``priority``, ``vllm_xargs``, ``user`` or ``tier`` are accepted and ignored, so
 a client can never choose its tier.  The resolved tier is returned in the ``x-tier`` header.
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 401 (missing or
-unknown key), 400 (invalid JSON, wrong types, ``max_tokens`` <= 0, prompt over the context), 404
+unknown key), 400 (invalid JSON, wrong types or ranges, ``max_tokens`` <= 0, token ids outside
+the vocabulary, prompt + ``max_tokens`` over the context; without ``max_tokens`` a request gets
+``default_max_tokens`` or what the context leaves), 404
 (unknown model), 413 (body over ``max_request_bytes``).  A client that disconnects has its
-replica stream cancelled, which aborts the engine request.
+replica stream cancelled, which aborts the engine request.  The prompt is tokenized once, here:
+its length routes the request and its token ids go to the engine.
 """
 
 from __future__ import annotations
@@ -53,14 +56,20 @@ class _OpenAIRequest(BaseModel):
     max_tokens: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    # sampling (passed to vLLM's SamplingParams; the simulated engine has no model and ignores them)
+    temperature: float | None = Field(default=None, ge=0.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    ignore_eos: bool | None = None  # vLLM's extension: generate exactly max_tokens tokens
     user: str | None = None  # accepted, ignored
+
+    def sampling(self) -> dict[str, Any]:
+        fields = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "ignore_eos")
+        return {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -92,6 +101,16 @@ class RequestError(Exception):
 
     def to_openai(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class EngineAbort(Exception):
+    """The engine finished a request with finish reason "abort" (e.g. its scheduler rejected it)."""
+
+    def __init__(self, reason: str | None) -> None:
+        super().__init__(reason or "no reason given")
+
+    def to_request_error(self) -> RequestError:
+        return RequestError(500, f"the engine aborted the request: {self}", type="server_error", code="engine_abort")
 
 
 def _error_response(err: RequestError | AuthError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -173,13 +192,15 @@ class Ingress:
             return _error_response(e)
         headers = {"x-tier": tier}
         try:
-            req, prompt_len, max_tokens = await self._parse(request, chat)
+            req, prompt_ids, max_tokens = await self._parse(request, chat)
         except RequestError as e:
             return _error_response(e, headers)
         t = self.config.tier(tier)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        payload = {"request_id": rid, "prompt_len": prompt_len, "max_tokens": max_tokens,
-                   "tier": tier, "tbt_slo_s": t.tbt_slo_s, "tier_rank": t.rank or 0}
+        prompt_len = len(prompt_ids)
+        payload = {"request_id": rid, "prompt_len": prompt_len, "prompt_token_ids": prompt_ids,
+                   "max_tokens": max_tokens, "tier": tier, "tbt_slo_s": t.tbt_slo_s, "tier_rank": t.rank or 0,
+                   "sampling": req.sampling()}
         gen = self.replicas.options(stream=True).generate.remote(payload)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         if req.stream:
@@ -189,12 +210,19 @@ class Ingress:
         try:
             n = 0
             parts = []
+            finish = "length"
             async for chunk in gen:
+                parts.append(self._text(chunk))
                 n = int(chunk["index"])
-                parts.append(self.tokenizer.sim_token_text(n))
+                finish = chunk.get("finish_reason") or finish
+            if finish == "abort":
+                raise EngineAbort(chunk.get("stop_reason"))
         except asyncio.CancelledError:
             gen.cancel()  # client gone: abort the engine request
             raise
+        except EngineAbort as e:
+            logger.warning("request %s aborted by the engine: %s", rid, e)
+            return _error_response(e.to_request_error(), headers)
         except Exception as e:  # noqa: BLE001
             gen.cancel()
             logger.warning("request %s failed: %r", rid, e)
@@ -206,13 +234,19 @@ class Ingress:
         if chat:
             body = {**base, "object": "chat.completion", "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                 "finish_reason": "length"}], "usage": usage}
+                 "finish_reason": finish}], "usage": usage}
         else:
             body = {**base, "object": "text_completion", "choices": [
-                {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}], "usage": usage}
+                {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": usage}
         return JSONResponse(body, headers=headers)
 
-    async def _parse(self, request: Request, chat: bool) -> tuple[_OpenAIRequest, int, int]:
+    def _text(self, chunk: dict[str, Any]) -> str:
+        """A chunk's new text: the engine's (vLLM), or the simulated token's (the sim backend
+        produces one token per chunk and no text)."""
+        text = chunk.get("text")
+        return text if text is not None else self.tokenizer.sim_token_text(int(chunk["index"]))
+
+    async def _parse(self, request: Request, chat: bool) -> tuple[_OpenAIRequest, list[int], int]:
         limit = self.config.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -242,13 +276,11 @@ class Ingress:
         max_tokens = req.max_tokens
         if chat and req.max_completion_tokens is not None:  # type: ignore[attr-defined]
             max_tokens = req.max_completion_tokens  # type: ignore[attr-defined]
-        if max_tokens is None:
-            max_tokens = self.config.default_max_tokens
-        if max_tokens <= 0:
+        if max_tokens is not None and max_tokens <= 0:
             raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens",
                                code="invalid_value")
         if chat:
-            prompt_len = self.tokenizer.count(_chat_prompt(req.messages))  # type: ignore[attr-defined]
+            prompt_ids = self.tokenizer.encode(_chat_prompt(req.messages))  # type: ignore[attr-defined]
         else:
             prompt = req.prompt  # type: ignore[attr-defined]
             if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
@@ -256,15 +288,31 @@ class Ingress:
                     raise RequestError(400, "batched prompts are not supported: send one prompt per request",
                                        param="prompt", code="invalid_value")
                 prompt = prompt[0]
-            prompt_len = self.tokenizer.count(prompt) if isinstance(prompt, str) else len(prompt)
+            if isinstance(prompt, str):
+                prompt_ids = self.tokenizer.encode(prompt)
+            else:
+                prompt_ids = [int(t) for t in prompt]
+                bad = next((t for t in prompt_ids if not 0 <= t < self.tokenizer.vocab_size), None)
+                if bad is not None:
+                    raise RequestError(400, f"token id {bad} is out of the vocabulary (0..{self.tokenizer.vocab_size - 1})",
+                                       param="prompt", code="invalid_value")
+        prompt_len = len(prompt_ids)
+        param = "messages" if chat else "prompt"
         if prompt_len == 0:
-            raise RequestError(400, "the prompt is empty", param="messages" if chat else "prompt",
-                               code="invalid_value")
-        if prompt_len > self.max_context_tokens:
-            raise RequestError(400, f"This model's maximum context length is {self.max_context_tokens} tokens; "
-                               f"the prompt has {prompt_len} tokens", param="messages" if chat else "prompt",
+            raise RequestError(400, "the prompt is empty", param=param, code="invalid_value")
+        ctx = self.max_context_tokens
+        if prompt_len >= ctx:
+            raise RequestError(400, f"This model's maximum context length is {ctx} tokens; the prompt has "
+                               f"{prompt_len} tokens, which leaves no room for a completion", param=param,
                                code="context_length_exceeded")
-        return req, prompt_len, int(max_tokens)
+        if max_tokens is None:
+            max_tokens = min(self.config.default_max_tokens, ctx - prompt_len)
+        elif prompt_len + max_tokens > ctx:
+            raise RequestError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                               f"{prompt_len + max_tokens} tokens ({prompt_len} in the {param}, {max_tokens} in the "
+                               f"completion). Please reduce the length of the {param} or completion.",
+                               param="max_tokens", code="context_length_exceeded")
+        return req, prompt_ids, int(max_tokens)
 
     async def _sse(self, gen: Any, rid: str, chat: bool, prompt_len: int, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
@@ -288,10 +336,16 @@ class Ingress:
         try:
             if chat:
                 yield chunk("", None, first=True)
+            finish = "length"
             async for c in gen:
                 n = int(c["index"])
-                yield chunk(self.tokenizer.sim_token_text(n), None)
-            yield chunk(None if chat else "", "length")
+                finish = c.get("finish_reason") or finish
+                if finish == "abort":
+                    raise EngineAbort(c.get("stop_reason"))
+                text = self._text(c)
+                if text or not c.get("finished"):
+                    yield chunk(text, None)
+            yield chunk(None if chat else "", finish)
             if include_usage:
                 usage = {"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}
                 yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
@@ -301,8 +355,8 @@ class Ingress:
             raise
         except Exception as e:  # noqa: BLE001
             logger.warning("stream %s failed: %r", rid, e)
-            err = RequestError(500, "the replica failed to serve the request", type="server_error",
-                               code="internal_error")
+            err = e.to_request_error() if isinstance(e, EngineAbort) else RequestError(
+                500, "the replica failed to serve the request", type="server_error", code="internal_error")
             yield f"data: {json.dumps(err.to_openai())}\n\n"
             yield "data: [DONE]\n\n"
             done = True

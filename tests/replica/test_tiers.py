@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +220,19 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_tier_error_is_value_error() -> None:
     assert issubclass(TierError, ValueError)
+
+
+def test_inline_json_round_trips_a_mix_with_its_ranks():
+    mix = TierMix(tiers=[TierSpec(name="gold", tbt_slo_s=0.5, share=0.5, rank=0),
+                         TierSpec(name="free", tbt_slo_s=0.1, share=0.5, rank=1)])
+    assert parse_tiers(mix.model_dump_json()) == mix
+    assert parse_tiers(json.dumps([t.model_dump() for t in mix.tiers])) == mix
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('{"tiers": [', "malformed JSON"),
+    ('[{"name": "a", "tbt_slo_s": -1, "share": 1}]', "tbt_slo_s"),
+])
+def test_bad_inline_json_is_a_tier_error_naming_the_problem(text, fragment):
+    with pytest.raises(TierError, match=fragment):
+        parse_tiers(text)

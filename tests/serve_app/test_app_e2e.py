@@ -136,6 +136,10 @@ def test_a_free_key_cannot_ask_for_premium(base_url):
     ({"model": "gpt-unknown", "prompt": "hi", "max_tokens": 3}, 404, "model_not_found"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "invalid_value"),
     ({"model": MODEL, "prompt": "hello " * (CONTEXT + 10), "max_tokens": 3}, 400, "context_length_exceeded"),
+    ({"model": MODEL, "prompt": [5] * (CONTEXT - 4), "max_tokens": 5}, 400, "context_length_exceeded"),
+    ({"model": MODEL, "prompt": [5, 10**9], "max_tokens": 3}, 400, "invalid_value"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 3, "temperature": -1}, 400, "invalid_value"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 3, "top_p": 0}, 400, "invalid_value"),
     ({"model": MODEL, "prompt": "x" * 30_000, "max_tokens": 3}, 413, "request_too_large"),
 ])
 def test_bad_inputs_get_openai_errors(base_url, body, status, code):
@@ -143,6 +147,19 @@ def test_bad_inputs_get_openai_errors(base_url, body, status, code):
         else {"json": body, "headers": _auth()}
     r = httpx.post(f"{base_url}/v1/completions", timeout=30, **kw)
     _assert_error(r, status, code)
+
+
+def test_without_max_tokens_a_request_gets_what_the_context_leaves(base_url):
+    r = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": [5] * (CONTEXT - 3)},
+                   headers=_auth(), timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"] == {"prompt_tokens": CONTEXT - 3, "completion_tokens": 3, "total_tokens": CONTEXT}
+
+
+def test_a_prompt_filling_the_whole_context_is_rejected(base_url):
+    r = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": [5] * CONTEXT}, headers=_auth(),
+                   timeout=30)
+    _assert_error(r, 400, "context_length_exceeded")
 
 
 def test_streaming_through_the_openai_sdk(base_url):
