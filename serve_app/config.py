@@ -264,9 +264,12 @@ EngineConfig = Annotated[
 
 
 class RouterConfig(_Strict):
-    # serve-default: no custom router, Ray Serve's own (power of two choices on queue length);
-    # a baseline for benchmarks.
-    policy: Literal["slo", "pow2", "round_robin", "serve-default"] = "slo"
+    # A routing policy of router.policies.registry (same names, `_` for `-`; the registry tests
+    # check the two lists agree), or serve-default: no custom router, Ray Serve's own (power of
+    # two choices on queue length); a baseline for benchmarks.
+    policy: Literal["slo", "pow2", "round_robin", "least_work", "sita", "serve-default"] = Field(
+        default="slo", description="routing policy: slo (ours), pow2, round_robin, least_work, sita, "
+                                   "or serve-default (Ray Serve's router, no custom one)")
     feedback_period_s: float = Field(default=1.0, gt=0, description="replica feedback poll period (s)")
     feedback_timeout_s: float = Field(default=5.0, gt=0, description="timeout of one feedback poll (s)")
 

@@ -2,11 +2,16 @@
 
 import pytest
 
+from typing import get_args
+
 from router.policies.base import RoutingPolicy, RoutingRequest
+from router.policies.least_work import LeastWorkPolicy
 from router.policies.pow2 import PowerOfTwoPolicy
 from router.policies.registry import available_router_policies, make_router_policy
 from router.policies.round_robin import RoundRobinPolicy
+from router.policies.sita import SITAPolicy
 from router.policies.slo import SLOPolicy
+from serve_app.config import RouterConfig
 
 
 @pytest.mark.parametrize("name, kw, cls", [
@@ -15,6 +20,11 @@ from router.policies.slo import SLOPolicy
     ("Pow2", {"seed": 1}, PowerOfTwoPolicy),
     ("slo", {}, SLOPolicy),
     ("slo", {"token_budget": 256, "tier_tbt_slo_s": {"premium": 0.1}}, SLOPolicy),
+    ("least_work", {}, LeastWorkPolicy),
+    ("least-work", {"decode_token_weight": 0}, LeastWorkPolicy),
+    ("SITA", {}, SITAPolicy),
+    ("sita", {"thresholds": [100, 1000]}, SITAPolicy),
+    ("sita", {"num_intervals": 3}, SITAPolicy),
 ])
 def test_names_make_fresh_policies(name, kw, cls):
     a, b = make_router_policy(name, **kw), make_router_policy(name, **kw)
@@ -22,18 +32,36 @@ def test_names_make_fresh_policies(name, kw, cls):
     assert a.name in available_router_policies()
 
 
-def test_options_reach_the_policy():
-    assert make_router_policy("slo", token_budget=256, kv_limit=0.9).config.token_budget == 256
+@pytest.mark.parametrize("name, kw, field, value", [
+    ("slo", {"token_budget": 256, "kv_limit": 0.9}, "token_budget", 256),
+    ("least_work", {"decode_token_weight": 16}, "decode_token_weight", 16),
+    ("sita", {"thresholds": [100, 1000]}, "thresholds", (100, 1000)),
+])
+def test_options_reach_the_policy(name, kw, field, value):
+    assert getattr(make_router_policy(name, **kw).config, field) == value
+
+
+def test_the_app_config_offers_exactly_the_registered_policies():
+    offered = set(get_args(RouterConfig.model_fields["policy"].annotation)) - {"serve-default"}
+    assert {name.replace("_", "-") for name in offered} == set(available_router_policies())
+    for name in offered:  # the config's spelling is accepted as is
+        make_router_policy(name)
 
 
 @pytest.mark.parametrize("name, kw, match", [
-    ("least-loaded", {}, r"unknown routing policy 'least-loaded'; choices: pow2, round-robin, slo"),
+    ("least-loaded", {}, r"unknown routing policy 'least-loaded'; choices: least-work, pow2, round-robin, sita, slo"),
     ("", {}, "unknown routing policy"),
     ("pow2", {"sed": 1}, r"bad options for routing policy 'pow2'.*sed"),
     ("round-robin", {"seed": 1}, "bad options for routing policy 'round-robin'"),
     ("slo", {"token_budgett": 1}, r"(?s)bad options for routing policy 'slo'.*token_budgett"),
     ("slo", {"token_budget": 0}, r"(?s)bad options for routing policy 'slo'.*token_budget"),
     ("slo", {"kv_limit": 1.5}, "kv_limit"),
+    ("least_work", {"decode_token_weight": -1}, r"(?s)bad options for routing policy 'least-work'.*weight"),
+    ("least_work", {"decode_weight": 4}, r"(?s)bad options for routing policy 'least-work'.*decode_weight"),
+    ("sita", {"thresholds": [1000, 100]}, r"(?s)bad options for routing policy 'sita'.*non-decreasing"),
+    ("sita", {"thresholds": [100], "num_intervals": 2}, r"(?s)bad options.*not both"),
+    ("sita", {"num_intervals": 0}, r"(?s)bad options.*num_intervals"),
+    ("sita", {"trace": "no/such/trace.csv"}, r"(?s)bad options for routing policy 'sita'.*no such file"),
 ])
 def test_registry_errors(name, kw, match):
     with pytest.raises(ValueError, match=match):
