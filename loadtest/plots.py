@@ -61,3 +61,36 @@ def plot_ttft_by_prompt(at_reference: dict[str, dict[str, Any]], path: Path, tit
     ax.set_title(title)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_capacity_vs_replicas(scaling: dict[int, dict[str, float]], path: Path, title: str) -> Path:
+    """Cluster capacity (QPS) against the number of replicas, one line per router+scheduler."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ns = sorted(scaling)
+    pairs = list(dict.fromkeys(p for n in ns for p in scaling[n]))
+    for pair in pairs:
+        xs = [n for n in ns if pair in scaling[n]]
+        ax.plot(xs, [scaling[n][pair] for n in xs], marker="o", ms=4, label=pair)
+    ax.set_xlabel("replicas")
+    ax.set_ylabel("capacity (QPS)")
+    ax.set_xticks(ns)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_tbt_at_capacity(pairs: dict[str, dict[str, Any]], tiers: dict[str, float], path: Path, title: str) -> Path:
+    """Per-tier P99 TBT at each pair's capacity, with the tiers' SLOs."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = list(pairs)
+    width = 0.8 / max(1, len(tiers))
+    for k, (tier, slo_s) in enumerate(tiers.items()):
+        vals = [pairs[p]["tbt_p99_s"].get(tier, float("nan")) for p in names]
+        bars = ax.bar([i + k * width for i in range(len(names))], vals, width=width, label=f"{tier} (SLO {slo_s:g} s)")
+        ax.hlines(slo_s, -0.4, len(names) - 0.2, colors=bars.patches[0].get_facecolor() if bars.patches else "grey",
+                  linestyles="--", lw=1)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel("P99 TBT at capacity (s)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

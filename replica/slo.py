@@ -9,8 +9,9 @@ mean batch time, per-tier TTFT/TBT quantiles and misses over the window.
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections import deque
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -22,10 +23,39 @@ SNAPSHOT_VERSION = 1
 PROMPT_HISTOGRAM_EDGES = (0, 512, 1024, 2048, 4096, 8192)
 
 
+class _Series:
+    """(time, value) samples in time order, trimmed from the front: times and values in flat
+    float arrays with a start offset, so a quantile over the window is one array copy."""
+
+    __slots__ = ("times", "values", "start")
+
+    def __init__(self) -> None:
+        self.times = array("d")
+        self.values = array("d")
+        self.start = 0
+
+    def append(self, t: float, value: float) -> None:
+        self.times.append(t)
+        self.values.append(value)
+
+    def trim(self, horizon: float) -> None:
+        self.start = bisect.bisect_left(self.times, horizon, lo=self.start)
+        if self.start > 4096 and 2 * self.start > len(self.times):
+            del self.times[: self.start]
+            del self.values[: self.start]
+            self.start = 0
+
+    def window(self) -> np.ndarray:
+        return np.array(self.values[self.start:], dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self.times) - self.start
+
+
 @dataclass
 class _TierWindow:
-    ttft: deque = field(default_factory=deque)  # (t, ttft_s)
-    tbt: deque = field(default_factory=deque)  # (t, gap_s)
+    ttft: _Series = field(default_factory=_Series)
+    tbt: _Series = field(default_factory=_Series)
     ttft_misses: int = 0
     tbt_misses: int = 0
     tokens: int = 0
@@ -52,29 +82,28 @@ class SLOTracker:
             w.tokens += 1
             if r.last_token_s is None:
                 ttft = t - r.arrival_s
-                w.ttft.append((t, ttft))
+                w.ttft.append(t, ttft)
                 target = self.ttft_target_s.get(r.tier)
                 if target is not None and ttft > target:
                     w.ttft_misses += 1
             else:
                 gap = t - r.last_token_s
-                w.tbt.append((t, gap))
+                w.tbt.append(t, gap)
                 if gap > r.tbt_slo_s:
                     w.tbt_misses += 1
 
     def _trim(self, now: float) -> None:
         horizon = now - self.window_s
         for w in self.tiers.values():
-            for q in (w.ttft, w.tbt):
-                while q and q[0][0] < horizon:
-                    q.popleft()
+            w.ttft.trim(horizon)
+            w.tbt.trim(horizon)
 
     def tier_stats(self, now: float) -> dict[str, dict[str, float | int | None]]:
         self._trim(now)
         out = {}
         for name, w in self.tiers.items():
-            ttft = np.fromiter((v for _, v in w.ttft), float, len(w.ttft))
-            tbt = np.fromiter((v for _, v in w.tbt), float, len(w.tbt))
+            ttft = w.ttft.window()
+            tbt = w.tbt.window()
             slo = self.tbt_slo_s.get(name)
             out[name] = {
                 "ttft_p50_s": float(np.median(ttft)) if len(ttft) else None,

@@ -4,6 +4,8 @@
       the paper's single-GPU experiment for every scheduler: QPS sweep, capacity, comparison
   python -m loadtest.simulate run --scheduler S --qps Q [--requests N] ...
       one scheduler at one QPS, statistics printed as JSON
+  python -m loadtest.simulate cluster --replicas N[,N...] [--pairs ROUTER+SCHEDULER,...] [--json PATH]
+      N replicas behind routers (virtual time, stale feedback, ledger): capacity of each pair
 """
 
 from __future__ import annotations
@@ -97,6 +99,64 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _pairs(text: str) -> list[str]:
+    from loadtest.simulate.cluster_sweep import split_pair
+    from router.policies.registry import available_router_policies
+
+    pairs = [x.strip() for x in text.split(",") if x.strip()]
+    routers = {r.replace("-", "_") for r in available_router_policies()}
+    for pair in pairs:
+        try:
+            router, scheduler = split_pair(pair)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if router.replace("-", "_") not in routers:
+            raise argparse.ArgumentTypeError(f"unknown router {router!r} in {pair!r}; choose from {sorted(routers)}")
+        _schedulers(scheduler)
+    return pairs
+
+
+def cmd_cluster(a: argparse.Namespace) -> int:
+    from loadtest.simulate.cluster_sweep import ClusterSetup, cluster_capacity, make_runner, report
+
+    _setup(a)  # checks trace, profile and tiers (the first profile) before any work
+    for name in a.profile.split(","):
+        try:
+            _profile(name.strip())
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    t0 = time.perf_counter()
+    scaling: dict[int, dict[str, float]] = {}
+    pairs: dict = {}
+    setup = None
+    for n in a.replicas:
+        requests = a.requests if a.requests_total else a.requests * n
+        setup = ClusterSetup(num_replicas=n, profiles=a.profile, trace=a.trace, tokenizer=a.tokenizer, tiers=a.tiers,
+                             requests=requests, seed=a.seed, kv_blocks=a.kv_blocks, num_routers=a.routers,
+                             feedback_period_s=a.feedback_period, feedback_delay_s=a.feedback_delay,
+                             use_ledger=not a.no_ledger)
+        with make_runner(setup, a.jobs, not a.quiet) as runner:
+            pairs = cluster_capacity(runner, a.pairs, a.qps, refine_steps=a.refine)
+        scaling[n] = {p: r["capacity_qps"] for p, r in pairs.items()}
+    wall_s = time.perf_counter() - t0
+    out = Path(a.out or f"results/cluster-{Path(a.profile.split(',')[0]).stem}-n{a.replicas[-1]}")
+    paths = report(setup, pairs, scaling, wall_s, out, a.json)
+    print((out / "summary.md").read_text())
+    print(f"wrote {', '.join(str(p) for p in paths)}; {wall_s:.1f} s", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.simulate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,7 +179,32 @@ def main(argv: list[str] | None = None) -> int:
     _setup_args(r)
     r.add_argument("--scheduler", required=True, type=lambda s: _schedulers(s)[0])
     r.add_argument("--qps", required=True, type=float)
+    c = sub.add_parser("cluster", help="N replicas behind routers: capacity of (router, scheduler) pairs")
+    _setup_args(c)
+    from loadtest.simulate.cluster_sweep import CLUSTER_QPS_PER_REPLICA, DEFAULT_PAIRS
+
+    c.set_defaults(requests=1000)
+    c.add_argument("--replicas", type=_ints, required=True,
+                   help="replicas N, or a list (1,4,8,16) for capacity vs N; the JSON's pairs are the last N's")
+    c.add_argument("--requests-total", action="store_true",
+                   help="--requests is per run for the whole cluster (default: per replica, scaled by N)")
+    c.add_argument("--pairs", type=_pairs, default=list(DEFAULT_PAIRS), help="ROUTER+SCHEDULER,... (default %(default)s)")
+    c.add_argument("--qps", type=_floats, default=list(CLUSTER_QPS_PER_REPLICA),
+                   help="QPS points per replica, scaled by N (default %(default)s)")
+    c.add_argument("--routers", type=int, default=1, help="routers in front of the replicas (default 1)")
+    c.add_argument("--feedback-period", type=float, default=1.0, help="snapshot period, s (default 1)")
+    c.add_argument("--feedback-delay", type=float, default=0.0, help="snapshot delivery delay, s (default 0)")
+    c.add_argument("--no-ledger", action="store_true", help="routers keep no in-flight ledger")
+    c.add_argument("--refine", type=int, default=3, help="bisection rounds for each capacity (default %(default)s)")
+    c.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    c.add_argument("--out", default=None, help="results folder (default results/cluster-PROFILE-nN)")
+    c.add_argument("--json", default=None, help="also write the results JSON here")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
+    if a.cmd == "cluster":
+        if a.routers < 1 or a.feedback_period <= 0 or a.feedback_delay < 0:
+            raise SystemExit("error: --routers must be >= 1, --feedback-period > 0, --feedback-delay >= 0")
+        return cmd_cluster(a)
     if a.cmd == "paper":
         a.out = a.out or f"results/paper-{Path(a.profile).stem}"
         return cmd_paper(a)

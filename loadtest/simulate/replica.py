@@ -65,19 +65,60 @@ class ReplicaRun:
     wall_s: float = 0.0
 
 
-def run_replica(
-    workload: Workload,
-    policy: SchedulingPolicy,
-    cost: CostModel,
-    num_kv_blocks: int = PAPER_KV_BLOCKS,
-    fast_forward: bool = True,
-) -> ReplicaRun:
-    """Run every request to completion (no time limit: runs drain). `fast_forward=False` makes
-    the engine step decode stretches one iteration at a time (same results, slower)."""
-    t0 = time.perf_counter()
+class TokenLog:
+    """Every request's TBT gaps and SLO misses, from the engine's token callbacks (request ids
+    are indices into the workload).  Gaps shared by many requests in a fast-forwarded decode
+    stretch are stored once with a weight."""
+
+    def __init__(self, workload: Workload) -> None:
+        names = [t.name for t in workload.tiers.tiers]
+        self.workload = workload
+        self.gaps: dict[str, array] = {k: array("d") for k in names}
+        self.rep_gaps: dict[str, array] = {k: array("d") for k in names}
+        self.rep_weights: dict[str, array] = {k: array("d") for k in names}
+        self.misses = np.zeros(len(workload), dtype=np.int64)
+
+    def on_tokens(self, emitted: list[Request], t: float) -> None:
+        gaps, misses = self.gaps, self.misses
+        for r in emitted:
+            last = r.last_token_s
+            if last is not None:
+                gap = t - last
+                gaps[r.tier].append(gap)
+                if gap > r.tbt_slo_s:
+                    misses[int(r.req_id)] += 1
+
+    def on_repeated_tokens(self, reqs: list[Request], ends: list[float]) -> None:
+        self.on_tokens(reqs, ends[0])
+        if len(ends) < 2:
+            return
+        common = np.diff(ends)
+        per_tier: dict[str, int] = {}
+        for r in reqs:
+            per_tier[r.tier] = per_tier.get(r.tier, 0) + 1
+        for tier, count in per_tier.items():
+            self.rep_gaps[tier].extend(common.tolist())
+            self.rep_weights[tier].extend([float(count)] * len(common))
+        slo_misses = {slo: int((common > slo).sum()) for slo in {r.tbt_slo_s for r in reqs}}
+        if any(slo_misses.values()):
+            for r in reqs:
+                self.misses[int(r.req_id)] += slo_misses[r.tbt_slo_s]
+
+    def tbt_s(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([np.frombuffer(self.gaps[k]), np.frombuffer(self.rep_gaps[k])]) for k in self.gaps}
+
+    def tbt_weight(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([np.ones(len(self.gaps[k])), np.frombuffer(self.rep_weights[k])])
+                for k in self.gaps}
+
+    def tbt_miss_frac(self) -> np.ndarray:
+        return self.misses / np.maximum(self.workload.output_lens - 1, 1)
+
+
+def make_requests(workload: Workload) -> list[Request]:
+    """The workload's requests as engine requests (ids: their index)."""
     tiers = workload.tiers.tiers
-    n = len(workload)
-    reqs = [
+    return [
         Request(
             req_id=str(i),
             prompt_len=int(workload.prompt_lens[i]),
@@ -89,40 +130,24 @@ def run_replica(
         )
         for i, t in enumerate(workload.tier_idx)
     ]
-    gaps: dict[str, array] = {t.name: array("d") for t in tiers}
-    # Gaps shared by many requests in a fast-forwarded decode stretch, stored once with a weight.
-    rep_gaps: dict[str, array] = {t.name: array("d") for t in tiers}
-    rep_weights: dict[str, array] = {t.name: array("d") for t in tiers}
-    misses = np.zeros(n, dtype=np.int64)
 
-    def on_tokens(emitted: list[Request], t: float) -> None:
-        for r in emitted:
-            last = r.last_token_s
-            if last is not None:
-                gap = t - last
-                gaps[r.tier].append(gap)
-                if gap > r.tbt_slo_s:
-                    misses[int(r.req_id)] += 1
 
-    def on_repeated_tokens(reqs: list[Request], ends: list[float]) -> None:
-        on_tokens(reqs, ends[0])
-        if len(ends) < 2:
-            return
-        common = np.diff(ends)
-        per_tier: dict[str, int] = {}
-        for r in reqs:
-            per_tier[r.tier] = per_tier.get(r.tier, 0) + 1
-        for tier, count in per_tier.items():
-            rep_gaps[tier].extend(common.tolist())
-            rep_weights[tier].extend([float(count)] * len(common))
-        slo_misses = {slo: int((common > slo).sum()) for slo in {r.tbt_slo_s for r in reqs}}
-        if any(slo_misses.values()):
-            for r in reqs:
-                misses[int(r.req_id)] += slo_misses[r.tbt_slo_s]
-
+def run_replica(
+    workload: Workload,
+    policy: SchedulingPolicy,
+    cost: CostModel,
+    num_kv_blocks: int = PAPER_KV_BLOCKS,
+    fast_forward: bool = True,
+) -> ReplicaRun:
+    """Run every request to completion (no time limit: runs drain). `fast_forward=False` makes
+    the engine step decode stretches one iteration at a time (same results, slower)."""
+    t0 = time.perf_counter()
+    n = len(workload)
+    reqs = make_requests(workload)
+    log = TokenLog(workload)
     engine = SimEngine(
-        policy, cost, num_kv_blocks=num_kv_blocks, on_tokens=on_tokens,
-        on_repeated_tokens=on_repeated_tokens if fast_forward else None,
+        policy, cost, num_kv_blocks=num_kv_blocks, on_tokens=log.on_tokens,
+        on_repeated_tokens=log.on_repeated_tokens if fast_forward else None,
     )
     arrival = workload.arrival_s.tolist()
     i = 0
@@ -145,17 +170,14 @@ def run_replica(
 
     ttft = np.array([(r.first_token_s - r.arrival_s) if r.first_token_s is not None else np.inf for r in reqs])
     finish = np.array([r.last_token_s if r.is_finished else np.inf for r in reqs])
-    num_gaps = np.maximum(workload.output_lens - 1, 1)
     return ReplicaRun(
         scheduler=policy.name,
         workload=workload,
         ttft_s=ttft,
         finish_s=finish,
-        tbt_miss_frac=misses / num_gaps,
-        tbt_s={k: np.concatenate([np.frombuffer(gaps[k]), np.frombuffer(rep_gaps[k])]) for k in gaps},
-        tbt_weight={
-            k: np.concatenate([np.ones(len(gaps[k])), np.frombuffer(rep_weights[k])]) for k in gaps
-        },
+        tbt_miss_frac=log.tbt_miss_frac(),
+        tbt_s=log.tbt_s(),
+        tbt_weight=log.tbt_weight(),
         waiting_at_last_arrival=waiting_at_last_arrival,
         unfinished=sum(1 for r in reqs if not r.is_finished),
         num_iterations=engine.num_iterations,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 import multiprocessing as mp
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
@@ -63,16 +63,22 @@ def run_point(setup: SweepSetup, scheduler: str, qps: float) -> dict[str, Any]:
     return {"scheduler": scheduler, **summarize(run)}
 
 
-def _task(args: tuple[dict, str, float]) -> dict[str, Any]:
-    setup_dict, scheduler, qps = args
-    return run_point(SweepSetup(**setup_dict), scheduler, qps)
+def _task(args: tuple[Callable[[Any, str, float], dict[str, Any]], Any, str, float]) -> dict[str, Any]:
+    point_fn, setup, key, qps = args
+    return point_fn(setup, key, qps)
 
 
 class Runner:
-    """Runs batches of (scheduler, qps) tasks on `jobs` processes with one progress bar."""
+    """Runs batches of (key, qps) tasks on `jobs` processes with one progress bar: a task is
+    `point_fn(setup, key, qps)` (default `run_point`: key = a scheduler name), a module-level
+    function returning a summary dict that holds `key` under `key_field`."""
 
-    def __init__(self, setup: SweepSetup, jobs: int | None = None, progress: bool = True) -> None:
+    def __init__(self, setup: Any, jobs: int | None = None, progress: bool = True,
+                 point_fn: Callable[[Any, str, float], dict[str, Any]] = run_point,
+                 key_field: str = "scheduler") -> None:
         self.setup = setup
+        self.point_fn = point_fn
+        self.key_field = key_field
         self.jobs = max(1, jobs or os.cpu_count() or 1)
         self.progress = progress
         self._pool = mp.get_context("fork").Pool(self.jobs) if self.jobs > 1 else None
@@ -83,7 +89,7 @@ class Runner:
         self._bar.total += len(tasks)
         self._bar.refresh()
         # heaviest first (high QPS runs longest), so no worker is left with a long tail alone
-        args = [(asdict(self.setup), s, q) for s, q in sorted(tasks, key=lambda t: -t[1])]
+        args = [(self.point_fn, self.setup, s, q) for s, q in sorted(tasks, key=lambda t: -t[1])]
         out = []
         it = self._pool.imap_unordered(_task, args) if self._pool else map(_task, args)
         for res in it:
@@ -116,7 +122,7 @@ def sweep_with_capacity(
     `keys` (the paper's capacity and the stable one)."""
     points: dict[str, list[dict]] = {s: [] for s in schedulers}
     for res in runner.run((s, q) for s in schedulers for q in qps_grid):
-        points[res["scheduler"]].append(res)
+        points[res[runner.key_field]].append(res)
     for _ in range(refine_steps):
         todo = sorted(
             {
@@ -129,7 +135,7 @@ def sweep_with_capacity(
         if not todo:
             break
         for res in runner.run(todo):
-            points[res["scheduler"]].append(res)
+            points[res[runner.key_field]].append(res)
     out = {}
     for s in schedulers:
         pts = sorted(points[s], key=lambda p: p["qps"])
