@@ -85,6 +85,18 @@ def model_context_tokens(engine: SimEngineConfig | VLLMEngineConfig) -> int:
     return DEFAULT_MAX_CONTEXT_TOKENS
 
 
+def router_kwargs(config: AppConfig) -> dict[str, Any]:
+    """The TierAwareRouter's kwargs: the policy name, and what the `slo` policy needs to know of
+    the deployment (each tier's TBT SLO; the replicas' token budget when the config sets it)."""
+    kwargs: dict[str, Any] = {"policy": config.router.policy}
+    if config.router.policy == "slo":
+        kwargs["tier_tbt_slo_s"] = {t.name: t.tbt_slo_s for t in config.tiers}
+        budget = getattr(config.engine, "max_num_batched_tokens", None)
+        if budget is not None:
+            kwargs["token_budget"] = budget
+    return kwargs
+
+
 def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None = None,
                           ingress_num_cpus: float = 0.0) -> Application:
     eng = config.engine
@@ -100,7 +112,7 @@ def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None =
     if config.router.policy != "serve-default":
         router_options["request_router_config"] = RequestRouterConfig(
             request_router_class=ROUTER_CLASS,
-            request_router_kwargs={"policy": config.router.policy},
+            request_router_kwargs=router_kwargs(config),
             request_routing_stats_period_s=config.router.feedback_period_s,
             request_routing_stats_timeout_s=config.router.feedback_timeout_s,
         )

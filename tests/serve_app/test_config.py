@@ -278,3 +278,12 @@ def test_bad_key_files_name_file_and_line(tmp_path: Path, text: str, line: str, 
     msg = str(info.value)
     assert f"{keys}, {line}" in msg and fragment in msg
     assert "dev-key" not in msg
+
+
+def test_the_slo_router_is_told_the_tiers_slos_and_the_token_budget():
+    from serve_app.app import router_kwargs
+
+    config = load_config(CONFIGS_DIR / "vllm-gpu.yaml", overrides={"engine.model": "/models/m"})
+    assert router_kwargs(config) == {"policy": "slo", "tier_tbt_slo_s": {"premium": 0.1, "free": 0.5},
+                                     "token_budget": 512}
+    assert router_kwargs(AppConfig(router={"policy": "pow2"})) == {"policy": "pow2"}
