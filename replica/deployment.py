@@ -19,11 +19,15 @@ Requests arrive through a DeploymentHandle (so the router sees tier and prompt l
 (``index``: completion tokens so far; ``text``: the new text, None from the sim backend, whose
 tokens have no text).  Cancelling the stream (client gone) aborts the engine request.
 `record_routing_stats()` returns the feedback snapshot (`replica.slo`) that Serve pushes to
-every router.
+every router; the same snapshot sets the replica's Prometheus gauges (`serve_app.metrics`:
+queued prefill tokens, waiting/running requests, decodes per tier, KV use, mean batch time), also
+refreshed by a background task every ``TIERED_METRICS_PERIOD_S`` (5 s) when Serve polls less often.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +35,8 @@ from typing import Any
 
 from replica.sim.engine import PAPER_KV_BLOCKS
 from replica.tiers import TierMix, TierSpec
+
+logger = logging.getLogger("ray.serve")
 
 DEFAULT_TIERS = {"premium": {"tbt_slo_s": 0.1, "ttft_target_s": 0.5, "rank": 0},
                  "free": {"tbt_slo_s": 0.5, "ttft_target_s": 0.5, "rank": 1}}
@@ -114,13 +120,50 @@ class LLMReplica:
                                        replica_id=self.replica_id)
         else:
             raise ValueError(f"unknown backend {backend!r}: expected 'sim' or 'vllm'")
+        from serve_app.metrics import ReplicaMetrics
+
+        self._metrics = ReplicaMetrics.create()  # None when TIERED_METRICS=0
+        self._metrics_task: asyncio.Task | None = None
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if self._metrics_task is None and self._metrics is not None:
+            self._start_metrics_task()
         async for chunk in self.backend.generate(request):
             yield chunk
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        return await self.backend.snapshot()
+        snap = await self.backend.snapshot()
+        if self._metrics is not None:
+            self._record_metrics(snap)
+            if self._metrics_task is None:
+                self._start_metrics_task()
+        return snap
+
+    # --- Prometheus gauges from the feedback snapshot ---------------------------------------------
+    def _record_metrics(self, snap: dict[str, Any]) -> None:
+        try:
+            self._metrics.update(snap)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - metrics never fail the replica
+            logger.warning("replica %s: recording metrics failed", self.replica_id, exc_info=True)
+
+    def _start_metrics_task(self) -> None:
+        self._metrics_task = asyncio.get_running_loop().create_task(self._metrics_loop())
+
+    async def _metrics_loop(self) -> None:
+        """Refresh the gauges every period unless record_routing_stats just did."""
+        from serve_app.metrics import REPLICA_METRICS_PERIOD_S
+
+        period = REPLICA_METRICS_PERIOD_S
+        while True:
+            await asyncio.sleep(period)
+            if self._metrics is None or not self._metrics.due(period):
+                continue
+            try:
+                snap = await self.backend.snapshot()
+            except Exception:  # noqa: BLE001
+                logger.debug("replica %s: no snapshot for the metrics", self.replica_id, exc_info=True)
+                continue
+            self._record_metrics(snap)
 
     def num_unfinished(self) -> int:
         return self.backend.num_unfinished

@@ -4,7 +4,8 @@ The arguments are `serve_app.app.build_app`'s, as for ``serve run serve_app.app:
 (``config=PATH``, dotted overrides such as ``engine.time_scale=0.1``).  Unlike a bare
 ``serve run`` (whose local cluster binds the machine's address), this starts Ray with every
 component on 127.0.0.1 and no dashboard, serves HTTP on the config's ``http.host``/``http.port``
-(default 127.0.0.1:8000), blocks until Ctrl-C or SIGTERM, then shuts Serve and Ray down.  On an
+(default 127.0.0.1:8000), exports Prometheus metrics on port ``TIERED_METRICS_EXPORT_PORT``
+(default 8080; docs/metrics.md), blocks until Ctrl-C or SIGTERM, then shuts Serve and Ray down.  On an
 existing Ray cluster use ``serve run serve_app.app:build_app ...`` (or KubeRay's serveConfigV2).
 """
 
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+    metrics_port = int(os.environ.get("TIERED_METRICS_EXPORT_PORT", "8080"))  # Prometheus scrapes /metrics here
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, _metrics_export_port=metrics_port)
     try:
         serve.start(http_options={"host": http.host, "port": http.port})
         serve.run(app, name="default", route_prefix="/")

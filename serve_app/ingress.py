@@ -36,6 +36,7 @@ from ray import serve
 
 from serve_app.auth import AuthError, KeyStore
 from serve_app.config import AppConfig
+from serve_app.metrics import IngressMetrics, RequestTimer, tier_slos
 from serve_app.tokenizer import Tokenizer, tokenizer_for
 
 __all__ = ["DEFAULT_MAX_CONTEXT_TOKENS", "ChatCompletionRequest", "CompletionRequest", "Ingress", "app"]
@@ -158,6 +159,8 @@ class Ingress:
         self.max_context_tokens = int(max_context_tokens)
         self.model_name = str(self.config.model_name)
         self.created = int(time.time())
+        # Prometheus metrics (serve_app.metrics): None when TIERED_METRICS=0
+        self.metrics: IngressMetrics | None = IngressMetrics.create(tier_slos(self.config.tiers))
         logger.info("ingress: model %s, %r, %r, context %d", self.model_name, self.keys, self.tokenizer,
                     self.max_context_tokens)
 
@@ -185,16 +188,24 @@ class Ingress:
     async def chat_completions(self, request: Request):
         return await self._serve(request, chat=True)
 
+    def _reject(self, err: RequestError | AuthError, tier: str | None,
+                headers: dict[str, str] | None = None) -> JSONResponse:
+        """The error response of a request turned away before a replica (counted by reason)."""
+        if self.metrics is not None:
+            self.metrics.rejected(tier, err.status_code, err.code)
+        return _error_response(err, headers)
+
     async def _serve(self, request: Request, *, chat: bool):
+        start = time.perf_counter()  # the request's arrival, for its TTFT
         try:
             tier = self.keys.tier_for(request.headers.get("authorization"))
         except AuthError as e:
-            return _error_response(e)
+            return self._reject(e, None)
         headers = {"x-tier": tier}
         try:
             req, prompt_ids, max_tokens = await self._parse(request, chat)
         except RequestError as e:
-            return _error_response(e, headers)
+            return self._reject(e, tier, headers)
         t = self.config.tier(tier)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         prompt_len = len(prompt_ids)
@@ -202,9 +213,10 @@ class Ingress:
                    "max_tokens": max_tokens, "tier": tier, "tbt_slo_s": t.tbt_slo_s, "tier_rank": t.rank or 0,
                    "sampling": req.sampling()}
         gen = self.replicas.options(stream=True).generate.remote(payload)
+        timer = self.metrics.admitted(tier, start) if self.metrics is not None else RequestTimer(None, start)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         if req.stream:
-            return StreamingResponse(self._sse(gen, rid, chat, prompt_len, include_usage),
+            return StreamingResponse(self._sse(gen, rid, chat, prompt_len, include_usage, timer),
                                      media_type="text/event-stream",
                                      headers={**headers, "cache-control": "no-cache"})
         try:
@@ -214,20 +226,25 @@ class Ingress:
             async for chunk in gen:
                 parts.append(self._text(chunk))
                 n = int(chunk["index"])
+                timer.tokens(n)
                 finish = chunk.get("finish_reason") or finish
             if finish == "abort":
                 raise EngineAbort(chunk.get("stop_reason"))
         except asyncio.CancelledError:
             gen.cancel()  # client gone: abort the engine request
+            timer.finish("cancelled")
             raise
         except EngineAbort as e:
             logger.warning("request %s aborted by the engine: %s", rid, e)
+            timer.finish("aborted")
             return _error_response(e.to_request_error(), headers)
         except Exception as e:  # noqa: BLE001
             gen.cancel()
             logger.warning("request %s failed: %r", rid, e)
+            timer.finish("error")
             return _error_response(RequestError(500, "the replica failed to serve the request",
                                                 type="server_error", code="internal_error"), headers)
+        timer.finish("completed")
         text = "".join(parts)
         usage = {"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}
         base = {"id": rid, "created": int(time.time()), "model": self.model_name}
@@ -314,7 +331,8 @@ class Ingress:
                                param="max_tokens", code="context_length_exceeded")
         return req, prompt_ids, int(max_tokens)
 
-    async def _sse(self, gen: Any, rid: str, chat: bool, prompt_len: int, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(self, gen: Any, rid: str, chat: bool, prompt_len: int, include_usage: bool,
+                   timer: RequestTimer) -> AsyncIterator[str]:
         created = int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": created, "model": self.model_name}
@@ -339,6 +357,7 @@ class Ingress:
             finish = "length"
             async for c in gen:
                 n = int(c["index"])
+                timer.tokens(n)
                 finish = c.get("finish_reason") or finish
                 if finish == "abort":
                     raise EngineAbort(c.get("stop_reason"))
@@ -349,12 +368,14 @@ class Ingress:
             if include_usage:
                 usage = {"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}
                 yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+            timer.finish("completed")
             yield "data: [DONE]\n\n"
             done = True
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001
             logger.warning("stream %s failed: %r", rid, e)
+            timer.finish("aborted" if isinstance(e, EngineAbort) else "error")
             err = e.to_request_error() if isinstance(e, EngineAbort) else RequestError(
                 500, "the replica failed to serve the request", type="server_error", code="internal_error")
             yield f"data: {json.dumps(err.to_openai())}\n\n"
@@ -363,3 +384,4 @@ class Ingress:
         finally:
             if not done:
                 gen.cancel()  # client disconnected mid-stream: abort the engine request
+                timer.finish("cancelled")  # (a no-op if the stream had already finished)
