@@ -15,6 +15,8 @@ id (``300 + n % 500``) decoded, so sim output is deterministic text.
 from __future__ import annotations
 
 import functools
+import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -54,15 +56,25 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A ``tokenizer.json`` file, or a folder holding one."""
+    """A ``tokenizer.json`` file, or a folder holding one; a Hugging Face hub id (``org/name``,
+    not a local path) is fetched from the hub, as vLLM fetches the model (``HF_TOKEN`` if set)."""
     from tokenizers import Tokenizer as HFTokenizer
 
     p = Path(path)
     if p.is_dir():
         p = p / "tokenizer.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"no tokenizer.json at {path}")
-    return Tokenizer(HFTokenizer.from_file(str(p)), str(p))
+    if p.is_file():
+        return Tokenizer(HFTokenizer.from_file(str(p)), str(p))
+    text = str(path)
+    if _HUB_ID.fullmatch(text) and not Path(text.split("/")[0]).exists():
+        try:
+            return Tokenizer(HFTokenizer.from_pretrained(text, token=os.environ.get("HF_TOKEN")), f"hub:{text}")
+        except Exception as e:  # noqa: BLE001 - no network, unknown id, gated model
+            raise FileNotFoundError(f"no tokenizer.json at {path}, and fetching the hub id {text!r} failed: {e}") from e
+    raise FileNotFoundError(f"no tokenizer.json at {path}")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 _LOCK = threading.Lock()

@@ -287,3 +287,11 @@ def test_the_slo_router_is_told_the_tiers_slos_and_the_token_budget():
     assert router_kwargs(config) == {"policy": "slo", "tier_tbt_slo_s": {"premium": 0.1, "free": 0.5},
                                      "token_budget": 512}
     assert router_kwargs(AppConfig(router={"policy": "pow2"})) == {"policy": "pow2"}
+
+
+def test_a_hub_model_id_without_network_fails_with_a_message_naming_it(monkeypatch):
+    from serve_app.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="mistralai/Mistral-7B-Instruct-v0.2"):
+        load_tokenizer("mistralai/Mistral-7B-Instruct-v0.2")
