@@ -129,8 +129,9 @@ def _pairs(text: str) -> list[str]:
 def cmd_cluster(a: argparse.Namespace) -> int:
     from loadtest.simulate.cluster_sweep import ClusterSetup, cluster_capacity, make_runner, report
 
-    _setup(a)  # checks trace, profile and tiers (the first profile) before any work
-    for name in a.profile.split(","):
+    names = [x.strip() for x in a.profile.split(",") if x.strip()]
+    _setup(argparse.Namespace(**{**vars(a), "profile": names[0] if names else a.profile}))  # trace, tiers
+    for name in names:
         try:
             _profile(name.strip())
         except (ValueError, OSError) as e:

@@ -120,3 +120,11 @@ def test_bad_cluster_arguments_are_refused(args, message, capsys):
     with pytest.raises(SystemExit):
         simulate_main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_the_cluster_command_takes_mixed_profiles(tmp_path):
+    code = simulate_main(["cluster", "--replicas", "2", "--requests", "60", "--qps", "2.0", "--refine", "0",
+                          "--profile", "rtx6000ada-mistral7b,h100-mistral7b", "--pairs", "slo+slai-spf-dynamic",
+                          "--jobs", "1", "--quiet", "--out", str(tmp_path)])
+    assert code == 0
+    assert json.loads((tmp_path / "results.json").read_text())["setup"]["profiles"] == "rtx6000ada-mistral7b,h100-mistral7b"
