@@ -28,7 +28,7 @@ def test_check_passes_on_shipped_profiles() -> None:
     result = run_calibrate("--check")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "match a fresh calibration" in result.stdout
-    for name in ("a100-mistral7b", "h100-mistral7b", "rtx6000ada-mistral7b"):
+    for name in ("a100-mistral7b", "h100-mistral7b", "rtx6000ada-mistral7b", "h100-mistral7b-measured"):
         assert name in result.stdout
 
 

@@ -16,7 +16,7 @@ from replica.cost import BatchShape, CostProfile, available_profiles, load_profi
 from replica.cost.profile import PROFILES_DIR
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "replica" / "cost" / "data"
-PROFILE_NAMES = ["a100-mistral7b", "h100-mistral7b", "rtx6000ada-mistral7b"]
+PROFILE_NAMES = ["a100-mistral7b", "h100-mistral7b", "h100-mistral7b-measured", "rtx6000ada-mistral7b"]
 
 # Paper (arXiv:2508.01002) token-budget sweep on the RTX 6000 Ada: 2048-token prompts alone.
 PAPER_SWEEP_MEAN_ITER_MS = {64: 22.7, 128: 24.1, 256: 28.8, 384: 37.8, 512: 46.5, 768: 57.1, 1024: 74.7}
