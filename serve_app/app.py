@@ -10,6 +10,12 @@ from Python), and binds:
   the replicas.  API keys are read at ingress start (`KeyStore.from_config`; by default the
   environment variable ``TIERED_API_KEYS``).
 
+Bounded queues (the config's ``admission`` section, `serve_app.admission`): the replica
+deployment's ``max_queued_requests`` bounds the requests waiting at the ingress's handle for a
+replica slot (Serve raises BackPressureError beyond it; the ingress answers 429), and the ingress
+deployment's bounds the requests the HTTP proxy holds for a busy ingress (Serve answers 429 with
+``Retry-After`` itself); the ingress's own admission policy sheds tiers before either fills.
+
 Other args: ``max_context_tokens`` (prompt + completion limit the ingress enforces; default
 `model_context_tokens`: vllm's ``max_model_len``, else the model's, else 8192) and ``ingress_num_cpus`` (default 0: the ingress is light).
 """
@@ -25,9 +31,10 @@ from typing import Any
 import yaml
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from replica.deployment import LLMReplica
+from serve_app.admission import ingress_max_queued_requests, replica_max_queued_requests
 from serve_app.config import (DEFAULT_CONFIG_PATH, AppConfig, ConfigError, SimEngineConfig, VLLMEngineConfig,
                               load_config)
 from serve_app.ingress import DEFAULT_MAX_CONTEXT_TOKENS, Ingress
@@ -116,9 +123,11 @@ def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None =
             request_routing_stats_period_s=config.router.feedback_period_s,
             request_routing_stats_timeout_s=config.router.feedback_timeout_s,
         )
+    backpressure = BackpressureConfig(status_code=429, retry_after_s=config.admission.min_retry_after_s)
     replicas = serve.deployment(LLMReplica, name="LLMReplica").options(
         num_replicas=r.num_replicas,
         max_ongoing_requests=r.max_ongoing_requests,
+        max_queued_requests=replica_max_queued_requests(config),
         ray_actor_options=actor_options,
         **router_options,
     )
@@ -131,5 +140,7 @@ def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None =
         replica_app = replicas.bind(backend="sim", scheduler=eng.scheduler, cost_profile=eng.cost_profile,
                                     kv_blocks=eng.kv_blocks, time_scale=eng.time_scale, tiers=tiers)
     ingress = Ingress.options(max_ongoing_requests=config.http.max_ongoing_requests,
+                              max_queued_requests=ingress_max_queued_requests(config),
+                              backpressure_config=backpressure,
                               ray_actor_options={"num_cpus": ingress_num_cpus})
     return ingress.bind(replica_app, config.model_dump(mode="json"), max_context_tokens)

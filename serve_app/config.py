@@ -56,6 +56,7 @@ __all__ = [
     "CONFIGS_DIR",
     "DEFAULT_CONFIG_PATH",
     "ApiKeysConfig",
+    "AdmissionConfig",
     "AppConfig",
     "ConfigError",
     "EngineConfig",
@@ -280,6 +281,74 @@ class HttpConfig(_Strict):
     max_ongoing_requests: int = Field(default=256, ge=1, description="of the ingress deployment")
 
 
+# ------------------------------------------------------------------------------------- admission
+
+class AdmissionConfig(_Strict):
+    """Overload control (`serve_app.admission`): the ingress sheds tiers in ``shed_order`` with
+    429 + Retry-After when the cluster cannot hold the later tiers' SLOs, and bounds every queue.
+
+    The defaults are derived from the tiers and the deployment, not tuned to a benchmark:
+
+    * ``shed_delay_fraction`` f: the tier shed first is refused once the cluster's predicted
+      queueing delay for a new prefill exceeds f times the tightest TTFT target of the tiers it
+      protects (those shed after it); the next tiers at evenly spaced fractions between f and 1
+      (3 tiers: f, (1+f)/2); the last tier is never shed on delay.  f = 0.5 leaves half the target
+      for the request's own prefill and for what arrives during one feedback period.
+    * TBT health: a tier shed later whose recent TBT miss fraction exceeds 1 - ``tbt_quantile``
+      (its SLO is on that quantile), or a cluster KV use at ``kv_limit`` (where SLAI's dynamic
+      offset switches and preemptions start; the SLO router's feasibility bound), sheds the first
+      tier in shed order.
+    * in-flight bound ``max_in_flight`` (default: the replicas' total ``max_ongoing_requests``,
+      at most ``http.max_ongoing_requests``): the tier at shed position k of n is refused at
+      ``max_in_flight * (k+1)/n`` requests in flight at this ingress (trunk reservation: the last
+      tier alone may use the whole bound, and is refused only there).
+    * Serve's own queues: ``replica_max_queued_requests`` bounds the requests waiting at the
+      ingress's handle for a replica slot (default one replica's ``max_ongoing_requests``; Serve's
+      BackPressureError there becomes a 429); ``ingress_max_queued_requests`` bounds the requests
+      the HTTP proxy holds for a busy ingress (default ``http.max_ongoing_requests``; Serve answers
+      429 + Retry-After itself there).  -1 = unbounded (Serve's default).
+    * the replicas' snapshots are polled every ``feedback_period_s`` while requests arrive
+      (default: the tightest TTFT target / 2, so the queue estimate is refreshed twice within the
+      delay it controls); a snapshot older than ``max_feedback_age_s`` is ignored.
+
+    ``enabled: false`` turns the ingress's shedding off (Serve's queue bounds still apply).
+    """
+
+    enabled: bool = Field(default=True, description="shed tiers under overload at the ingress")
+    shed_delay_fraction: float = Field(default=0.5, gt=0, le=1,
+                                       description="first-shed tier: predicted queueing delay bound as a "
+                                                   "fraction of the protected tiers' TTFT target")
+    tbt_quantile: float = Field(default=0.99, gt=0, lt=1, description="the quantile the TBT SLOs are on")
+    tbt_window_s: float = Field(default=10.0, gt=0, description="how far back the recent TBT miss fraction looks (s)")
+    kv_limit: float = Field(default=0.96, gt=0, le=1, description="cluster KV use that sheds the first tier")
+    max_in_flight: int | None = Field(default=None, ge=1,
+                                      description="requests in flight at one ingress (default: the replicas' "
+                                                  "total max_ongoing_requests, at most http.max_ongoing_requests)")
+    feedback_period_s: float | None = Field(default=None, gt=0,
+                                            description="replica snapshot poll period "
+                                                        "(default: tightest TTFT target / 2)")
+    feedback_timeout_s: float | None = Field(default=None, gt=0,
+                                             description="timeout of one poll (default: max(1 s, 4 periods))")
+    max_feedback_age_s: float = Field(default=5.0, gt=0, description="older snapshots are ignored (s)")
+    min_retry_after_s: int = Field(default=1, ge=1, description="smallest Retry-After (s)")
+    max_retry_after_s: int = Field(default=60, ge=1, description="largest Retry-After (s)")
+    replica_max_queued_requests: int | None = Field(
+        default=None, ge=-1, description="Serve max_queued_requests of the replica deployment (per caller); "
+                                         "default replicas.max_ongoing_requests, -1 unbounded")
+    ingress_max_queued_requests: int | None = Field(
+        default=None, ge=-1, description="Serve max_queued_requests of the ingress (at the HTTP proxy); "
+                                         "default http.max_ongoing_requests, -1 unbounded")
+
+    @model_validator(mode="after")
+    def _check(self) -> AdmissionConfig:
+        if self.max_retry_after_s < self.min_retry_after_s:
+            raise _FieldError(("max_retry_after_s",), "must be at least min_retry_after_s")
+        for name in ("replica_max_queued_requests", "ingress_max_queued_requests"):
+            if getattr(self, name) == 0:
+                raise _FieldError((name,), "must be -1 (unbounded) or positive")
+        return self
+
+
 # ------------------------------------------------------------------------------------------- app
 
 class AppConfig(_Strict):
@@ -292,6 +361,7 @@ class AppConfig(_Strict):
     engine: EngineConfig = Field(default_factory=SimEngineConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     model_name: str | None = Field(default=None, min_length=1, description="served model id (/v1/models)")
     max_request_bytes: int = Field(default=1 << 20, gt=0, description="largest accepted request body")
     default_max_tokens: int = Field(default=256, gt=0, description="max_tokens when a request gives none")
@@ -315,6 +385,11 @@ class AppConfig(_Strict):
                 if not eng.enforce_eager:
                     raise _FieldError(("engine", "enforce_eager"),
                                       "must be true for vllm on CPU (replicas.gpus_per_replica: 0)")
+        cap = self.admission.max_in_flight
+        if cap is not None and cap > self.http.max_ongoing_requests:
+            raise _FieldError(("admission", "max_in_flight"),
+                              f"{cap} is over http.max_ongoing_requests ({self.http.max_ongoing_requests}): "
+                              "the ingress never holds more requests than that, so the bound would never act")
         if self.model_name is None:
             # vLLM's convention: the served name is the model argument as given
             name = eng.model if isinstance(eng, VLLMEngineConfig) else f"sim-{Path(eng.cost_profile).stem}"
@@ -511,7 +586,8 @@ def _set_path(data: dict, keys: tuple[str, ...], value: Any, path: Path) -> None
                 raise ConfigError(f"{path}: override {'.'.join(keys)}: no list item {keys[i + 1]!r} "
                                   f"({'.'.join(keys[:i + 1])} is not in the config)")
             else:
-                node = node[key] = {}
+                node[key] = {}
+                node = node[key]
         else:
             raise ConfigError(f"{path}: override {'.'.join(keys)}: {'.'.join(keys[:i])} is not a mapping")
 

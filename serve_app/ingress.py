@@ -14,9 +14,22 @@ Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 4
 unknown key), 400 (invalid JSON, wrong types or ranges, ``max_tokens`` <= 0, token ids outside
 the vocabulary, prompt + ``max_tokens`` over the context; without ``max_tokens`` a request gets
 ``default_max_tokens`` or what the context leaves), 404
-(unknown model), 413 (body over ``max_request_bytes``).  A client that disconnects has its
-replica stream cancelled, which aborts the engine request.  The prompt is tokenized once, here:
-its length routes the request and its token ids go to the engine.
+(unknown model), 413 (body over ``max_request_bytes``), 429 (overload, with ``Retry-After``).  A
+client that disconnects has its replica stream cancelled, which aborts the engine request.  The
+prompt is tokenized once, here: its length routes the request and its token ids go to the engine.
+
+Overload (`serve_app.admission`).  Right after the key resolves its tier, the admission policy
+decides from the replicas' latest feedback snapshots and what this ingress has in flight whether
+to admit the request or shed it: 429, OpenAI error JSON with type ``server_overloaded`` and code
+``overloaded``, a ``Retry-After`` header (seconds), counted as a rejection with reason
+``overload`` (outcome ``shed``).  The snapshots come from a background task that calls
+``record_routing_stats`` on every replica each ``feedback_period_s`` while requests arrive, with
+``DeploymentHandle.broadcast`` (Ray Serve's supported fan-out to all running replicas; a normal
+handle call would reach one replica through the router, and the routers' own copies of the
+snapshots are refreshed by the controller only every ``router.feedback_period_s``).  A replica stream is read up to its
+first chunk before the response starts, so that Serve's backpressure (``BackPressureError`` when
+more than ``max_queued_requests`` requests wait for a replica slot) also becomes a 429, never a
+500; the response headers of a stream therefore go out with its first token.
 """
 
 from __future__ import annotations
@@ -24,6 +37,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,9 +46,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
+from router.feedback import FeedbackError, ReplicaFeedback
+from serve_app.admission import AdmissionPolicy, Decision, InFlight, TBTHistory
 from serve_app.auth import AuthError, KeyStore
 from serve_app.config import AppConfig
 from serve_app.metrics import IngressMetrics, RequestTimer, tier_slos
@@ -49,23 +67,25 @@ DEFAULT_MAX_CONTEXT_TOKENS = 8192
 # -------------------------------------------------------------------------------------- schemas
 
 class _OpenAIRequest(BaseModel):
-    """Fields common to both endpoints.  Unknown fields are ignored (never a tier source)."""
+    """Fields common to both endpoints.  Unknown fields are ignored (never a tier source).
+    Numbers and booleans are strict, as OpenAI's API has them: ``"16"``, ``true`` or ``16.0`` for
+    ``max_tokens`` is a 400, not 16 or 1; floats must be finite."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = None
-    stream: bool = False
+    max_tokens: StrictInt | None = None
+    stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     # sampling (passed to vLLM's SamplingParams; the simulated engine has no model and ignores them)
-    temperature: float | None = Field(default=None, ge=0.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = 1
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, allow_inf_nan=False)
+    top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    n: StrictInt = 1
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    ignore_eos: bool | None = None  # vLLM's extension: generate exactly max_tokens tokens
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**63)
+    presence_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    ignore_eos: StrictBool | None = None  # vLLM's extension: generate exactly max_tokens tokens
     user: str | None = None  # accepted, ignored
 
     def sampling(self) -> dict[str, Any]:
@@ -74,9 +94,9 @@ class _OpenAIRequest(BaseModel):
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str] | list[int]
-    echo: bool = False
-    logprobs: int | None = None
+    prompt: str | list[str] | list[StrictInt]
+    echo: StrictBool = False
+    logprobs: StrictInt | None = None
 
 
 class ChatMessage(BaseModel):
@@ -89,7 +109,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: StrictInt | None = None
 
 
 class RequestError(Exception):
@@ -114,6 +134,40 @@ class EngineAbort(Exception):
         return RequestError(500, f"the engine aborted the request: {self}", type="server_error", code="engine_abort")
 
 
+def overload_error(message: str) -> RequestError:
+    """The 429 of a shed request (OpenAI's error JSON; the caller adds ``Retry-After``)."""
+    return RequestError(429, message, type="server_overloaded", code="overloaded")
+
+
+_END = object()
+
+
+class _Prefetched:
+    """A replica stream whose first chunk (or the exception reading it raised) was already read:
+    iterates that first, then the rest; ``cancel()`` cancels the stream."""
+
+    def __init__(self, gen: Any, first: Any, error: BaseException | None = None) -> None:
+        self._gen, self._first, self._error, self._pending = gen, first, error, True
+
+    def __aiter__(self) -> _Prefetched:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._pending:
+            self._pending = False
+            if self._error is not None:
+                raise self._error
+            if self._first is _END:
+                raise StopAsyncIteration
+            return self._first
+        if self._first is _END or self._error is not None:
+            raise StopAsyncIteration
+        return await self._gen.__anext__()
+
+    def cancel(self) -> None:
+        self._gen.cancel()
+
+
 def _error_response(err: RequestError | AuthError, headers: dict[str, str] | None = None) -> JSONResponse:
     h = dict(getattr(err, "headers", {}) or {})
     h.update(headers or {})
@@ -121,16 +175,63 @@ def _error_response(err: RequestError | AuthError, headers: dict[str, str] | Non
 
 
 def _chat_prompt(messages: list[ChatMessage]) -> str:
-    """A plain chat template: one ``role: content`` line per message, then ``assistant:``."""
+    """A plain chat template: one ``role: content`` line per message, then ``assistant:``.
+    `RequestError` (400) for a text part whose ``text`` is not a string."""
     lines = []
-    for m in messages:
+    for i, m in enumerate(messages):
         if isinstance(m.content, list):
-            text = "".join(str(p.get("text", "")) for p in m.content if p.get("type") == "text")
+            parts = []
+            for j, p in enumerate(m.content):
+                if p.get("type") != "text":
+                    continue
+                part = p.get("text", "")
+                if not isinstance(part, str):
+                    raise RequestError(400, f"messages.{i}.content.{j}.text: Input should be a valid string",
+                                       param=f"messages.{i}.content.{j}.text", code="invalid_value")
+                parts.append(part)
+            text = "".join(parts)
         else:
             text = m.content or ""
         lines.append(f"{m.role}: {text}")
     lines.append("assistant:")
     return "\n".join(lines)
+
+
+# where a lone surrogate can come from in a JSON body: a \uD800-\uDFFF escape, or UTF-8-encoded
+# surrogate bytes (json.loads decodes bytes with "surrogatepass")
+_SURROGATE_SOURCE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _lone_surrogate_path(body: bytes, data: Any) -> str | None:
+    """The path (``messages.0.content``) of a string in ``data`` (``body`` parsed) that holds a
+    lone UTF-16 surrogate (an unpaired ``"\\ud800"``: not Unicode text, so neither tokenizable nor
+    printable as UTF-8), or None.  Iterative (parsed JSON nests as deep as the parser allows), and
+    only run when the raw body has a surrogate escape or surrogate bytes at all."""
+    if _SURROGATE_SOURCE.search(body) is None:
+        return None
+
+    def bad(text: str) -> bool:
+        if text.isascii():
+            return False
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if bad(value):
+                return ".".join(map(str, path))[:200] or None
+        elif isinstance(value, dict):
+            if any(bad(k) for k in value):
+                return ".".join(map(str, path))[:200] or None
+            stack.extend((v, (*path, k)) for k, v in value.items() if isinstance(v, (str, dict, list)))
+        elif isinstance(value, list):
+            stack.extend((v, (*path, i)) for i, v in enumerate(value) if isinstance(v, (str, dict, list)))
+    return None
 
 
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:
@@ -161,6 +262,16 @@ class Ingress:
         self.created = int(time.time())
         # Prometheus metrics (serve_app.metrics): None when TIERED_METRICS=0
         self.metrics: IngressMetrics | None = IngressMetrics.create(tier_slos(self.config.tiers))
+        # Overload control (serve_app.admission): None when admission.enabled is false
+        self.admission: AdmissionPolicy | None = (AdmissionPolicy.from_app_config(self.config)
+                                                  if self.config.admission.enabled else None)
+        self.in_flight = InFlight()
+        self.feedback: dict[str, ReplicaFeedback] = {}  # replica id -> its latest snapshot
+        self.tbt_history = TBTHistory(self.config.admission.tbt_window_s)
+        self._num_replicas: int = self.config.replicas.num_replicas  # as the last poll found them
+        self._poller: asyncio.Task | None = None
+        self._poll_failures = 0
+        self._last_request_s = time.monotonic()
         logger.info("ingress: model %s, %r, %r, context %d", self.model_name, self.keys, self.tokenizer,
                     self.max_context_tokens)
 
@@ -195,6 +306,78 @@ class Ingress:
             self.metrics.rejected(tier, err.status_code, err.code)
         return _error_response(err, headers)
 
+    # --- overload control -----------------------------------------------------------------------
+    def _admit(self, tier: str) -> Decision | None:
+        """The admission decision for a request of ``tier`` (None: admission is off)."""
+        if self.admission is None:
+            return None
+        self._last_request_s = time.monotonic()
+        self._ensure_poller()
+        return self.admission.admit(tier, self.feedback.values(), self.in_flight, history=self.tbt_history,
+                                    num_replicas=self._num_replicas)
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll_feedback())
+
+    async def _poll_feedback(self) -> None:
+        """Every ``feedback_period_s``: every replica's snapshot, by broadcasting
+        ``record_routing_stats`` (the method Serve itself polls for the routers).  Stops once no
+        request came for ``max_feedback_age_s`` (the next request starts it again)."""
+        assert self.admission is not None
+        period, timeout = self.admission.feedback_period_s, self.admission.feedback_timeout_s
+        idle_s = self.admission.config.max_feedback_age_s
+        while time.monotonic() - self._last_request_s <= idle_s or len(self.in_flight):
+            try:
+                await self.poll_feedback_once(timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - admission goes on with older snapshots
+                self._poll_failures += 1
+                if self._poll_failures in (1, 10, 100) or self._poll_failures % 1000 == 0:
+                    logger.warning("ingress: polling the replicas' feedback failed (%d times): %r",
+                                   self._poll_failures, e)
+            await asyncio.sleep(period)
+
+    async def poll_feedback_once(self, timeout_s: float = 5.0) -> list[ReplicaFeedback]:
+        """One poll of every running replica; updates the snapshots admission reads."""
+        results = await self.replicas.broadcast("record_routing_stats").results_async(
+            timeout_s=timeout_s, return_exceptions=True)
+        fresh = []
+        for r in results:
+            if isinstance(r, BaseException) or not r:
+                continue
+            try:
+                fresh.append(ReplicaFeedback.from_snapshot(r))
+            except (FeedbackError, ValueError):
+                continue
+        if results:
+            self._num_replicas = len(results)
+        for fb in fresh:
+            self.feedback[fb.replica_id] = fb
+        self.tbt_history.add(fresh)
+        if self.admission is not None:  # forget replicas whose snapshots went stale (gone)
+            now = time.time()
+            stale = [rid for rid, fb in self.feedback.items()
+                     if now - fb.timestamp_s > 2 * self.admission.config.max_feedback_age_s]
+            for rid in stale:
+                del self.feedback[rid]
+            if stale:
+                self.tbt_history.forget(self.feedback)
+        return fresh
+
+    def _shed(self, tier: str, message: str, retry_after_s: int, headers: dict[str, str]) -> JSONResponse:
+        return self._reject(overload_error(message), tier, {**headers, "retry-after": str(int(retry_after_s))})
+
+    def _backpressure_retry_s(self, e: BackPressureError) -> int:
+        cfg = self.config.admission
+        if e.retry_after_s is not None:
+            return max(cfg.min_retry_after_s, math.ceil(e.retry_after_s))
+        if self.admission is not None:
+            return self.admission.retry_after_s(self.admission.assess(
+                self.feedback.values(), self.in_flight, history=self.tbt_history, num_replicas=self._num_replicas))
+        return cfg.min_retry_after_s
+
     async def _serve(self, request: Request, *, chat: bool):
         start = time.perf_counter()  # the request's arrival, for its TTFT
         try:
@@ -202,6 +385,9 @@ class Ingress:
         except AuthError as e:
             return self._reject(e, None)
         headers = {"x-tier": tier}
+        decision = self._admit(tier)
+        if decision is not None and not decision.admit:
+            return self._shed(tier, decision.message, decision.retry_after_s or 1, headers)
         try:
             req, prompt_ids, max_tokens = await self._parse(request, chat)
         except RequestError as e:
@@ -212,13 +398,47 @@ class Ingress:
         payload = {"request_id": rid, "prompt_len": prompt_len, "prompt_token_ids": prompt_ids,
                    "max_tokens": max_tokens, "tier": tier, "tbt_slo_s": t.tbt_slo_s, "tier_rank": t.rank or 0,
                    "sampling": req.sampling()}
-        gen = self.replicas.options(stream=True).generate.remote(payload)
+        raw = self.replicas.options(stream=True).generate.remote(payload)
+        self.in_flight.add(rid, tier, prompt_len)
+        # Read up to the first chunk: Serve's backpressure (max_queued_requests) surfaces here.
+        first: Any = _END
+        error: BaseException | None = None
+        try:
+            first = await raw.__anext__()
+        except StopAsyncIteration:
+            pass
+        except BackPressureError as e:
+            self.in_flight.done(rid)
+            logger.info("request %s shed by Serve's backpressure: %s", rid, e)
+            return self._shed(tier, f"The server is overloaded: {e}", self._backpressure_retry_s(e), headers)
+        except asyncio.CancelledError:
+            raw.cancel()  # client gone: abort the engine request
+            self.in_flight.done(rid)
+            timer = self.metrics.admitted(tier, start) if self.metrics is not None else RequestTimer(None, start)
+            timer.finish("cancelled")
+            raise
+        except Exception as e:  # noqa: BLE001 - reported by the paths below, as before
+            error = e
+        t_first = time.perf_counter()
+        gen = _Prefetched(raw, first, error)
         timer = self.metrics.admitted(tier, start) if self.metrics is not None else RequestTimer(None, start)
+        if first is not _END and error is None:
+            self.in_flight.first_token(rid)
+            if isinstance(first, dict) and "index" in first:
+                timer.tokens(int(first["index"]), t_first)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         if req.stream:
             return StreamingResponse(self._sse(gen, rid, chat, prompt_len, include_usage, timer),
                                      media_type="text/event-stream",
                                      headers={**headers, "cache-control": "no-cache"})
+        try:
+            return await self._complete(gen, rid, chat, prompt_len, timer, headers)
+        finally:
+            self.in_flight.done(rid)
+
+    async def _complete(self, gen: Any, rid: str, chat: bool, prompt_len: int, timer: RequestTimer,
+                        headers: dict[str, str]) -> JSONResponse:
+        """The non-streaming response: every chunk read, one JSON body."""
         try:
             n = 0
             parts = []
@@ -277,8 +497,16 @@ class Ingress:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise RequestError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise RequestError(400, "invalid JSON body: nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise RequestError(400, "the request body must be a JSON object", code="invalid_json")
+        bad = _lone_surrogate_path(bytes(body), data)
+        if bad is not None:
+            key = bad.split(".", 1)[0]
+            raise RequestError(400, f"{bad}: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                               "which is not valid Unicode", param=key if key in data else None,
+                               code="invalid_json")
         model_cls = ChatCompletionRequest if chat else CompletionRequest
         try:
             req = model_cls.model_validate(data)
@@ -382,6 +610,7 @@ class Ingress:
             yield "data: [DONE]\n\n"
             done = True
         finally:
+            self.in_flight.done(rid)
             if not done:
                 gen.cancel()  # client disconnected mid-stream: abort the engine request
                 timer.finish("cancelled")  # (a no-op if the stream had already finished)

@@ -1,0 +1,391 @@
+"""Tier-aware admission control at the ingress (pure: no Ray, no vLLM).
+
+When the cluster cannot hold the strict tier's SLOs, the ingress sheds the tier that is first in
+``shed_order`` with a 429 and a Retry-After, then the next ones at harder bounds; the last tier in
+shed order (the strictest, by default) is refused only at the ingress's hard in-flight bound.
+Every queue stays bounded, and nothing is dropped silently.
+
+Inputs.  The latest feedback snapshot of every replica (`router.feedback.ReplicaFeedback`, the
+dict each replica's ``record_routing_stats()`` returns; the ingress polls all of them, see
+`serve_app.ingress`), what this ingress has in flight (`InFlight`: per-tier counts, and the prompt
+tokens of admitted requests that have no first token yet), optionally the recent history of the
+snapshots' TBT-miss counters (`TBTHistory`), and the request's tier.
+
+The cluster's state (`AdmissionPolicy.assess` -> `ClusterLoad`):
+
+* prefill rate R = sum over the replicas with fresh feedback of the rate the SLO router predicts
+  for each (`router.policies.slo.SLOPolicy.prefill_rate_tps`: the token budget less the decodes'
+  share of a batch, over the mean batch time); a replica without fresh feedback counts at the
+  median rate of the others (the router's default rate when none has feedback);
+* waiting work W = the snapshots' waiting prefill tokens + the prompt tokens of this ingress's
+  requests that were admitted after the oldest fresh snapshot was taken and have no first token
+  yet (work the snapshots cannot show; both times are wall clocks, so clock skew between hosts
+  only shifts which requests count here);
+* predicted queueing delay for a new prefill D = W / R (the time to drain the prefill queue);
+* strict-tier health, per tier: at risk ("tbt") when its TBT misses over the last
+  ``tbt_window_s`` (snapshot counter deltas, once at least 1 / (1 - tbt_quantile) tokens were
+  seen) exceed a fraction 1 - ``tbt_quantile``, or, without such a history, when a replica's
+  measured P99 TBT of the tier exceeds its SLO; and "kv" when the replicas' mean KV use is at
+  least ``kv_limit``.
+
+The rule, for a request of the tier at position k in the shed sequence (0 = shed first) of n:
+
+1. in flight: refused when this ingress has ``floor(max_in_flight * (k+1) / n)`` requests (all
+   tiers) in flight (trunk reservation: later tiers keep the rest; the last tier alone may reach
+   ``max_in_flight``, the hard bound);
+2. for k < n-1 only, queue: refused when D > h_k * T_k, with T_k the tightest TTFT target of
+   the tiers shed after it and h_k = f + (1-f) * k / (n-1) (f = ``shed_delay_fraction``; 2 tiers:
+   f; 3 tiers: f, (1+f)/2);
+3. for k = 0 only, health: refused when a tier shed after it is at risk ("tbt" or "kv").  The
+   health signals say that the strict tier is hurting, not by how much, so they shed the first
+   tier only; the graded delay bounds and the in-flight bounds escalate to the next ones.
+
+A refused request gets Retry-After = ceil(D) seconds (the predicted drain time), clamped to
+[``min_retry_after_s``, ``max_retry_after_s``].  With ``enabled: false`` every request is admitted
+(Serve's queue bounds still apply).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from router.feedback import ReplicaFeedback
+from router.policies.slo import SLOPolicy, SLOPolicyConfig
+from serve_app.config import AdmissionConfig, AppConfig, ServingTier
+
+__all__ = [
+    "AdmissionPolicy",
+    "ClusterLoad",
+    "Decision",
+    "InFlight",
+    "TBTHistory",
+    "TierRule",
+    "default_feedback_period_s",
+    "default_max_in_flight",
+]
+
+DEFAULT_TOKEN_BUDGET = 512  # the router's and SLAI's chunked-prefill budget when the engine sets none
+
+
+# ---------------------------------------------------------------------------------- derived defaults
+
+def default_max_in_flight(app: AppConfig) -> int:
+    """The replicas' total ``max_ongoing_requests`` (more would wait at the handle), at most the
+    ingress's own ``http.max_ongoing_requests`` (more never reach the ingress at once)."""
+    if app.admission.max_in_flight is not None:
+        return app.admission.max_in_flight
+    return max(1, min(app.replicas.num_replicas * app.replicas.max_ongoing_requests,
+                      app.http.max_ongoing_requests))
+
+
+def default_feedback_period_s(app: AppConfig) -> float:
+    """Half the tightest TTFT target: the queue estimate is refreshed twice within the delay it
+    controls (between polls the ingress adds what it admitted itself).  Shorter periods cost the
+    replicas a snapshot each (quantiles over their SLO window: a few ms on a busy replica)."""
+    if app.admission.feedback_period_s is not None:
+        return app.admission.feedback_period_s
+    return min(t.ttft_target_s for t in app.tiers) / 2
+
+
+def default_feedback_timeout_s(app: AppConfig) -> float:
+    if app.admission.feedback_timeout_s is not None:
+        return app.admission.feedback_timeout_s
+    return max(1.0, 4 * default_feedback_period_s(app))
+
+
+def replica_max_queued_requests(app: AppConfig) -> int:
+    v = app.admission.replica_max_queued_requests
+    return app.replicas.max_ongoing_requests if v is None else v
+
+
+def ingress_max_queued_requests(app: AppConfig) -> int:
+    v = app.admission.ingress_max_queued_requests
+    return app.http.max_ongoing_requests if v is None else v
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+@dataclass
+class _Entry:
+    tier: str
+    prompt_len: int
+    admitted_s: float
+    prefilled: bool = False
+
+
+class InFlight:
+    """What this ingress has in flight: admitted requests not finished yet, per tier, and the
+    prompt tokens of those without a first token (admission time on the wall clock, comparable
+    with the snapshots' ``timestamp_s``)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, request_id: str, tier: str, prompt_len: int, now_s: float | None = None) -> None:
+        if request_id in self._entries:
+            return
+        self._entries[request_id] = _Entry(tier, int(prompt_len), time.time() if now_s is None else now_s)
+        self._counts[tier] = self._counts.get(tier, 0) + 1
+
+    def first_token(self, request_id: str) -> None:
+        e = self._entries.get(request_id)
+        if e is not None:
+            e.prefilled = True
+
+    def done(self, request_id: str) -> None:
+        """The request finished (any way); idempotent."""
+        e = self._entries.pop(request_id, None)
+        if e is not None:
+            self._counts[e.tier] -= 1
+
+    def count(self, tier: str | None = None) -> int:
+        """In flight in ``tier`` (all tiers when None)."""
+        return len(self._entries) if tier is None else self._counts.get(tier, 0)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {t: n for t, n in self._counts.items() if n}
+
+    def unreported_prefill_tokens(self, since_s: float | None) -> int:
+        """Prompt tokens of requests admitted after ``since_s`` with no first token yet (all
+        requests without a first token when ``since_s`` is None)."""
+        return sum(e.prompt_len for e in self._entries.values()
+                   if not e.prefilled and (since_s is None or e.admitted_s > since_s))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class TBTHistory:
+    """The snapshots' cumulative per-tier counters (``tbt_misses_total``, ``tokens_total``) over
+    the last ``window_s``, per replica: the recent TBT miss fraction is their delta over the
+    window, summed over the replicas (a replica whose counters went down restarted: its history
+    starts again)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = float(window_s)
+        self._series: dict[str, deque[tuple[float, dict[str, tuple[int, int]]]]] = {}
+
+    def add(self, feedback: Iterable[ReplicaFeedback]) -> None:
+        for fb in feedback:
+            counters = {name: (t.tbt_misses_total, t.tokens_total) for name, t in fb.tiers.items()}
+            series = self._series.setdefault(fb.replica_id, deque())
+            if series:
+                last_ts, last = series[-1]
+                if fb.timestamp_s <= last_ts:
+                    continue
+                if any(c[1] < last.get(n, (0, 0))[1] or c[0] < last.get(n, (0, 0))[0] for n, c in counters.items()):
+                    series.clear()  # counters went back: a new replica process
+            series.append((fb.timestamp_s, counters))
+            # keep one sample at or before the window's start, so the delta spans the window
+            horizon = fb.timestamp_s - self.window_s
+            while len(series) >= 2 and series[1][0] <= horizon:
+                series.popleft()
+
+    def forget(self, keep: Iterable[str]) -> None:
+        """Drop replicas not in ``keep``."""
+        keep = set(keep)
+        for rid in [r for r in self._series if r not in keep]:
+            del self._series[rid]
+
+    def misses(self, tier: str, replica_ids: Iterable[str] | None = None) -> tuple[int, int]:
+        """(TBT misses, tokens) of ``tier`` over the window, summed over the replicas."""
+        ids = self._series.keys() if replica_ids is None else [r for r in replica_ids if r in self._series]
+        misses = tokens = 0
+        for rid in ids:
+            series = self._series[rid]
+            if len(series) < 2:
+                continue
+            first, last = series[0][1].get(tier, (0, 0)), series[-1][1].get(tier, (0, 0))
+            misses += max(0, last[0] - first[0])
+            tokens += max(0, last[1] - first[1])
+        return misses, tokens
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+@dataclass(frozen=True)
+class TierRule:
+    """A tier's admission bounds."""
+
+    name: str
+    position: int  # in the shed sequence (0 = shed first)
+    protects: tuple[str, ...]  # tiers shed after it
+    delay_bound_s: float | None  # refuse when the predicted queueing delay exceeds it (None: never)
+    in_flight_bound: int  # refuse at this many requests in flight at the ingress (all tiers)
+    sheds_on_health: bool  # refuse when a protected tier is at risk
+
+
+@dataclass(frozen=True)
+class ClusterLoad:
+    """The cluster as admission sees it (see the module docstring)."""
+
+    replicas: int  # with fresh feedback
+    waiting_tokens: float  # from the snapshots
+    unreported_tokens: float  # admitted here since the oldest fresh snapshot, no first token yet
+    prefill_rate_tps: float
+    queue_delay_s: float  # (waiting + unreported) / prefill rate
+    kv_usage: float  # mean over the replicas with fresh feedback (0 without any)
+    at_risk: Mapping[str, str] = field(default_factory=dict)  # tier -> "tbt" | "kv"
+    in_flight: int = 0  # this ingress, all tiers
+
+
+@dataclass(frozen=True)
+class Decision:
+    admit: bool
+    tier: str
+    reason: str | None = None  # "in_flight" | "queue" | "tbt" | "kv" when refused
+    retry_after_s: int | None = None
+    message: str = ""
+    queue_delay_s: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------- policy
+
+class AdmissionPolicy:
+    """The rule of the module docstring over ``tiers`` (each with ``shed_order`` and
+    ``ttft_target_s``, as `serve_app.config.AppConfig` resolves them)."""
+
+    def __init__(self, tiers: Sequence[ServingTier], config: AdmissionConfig | None = None, *,
+                 max_in_flight: int, token_budget: int = DEFAULT_TOKEN_BUDGET,
+                 feedback_period_s: float = 0.25, feedback_timeout_s: float = 1.0) -> None:
+        if not tiers:
+            raise ValueError("admission needs at least one tier")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self.config = config or AdmissionConfig()
+        self.max_in_flight = int(max_in_flight)
+        self.feedback_period_s = float(feedback_period_s)
+        self.feedback_timeout_s = float(feedback_timeout_s)
+        ordered = sorted(tiers, key=lambda t: (t.shed_order if t.shed_order is not None else -(t.rank or 0)))
+        self.tiers = {t.name: t for t in ordered}
+        self.shed_sequence = [t.name for t in ordered]
+        self.rules = self._rules(ordered)
+        self._rates = SLOPolicy(SLOPolicyConfig(token_budget=token_budget,
+                                                tier_tbt_slo_s={t.name: t.tbt_slo_s for t in ordered}))
+
+    @classmethod
+    def from_app_config(cls, app: AppConfig) -> AdmissionPolicy:
+        budget = getattr(app.engine, "max_num_batched_tokens", None) or DEFAULT_TOKEN_BUDGET
+        return cls(app.tiers, app.admission, max_in_flight=default_max_in_flight(app), token_budget=budget,
+                   feedback_period_s=default_feedback_period_s(app),
+                   feedback_timeout_s=default_feedback_timeout_s(app))
+
+    def _rules(self, ordered: Sequence[ServingTier]) -> dict[str, TierRule]:
+        n = len(ordered)
+        f = self.config.shed_delay_fraction
+        rules = {}
+        for k, t in enumerate(ordered):
+            later = ordered[k + 1:]
+            delay = None
+            if later:
+                h = f + (1 - f) * k / (n - 1)
+                delay = h * min(p.ttft_target_s for p in later)
+            rules[t.name] = TierRule(
+                name=t.name, position=k, protects=tuple(p.name for p in later), delay_bound_s=delay,
+                in_flight_bound=max(1, math.floor(self.max_in_flight * (k + 1) / n)),
+                sheds_on_health=k == 0 and bool(later))
+        return rules
+
+    @property
+    def window_s(self) -> float:
+        return self.config.tbt_window_s
+
+    # --- the cluster's state -------------------------------------------------------------------
+    def fresh(self, feedback: Iterable[ReplicaFeedback], now_s: float) -> list[ReplicaFeedback]:
+        """The snapshots no older than ``max_feedback_age_s``."""
+        max_age = self.config.max_feedback_age_s
+        return [fb for fb in feedback if now_s - fb.timestamp_s <= max_age]
+
+    def assess(self, feedback: Iterable[ReplicaFeedback], in_flight: InFlight | None = None, *,
+               now_s: float | None = None, history: TBTHistory | None = None,
+               num_replicas: int | None = None) -> ClusterLoad:
+        """The cluster's load from the latest snapshots (stale ones ignored), what this ingress
+        has in flight, and (optionally) the TBT counters' history.  ``num_replicas``: how many
+        replicas there are, if known (those without fresh feedback count at the median rate)."""
+        now_s = time.time() if now_s is None else now_s
+        fbs = self.fresh(feedback, now_s)
+        rates = [self._rates.prefill_rate_tps(fb) for fb in fbs]
+        n_missing = max(0, (num_replicas or 0) - len(fbs))
+        if rates:
+            default = statistics.median(rates)
+        else:
+            default = self._rates.config.token_budget / self._rates.config.default_batch_time_s
+            n_missing = max(n_missing, 1)
+        rate = sum(rates) + n_missing * default
+        waiting = float(sum(fb.waiting_prefill_tokens for fb in fbs))
+        since = min((fb.timestamp_s for fb in fbs), default=None)
+        unreported = float(in_flight.unreported_prefill_tokens(since)) if in_flight is not None else 0.0
+        delay = (waiting + unreported) / rate
+        kv = statistics.fmean(fb.kv_usage for fb in fbs) if fbs else 0.0
+        at_risk: dict[str, str] = {}
+        for name, tier in self.tiers.items():
+            if self._tbt_at_risk(name, tier.tbt_slo_s, fbs, history):
+                at_risk[name] = "tbt"
+            elif fbs and kv >= self.config.kv_limit:
+                at_risk[name] = "kv"
+        return ClusterLoad(replicas=len(fbs), waiting_tokens=waiting, unreported_tokens=unreported,
+                           prefill_rate_tps=rate, queue_delay_s=delay, kv_usage=kv, at_risk=at_risk,
+                           in_flight=len(in_flight) if in_flight is not None else 0)
+
+    def _tbt_at_risk(self, tier: str, slo: float, fbs: Sequence[ReplicaFeedback],
+                     history: TBTHistory | None) -> bool:
+        allowed = 1.0 - self.config.tbt_quantile
+        if history is not None:
+            misses, tokens = history.misses(tier, [fb.replica_id for fb in fbs])
+            if tokens >= 1.0 / allowed:
+                return misses > allowed * tokens
+        # no (or too short a) history: the snapshots' own window quantile
+        for fb in fbs:
+            t = fb.tier(tier)
+            if t is not None and t.tbt_p99_s is not None and t.tbt_p99_s > slo:
+                return True
+        return False
+
+    # --- the decision --------------------------------------------------------------------------
+    def retry_after_s(self, load: ClusterLoad) -> int:
+        cfg = self.config
+        return int(min(cfg.max_retry_after_s, max(cfg.min_retry_after_s, math.ceil(load.queue_delay_s))))
+
+    def decide(self, tier: str, load: ClusterLoad, in_flight: int | None = None) -> Decision:
+        """Admit a request of ``tier`` or shed it.  ``in_flight``: requests in flight at this
+        ingress, all tiers (default: ``load.in_flight``)."""
+        rule = self.rules.get(tier)
+        if rule is None:
+            raise KeyError(f"unknown tier {tier!r}; tiers are {', '.join(self.shed_sequence)}")
+        if not self.config.enabled:
+            return Decision(True, tier, queue_delay_s=load.queue_delay_s)
+        n = load.in_flight if in_flight is None else in_flight
+        reason, why = None, ""
+        if n >= rule.in_flight_bound:
+            reason = "in_flight"
+            why = f"{n} requests in flight at the ingress (bound for this tier: {rule.in_flight_bound})"
+        elif rule.delay_bound_s is not None and load.queue_delay_s > rule.delay_bound_s:
+            reason = "queue"
+            why = (f"predicted queueing delay {load.queue_delay_s:.2f} s over this tier's bound "
+                   f"{rule.delay_bound_s:.2f} s")
+        elif rule.sheds_on_health:
+            hurt = [(p, load.at_risk[p]) for p in rule.protects if p in load.at_risk]
+            if hurt:
+                reason = hurt[0][1]
+                what = "time between tokens over its SLO" if reason == "tbt" else f"KV cache use {load.kv_usage:.0%}"
+                why = f"tier {hurt[0][0]} at risk ({what})"
+        if reason is None:
+            return Decision(True, tier, queue_delay_s=load.queue_delay_s)
+        retry = self.retry_after_s(load)
+        msg = (f"The server is overloaded and sheds the {tier} tier: {why}. Retry after {retry} s.")
+        return Decision(False, tier, reason=reason, retry_after_s=retry, message=msg,
+                        queue_delay_s=load.queue_delay_s)
+
+    def admit(self, tier: str, feedback: Iterable[ReplicaFeedback], in_flight: InFlight | None = None, *,
+              now_s: float | None = None, history: TBTHistory | None = None,
+              num_replicas: int | None = None) -> Decision:
+        """`assess` then `decide`."""
+        load = self.assess(feedback, in_flight, now_s=now_s, history=history, num_replicas=num_replicas)
+        return self.decide(tier, load)

@@ -1,0 +1,258 @@
+"""The admission policy (serve_app.admission) on hand-built snapshots: pure, no Ray."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from router.feedback import ReplicaFeedback
+from serve_app.admission import (AdmissionPolicy, InFlight, TBTHistory, default_feedback_period_s,
+                                 default_max_in_flight, ingress_max_queued_requests, replica_max_queued_requests)
+from serve_app.config import AdmissionConfig, AppConfig, ConfigError, ServingTier, load_config
+
+NOW = 1_000_000.0
+BATCH_S = 0.05  # mean batch time in the snapshots: prefill rate (512 - decodes' share) / 0.05 s
+TIERS2 = [ServingTier(name="premium", tbt_slo_s=0.1, ttft_target_s=0.5, rank=0, shed_order=1),
+          ServingTier(name="free", tbt_slo_s=0.5, ttft_target_s=0.5, rank=1, shed_order=0)]
+TIERS3 = [ServingTier(name="gold", tbt_slo_s=0.05, ttft_target_s=0.3, rank=0, shed_order=2),
+          ServingTier(name="silver", tbt_slo_s=0.1, ttft_target_s=0.5, rank=1, shed_order=1),
+          ServingTier(name="bronze", tbt_slo_s=0.5, ttft_target_s=1.0, rank=2, shed_order=0)]
+
+
+def snap(rid="r0", waiting=0, kv=0.1, ts=NOW, batch=BATCH_S, tiers=None, decodes=None) -> ReplicaFeedback:
+    return ReplicaFeedback.from_snapshot({
+        "version": 1, "replica_id": rid, "timestamp_s": ts, "waiting_prefill_tokens": waiting,
+        "num_waiting": 1 if waiting else 0, "num_running": 0, "kv_usage": kv, "mean_batch_time_s": batch,
+        "running_decodes_by_tier": decodes or {}, "tiers": tiers or {}})
+
+
+def policy(tiers=TIERS2, max_in_flight=100, **cfg) -> AdmissionPolicy:
+    return AdmissionPolicy(tiers, AdmissionConfig(**cfg), max_in_flight=max_in_flight)
+
+
+RATE = 512 / BATCH_S  # one replica's prefill rate with no decodes (tokens/s)
+
+
+def test_rules_follow_shed_order_and_targets():
+    p = policy()
+    assert p.shed_sequence == ["free", "premium"]
+    free, prem = p.rules["free"], p.rules["premium"]
+    assert free.delay_bound_s == pytest.approx(0.25) and free.sheds_on_health and free.in_flight_bound == 50
+    assert prem.delay_bound_s is None and not prem.sheds_on_health and prem.in_flight_bound == 100
+    p3 = policy(TIERS3, max_in_flight=90)
+    assert p3.shed_sequence == ["bronze", "silver", "gold"]
+    # bronze protects silver and gold: the tightest target is gold's 0.3 s; silver protects gold
+    assert p3.rules["bronze"].delay_bound_s == pytest.approx(0.5 * 0.3)
+    assert p3.rules["silver"].delay_bound_s == pytest.approx(0.75 * 0.3)
+    assert p3.rules["gold"].delay_bound_s is None
+    assert [p3.rules[t].in_flight_bound for t in ("bronze", "silver", "gold")] == [30, 60, 90]
+
+
+# (case, snapshots, expected decision per tier: None = admit, else the reason)
+CASES = [
+    ("healthy cluster admits all", [snap("a", waiting=1000), snap("b", waiting=500)],
+     {"free": None, "premium": None}),
+    ("rising queue sheds free first, premium admitted",  # 2 replicas, 0.3 s to drain > 0.25 s
+     [snap("a", waiting=int(0.3 * RATE)), snap("b", waiting=int(0.3 * RATE))],
+     {"free": "queue", "premium": None}),
+    ("a huge queue still admits premium (only the in-flight bound refuses it)",
+     [snap("a", waiting=int(30 * RATE))], {"free": "queue", "premium": None}),
+    ("premium TBT over its SLO sheds free",
+     [snap("a", tiers={"premium": {"tbt_p99_s": 0.15}}), snap("b")], {"free": "tbt", "premium": None}),
+    ("free TBT over its own SLO does not shed anyone",
+     [snap("a", tiers={"free": {"tbt_p99_s": 0.9}})], {"free": None, "premium": None}),
+    ("KV nearly full sheds free", [snap("a", kv=0.97), snap("b", kv=0.99)], {"free": "kv", "premium": None}),
+    ("stale snapshots are ignored", [snap("a", waiting=int(30 * RATE), ts=NOW - 60)],
+     {"free": None, "premium": None}),
+]
+
+
+@pytest.mark.parametrize("case,snaps,want", CASES, ids=[c[0] for c in CASES])
+def test_decisions(case, snaps, want):
+    p = policy()
+    load = p.assess(snaps, InFlight(), now_s=NOW)
+    for tier, reason in want.items():
+        d = p.decide(tier, load)
+        assert d.admit == (reason is None), (case, tier, d)
+        assert d.reason == reason, (case, tier, d)
+        if reason is not None:
+            assert d.retry_after_s >= 1 and tier in d.message
+
+
+def test_hard_in_flight_bound_refuses_premium_too():
+    p = policy(max_in_flight=10)
+    inf = InFlight()
+    for i in range(4):
+        inf.add(f"p{i}", "premium", 100, NOW)
+    load = p.assess([snap("a")], inf, now_s=NOW)
+    assert p.decide("free", load).admit and p.decide("premium", load).admit
+    inf.add("f0", "free", 100, NOW)  # 5 in flight: free's bound (10 * 1/2)
+    load = p.assess([snap("a")], inf, now_s=NOW)
+    assert p.decide("free", load).reason == "in_flight" and p.decide("premium", load).admit
+    for i in range(5):
+        inf.add(f"q{i}", "premium", 100, NOW)
+    load = p.assess([snap("a")], inf, now_s=NOW)
+    d = p.decide("premium", load)
+    assert not d.admit and d.reason == "in_flight" and d.retry_after_s >= 1
+    inf.done("q0")
+    assert p.decide("premium", p.assess([snap("a")], inf, now_s=NOW)).admit
+
+
+@pytest.mark.parametrize("drain_s,want", [(0.0, 1), (0.3, 1), (1.0, 1), (1.01, 2), (2.5, 3), (500.0, 60)])
+def test_retry_after_is_the_drain_time(drain_s, want):
+    p = policy()
+    load = p.assess([snap("a", waiting=int(drain_s * RATE))], InFlight(), now_s=NOW)
+    assert load.queue_delay_s == pytest.approx(drain_s, abs=1e-3)
+    assert p.retry_after_s(load) == want
+    d = p.decide("free", load)
+    if drain_s > 0.25:
+        assert d.retry_after_s == want
+
+
+def test_retry_after_bounds_are_configurable():
+    p = policy(min_retry_after_s=2, max_retry_after_s=5)
+    assert p.retry_after_s(p.assess([snap(waiting=0)], now_s=NOW)) == 2
+    assert p.retry_after_s(p.assess([snap(waiting=int(100 * RATE))], now_s=NOW)) == 5
+
+
+def test_three_tiers_shed_in_order():
+    p = policy(TIERS3)
+    # the bounds: bronze 0.15 s, silver 0.225 s, gold never
+    for delay, want in [(0.1, {"bronze": True, "silver": True, "gold": True}),
+                        (0.2, {"bronze": False, "silver": True, "gold": True}),
+                        (0.3, {"bronze": False, "silver": False, "gold": True}),
+                        (30.0, {"bronze": False, "silver": False, "gold": True})]:
+        load = p.assess([snap("a", waiting=int(delay * RATE))], now_s=NOW)
+        got = {t: p.decide(t, load).admit for t in want}
+        assert got == want, (delay, got)
+    # health sheds the first tier only
+    load = p.assess([snap("a", tiers={"gold": {"tbt_p99_s": 0.2}})], now_s=NOW)
+    assert {t: p.decide(t, load).reason for t in ("bronze", "silver", "gold")} == \
+        {"bronze": "tbt", "silver": None, "gold": None}
+
+
+def test_shed_order_not_rank_decides():
+    tiers = [ServingTier(name="premium", tbt_slo_s=0.1, ttft_target_s=0.5, rank=0, shed_order=0),
+             ServingTier(name="free", tbt_slo_s=0.5, ttft_target_s=0.5, rank=1, shed_order=1)]
+    p = policy(tiers)
+    load = p.assess([snap("a", waiting=int(1.0 * RATE))], now_s=NOW)
+    assert not p.decide("premium", load).admit and p.decide("free", load).admit
+
+
+def test_unreported_work_counts_requests_admitted_after_the_snapshot():
+    p = policy()
+    inf = InFlight()
+    inf.add("old", "free", 5000, NOW - 1)  # before the snapshot: the snapshot shows it
+    inf.add("new1", "free", int(0.2 * RATE), NOW + 0.1)
+    inf.add("new2", "premium", int(0.1 * RATE), NOW + 0.2)
+    inf.add("started", "free", 9999, NOW + 0.2)
+    inf.first_token("started")  # prefilled: no longer queued work
+    load = p.assess([snap("a", waiting=0)], inf, now_s=NOW + 0.3)
+    assert load.unreported_tokens == int(0.2 * RATE) + int(0.1 * RATE)
+    assert load.queue_delay_s == pytest.approx(0.3, abs=1e-3)
+    assert p.decide("free", load).reason == "queue" and p.decide("premium", load).admit
+    assert inf.count() == 4 and inf.counts == {"free": 3, "premium": 1}
+    for rid in ("old", "new1", "new2", "started", "started"):
+        inf.done(rid)
+    assert inf.count() == 0 and inf.counts == {}
+
+
+def test_prefill_rate_sums_the_replicas_and_counts_silent_ones_at_the_median():
+    p = policy()
+    one = p.assess([snap("a", waiting=int(RATE))], now_s=NOW)
+    assert one.prefill_rate_tps == pytest.approx(RATE) and one.queue_delay_s == pytest.approx(1.0, abs=1e-3)
+    three = p.assess([snap("a", waiting=int(RATE))], now_s=NOW, num_replicas=3)
+    assert three.prefill_rate_tps == pytest.approx(3 * RATE)
+    # decodes take part of each batch: a slower prefill rate
+    busy = p.assess([snap("a", decodes={"premium": 100})], now_s=NOW)
+    assert busy.prefill_rate_tps < RATE
+    # no feedback at all: the router's default rate, and what this ingress sent
+    inf = InFlight()
+    inf.add("x", "free", 5120, NOW)
+    none = p.assess([], inf, now_s=NOW)
+    assert none.replicas == 0 and none.queue_delay_s == pytest.approx(5120 / RATE)
+
+
+def test_recent_tbt_misses_from_the_counters_history():
+    p = policy(tbt_window_s=10.0)
+    h = TBTHistory(10.0)
+
+    def s(t, misses, tokens, p99=None):
+        return snap("a", ts=t, tiers={"premium": {"tbt_misses_total": misses, "tokens_total": tokens,
+                                                  "tbt_p99_s": p99}})
+
+    # the window P99 (60 s on the replica) still says "over the SLO", but the last 10 s were clean
+    for i, (m, n) in enumerate([(50, 1000), (50, 1500), (50, 2000), (50, 2500)]):
+        h.add([s(NOW - 15 + 5 * i, m, n, p99=0.2)])
+    load = p.assess([s(NOW, 50, 2500, p99=0.2)], now_s=NOW, history=h)
+    assert "premium" not in load.at_risk and p.decide("free", load).admit
+    # misses in the window: 2 % > 1 %
+    h.add([s(NOW + 5, 70, 3500, p99=0.2)])
+    load = p.assess([s(NOW + 5, 70, 3500, p99=0.2)], now_s=NOW + 5, history=h)
+    assert load.at_risk.get("premium") == "tbt" and p.decide("free", load).reason == "tbt"
+    # too few tokens in the window: the snapshot's P99 decides
+    h2 = TBTHistory(10.0)
+    h2.add([s(NOW - 5, 0, 10, p99=0.05)])
+    h2.add([s(NOW, 1, 20, p99=0.05)])
+    assert "premium" not in p.assess([s(NOW, 1, 20, p99=0.05)], now_s=NOW, history=h2).at_risk
+    # a restarted replica (counters went down) starts a new history
+    h2.add([s(NOW + 1, 0, 5)])
+    assert h2.misses("premium") == (0, 0)
+
+
+def test_disabled_admits_everything():
+    p = policy(enabled=False, max_in_flight=1)
+    inf = InFlight()
+    inf.add("a", "free", 10, NOW)
+    load = p.assess([snap("a", waiting=int(100 * RATE), kv=1.0)], inf, now_s=NOW)
+    assert p.decide("free", load).admit and p.decide("premium", load).admit
+
+
+def test_unknown_tier_is_an_error():
+    with pytest.raises(KeyError, match="unknown tier"):
+        policy().decide("gold", policy().assess([], now_s=NOW))
+
+
+# ------------------------------------------------------------------------------------ the config
+
+def test_config_defaults_are_derived_from_the_deployment():
+    app = AppConfig.model_validate({"replicas": {"num_replicas": 3, "max_ongoing_requests": 64},
+                                    "http": {"max_ongoing_requests": 256}})
+    assert app.admission.enabled
+    assert default_max_in_flight(app) == 192  # 3 replicas x 64
+    assert replica_max_queued_requests(app) == 64 and ingress_max_queued_requests(app) == 256
+    assert default_feedback_period_s(app) == pytest.approx(min(t.ttft_target_s for t in app.tiers) / 2)
+    app2 = AppConfig.model_validate({"replicas": {"num_replicas": 4}, "http": {"max_ongoing_requests": 100}})
+    assert default_max_in_flight(app2) == 100  # never over what the ingress takes at once
+    p = AdmissionPolicy.from_app_config(app)
+    assert p.max_in_flight == 192 and p.shed_sequence == app.shed_sequence
+    # round trip through JSON, as build_app passes the config to the ingress
+    assert AppConfig.model_validate(app.model_dump(mode="json")).admission == app.admission
+
+
+def test_config_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("http: {max_ongoing_requests: 10}\nadmission:\n  max_in_flight: 20\n")
+    with pytest.raises(ConfigError, match=r"admission\.max_in_flight.*over http\.max_ongoing_requests"):
+        load_config(path)
+    path.write_text("admission:\n  min_retry_after_s: 5\n  max_retry_after_s: 2\n")
+    with pytest.raises(ConfigError, match=r"admission\.max_retry_after_s"):
+        load_config(path)
+    path.write_text("admission:\n  replica_max_queued_requests: 0\n")
+    with pytest.raises(ConfigError, match=r"admission\.replica_max_queued_requests"):
+        load_config(path)
+    path.write_text("admission:\n  shed_fraction: 0.5\n")
+    with pytest.raises(ConfigError, match=r"admission\.shed_fraction: unknown field"):
+        load_config(path)
+    path.write_text("admission:\n  enabled: false\n  shed_delay_fraction: 0.25\n")
+    cfg = load_config(path)
+    assert not cfg.admission.enabled and math.isclose(cfg.admission.shed_delay_fraction, 0.25)
+
+
+def test_dotted_overrides_reach_a_section_missing_from_the_file(tmp_path):
+    # sim.yaml has no admission section: `admission.enabled=false` on the command line must still act
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name: m\n")
+    cfg = load_config(path, overrides={"admission.enabled": False, "admission.max_in_flight": 5})
+    assert not cfg.admission.enabled and cfg.admission.max_in_flight == 5
