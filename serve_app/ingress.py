@@ -11,7 +11,9 @@ The tier comes only from the API key (``Authorization: Bearer KEY`` -> `serve_ap
 body fields such as ``priority``, ``vllm_xargs``, ``user`` or ``tier`` are accepted and ignored, so
 a client can never choose its tier.  The resolved tier is returned in the ``x-tier`` header.
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 401 (missing or
-unknown key), 400 (invalid JSON, wrong types or ranges, ``max_tokens`` <= 0, token ids outside
+unknown key), 400 (invalid JSON, also JSON nested too deeply or holding a lone UTF-16 surrogate;
+wrong types, checked strictly as OpenAI does: ``"8"``, ``true`` or ``8.0`` is no integer; out-of-range
+or non-finite numbers, ``max_tokens`` <= 0, token ids outside
 the vocabulary, prompt + ``max_tokens`` over the context; without ``max_tokens`` a request gets
 ``default_max_tokens`` or what the context leaves), 404
 (unknown model), 413 (body over ``max_request_bytes``), 429 (overload, with ``Retry-After``).  A
@@ -197,24 +199,29 @@ def _chat_prompt(messages: list[ChatMessage]) -> str:
     return "\n".join(lines)
 
 
-# where a lone surrogate can come from in a JSON body: a \uD800-\uDFFF escape, or UTF-8-encoded
-# surrogate bytes (json.loads decodes bytes with "surrogatepass")
-_SURROGATE_SOURCE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+# a \uD800-\uDFFF escape: the one way a lone surrogate gets into JSON text that was decoded strictly
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def _lone_surrogate_path(body: bytes, data: Any) -> str | None:
-    """The path (``messages.0.content``) of a string in ``data`` (``body`` parsed) that holds a
-    lone UTF-16 surrogate (an unpaired ``"\\ud800"``: not Unicode text, so neither tokenizable nor
-    printable as UTF-8), or None.  Iterative (parsed JSON nests as deep as the parser allows), and
-    only run when the raw body has a surrogate escape or surrogate bytes at all."""
-    if _SURROGATE_SOURCE.search(body) is None:
+def _decode_body(body: bytes | bytearray) -> str:
+    """The body as text, in the encoding JSON allows (UTF-8, -16 or -32, detected as `json.loads`
+    does) but strictly: no surrogate code units (which `json.loads` on bytes would let through)."""
+    return bytes(body).decode(json.detect_encoding(body))
+
+
+def _lone_surrogate_path(text: str, data: Any) -> str | None:
+    """Where in ``data`` (``text`` parsed) a string holds a lone UTF-16 surrogate (an unpaired
+    ``"\\ud800"``: not Unicode text, so neither tokenizable nor printable as UTF-8): a path like
+    ``messages.0.content`` (``<key>`` for a dict key), or None.  Iterative (parsed JSON nests as deep
+    as the parser allows), and only run when ``text`` (strictly decoded) has a surrogate escape."""
+    if _SURROGATE_ESCAPE.search(text) is None:
         return None
 
-    def bad(text: str) -> bool:
-        if text.isascii():
+    def bad(s: str) -> bool:
+        if s.isascii():
             return False
         try:
-            text.encode("utf-8")
+            s.encode("utf-8")
         except UnicodeEncodeError:
             return True
         return False
@@ -224,10 +231,10 @@ def _lone_surrogate_path(body: bytes, data: Any) -> str | None:
         value, path = stack.pop()
         if isinstance(value, str):
             if bad(value):
-                return ".".join(map(str, path))[:200] or None
+                return ".".join(map(str, path))[:200]
         elif isinstance(value, dict):
             if any(bad(k) for k in value):
-                return ".".join(map(str, path))[:200] or None
+                return ".".join(map(str, (*path, "<key>")))[:200]
             stack.extend((v, (*path, k)) for k, v in value.items() if isinstance(v, (str, dict, list)))
         elif isinstance(value, list):
             stack.extend((v, (*path, i)) for i, v in enumerate(value) if isinstance(v, (str, dict, list)))
@@ -494,14 +501,15 @@ class Ingress:
             if len(body) > limit:
                 raise RequestError(413, f"request body larger than {limit} bytes", code="request_too_large")
         try:
-            data = json.loads(body)
+            text = _decode_body(body)
+            data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
             raise RequestError(400, f"invalid JSON body: {e}", code="invalid_json") from None
         except RecursionError:
             raise RequestError(400, "invalid JSON body: nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise RequestError(400, "the request body must be a JSON object", code="invalid_json")
-        bad = _lone_surrogate_path(bytes(body), data)
+        bad = _lone_surrogate_path(text, data)
         if bad is not None:
             key = bad.split(".", 1)[0]
             raise RequestError(400, f"{bad}: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
