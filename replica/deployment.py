@@ -168,6 +168,23 @@ class LLMReplica:
     def num_unfinished(self) -> int:
         return self.backend.num_unfinished
 
+    async def engine_state(self) -> dict[str, Any]:
+        """This replica's engine load and its Serve identity (tests and operators; not on the
+        request path): ``num_unfinished`` (requests the engine still holds), ``num_waiting``,
+        ``num_running``, ``kv_usage`` (from the feedback snapshot), ``replica_id`` (the one in the
+        snapshots), ``actor_name`` (Serve's replica actor, namespace ``serve``; None outside Serve)."""
+        snap = await self.backend.snapshot()
+        actor_name = None
+        try:
+            from ray import serve
+
+            actor_name = serve.get_replica_context().replica_id.to_full_id_str()
+        except Exception:  # noqa: BLE001 - not running inside a Serve replica
+            pass
+        return {"replica_id": self.replica_id, "actor_name": actor_name,
+                "num_unfinished": int(self.backend.num_unfinished), "num_waiting": int(snap.get("num_waiting", 0)),
+                "num_running": int(snap.get("num_running", 0)), "kv_usage": float(snap.get("kv_usage", 0.0))}
+
     async def check_health(self) -> None:
         await self.backend.check_health()
 

@@ -43,7 +43,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -57,6 +57,7 @@ from serve_app.admission import AdmissionPolicy, Decision, InFlight, TBTHistory
 from serve_app.auth import AuthError, KeyStore
 from serve_app.config import AppConfig
 from serve_app.metrics import IngressMetrics, RequestTimer, tier_slos
+from serve_app.retry import END, open_replica_stream, retry_request_id
 from serve_app.tokenizer import Tokenizer, tokenizer_for
 
 __all__ = ["DEFAULT_MAX_CONTEXT_TOKENS", "ChatCompletionRequest", "CompletionRequest", "Ingress", "app"]
@@ -168,6 +169,22 @@ class _Prefetched:
 
     def cancel(self) -> None:
         self._gen.cancel()
+
+
+class _SSEResponse(StreamingResponse):
+    """A streaming response that calls ``on_close`` however it ends, also when the client left
+    before Starlette began iterating the body: the body generator then never starts, so its
+    ``finally`` (which releases the request) never runs."""
+
+    def __init__(self, content: Any, *, on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 def _error_response(err: RequestError | AuthError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -405,27 +422,32 @@ class Ingress:
         payload = {"request_id": rid, "prompt_len": prompt_len, "prompt_token_ids": prompt_ids,
                    "max_tokens": max_tokens, "tier": tier, "tbt_slo_s": t.tbt_slo_s, "tier_rank": t.rank or 0,
                    "sampling": req.sampling()}
-        raw = self.replicas.options(stream=True).generate.remote(payload)
+        handle = self.replicas.options(stream=True)
+
+        def call_replica(attempt: int) -> Any:
+            return handle.generate.remote(
+                payload if attempt == 0 else {**payload, "request_id": retry_request_id(rid, attempt)})
+
         self.in_flight.add(rid, tier, prompt_len)
-        # Read up to the first chunk: Serve's backpressure (max_queued_requests) surfaces here.
+        # Read up to the first chunk: Serve's backpressure (max_queued_requests) surfaces here, and a
+        # request whose replica died before its first chunk is sent again, to another replica
+        # (serve_app.retry).
         first: Any = _END
         error: BaseException | None = None
         try:
-            first = await raw.__anext__()
-        except StopAsyncIteration:
-            pass
+            opened = await open_replica_stream(call_replica, request_id=rid)
+            raw, error = opened.stream, opened.error
+            if opened.first is not END:
+                first = opened.first
         except BackPressureError as e:
             self.in_flight.done(rid)
             logger.info("request %s shed by Serve's backpressure: %s", rid, e)
             return self._shed(tier, f"The server is overloaded: {e}", self._backpressure_retry_s(e), headers)
-        except asyncio.CancelledError:
-            raw.cancel()  # client gone: abort the engine request
+        except asyncio.CancelledError:  # client gone: open_replica_stream cancelled the replica stream
             self.in_flight.done(rid)
             timer = self.metrics.admitted(tier, start) if self.metrics is not None else RequestTimer(None, start)
             timer.finish("cancelled")
             raise
-        except Exception as e:  # noqa: BLE001 - reported by the paths below, as before
-            error = e
         t_first = time.perf_counter()
         gen = _Prefetched(raw, first, error)
         timer = self.metrics.admitted(tier, start) if self.metrics is not None else RequestTimer(None, start)
@@ -435,9 +457,14 @@ class Ingress:
                 timer.tokens(int(first["index"]), t_first)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         if req.stream:
-            return StreamingResponse(self._sse(gen, rid, chat, prompt_len, include_usage, timer),
-                                     media_type="text/event-stream",
-                                     headers={**headers, "cache-control": "no-cache"})
+            def release() -> None:  # what _sse's `finally` does (idempotent), for a body never iterated
+                self.in_flight.done(rid)
+                if not timer.finished:
+                    gen.cancel()  # client gone: abort the engine request
+                    timer.finish("cancelled")
+
+            return _SSEResponse(self._sse(gen, rid, chat, prompt_len, include_usage, timer), on_close=release,
+                                media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
         try:
             return await self._complete(gen, rid, chat, prompt_len, timer, headers)
         finally:

@@ -1,0 +1,139 @@
+"""`serve_app.retry`: a replica stream whose replica died before its first chunk is opened again,
+once; anything else is reported as before (no Ray cluster: fake streams)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("ray")
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError  # noqa: E402
+from ray.serve.exceptions import BackPressureError  # noqa: E402
+
+from serve_app.retry import END, is_replica_death, open_replica_stream, retry_request_id  # noqa: E402
+
+
+class FakeStream:
+    """A replica stream: raises ``error`` at the first ``__anext__`` or yields ``chunks``."""
+
+    def __init__(self, chunks=(), error: BaseException | None = None, delay_s: float = 0.0) -> None:
+        self.chunks, self.error, self.delay_s = list(chunks), error, delay_s
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.error is not None:
+            raise self.error
+        if not self.chunks:
+            raise StopAsyncIteration
+        return self.chunks.pop(0)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _starter(*streams: FakeStream):
+    calls: list[int] = []
+
+    def start(attempt: int) -> FakeStream:
+        calls.append(attempt)
+        return streams[len(calls) - 1]
+
+    return start, calls
+
+
+def _task_error(cause: BaseException) -> RayTaskError:
+    return RayTaskError("generate", "traceback", cause)
+
+
+@pytest.mark.parametrize("error, death", [
+    (ActorDiedError(), True),
+    (ActorUnavailableError("connection lost", None), True),
+    (RuntimeError("engine exploded"), False),
+    (ValueError("duplicate request id"), False),
+    (BackPressureError(num_queued_requests=3, max_queued_requests=2), False),
+])
+def test_is_replica_death(error, death):
+    assert is_replica_death(error) is death
+
+
+def test_is_replica_death_follows_causes():
+    wrapped = RuntimeError("stream failed")
+    wrapped.__cause__ = ActorDiedError()
+    assert is_replica_death(wrapped)
+    assert is_replica_death(_task_error(ActorDiedError()))
+    assert not is_replica_death(_task_error(ValueError("bad input")))
+    assert not is_replica_death(None)
+    loop = RuntimeError("a")  # a cause cycle ends
+    loop.__context__ = RuntimeError("b")
+    loop.__context__.__context__ = loop
+    assert not is_replica_death(loop)
+
+
+def test_a_replica_death_before_the_first_chunk_is_retried_once_on_a_fresh_call():
+    dead, live = FakeStream(error=ActorDiedError()), FakeStream(chunks=[{"index": 1}, {"index": 2}])
+    start, calls = _starter(dead, live)
+    opened = asyncio.run(open_replica_stream(start, request_id="cmpl-1"))
+    assert calls == [0, 1] and opened.attempts == 2
+    assert opened.stream is live and opened.first == {"index": 1} and opened.error is None
+    assert dead.cancelled and not live.cancelled
+
+
+def test_at_most_retries_more_attempts_then_the_error_is_returned():
+    streams = [FakeStream(error=ActorDiedError()) for _ in range(3)]
+    start, calls = _starter(*streams)
+    opened = asyncio.run(open_replica_stream(start, retries=1))
+    assert calls == [0, 1] and opened.attempts == 2
+    assert opened.stream is streams[1] and isinstance(opened.error, ActorDiedError) and opened.first is None
+    start, calls = _starter(*[FakeStream(error=ActorUnavailableError("down", None)) for _ in range(3)])
+    assert asyncio.run(open_replica_stream(start, retries=2)).attempts == 3 and calls == [0, 1, 2]
+    start, calls = _starter(FakeStream(error=ActorDiedError()))
+    assert asyncio.run(open_replica_stream(start, retries=0)).attempts == 1 and calls == [0]
+
+
+def test_other_errors_are_not_retried():
+    start, calls = _starter(FakeStream(error=RuntimeError("engine exploded")), FakeStream(chunks=[1]))
+    opened = asyncio.run(open_replica_stream(start))
+    assert calls == [0] and isinstance(opened.error, RuntimeError) and opened.attempts == 1
+
+
+def test_first_chunk_and_an_empty_stream():
+    start, _ = _starter(FakeStream(chunks=[{"index": 1}]))
+    opened = asyncio.run(open_replica_stream(start))
+    assert opened.first == {"index": 1} and opened.error is None and opened.attempts == 1
+    start, _ = _starter(FakeStream())
+    opened = asyncio.run(open_replica_stream(start))
+    assert opened.first is END and opened.error is None
+
+
+def test_backpressure_propagates_without_retry():
+    start, calls = _starter(FakeStream(error=BackPressureError(num_queued_requests=3, max_queued_requests=2)))
+    with pytest.raises(BackPressureError):
+        asyncio.run(open_replica_stream(start))
+    assert calls == [0]
+
+
+def test_a_cancelled_client_cancels_the_stream():
+    stream = FakeStream(chunks=[1], delay_s=10)
+    start, _ = _starter(stream)
+
+    async def main():
+        task = asyncio.create_task(open_replica_stream(start))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert stream.cancelled
+
+
+def test_retry_request_ids_are_distinct_per_attempt():
+    assert retry_request_id("cmpl-abc", 0) == "cmpl-abc"
+    ids = {retry_request_id("cmpl-abc", a) for a in range(4)}
+    assert len(ids) == 4 and all(i.startswith("cmpl-abc") for i in ids)
