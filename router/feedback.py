@@ -199,3 +199,12 @@ def build_views(
         entries = ledger.entries(rid) if ledger is not None else ()
         views.append(ReplicaView(rid, fb, age, entries))
     return views
+
+
+def usable_feedback(view: ReplicaView, max_age_s: float | None) -> ReplicaFeedback | None:
+    """The view's feedback, or None if there is none or it is older than `max_age_s` (None: any age)."""
+    if view.feedback is None:
+        return None
+    if max_age_s is not None and view.feedback_age_s is not None and view.feedback_age_s > max_age_s:
+        return None
+    return view.feedback

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from loadtest.simulate.replica import ReplicaRun, TokenLog, Workload, make_requests
+from loadtest.simulate.replica import ReplicaRun, TokenLog, Workload, make_requests, request_outcomes
 from replica.cost.profile import CostProfile, load_profile
 from replica.policy.config import SchedulerConfig
 from replica.policy.registry import make_policy, scheduler_config
@@ -253,19 +253,12 @@ def run_cluster(workload: Workload, config: ClusterConfig,
             break  # every request finished (snapshots may still be queued)
     makespan = now
 
-    ttft = np.array([(r.first_token_s - r.arrival_s) if r.first_token_s is not None else np.inf for r in reqs])
-    finish = np.array([r.last_token_s if r.is_finished else np.inf for r in reqs])
     engines = [x.engine for x in replicas]
     return ClusterRun(
         scheduler="+".join(dict.fromkeys(config.schedulers)),
         workload=workload,
-        ttft_s=ttft,
-        finish_s=finish,
-        tbt_miss_frac=log.tbt_miss_frac(),
-        tbt_s=log.tbt_s(),
-        tbt_weight=log.tbt_weight(),
+        **request_outcomes(reqs, log),
         waiting_at_last_arrival=waiting_at_last_arrival,
-        unfinished=sum(1 for r in reqs if not r.is_finished),
         num_iterations=sum(e.num_iterations for e in engines),
         num_preemptions=sum(e.num_preemptions for e in engines),
         busy_s=sum(e.busy_s for e in engines),

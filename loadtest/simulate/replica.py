@@ -132,6 +132,18 @@ def make_requests(workload: Workload) -> list[Request]:
     ]
 
 
+def request_outcomes(reqs: list[Request], log: "TokenLog") -> dict:
+    """The per-request fields of a run (`ReplicaRun`) from its finished requests and token log."""
+    return {
+        "ttft_s": np.array([(r.first_token_s - r.arrival_s) if r.first_token_s is not None else np.inf for r in reqs]),
+        "finish_s": np.array([r.last_token_s if r.is_finished else np.inf for r in reqs]),
+        "tbt_miss_frac": log.tbt_miss_frac(),
+        "tbt_s": log.tbt_s(),
+        "tbt_weight": log.tbt_weight(),
+        "unfinished": sum(1 for r in reqs if not r.is_finished),
+    }
+
+
 def run_replica(
     workload: Workload,
     policy: SchedulingPolicy,
@@ -168,18 +180,11 @@ def run_replica(
         else:
             break
 
-    ttft = np.array([(r.first_token_s - r.arrival_s) if r.first_token_s is not None else np.inf for r in reqs])
-    finish = np.array([r.last_token_s if r.is_finished else np.inf for r in reqs])
     return ReplicaRun(
         scheduler=policy.name,
         workload=workload,
-        ttft_s=ttft,
-        finish_s=finish,
-        tbt_miss_frac=log.tbt_miss_frac(),
-        tbt_s=log.tbt_s(),
-        tbt_weight=log.tbt_weight(),
+        **request_outcomes(reqs, log),
         waiting_at_last_arrival=waiting_at_last_arrival,
-        unfinished=sum(1 for r in reqs if not r.is_finished),
         num_iterations=engine.num_iterations,
         num_preemptions=engine.num_preemptions,
         busy_s=engine.busy_s,

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.feedback import ReplicaFeedback, ReplicaView
+from router.feedback import ReplicaFeedback, ReplicaView, usable_feedback
 from router.policies.base import RoutingRequest
 
 
@@ -114,12 +114,7 @@ class SLOPolicy:
         )
 
     def _usable(self, view: ReplicaView) -> ReplicaFeedback | None:
-        max_age = self.config.max_feedback_age_s
-        if view.feedback is None:
-            return None
-        if max_age is not None and view.feedback_age_s is not None and view.feedback_age_s > max_age:
-            return None
-        return view.feedback
+        return usable_feedback(view, self.config.max_feedback_age_s)
 
     def estimate(self, request: RoutingRequest, replicas: list[ReplicaView]) -> list[ReplicaEstimate]:
         cfg = self.config
