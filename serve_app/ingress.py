@@ -53,7 +53,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from router.feedback import FeedbackError, ReplicaFeedback
-from serve_app.admission import AdmissionPolicy, Decision, InFlight, TBTHistory
+from serve_app.admission import AdmissionPolicy, Decision, DelayHistory, InFlight, TBTHistory
 from serve_app.auth import AuthError, KeyStore
 from serve_app.config import AppConfig
 from serve_app.metrics import IngressMetrics, RequestTimer, tier_slos
@@ -292,6 +292,7 @@ class Ingress:
         self.in_flight = InFlight()
         self.feedback: dict[str, ReplicaFeedback] = {}  # replica id -> its latest snapshot
         self.tbt_history = TBTHistory(self.config.admission.tbt_window_s)
+        self.delay_history = DelayHistory(self.config.admission.delay_window_s)
         self._num_replicas: int = self.config.replicas.num_replicas  # as the last poll found them
         self._poller: asyncio.Task | None = None
         self._poll_failures = 0
@@ -338,7 +339,7 @@ class Ingress:
         self._last_request_s = time.monotonic()
         self._ensure_poller()
         return self.admission.admit(tier, self.feedback.values(), self.in_flight, history=self.tbt_history,
-                                    num_replicas=self._num_replicas)
+                                    delays=self.delay_history, num_replicas=self._num_replicas)
 
     def _ensure_poller(self) -> None:
         if self._poller is None or self._poller.done():

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from router.feedback import ReplicaFeedback
-from serve_app.admission import (AdmissionPolicy, InFlight, TBTHistory, default_feedback_period_s,
+from serve_app.admission import (AdmissionPolicy, DelayHistory, InFlight, TBTHistory, default_feedback_period_s,
                                  default_max_in_flight, ingress_max_queued_requests, replica_max_queued_requests)
 from serve_app.config import AdmissionConfig, AppConfig, ConfigError, ServingTier, load_config
 
@@ -38,9 +38,11 @@ def test_rules_follow_shed_order_and_targets():
     p = policy()
     assert p.shed_sequence == ["free", "premium"]
     free, prem = p.rules["free"], p.rules["premium"]
-    assert free.delay_bound_s == pytest.approx(0.25) and free.sheds_on_health and free.in_flight_bound == 50
+    # free is shed once a new premium request would miss premium's 0.5 s TTFT target (f = 1)
+    assert free.delay_bound_s == pytest.approx(0.5) and free.sheds_on_health and free.in_flight_bound == 50
+    assert free.sustained_delay_bound_s == pytest.approx(0.25) and prem.sustained_delay_bound_s is None
     assert prem.delay_bound_s is None and not prem.sheds_on_health and prem.in_flight_bound == 100
-    p3 = policy(TIERS3, max_in_flight=90)
+    p3 = policy(TIERS3, max_in_flight=90, shed_delay_fraction=0.5)
     assert p3.shed_sequence == ["bronze", "silver", "gold"]
     # bronze protects silver and gold: the tightest target is gold's 0.3 s; silver protects gold
     assert p3.rules["bronze"].delay_bound_s == pytest.approx(0.5 * 0.3)
@@ -53,8 +55,11 @@ def test_rules_follow_shed_order_and_targets():
 CASES = [
     ("healthy cluster admits all", [snap("a", waiting=1000), snap("b", waiting=500)],
      {"free": None, "premium": None}),
-    ("rising queue sheds free first, premium admitted",  # 2 replicas, 0.3 s to drain > 0.25 s
-     [snap("a", waiting=int(0.3 * RATE)), snap("b", waiting=int(0.3 * RATE))],
+    ("moderate queue (0.4 s to drain, under premium's 0.5 s target) admits all",
+     [snap("a", waiting=int(0.4 * RATE)), snap("b", waiting=int(0.4 * RATE))],
+     {"free": None, "premium": None}),
+    ("rising queue sheds free first, premium admitted",  # 2 replicas, 0.6 s to drain > 0.5 s
+     [snap("a", waiting=int(0.6 * RATE)), snap("b", waiting=int(0.6 * RATE))],
      {"free": "queue", "premium": None}),
     ("a huge queue still admits premium (only the in-flight bound refuses it)",
      [snap("a", waiting=int(30 * RATE))], {"free": "queue", "premium": None}),
@@ -106,7 +111,7 @@ def test_retry_after_is_the_drain_time(drain_s, want):
     assert load.queue_delay_s == pytest.approx(drain_s, abs=1e-3)
     assert p.retry_after_s(load) == want
     d = p.decide("free", load)
-    if drain_s > 0.25:
+    if drain_s > 0.5:
         assert d.retry_after_s == want
 
 
@@ -117,7 +122,7 @@ def test_retry_after_bounds_are_configurable():
 
 
 def test_three_tiers_shed_in_order():
-    p = policy(TIERS3)
+    p = policy(TIERS3, shed_delay_fraction=0.5)
     # the bounds: bronze 0.15 s, silver 0.225 s, gold never
     for delay, want in [(0.1, {"bronze": True, "silver": True, "gold": True}),
                         (0.2, {"bronze": False, "silver": True, "gold": True}),
@@ -132,6 +137,41 @@ def test_three_tiers_shed_in_order():
         {"bronze": "tbt", "silver": None, "gold": None}
 
 
+def test_a_burst_passes_but_sustained_queueing_sheds_free():
+    """A moment at 0.4 s of queueing (under premium's 0.5 s target) admits free; the same delay
+    held over the window (mean > 0.25 s) sheds it; premium is admitted throughout."""
+    p = policy()
+    delays = DelayHistory(window_s=10.0)
+    for i in range(20):  # quiet: 0.05 s of queueing for 10 s
+        load = p.assess([snap("a", waiting=int(0.05 * RATE), ts=NOW + i * 0.5)], now_s=NOW + i * 0.5,
+                        delays=delays)
+        assert p.decide("free", load).admit
+    burst = p.assess([snap("a", waiting=int(0.4 * RATE), ts=NOW + 10)], now_s=NOW + 10, delays=delays)
+    assert burst.queue_delay_mean_s < 0.25 and p.decide("free", burst).admit
+    shed_at = None
+    for i in range(1, 40):  # the 0.4 s queue persists
+        t = NOW + 10 + i * 0.5
+        load = p.assess([snap("a", waiting=int(0.4 * RATE), ts=t)], now_s=t, delays=delays)
+        assert p.decide("premium", load).admit
+        if not p.decide("free", load).admit:
+            shed_at = t - NOW - 10
+            d = p.decide("free", load)
+            assert d.reason == "queue" and "on average" in d.message
+            break
+    # the mean passes 0.25 s once more than 4/7 of the window's samples are at 0.4 s
+    assert shed_at is not None and 5.0 <= shed_at <= 6.5, shed_at
+
+
+def test_delay_history_forgets_samples_older_than_the_window():
+    h = DelayHistory(window_s=2.0)
+    assert h.mean(NOW) is None
+    h.add(NOW, 1.0)
+    h.add(NOW + 1, 0.0)
+    assert h.mean(NOW + 1) == pytest.approx(0.5)
+    assert h.mean(NOW + 2.5) == pytest.approx(0.0) and len(h) == 1
+    assert h.mean(NOW + 10) is None
+
+
 def test_shed_order_not_rank_decides():
     tiers = [ServingTier(name="premium", tbt_slo_s=0.1, ttft_target_s=0.5, rank=0, shed_order=0),
              ServingTier(name="free", tbt_slo_s=0.5, ttft_target_s=0.5, rank=1, shed_order=1)]
@@ -144,13 +184,13 @@ def test_unreported_work_counts_requests_admitted_after_the_snapshot():
     p = policy()
     inf = InFlight()
     inf.add("old", "free", 5000, NOW - 1)  # before the snapshot: the snapshot shows it
-    inf.add("new1", "free", int(0.2 * RATE), NOW + 0.1)
-    inf.add("new2", "premium", int(0.1 * RATE), NOW + 0.2)
+    inf.add("new1", "free", int(0.4 * RATE), NOW + 0.1)
+    inf.add("new2", "premium", int(0.2 * RATE), NOW + 0.2)
     inf.add("started", "free", 9999, NOW + 0.2)
     inf.first_token("started")  # prefilled: no longer queued work
     load = p.assess([snap("a", waiting=0)], inf, now_s=NOW + 0.3)
-    assert load.unreported_tokens == int(0.2 * RATE) + int(0.1 * RATE)
-    assert load.queue_delay_s == pytest.approx(0.3, abs=1e-3)
+    assert load.unreported_tokens == int(0.4 * RATE) + int(0.2 * RATE)
+    assert load.queue_delay_s == pytest.approx(0.6, abs=1e-3)
     assert p.decide("free", load).reason == "queue" and p.decide("premium", load).admit
     assert inf.count() == 4 and inf.counts == {"free": 3, "premium": 1}
     for rid in ("old", "new1", "new2", "started", "started"):
