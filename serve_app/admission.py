@@ -35,16 +35,16 @@ The rule, for a request of the tier at position k in the shed sequence (0 = shed
 1. in flight: refused when this ingress has ``floor(max_in_flight * (k+1) / n)`` requests (all
    tiers) in flight (trunk reservation: later tiers keep the rest; the last tier alone may reach
    ``max_in_flight``, the hard bound);
-2. for k < n-1 only, queue: refused when D > h_k(f) * T_k (a new request of a protected tier
-   would miss its target now) or D_w > h_k(g) * T_k (queueing has held that share of the target
-   for a window: sustained overload), with T_k the tightest TTFT target of the tiers shed after
-   it, h_k(x) = x + (1-x) * k / (n-1), f = ``shed_delay_fraction`` (default 1) and g =
-   ``sustained_delay_fraction`` (default 0.5; 2 tiers: g; 3 tiers: g, (1+g)/2).  The instant
-   bound alone would let sustained overload hold the queue at the target itself (premium's long
-   prompts then wait behind every shorter arrival); the sustained bound alone would miss the start
-   of an overload; Poisson bursts at moderate load pass both (they reach half the target for a
-   moment, not for a window: the first default, the instant bound at g, shed 4.6 % of the free
-   tier at 80 % load in the soak, docs/BENCHMARKS.md section 8);
+2. for k < n-1 only, queue: refused when D > h_k(f) * T_k (a typical new request of a protected
+   tier would miss its target now) or D_w > h_k(g) * T_k (queueing has held that share of the
+   target for a window: sustained overload), with T_k the tightest TTFT target of the tiers shed
+   after it, h_k(x) = x * (1 + k / (n-1)) (3 tiers: x, 1.5x), f = ``instant_delay_factor`` (default 2: D is the
+   first-come-first-served wait, and under shortest-prompt-first a median-length request waits
+   behind about half of it at most) and g = ``sustained_delay_factor`` (default 0.5).  The
+   instant bound alone would let sustained overload hold the queue at the target (premium's long
+   prompts then wait behind every shorter arrival); the sustained bound alone would miss the
+   start of an overload; Poisson bursts at moderate load pass both (see
+   `serve_app.config.AdmissionConfig` and docs/BENCHMARKS.md section 8);
 3. for k = 0 only, health: refused when a tier shed after it is at risk ("tbt" or "kv").  The
    health signals say that the strict tier is hurting, not by how much, so they shed the first
    tier only; the graded delay bounds and the in-flight bounds escalate to the next ones.
@@ -321,15 +321,16 @@ class AdmissionPolicy:
 
     def _rules(self, ordered: Sequence[ServingTier]) -> dict[str, TierRule]:
         n = len(ordered)
-        f, g = self.config.shed_delay_fraction, self.config.sustained_delay_fraction
+        f, g = self.config.instant_delay_factor, self.config.sustained_delay_factor
         rules = {}
         for k, t in enumerate(ordered):
             later = ordered[k + 1:]
             delay = sustained = None
             if later:
                 target = min(p.ttft_target_s for p in later)
-                delay = (f + (1 - f) * k / (n - 1)) * target
-                sustained = (g + (1 - g) * k / (n - 1)) * target
+                grade = 1 + k / (n - 1)  # later tiers at larger bounds: 3 tiers x1, x1.5
+                delay = f * grade * target
+                sustained = g * grade * target
             rules[t.name] = TierRule(
                 name=t.name, position=k, protects=tuple(p.name for p in later), delay_bound_s=delay,
                 sustained_delay_bound_s=sustained,

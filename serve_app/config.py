@@ -289,18 +289,20 @@ class AdmissionConfig(_Strict):
 
     The defaults are derived from the tiers and the deployment, not tuned to a benchmark:
 
-    * ``shed_delay_fraction`` f and ``sustained_delay_fraction`` g: the tier shed first is
-      refused once the cluster's predicted queueing delay for a new prefill exceeds f times the
-      tightest TTFT target of the tiers it protects (those shed after it), or once its mean over
-      the last ``delay_window_s`` exceeds g times that target; the next tiers at evenly spaced
-      fractions up to 1 (3 tiers: g, (1+g)/2); the last tier is never shed on delay.  f = 1: a
-      new request of a protected tier, queued behind all waiting work, would miss its target now
-      (the prediction already counts what this ingress admitted since the last snapshot).
-      g = 0.5 over a window: under sustained overload the queue holds half the target, leaving
-      the other half to the request's own prefill and to the long prompts that shortest-prompt-
-      first makes wait.  Poisson bursts at moderate load reach half the target for a moment, not
-      for a window (the first default, the instant bound at 0.5, shed 4.6 % of the free tier at
-      80 % load in the soak: docs/BENCHMARKS.md section 8).
+    * ``instant_delay_factor`` f and ``sustained_delay_factor`` g: the tier shed first is
+      refused once the cluster's predicted queueing delay for a new prefill D (the time to drain
+      all waiting prefill work) exceeds f times the tightest TTFT target T of the tiers it
+      protects (those shed after it), or once D's mean over the last ``delay_window_s`` exceeds
+      g times T; the next tiers at proportionally larger bounds (3 tiers: x1 and x1.5 of each
+      factor); the last tier is never shed on delay.
+      f = 2: D is what a new request would wait first-come-first-served; under shortest-prompt-
+      first a request of median length waits only behind the shorter prompts, at most about half
+      of D, so D > 2T is where a typical protected request misses its target now.  g = 0.5: under
+      sustained overload the queue holds half the target, leaving the other half to the
+      request's own prefill and to the long prompts SPF makes wait.  Poisson bursts at moderate
+      load pass both: they reach T for a moment, not 2T, and not T/2 for a window.  (The first
+      default, f = 0.5 with no window, shed 4.6 % of the free tier at 80 % load in the soak; f = 1
+      with the window still 2 %: docs/BENCHMARKS.md section 8.)
     * TBT health: a tier shed later whose recent TBT miss fraction exceeds 1 - ``tbt_quantile``
       (its SLO is on that quantile), or a cluster KV use at ``kv_limit`` (where SLAI's dynamic
       offset switches and preemptions start; the SLO router's feasibility bound), sheds the first
@@ -322,13 +324,13 @@ class AdmissionConfig(_Strict):
     """
 
     enabled: bool = Field(default=True, description="shed tiers under overload at the ingress")
-    shed_delay_fraction: float = Field(default=1.0, gt=0, le=1,
-                                       description="first-shed tier: predicted queueing delay bound as a "
-                                                   "fraction of the protected tiers' TTFT target")
-    sustained_delay_fraction: float = Field(default=0.5, gt=0, le=1,
-                                            description="first-shed tier: bound on the recent mean of the "
-                                                        "predicted queueing delay, as a fraction of the "
-                                                        "protected tiers' TTFT target")
+    instant_delay_factor: float = Field(default=2.0, gt=0,
+                                        description="first-shed tier: bound on the predicted queueing delay, "
+                                                    "in multiples of the protected tiers' TTFT target")
+    sustained_delay_factor: float = Field(default=0.5, gt=0,
+                                          description="first-shed tier: bound on the recent mean of the "
+                                                      "predicted queueing delay, in multiples of the "
+                                                      "protected tiers' TTFT target")
     delay_window_s: float = Field(default=10.0, gt=0,
                                   description="how far back the recent mean of the predicted delay looks (s)")
     tbt_quantile: float = Field(default=0.99, gt=0, lt=1, description="the quantile the TBT SLOs are on")

@@ -38,11 +38,11 @@ def test_rules_follow_shed_order_and_targets():
     p = policy()
     assert p.shed_sequence == ["free", "premium"]
     free, prem = p.rules["free"], p.rules["premium"]
-    # free is shed once a new premium request would miss premium's 0.5 s TTFT target (f = 1)
-    assert free.delay_bound_s == pytest.approx(0.5) and free.sheds_on_health and free.in_flight_bound == 50
+    # free is shed once the FCFS drain time is twice premium's 0.5 s TTFT target (f = 2)
+    assert free.delay_bound_s == pytest.approx(1.0) and free.sheds_on_health and free.in_flight_bound == 50
     assert free.sustained_delay_bound_s == pytest.approx(0.25) and prem.sustained_delay_bound_s is None
     assert prem.delay_bound_s is None and not prem.sheds_on_health and prem.in_flight_bound == 100
-    p3 = policy(TIERS3, max_in_flight=90, shed_delay_fraction=0.5)
+    p3 = policy(TIERS3, max_in_flight=90, instant_delay_factor=0.5)
     assert p3.shed_sequence == ["bronze", "silver", "gold"]
     # bronze protects silver and gold: the tightest target is gold's 0.3 s; silver protects gold
     assert p3.rules["bronze"].delay_bound_s == pytest.approx(0.5 * 0.3)
@@ -55,11 +55,11 @@ def test_rules_follow_shed_order_and_targets():
 CASES = [
     ("healthy cluster admits all", [snap("a", waiting=1000), snap("b", waiting=500)],
      {"free": None, "premium": None}),
-    ("moderate queue (0.4 s to drain, under premium's 0.5 s target) admits all",
-     [snap("a", waiting=int(0.4 * RATE)), snap("b", waiting=int(0.4 * RATE))],
+    ("moderate queue (0.8 s to drain, under twice premium's 0.5 s target) admits all",
+     [snap("a", waiting=int(0.8 * RATE)), snap("b", waiting=int(0.8 * RATE))],
      {"free": None, "premium": None}),
-    ("rising queue sheds free first, premium admitted",  # 2 replicas, 0.6 s to drain > 0.5 s
-     [snap("a", waiting=int(0.6 * RATE)), snap("b", waiting=int(0.6 * RATE))],
+    ("rising queue sheds free first, premium admitted",  # 2 replicas, 1.2 s to drain > 1.0 s
+     [snap("a", waiting=int(1.2 * RATE)), snap("b", waiting=int(1.2 * RATE))],
      {"free": "queue", "premium": None}),
     ("a huge queue still admits premium (only the in-flight bound refuses it)",
      [snap("a", waiting=int(30 * RATE))], {"free": "queue", "premium": None}),
@@ -111,7 +111,7 @@ def test_retry_after_is_the_drain_time(drain_s, want):
     assert load.queue_delay_s == pytest.approx(drain_s, abs=1e-3)
     assert p.retry_after_s(load) == want
     d = p.decide("free", load)
-    if drain_s > 0.5:
+    if drain_s > 1.0:
         assert d.retry_after_s == want
 
 
@@ -122,7 +122,7 @@ def test_retry_after_bounds_are_configurable():
 
 
 def test_three_tiers_shed_in_order():
-    p = policy(TIERS3, shed_delay_fraction=0.5)
+    p = policy(TIERS3, instant_delay_factor=0.5)
     # the bounds: bronze 0.15 s, silver 0.225 s, gold never
     for delay, want in [(0.1, {"bronze": True, "silver": True, "gold": True}),
                         (0.2, {"bronze": False, "silver": True, "gold": True}),
@@ -176,7 +176,7 @@ def test_shed_order_not_rank_decides():
     tiers = [ServingTier(name="premium", tbt_slo_s=0.1, ttft_target_s=0.5, rank=0, shed_order=0),
              ServingTier(name="free", tbt_slo_s=0.5, ttft_target_s=0.5, rank=1, shed_order=1)]
     p = policy(tiers)
-    load = p.assess([snap("a", waiting=int(1.0 * RATE))], now_s=NOW)
+    load = p.assess([snap("a", waiting=int(1.5 * RATE))], now_s=NOW)
     assert not p.decide("premium", load).admit and p.decide("free", load).admit
 
 
@@ -184,13 +184,13 @@ def test_unreported_work_counts_requests_admitted_after_the_snapshot():
     p = policy()
     inf = InFlight()
     inf.add("old", "free", 5000, NOW - 1)  # before the snapshot: the snapshot shows it
-    inf.add("new1", "free", int(0.4 * RATE), NOW + 0.1)
-    inf.add("new2", "premium", int(0.2 * RATE), NOW + 0.2)
+    inf.add("new1", "free", int(0.8 * RATE), NOW + 0.1)
+    inf.add("new2", "premium", int(0.4 * RATE), NOW + 0.2)
     inf.add("started", "free", 9999, NOW + 0.2)
     inf.first_token("started")  # prefilled: no longer queued work
     load = p.assess([snap("a", waiting=0)], inf, now_s=NOW + 0.3)
-    assert load.unreported_tokens == int(0.4 * RATE) + int(0.2 * RATE)
-    assert load.queue_delay_s == pytest.approx(0.6, abs=1e-3)
+    assert load.unreported_tokens == int(0.8 * RATE) + int(0.4 * RATE)
+    assert load.queue_delay_s == pytest.approx(1.2, abs=1e-3)
     assert p.decide("free", load).reason == "queue" and p.decide("premium", load).admit
     assert inf.count() == 4 and inf.counts == {"free": 3, "premium": 1}
     for rid in ("old", "new1", "new2", "started", "started"):
@@ -285,9 +285,9 @@ def test_config_errors(tmp_path):
     path.write_text("admission:\n  shed_fraction: 0.5\n")
     with pytest.raises(ConfigError, match=r"admission\.shed_fraction: unknown field"):
         load_config(path)
-    path.write_text("admission:\n  enabled: false\n  shed_delay_fraction: 0.25\n")
+    path.write_text("admission:\n  enabled: false\n  instant_delay_factor: 0.25\n")
     cfg = load_config(path)
-    assert not cfg.admission.enabled and math.isclose(cfg.admission.shed_delay_fraction, 0.25)
+    assert not cfg.admission.enabled and math.isclose(cfg.admission.instant_delay_factor, 0.25)
 
 
 def test_dotted_overrides_reach_a_section_missing_from_the_file(tmp_path):
