@@ -126,6 +126,7 @@ def make_requests(workload: Workload) -> list[Request]:
             tier=tiers[t].name,
             tbt_slo_s=tiers[t].tbt_slo_s,
             tier_rank=tiers[t].rank,
+            ttft_target_s=tiers[t].ttft_target_s,
             max_output_tokens=int(workload.output_lens[i]),
         )
         for i, t in enumerate(workload.tier_idx)

@@ -11,7 +11,7 @@ class SchedulerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = "slai-spf-dynamic"
-    kind: Literal["slai", "sarathi", "vllm", "rad"] = "slai"
+    kind: Literal["slai", "slai-plus", "sarathi", "vllm", "rad"] = "slai"
     admission_order: Literal["fcfs", "spf", "spf-tier"] = "spf"
 
     token_budget: int = Field(512, gt=0, description="tokens per iteration (chunked prefill budget)")
@@ -23,6 +23,21 @@ class SchedulerConfig(BaseModel):
     theta_low: float = Field(5.0, ge=0)
     theta_high: float = Field(10.0, ge=0)
     theta_kv_threshold: float = Field(0.96, gt=0, le=1)
+
+    # slai-plus (replica/policy/slai_plus.py): each mechanism switchable, for the ablation.
+    aging: bool = Field(True, description="a prompt that waited max_wait_ttft_multiple x its tier's TTFT "
+                                          "target is admitted before shorter ones (arrival order)")
+    max_wait_ttft_multiple: float = Field(4.0, gt=0)
+    adaptive_budget: bool = Field(True, description="grow the token budget, in tiles, up to max_token_budget "
+                                                    "while the predicted iteration time keeps every running "
+                                                    "tier within (1 - slo_margin) of its TBT SLO")
+    max_token_budget: int = Field(2048, gt=0)
+    slo_margin: float = Field(0.1, ge=0, lt=1, description="share of each TBT SLO kept as margin")
+    adaptive_offset: bool = Field(True, description="LST offset = 2 x the longest recent iteration + the "
+                                                    "margin, instead of Theta x the mean batch time")
+    recent_batch_time: bool = Field(True, description="batch-time statistics over the last "
+                                                      "batch_time_window batches, instead of all of them")
+    batch_time_window: int = Field(64, gt=1, description="batches the recent statistics cover")
 
     # vLLM-style: whole prompts, at most this many tokens in a prefill iteration.
     max_prefill_tokens: int = Field(8192, gt=0)
@@ -36,6 +51,8 @@ class SchedulerConfig(BaseModel):
     def _check(self) -> "SchedulerConfig":
         if self.theta_high < self.theta_low:
             raise ValueError(f"theta_high ({self.theta_high}) must be >= theta_low ({self.theta_low})")
+        if self.kind == "slai-plus" and self.max_token_budget < self.token_budget:
+            raise ValueError(f"max_token_budget ({self.max_token_budget}) must be >= token_budget ({self.token_budget})")
         if self.kind == "rad" and self.max_batch_tokens < self.tile_tokens:
             raise ValueError("max_batch_tokens must be at least one tile")
         return self

@@ -9,11 +9,12 @@ from replica.policy.config import SchedulerConfig
 from replica.policy.rad import RADPolicy
 from replica.policy.sarathi import SarathiPolicy
 from replica.policy.slai import SLAIPolicy
+from replica.policy.slai_plus import SLAIPlusPolicy
 from replica.policy.vllm_style import VLLMStylePolicy
 
-_CLASSES = {"slai": SLAIPolicy, "sarathi": SarathiPolicy, "vllm": VLLMStylePolicy, "rad": RADPolicy}
+_CLASSES = {"slai": SLAIPolicy, "slai-plus": SLAIPlusPolicy, "sarathi": SarathiPolicy, "vllm": VLLMStylePolicy, "rad": RADPolicy}
 
-# The paper's schedulers (PAPER.md "Variants evaluated" and "Baselines"), plus RAD.
+# The paper's schedulers (PAPER.md "Variants evaluated" and "Baselines"), plus RAD and slai-plus.
 PRESETS: dict[str, dict[str, Any]] = {
     "sarathi-fcfs": {"kind": "sarathi", "admission_order": "fcfs"},
     "sarathi-spf": {"kind": "sarathi", "admission_order": "spf"},
@@ -23,6 +24,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "slai-spf-dynamic": {"kind": "slai", "admission_order": "spf", "dynamic_theta": True},
     "slai-spf-tier-dynamic": {"kind": "slai", "admission_order": "spf-tier", "dynamic_theta": True},
     "rad": {"kind": "rad", "admission_order": "fcfs"},
+    # Beyond the paper (replica/policy/slai_plus.py), and its ablation: one mechanism off each.
+    "slai-plus": {"kind": "slai-plus", "admission_order": "spf", "dynamic_theta": True},
+    "slai-plus-no-aging": {"kind": "slai-plus", "admission_order": "spf", "aging": False},
+    "slai-plus-no-budget": {"kind": "slai-plus", "admission_order": "spf", "adaptive_budget": False},
+    "slai-plus-no-offset": {"kind": "slai-plus", "admission_order": "spf", "adaptive_offset": False},
+    "slai-plus-no-window": {"kind": "slai-plus", "admission_order": "spf", "recent_batch_time": False},
 }
 
 

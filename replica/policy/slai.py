@@ -40,11 +40,12 @@ class SLAIPolicy:
         self.mean_batch_time_s = 0.0
         self.num_batches = 0
         self.theta = config.theta_low
+        self._offset_s = 0.0
 
     def schedule(self, state: EngineState) -> BatchPlan:
         cfg = self.config
         now = state.now_s
-        b = PlanBuilder(state, cfg.token_budget, cfg.max_active_requests, cfg.max_decodes)
+        b = PlanBuilder(state, self.token_budget_for(state), cfg.max_active_requests, cfg.max_decodes)
         critical: list[Request] = []
         non_critical: list[Request] = []
         prefilling: list[Request] = []
@@ -81,7 +82,7 @@ class SLAIPolicy:
 
         # 3. new prefills
         if b.budget_left > 0 and state.waiting:
-            for r in order_waiting(state, self.order):
+            for r in self.waiting_order(state):
                 if not b.try_admit(r):
                     break
 
@@ -95,6 +96,30 @@ class SLAIPolicy:
                         break
                     b.add_decode(r, victims)
         return b.plan
+
+    # --- the hooks a variant overrides (slai_plus) ---------------------------------------------
+    def token_budget_for(self, state: EngineState) -> int:
+        """This iteration's token budget: the fixed one."""
+        return self.config.token_budget
+
+    def waiting_order(self, state: EngineState):
+        """The waiting queue in admission order (FCFS, SPF or SPF-tier)."""
+        return order_waiting(state, self.order)
+
+    def record_batch_times(self, state: EngineState, plan: BatchPlan, starts_s: list[float],
+                           ends_s: list[float]) -> None:
+        """Fold every measured duration into the running mean (all batches, never forgetting)."""
+        n = self.num_batches
+        mean = self.mean_batch_time_s
+        for start, end in zip(starts_s, ends_s):
+            n += 1
+            mean += (end - start - mean) / n
+        self.num_batches = n
+        self.mean_batch_time_s = mean
+
+    def next_token_lst_s(self, r: Request, batch_end_s: float) -> float:
+        """The last schedulable time of ``r``'s next token, after a batch that ran it."""
+        return batch_end_s + r.tbt_slo_s - self._offset_s
 
     def current_theta(self, kv_usage: float) -> float:
         cfg = self.config
@@ -113,19 +138,18 @@ class SLAIPolicy:
         """After one batch, or the same batch repeated back to back (a decode stretch): fold
         every measured duration into the running mean, then set the LST of each request that
         ran and is decode-ready."""
-        n = self.num_batches
-        mean = self.mean_batch_time_s
-        for start, end in zip(starts_s, ends_s):
-            n += 1
-            mean += (end - start - mean) / n
-        self.num_batches = n
-        self.mean_batch_time_s = mean
+        self.record_batch_times(state, plan, starts_s, ends_s)
         self.theta = self.current_theta(state.kv.usage)
         batch_end_s = ends_s[-1]
-        offset_s = self.theta * self.mean_batch_time_s
+        self._offset_s = self.offset_s(state)
+        lst = self.next_token_lst_s
         for r in plan.decodes:
             if not r.is_finished and r.num_blocks:
-                r.lst_s = batch_end_s + r.tbt_slo_s - offset_s
+                r.lst_s = lst(r, batch_end_s)
         for r, _ in plan.prefills:
             if not r.is_finished and r.num_blocks and not r.is_prefill:
-                r.lst_s = batch_end_s + r.tbt_slo_s - offset_s
+                r.lst_s = lst(r, batch_end_s)
+
+    def offset_s(self, state: EngineState) -> float:
+        """How long before a token's TBT deadline it becomes critical: Theta mean batch times."""
+        return self.theta * self.mean_batch_time_s
