@@ -1,7 +1,9 @@
 """vLLM V1 scheduler classes that carry out a pure policy's plan (SLAI and its baselines).
 
 Plug in with `scheduler_cls="replica.vllm_scheduler.SLAIScheduler"` (or `--scheduler-cls`);
-`SLAIAsyncScheduler` keeps vLLM's asynchronous scheduling. Other presets:
+`SLAIAsyncScheduler` keeps vLLM's asynchronous scheduling; `SLAIPlusScheduler` /
+`SLAIPlusAsyncScheduler` run slai-plus (beyond the paper; vLLM's ``max_num_batched_tokens`` is
+then its adaptive budget's ceiling, the base budget stays 512). Other presets:
 `PolicyScheduler` / `PolicyAsyncScheduler` run the preset named by the environment variable
 `REPLICA_SCHEDULER` (any name in `replica.policy.available_schedulers()`).
 
@@ -45,7 +47,7 @@ from vllm.v1.request import Request as VRequest
 from vllm.v1.request import RequestStatus
 
 from replica.tiers import TierMix, paper_tiers, parse_tiers
-from replica.policy import BatchPlan, EngineState, KVCache, Request, make_policy
+from replica.policy import BatchPlan, EngineState, KVCache, Request, make_policy, scheduler_config
 from replica.policy.base import SchedulingPolicy
 from replica.slo import SLOTracker
 
@@ -94,9 +96,16 @@ class PolicySchedulerMixin:
             self.tiers.tiers, key=lambda t: t.rank
         ).name
         self.configured_max_tokens = self.max_num_scheduled_tokens
+        budgets = {"token_budget": self.configured_max_tokens}
+        preset = scheduler_config(name)
+        if preset.kind == "slai-plus":
+            # vLLM's max_num_batched_tokens is the most one step may hold (its buffers are sized
+            # by it): the adaptive budget's ceiling; the base budget is the preset's, below it
+            budgets = {"token_budget": min(preset.token_budget, self.configured_max_tokens),
+                       "max_token_budget": self.configured_max_tokens}
         self.policy: SchedulingPolicy = make_policy(
             name,
-            token_budget=self.configured_max_tokens,
+            **budgets,
             max_active_requests=self.max_num_active_reqs,
             max_decodes=min(128, self.max_num_running_reqs),
             max_prefill_tokens=self.configured_max_tokens,
@@ -141,6 +150,7 @@ class PolicySchedulerMixin:
             tier=tier,
             tbt_slo_s=slo,
             tier_rank=rank,
+            ttft_target_s=self.tiers.by_name(tier).ttft_target_s,
         )
 
     # --- the mirror ----------------------------------------------------------------------------
@@ -282,5 +292,7 @@ def _policy_scheduler(name: str, base: type, preset: str | None) -> type:
 SLAIScheduler = _policy_scheduler("SLAIScheduler", Scheduler, "slai-spf-dynamic")
 SLAIAsyncScheduler = _policy_scheduler("SLAIAsyncScheduler", AsyncScheduler, "slai-spf-dynamic")
 SarathiFCFSScheduler = _policy_scheduler("SarathiFCFSScheduler", Scheduler, "sarathi-fcfs")
+SLAIPlusScheduler = _policy_scheduler("SLAIPlusScheduler", Scheduler, "slai-plus")
+SLAIPlusAsyncScheduler = _policy_scheduler("SLAIPlusAsyncScheduler", AsyncScheduler, "slai-plus")
 PolicyScheduler = _policy_scheduler("PolicyScheduler", Scheduler, None)
 PolicyAsyncScheduler = _policy_scheduler("PolicyAsyncScheduler", AsyncScheduler, None)

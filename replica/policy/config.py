@@ -35,6 +35,8 @@ class SchedulerConfig(BaseModel):
     slo_margin: float = Field(0.1, ge=0, lt=1, description="share of each TBT SLO kept as margin")
     adaptive_offset: bool = Field(True, description="LST offset = 2 x the longest recent iteration + the "
                                                     "margin, instead of Theta x the mean batch time")
+    kv_guard: bool = Field(True, description="every decode runs once KV use reaches kv_guard_threshold")
+    kv_guard_threshold: float = Field(0.8, gt=0, le=1)
     recent_batch_time: bool = Field(True, description="batch-time statistics over the last "
                                                       "batch_time_window batches, instead of all of them")
     batch_time_window: int = Field(64, gt=1, description="batches the recent statistics cover")

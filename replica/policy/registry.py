@@ -29,6 +29,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "slai-plus-no-aging": {"kind": "slai-plus", "admission_order": "spf", "aging": False},
     "slai-plus-no-budget": {"kind": "slai-plus", "admission_order": "spf", "adaptive_budget": False},
     "slai-plus-no-offset": {"kind": "slai-plus", "admission_order": "spf", "adaptive_offset": False},
+    "slai-plus-no-kv-guard": {"kind": "slai-plus", "admission_order": "spf", "kv_guard": False},
     "slai-plus-no-window": {"kind": "slai-plus", "admission_order": "spf", "recent_batch_time": False},
 }
 

@@ -26,7 +26,7 @@ from operator import attrgetter
 from replica.policy.base import AdmissionOrder, PlanBuilder, order_waiting
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
-from replica.policy.state import EngineState, Request
+from replica.policy.state import INF, EngineState, Request
 
 
 _lst_key = attrgetter("lst_s", "arrival_s")
@@ -49,6 +49,8 @@ class SLAIPolicy:
         critical: list[Request] = []
         non_critical: list[Request] = []
         prefilling: list[Request] = []
+        if self.decodes_all_critical(state):
+            now = INF
         for r in state.running:  # inlined Request.is_prefill (hot loop)
             if r.num_output_tokens == 0 or r.prompt_len + r.num_output_tokens - r.num_computed_tokens > 1:
                 prefilling.append(r)
@@ -101,6 +103,10 @@ class SLAIPolicy:
     def token_budget_for(self, state: EngineState) -> int:
         """This iteration's token budget: the fixed one."""
         return self.config.token_budget
+
+    def decodes_all_critical(self, state: EngineState) -> bool:
+        """Whether every decode is critical this iteration: never, in the paper's SLAI."""
+        return False
 
     def waiting_order(self, state: EngineState):
         """The waiting queue in admission order (FCFS, SPF or SPF-tier)."""

@@ -1,8 +1,10 @@
 """slai-plus: SLAI without its known weak spots (issue 9), each fix switchable for the ablation.
 
+The results, misses included, are in docs/BENCHMARKS.md section 9.
+
 The faithful SLAI (`replica.policy.slai`) stays as the paper describes it. slai-plus runs the
 same iteration (critical decodes, started prefills, new prefills, the other decodes) and changes
-four things, each behind a `SchedulerConfig` flag:
+five things, each behind a `SchedulerConfig` flag:
 
 * ``aging`` (bounded waiting): shortest-prompt-first never ages, so under load a long prompt can
   wait without bound.  Here a waiting request that has waited ``max_wait_ttft_multiple`` times its
@@ -32,6 +34,15 @@ four things, each behind a `SchedulerConfig` flag:
   when iterations are long) and misses only if an iteration outlasts T_hi by more than the
   margin.  Under KV pressure (use >= ``theta_kv_threshold`` with ``dynamic_theta``) the offset is
   scaled by theta_high / theta_low, as SLAI's dynamic switch does, so decodes finish and free KV.
+
+* ``kv_guard`` (the slot guard): deferring decodes to their deadlines makes every request live
+  longer, and by Little's law holds more KV blocks and request slots; once those run out, long
+  prompts (whose whole prompt must fit) and then every prompt wait for admission, and the paper's
+  capacity criterion is met only because the long prompts starve.  When KV use or the running
+  requests reach ``kv_guard_threshold`` (0.8) of the cache or of ``max_active_requests``, every
+  decode is critical (requests finish as fast as Sarathi's do) and the budget stays at the base
+  (longer iterations would hold every request longer: RAD's slot-bound rule).  0.8 was picked on
+  the synthetic trace (0.7, 0.8 and 0.9 measured alike there), not on the paper's.
 
 * ``recent_batch_time``: SLAI's running mean of batch time never forgets, so after a load change
   its offset is wrong for a long time.  Here every batch-time statistic (T_hi, the mean used when
@@ -177,9 +188,34 @@ class SLAIPlusPolicy(SLAIPolicy):
         self.time_model = BatchTimeModel(1.0 - 1.0 / (4 * window) if window else 1.0)
         self.strictest_slo_s = INF  # the strictest TBT SLO of any request seen running
         self.last_budget = config.token_budget
+        self._order: Sequence[Request] | None = None
+        self._slot_bound = False
 
     # --- admission order: overdue first --------------------------------------------------------
+    def schedule(self, state: EngineState) -> BatchPlan:
+        self._slot_bound = self.slot_bound(state)
+        self._order = self._waiting_order(state)
+        try:
+            return super().schedule(state)
+        finally:
+            self._order = None
+
     def waiting_order(self, state: EngineState) -> Sequence[Request]:
+        return self._order if self._order is not None else self._waiting_order(state)
+
+    def slot_bound(self, state: EngineState) -> bool:
+        """Whether what holds requests in the engine (KV blocks or request slots) is nearly used
+        up: at ``kv_guard_threshold`` of the KV cache or of ``max_active_requests``."""
+        cfg = self.config
+        return cfg.kv_guard and (state.kv.usage >= cfg.kv_guard_threshold
+                                 or len(state.running) >= cfg.kv_guard_threshold * cfg.max_active_requests)
+
+    def decodes_all_critical(self, state: EngineState) -> bool:
+        """Slot guard: when slot-bound every decode runs (requests finish sooner and free their
+        KV and slot) instead of waiting for its deadline."""
+        return self._slot_bound
+
+    def _waiting_order(self, state: EngineState) -> Sequence[Request]:
         ordered = order_waiting(state, self.order)
         if not self.config.aging or not ordered:
             return ordered
@@ -197,8 +233,8 @@ class SLAIPlusPolicy(SLAIPolicy):
         cfg = self.config
         base = cfg.token_budget
         self.last_budget = base
-        if not cfg.adaptive_budget or cfg.max_token_budget <= base:
-            return base
+        if not cfg.adaptive_budget or cfg.max_token_budget <= base or self._slot_bound:
+            return base  # slot-bound: longer iterations would hold every request (and its KV) longer
         slo = INF
         work = 0  # decodes + uncomputed prefill tokens: is there more than the base budget takes?
         ctx = 0
@@ -224,7 +260,7 @@ class SLAIPlusPolicy(SLAIPolicy):
         if n_max is None:
             return base
         tile = cfg.tile_tokens
-        budget = min(cfg.max_token_budget, int(n_max // tile) * tile)
+        budget = min(cfg.max_token_budget, int(n_max)) // tile * tile  # whole tiles
         self.last_budget = max(base, budget)
         return self.last_budget
 

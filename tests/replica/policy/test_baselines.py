@@ -9,6 +9,7 @@ from replica.policy import SchedulerConfig, available_schedulers, make_policy, s
 from replica.policy.rad import RADPolicy
 from replica.policy.sarathi import SarathiPolicy
 from replica.policy.slai import SLAIPolicy
+from replica.policy.slai_plus import SLAIPlusPolicy
 from replica.policy.vllm_style import VLLMStylePolicy
 
 SARATHI = ["sarathi-fcfs", "sarathi-spf"]
@@ -236,17 +237,21 @@ PAPER_PRESETS = {
     "slai-spf-tier-dynamic": (SLAIPolicy, "slai", "spf-tier", True),
     "rad": (RADPolicy, "rad", "fcfs", None),
 }
+SLAI_PLUS_PRESETS = {name: (SLAIPlusPolicy, "slai-plus", "spf", True) for name in (
+    "slai-plus", "slai-plus-no-aging", "slai-plus-no-budget", "slai-plus-no-offset", "slai-plus-no-kv-guard",
+    "slai-plus-no-window")}
+PRESETS = {**PAPER_PRESETS, **SLAI_PLUS_PRESETS}
 
 
-def test_registry_lists_the_papers_schedulers_and_rad():
-    assert sorted(available_schedulers()) == sorted(PAPER_PRESETS)
+def test_registry_lists_the_papers_schedulers_rad_and_slai_plus_with_its_ablation():
+    assert sorted(available_schedulers()) == sorted(PRESETS)
 
 
 @pytest.mark.parametrize("name", available_schedulers())
 def test_every_preset_name_builds_a_working_policy(name):
     pol = make_policy(name)
     assert pol.name == name
-    cls, kind, order, dynamic = PAPER_PRESETS[name]
+    cls, kind, order, dynamic = PRESETS[name]
     assert isinstance(pol, cls)
     assert (pol.config.kind, pol.config.admission_order) == (kind, order)
     if dynamic is not None:

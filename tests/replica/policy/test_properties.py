@@ -117,6 +117,7 @@ def make(name: str, wl: Workload):
         tile_tokens=wl.tile,
         max_batch_tokens=wl.token_budget,
         max_prefill_tokens=wl.max_prefill_tokens,
+        max_token_budget=4 * wl.token_budget,
     )
 
 
@@ -156,6 +157,9 @@ def check_plan(pol, plan, b: Before) -> None:
     # -- token budget per scheduler kind
     if cfg.kind in ("slai", "sarathi"):
         assert plan.num_tokens <= cfg.token_budget
+    elif cfg.kind == "slai-plus":  # the budget it chose: the base one, or tiles up to the maximum
+        assert plan.num_tokens <= pol.last_budget <= cfg.max_token_budget
+        assert pol.last_budget == cfg.token_budget or pol.last_budget % cfg.tile_tokens == 0
     elif cfg.kind == "vllm":
         assert plan.num_prefill_tokens <= cfg.max_prefill_tokens
         assert not (plan.prefills and plan.decodes), "vLLM-style: a prefill iteration has no decodes"

@@ -147,6 +147,34 @@ def test_a_started_prefill_counts_as_backlog():
     assert chunks(plan) == [("s", 1664)]
 
 
+# --- the slot guard -------------------------------------------------------------------------------
+
+def _slot_bound_state(kv_used: int):
+    run = [decoding(f"d{i}", lst_s=99.0, tbt_slo_s=FREE) for i in range(4)]
+    return state(1.0, running=run, waiting=[waiting("w", 1000)], used=kv_used, kv_blocks=1000)
+
+
+def test_a_nearly_full_kv_cache_runs_every_decode_first_and_keeps_the_base_budget():
+    p = plus()
+    train(p)
+    plan = p.schedule(_slot_bound_state(kv_used=850))  # 85 % >= 80 %
+    assert plan.num_critical_decodes == 4 and ids(plan.decodes) == ["d0", "d1", "d2", "d3"]
+    assert p.last_budget == 512
+
+
+def test_nearly_all_request_slots_in_use_count_as_slot_bound_too():
+    p = plus(max_active_requests=5)  # 4 running >= 0.8 x 5
+    plan = p.schedule(_slot_bound_state(kv_used=100))
+    assert plan.num_critical_decodes == 4
+
+
+def test_below_the_guard_non_critical_decodes_wait_for_leftover_budget():
+    for name, used in (("slai-plus", 500), ("slai-plus-no-kv-guard", 850)):
+        p = plus(name)
+        plan = p.schedule(_slot_bound_state(kv_used=used))
+        assert plan.num_critical_decodes == 0 and plan.decodes == [], name  # the prompt took the budget
+
+
 # --- the offset -----------------------------------------------------------------------------------
 
 def test_offset_is_twice_the_longest_recent_iteration_plus_the_margin():
