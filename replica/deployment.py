@@ -12,7 +12,7 @@ app config.  Its engine (``backend``):
 Requests arrive through a DeploymentHandle (so the router sees tier and prompt length):
 
     {"request_id": str, "prompt_len": int, "prompt_token_ids": list[int] (vllm: required),
-     "max_tokens": int, "tier": str, "tbt_slo_s": float, "tier_rank": int,
+     "max_tokens": int, "tier": str, "tbt_slo_s": float, "tier_rank": int, "ttft_target_s": float,
      "sampling": {"temperature", "top_p", "seed", "stop", ...} (vllm only)}
 
 `generate` streams ``{"index": n, "text": str | None, "finished": bool, "finish_reason": str | None}``
@@ -76,6 +76,7 @@ class SimBackend:
             tier=str(request.get("tier", "default")),
             tbt_slo_s=float(request.get("tbt_slo_s", 0.5)),
             tier_rank=int(request.get("tier_rank", 0)),
+            ttft_target_s=float(request.get("ttft_target_s", 0.5)),
         ):
             finished = n >= max_tokens
             yield {"index": n, "text": None, "finished": finished, "finish_reason": "length" if finished else None}

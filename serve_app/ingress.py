@@ -422,6 +422,7 @@ class Ingress:
         prompt_len = len(prompt_ids)
         payload = {"request_id": rid, "prompt_len": prompt_len, "prompt_token_ids": prompt_ids,
                    "max_tokens": max_tokens, "tier": tier, "tbt_slo_s": t.tbt_slo_s, "tier_rank": t.rank or 0,
+                   "ttft_target_s": t.ttft_target_s,
                    "sampling": req.sampling()}
         handle = self.replicas.options(stream=True)
 

@@ -59,6 +59,7 @@ class RealtimeSimEngine:
         tier: str = "default",
         tbt_slo_s: float = 0.5,
         tier_rank: int = 0,
+        ttft_target_s: float = 0.5,
     ) -> AsyncIterator[int]:
         """Yields 1, 2, ..., max_tokens as the tokens are produced. Cancelling the iteration
         (client gone) aborts the request and frees its KV."""
@@ -69,7 +70,7 @@ class RealtimeSimEngine:
         self._ensure_loop()
         req = Request(
             req_id=request_id, prompt_len=prompt_len, arrival_s=self.clock(), tier=tier,
-            tbt_slo_s=tbt_slo_s, tier_rank=tier_rank, max_output_tokens=max_tokens,
+            tbt_slo_s=tbt_slo_s, tier_rank=tier_rank, ttft_target_s=ttft_target_s, max_output_tokens=max_tokens,
         )
         queue: asyncio.Queue[int] = asyncio.Queue()
         self._streams[request_id] = queue

@@ -48,6 +48,14 @@ def test_every_request_is_served_exactly_once(trace, router):
     assert gaps == (wl.output_lens - 1).sum()  # every token after the first of every request, once
 
 
+def test_the_cluster_simulator_runs_slai_plus_on_every_replica(trace):
+    wl = _workload(trace, n=300, qps=3 * 1.4)
+    run = run_cluster(wl, ClusterConfig(num_replicas=3, router="slo", schedulers="slai-plus"))
+    assert run.unfinished == 0 and sum(run.requests_per_replica) == len(wl)
+    gaps = sum(w.sum() for w in run.tbt_weight.values())
+    assert gaps == (wl.output_lens - 1).sum()
+
+
 def test_the_same_seed_gives_the_same_run(trace):
     wl = _workload(trace, n=300, qps=3 * 1.5)
     config = ClusterConfig(num_replicas=3, router="pow2", num_routers=2, seed=7)

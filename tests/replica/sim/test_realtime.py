@@ -18,9 +18,9 @@ class LinearCost:
         return 0.002 + 1e-5 * shape.num_tokens if shape.num_tokens else 0.0
 
 
-def _engine(**kw):
+def _engine(scheduler: str = "slai-spf-dynamic", **kw):
     slo = SLOTracker({"premium": 0.1, "free": 0.5})
-    return RealtimeSimEngine(make_policy("slai-spf-dynamic"), LinearCost(), num_kv_blocks=2000, slo=slo, **kw)
+    return RealtimeSimEngine(make_policy(scheduler), LinearCost(), num_kv_blocks=2000, slo=slo, **kw)
 
 
 async def _collect(engine, rid, prompt_len, max_tokens, **kw):
@@ -46,9 +46,10 @@ def test_tokens_stream_at_the_pace_of_the_cost_profile():
     assert min(gaps) >= 0.0015
 
 
-def test_many_concurrent_requests_all_finish_with_their_token_counts():
+@pytest.mark.parametrize("scheduler", ["slai-spf-dynamic", "slai-plus"])
+def test_many_concurrent_requests_all_finish_with_their_token_counts(scheduler):
     async def main():
-        eng = _engine()
+        eng = _engine(scheduler)
         jobs = [_collect(eng, f"r{i}", 50 + 30 * i, 5 + i, tier="premium" if i % 4 == 0 else "free",
                          tbt_slo_s=0.1 if i % 4 == 0 else 0.5) for i in range(12)]
         res = await asyncio.gather(*jobs)

@@ -236,3 +236,45 @@ def test_the_async_scheduler_class_carries_out_the_plan_too(make_llm):
     ours = run_script(llm, script)
     assert_executed_as_planned(steps_of(llm))
     assert ours == run_script(make_llm(None, max_num_batched_tokens=64, max_num_seqs=8), script)
+
+
+# --- slai-plus (beyond the paper) in vLLM ------------------------------------------------------------
+
+SLAI_PLUS = "replica.vllm_scheduler.SLAIPlusScheduler"
+
+
+def _fixed_time_model():
+    """A trained batch-time model with known coefficients: 1 ms + 0.01 ms per token (the engine's
+    own CPU timings would make the budget it picks depend on this machine)."""
+    from replica.policy.slai_plus import BatchTimeModel
+
+    class Fixed(BatchTimeModel):
+        def add(self, *args) -> None:
+            pass
+
+        @property
+        def coefficients(self):
+            return (0.001, 0.00001, 0.0)
+
+    return Fixed()
+
+
+def test_slai_plus_in_vllm_grows_its_budget_and_every_step_is_its_plan(make_llm):
+    from replica.policy.slai_plus import SLAIPlusPolicy
+
+    llm = make_llm(SLAI_PLUS, max_num_batched_tokens=1024, max_num_seqs=8)
+    sched = engine_scheduler(llm)
+    assert type(sched).__name__ == "SLAIPlusScheduler" and isinstance(sched.policy, SLAIPlusPolicy)
+    # vLLM's max_num_batched_tokens is the ceiling of the adaptive budget; the base stays 512
+    assert (sched.policy.config.token_budget, sched.policy.config.max_token_budget) == (512, 1024)
+    sched.policy.time_model = _fixed_time_model()
+    steps_of(llm)
+    script = [Arrival(0, f"long{i}", 700 + 20 * i, 6, {"tier": "free"}) for i in range(3)]
+    script += [Arrival(0, "prem", 40, 20, {"tier": "premium"}), Arrival(2, "short", 30, 10, {"tier": "free"})]
+    ours = run_script(llm, script)
+    log = steps_of(llm)
+    assert_executed_as_planned(log, budget=1024)
+    sizes = [sum(n for _, n in rec.planned["prefills"]) + len(rec.planned["decodes"]) for rec in log]
+    # premium's 100 ms SLO x 0.9 allows (0.09 - 0.001) / 1e-5 tokens: the ceiling, 1024 (8 tiles)
+    assert max(sizes) == 1024 and sched.policy.last_budget in (512, 1024)
+    assert ours == run_script(make_llm(None, max_num_batched_tokens=1024, max_num_seqs=8), script)
