@@ -18,7 +18,7 @@ from pathlib import Path
 
 from loadtest.simulate.report import write_paper_report
 from loadtest.simulate.sweep import PAPER_QPS, Runner, SweepSetup, _profile, _trace, run_point, sweep_with_capacity
-from replica.policy.registry import available_schedulers
+from replica.policy.registry import available_schedulers, paper_schedulers
 
 
 def _floats(text: str) -> list[float]:
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("paper", help="the paper's sweep for every scheduler")
     _setup_args(p)
-    p.add_argument("--schedulers", type=_schedulers, default=available_schedulers(),
-                   help="comma-separated (default: all)")
+    p.add_argument("--schedulers", type=_schedulers, default=paper_schedulers(),
+                   help="comma-separated (default: the paper's and RAD; slai-plus and its ablation by name)")
     p.add_argument("--qps", type=_floats, default=list(PAPER_QPS), help="QPS points (default 0.2..2.0)")
     p.add_argument("--saturation-qps", type=float, default=3.0,
                    help="also run --saturation-schedulers at this overload QPS to measure throughput (0: skip)")

@@ -38,6 +38,11 @@ def available_schedulers() -> list[str]:
     return list(PRESETS)
 
 
+def paper_schedulers() -> list[str]:
+    """The paper's schedulers and RAD (the `paper` benchmark's default set)."""
+    return [n for n, p in PRESETS.items() if p["kind"] != "slai-plus"]
+
+
 def scheduler_config(name: str, **overrides: Any) -> SchedulerConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(PRESETS)}")
