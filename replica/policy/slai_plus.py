@@ -59,6 +59,8 @@ from collections import deque
 from collections.abc import Sequence
 from operator import attrgetter
 
+import numpy as np
+
 from replica.policy.base import order_waiting
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
@@ -69,72 +71,72 @@ _arrival = attrgetter("arrival_s")
 
 
 class BatchTimeModel:
-    """Iteration time ~ a + b * tokens + c * (decode context tokens / 1000), fitted by weighted
-    least squares over the measured iterations (exponential forgetting ``forgetting`` per sample;
-    1 = every sample weighs the same)."""
+    """Iteration time ~ c0 + c1 * tokens + c2 * decode context (Ktokens) + c3 * sum of squared
+    prefill chunks (Mtokens^2) + c4 * sum of chunk x its prior context (Mtokens^2): the terms of
+    `replica.cost.profile`, fitted by least squares over this engine's measured iterations, each
+    weighted 1/time (relative errors), with exponential forgetting ``forgetting`` per sample (1 =
+    every sample weighs the same).  On the H100 probe (replica/cost/data/h100_torch_probe.csv, the
+    135 grid shapes timed as vLLM runs them) this form fits with 3.6 % mean error, and under-
+    predicts one batch of 100 of 256+ tokens by more than 10 %; without the two prefill terms 6
+    (docs/BENCHMARKS.md section 9)."""
 
     MIN_SAMPLES = 32
+    NUM_TERMS = 5
 
     def __init__(self, forgetting: float = 1.0) -> None:
         if not 0.0 < forgetting <= 1.0:
             raise ValueError(f"forgetting must be in (0, 1], got {forgetting}")
         self.forgetting = forgetting
         self.num_samples = 0
-        # normal equations: xtx (3x3, symmetric) and xty
-        self._xtx = [[0.0] * 3 for _ in range(3)]
-        self._xty = [0.0] * 3
-        self._coef: tuple[float, float, float] | None = None
+        k = self.NUM_TERMS
+        self._xtx = np.zeros((k, k))
+        self._xty = np.zeros(k)
+        self._coef: np.ndarray | None = None
         self._dirty = 0
 
-    def add(self, tokens: float, decode_ctx_ktokens: float, duration_s: float) -> None:
+    @staticmethod
+    def terms(tokens: float, decode_ctx: float, prefill_sq: float = 0.0, prefill_ctx: float = 0.0) -> np.ndarray:
+        return np.array((1.0, tokens, decode_ctx / 1e3, prefill_sq / 1e6, prefill_ctx / 1e6))
+
+    def add_terms(self, x: np.ndarray, duration_s: float, repeats: int = 1) -> None:
+        """One measured iteration (``repeats`` equal ones) with terms ``x``."""
+        if duration_s <= 0:
+            return
+        w = 1.0 / duration_s  # relative error: weight 1/y on both sides
+        xw = x * w
         lam = self.forgetting
-        x = (1.0, float(tokens), float(decode_ctx_ktokens))
-        xtx, xty = self._xtx, self._xty
-        for i in range(3):
-            row = xtx[i]
-            xi = x[i]
-            for j in range(3):
-                row[j] = lam * row[j] + xi * x[j]
-            xty[i] = lam * xty[i] + xi * duration_s
-        self.num_samples += 1
-        self._dirty += 1
+        for _ in range(repeats):
+            self._xtx *= lam
+            self._xty *= lam
+            self._xtx += np.outer(xw, xw)
+            self._xty += xw  # (y * w) * x * w = x * w since y * w = 1
+        self.num_samples += repeats
+        self._dirty += repeats
+
+    def add(self, tokens: float, decode_ctx: float, duration_s: float, prefill_sq: float = 0.0,
+            prefill_ctx: float = 0.0) -> None:
+        self.add_terms(self.terms(tokens, decode_ctx, prefill_sq, prefill_ctx), duration_s)
 
     @property
-    def coefficients(self) -> tuple[float, float, float] | None:
-        """(a s, b s/token, c s/kilotoken of decode context), or None while the fit is not usable
-        (too few samples, singular data, or a per-token cost <= 0)."""
+    def coefficients(self) -> np.ndarray | None:
+        """The five coefficients (seconds per unit term), or None while the fit is not usable (too
+        few samples, a term the samples never varied, a per-token cost <= 0, or any negative
+        coefficient)."""
         if self.num_samples < self.MIN_SAMPLES:
             return None
         if self._dirty >= 8 or self._coef is None:
-            self._coef = _solve3(self._xtx, self._xty)
             self._dirty = 0
+            coef, _, rank, _ = np.linalg.lstsq(self._xtx, self._xty, rcond=1e-10)
+            self._coef = coef if rank == self.NUM_TERMS else None  # a term the data never varied
         c = self._coef
-        if c is None or c[1] <= 0 or c[0] < 0 or c[2] < 0:
+        if c is None or c[1] <= 0 or (c < -1e-12).any():
             return None
         return c
 
-    def predict_s(self, tokens: float, decode_ctx_ktokens: float) -> float | None:
+    def predict_s(self, tokens: float, decode_ctx: float, prefill_sq: float = 0.0,
+                  prefill_ctx: float = 0.0) -> float | None:
         c = self.coefficients
-        return None if c is None else c[0] + c[1] * tokens + c[2] * decode_ctx_ktokens
-
-    def max_tokens(self, time_s: float, decode_ctx_ktokens: float) -> float | None:
-        """The most batch tokens whose predicted iteration time is at most ``time_s``."""
-        c = self.coefficients
-        return None if c is None else (time_s - c[0] - c[2] * decode_ctx_ktokens) / c[1]
-
-
-def _solve3(a: list[list[float]], b: list[float]) -> tuple[float, float, float] | None:
-    """Solve the 3x3 system a x = b (Cramer's rule); None if (nearly) singular."""
-    (a00, a01, a02), (a10, a11, a12), (a20, a21, a22) = a
-    det = a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20) + a02 * (a10 * a21 - a11 * a20)
-    scale = abs(a00 * a11 * a22) or 1.0
-    if abs(det) <= 1e-12 * scale:
-        return None
-    b0, b1, b2 = b
-    x0 = (b0 * (a11 * a22 - a12 * a21) - a01 * (b1 * a22 - a12 * b2) + a02 * (b1 * a21 - a11 * b2)) / det
-    x1 = (a00 * (b1 * a22 - a12 * b2) - b0 * (a10 * a22 - a12 * a20) + a02 * (a10 * b2 - b1 * a20)) / det
-    x2 = (a00 * (a11 * b2 - b1 * a21) - a01 * (a10 * b2 - b1 * a20) + b0 * (a10 * a21 - a11 * a20)) / det
-    return x0, x1, x2
+        return None if c is None else float(self.terms(tokens, decode_ctx, prefill_sq, prefill_ctx) @ c)
 
 
 class _RecentTimes:
@@ -237,7 +239,9 @@ class SLAIPlusPolicy(SLAIPolicy):
             return base  # slot-bound: longer iterations would hold every request (and its KV) longer
         slo = INF
         work = 0  # decodes + uncomputed prefill tokens: is there more than the base budget takes?
-        ctx = 0
+        ctx = 0  # the decodes' context
+        n_dec = 0
+        chunk_ctx = 0  # the longest prior context of a started prefill
         for r in state.running:
             if r.tbt_slo_s < slo:
                 slo = r.tbt_slo_s
@@ -245,6 +249,9 @@ class SLAIPlusPolicy(SLAIPolicy):
             work += left
             if r.num_output_tokens and left == 1:
                 ctx += r.num_computed_tokens
+                n_dec += 1
+            elif r.num_computed_tokens > chunk_ctx:
+                chunk_ctx = r.num_computed_tokens
         if work <= base:
             for r in state.waiting:
                 work += r.num_tokens
@@ -256,26 +263,39 @@ class SLAIPlusPolicy(SLAIPolicy):
             slo = self.strictest_slo_s
         if slo == INF:
             return base
-        n_max = self.time_model.max_tokens((1.0 - cfg.slo_margin) * slo, ctx / 1000.0)
-        if n_max is None:
+        coef = self.time_model.coefficients
+        if coef is None:
             return base
+        # candidate budgets: whole tiles above the base; each predicted as every decode plus the
+        # rest as one prefill chunk at the longest started prefill's context (one chunk has the
+        # largest sum of squares: the prediction errs long, never short, on the chunking)
         tile = cfg.tile_tokens
-        budget = min(cfg.max_token_budget, int(n_max)) // tile * tile  # whole tiles
-        self.last_budget = max(base, budget)
+        top = cfg.max_token_budget // tile * tile
+        budgets = np.arange(top, base, -tile, dtype=np.float64)
+        if budgets.size == 0:
+            return base
+        chunk = np.maximum(budgets - n_dec, 0.0)
+        predicted_s = (coef[0] + coef[1] * budgets + coef[2] * (ctx / 1e3)
+                       + coef[3] * (chunk * chunk / 1e6) + coef[4] * (chunk * chunk_ctx / 1e6))
+        fits = np.flatnonzero(predicted_s <= (1.0 - cfg.slo_margin) * slo)
+        if fits.size:
+            self.last_budget = int(budgets[fits[0]])
         return self.last_budget
 
     # --- learning from measured batches --------------------------------------------------------
     def record_batch_times(self, state: EngineState, plan: BatchPlan, starts_s: list[float],
                            ends_s: list[float]) -> None:
         super().record_batch_times(state, plan, starts_s, ends_s)
-        tokens = plan.num_tokens
-        n_dec = len(plan.decodes)
-        ctx = plan.shape().sum_decode_ctx if n_dec else 0
-        add_time, add_sample = self.recent.add, self.time_model.add
+        shape = plan.shape()
+        n_dec = shape.num_decodes
+        model = self.time_model
+        terms = model.terms(shape.num_tokens, shape.sum_decode_ctx, shape.sum_prefill_sq, shape.sum_prefill_ctx)
         for j, (start, end) in enumerate(zip(starts_s, ends_s)):
             d = end - start
-            add_time(d)
-            add_sample(tokens, (ctx + j * n_dec) / 1000.0, d)  # a decode stretch: context grows
+            self.recent.add(d)
+            if j:  # a decode stretch: the same batch again, each decode's context one token longer
+                terms[2] += n_dec / 1e3
+            model.add_terms(terms, d)
         for r in plan.decodes:
             if r.tbt_slo_s < self.strictest_slo_s:
                 self.strictest_slo_s = r.tbt_slo_s

@@ -4,6 +4,7 @@ one behaviour per test, on hand-built engine states."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from policy_testkit import chunks, decoding, ids, started, state, waiting
@@ -19,21 +20,27 @@ def plus(name: str = "slai-plus", **overrides) -> SLAIPlusPolicy:
     return p
 
 
-def linear_cost_s(tokens: int, decode_ctx: int = 0) -> float:
-    """A GPU-like iteration time: 20 ms + 0.04 ms per token + 0.2 ms per 1000 context tokens."""
-    return 0.020 + 0.00004 * tokens + 0.0002 * decode_ctx / 1000
+def cost_s(plan: BatchPlan) -> float:
+    """A GPU-like iteration time with the cost profile's five terms: 20 ms + 0.04 ms per token
+    + 0.2 ms per 1000 decode-context tokens + 5 ms per Mtoken^2 of squared chunks + 2 ms per
+    Mtoken^2 of chunk x prior context."""
+    sh = plan.shape()
+    return (0.020 + 4e-5 * sh.num_tokens + 2e-4 * sh.sum_decode_ctx / 1e3
+            + 5e-3 * sh.sum_prefill_sq / 1e6 + 2e-3 * sh.sum_prefill_ctx / 1e6)
 
 
 def train(p: SLAIPlusPolicy, sizes=(64, 128, 256, 384, 512, 640), rounds: int = 10) -> None:
-    """Feed the policy measured batches of several sizes: a prefill chunk and one decode whose
-    context varies (what the engine would measure on the GPU `linear_cost_s` describes)."""
+    """Feed the policy measured batches of several shapes: a prefill chunk at a varying prior
+    context and one decode whose context varies (what the engine would measure on a GPU that
+    `cost_s` describes)."""
     st = state(0.0)
     t = 0.0
     for k in range(rounds):
         for n in sizes:
             dec = decoding(f"d{k}{n}", prompt_len=20 + 1000 * (k % 4), tbt_slo_s=FREE)
-            plan = BatchPlan(decodes=[dec], prefills=[(waiting(f"w{n}", n), n)])
-            d = linear_cost_s(n + 1, dec.num_computed_tokens)
+            pre = started(f"s{k}{n}", 8000, 16 + 512 * (k % 5) + n)
+            plan = BatchPlan(decodes=[dec], prefills=[(pre, n)])
+            d = cost_s(plan)
             p.on_batch_end(st, plan, t, t + d)
             t += d
 
@@ -73,25 +80,26 @@ def test_without_aging_shortest_prompt_first_holds():
 
 # --- the adaptive budget --------------------------------------------------------------------------
 
-def test_the_time_model_recovers_a_linear_cost():
+def test_the_time_model_recovers_the_cost_profiles_five_terms():
     m = BatchTimeModel()
+    truth = np.array([0.020, 4e-5, 2e-4, 5e-3, 2e-3])
     for k in range(64):
-        n, ctx = 64 * (k % 9 + 1), 1000 * (k % 5)
-        m.add(n, ctx / 1000, linear_cost_s(n, ctx))
-    a, b, c = m.coefficients
-    assert a == pytest.approx(0.020, rel=1e-6) and b == pytest.approx(0.00004, rel=1e-6)
-    assert c == pytest.approx(0.0002, rel=1e-6)
-    assert m.max_tokens(0.060, 0.0) == pytest.approx(1000, rel=1e-6)
+        n, ctx, chunk, prior = 64 * (k % 9 + 1), 1000 * (k % 5), 32 * (k % 7 + 1), 256 * (k % 3)
+        x = BatchTimeModel.terms(n, ctx, chunk * chunk, chunk * prior)
+        m.add_terms(x, float(x @ truth))
+    np.testing.assert_allclose(m.coefficients, truth, rtol=1e-6)
+    assert m.predict_s(1000, 0.0) == pytest.approx(0.060, rel=1e-6)
 
 
 def test_the_time_model_is_not_used_before_enough_varied_samples():
     m = BatchTimeModel()
-    for _ in range(BatchTimeModel.MIN_SAMPLES - 1):
-        m.add(512, 0.0, 0.04)
-    assert m.coefficients is None
-    for _ in range(10):
-        m.add(512, 0.0, 0.04)  # one batch size only: the per-token cost is unknown
-    assert m.coefficients is None
+    for k in range(BatchTimeModel.MIN_SAMPLES - 1):
+        m.add(64 * (k % 8 + 1), 100 * k, 0.02 + 4e-5 * 64 * (k % 8 + 1), 64 * 64, 64 * k)
+    assert m.coefficients is None  # too few samples
+    m2 = BatchTimeModel()
+    for k in range(100):
+        m2.add(64 * (k % 8 + 1), 100 * k, 0.04)  # no prefill chunk ever: its terms are unknown
+    assert m2.coefficients is None
 
 
 def test_budget_grows_in_tiles_while_prompts_queue_and_the_strict_tier_keeps_its_slo():
@@ -99,10 +107,11 @@ def test_budget_grows_in_tiles_while_prompts_queue_and_the_strict_tier_keeps_its
     train(p)
     prem = decoding("p", lst_s=99.0, tbt_slo_s=PREMIUM)
     plan = p.schedule(state(1.0, running=[prem], waiting=[waiting("w", 4000)], kv_blocks=2000))
-    # (1 - 0.1) x 100 ms = 90 ms: (0.090 - 0.020) / 0.00004 = 1750 tokens -> 1664 (13 tiles)
-    assert p.last_budget == 1664 and p.last_budget % p.config.tile_tokens == 0
-    assert plan.num_tokens == 1664
-    assert linear_cost_s(plan.num_tokens) <= 0.9 * PREMIUM
+    # (1 - 0.1) x 100 ms = 90 ms; one decode and a chunk of B - 1 tokens at context 0:
+    # B = 1408: 20 + 56.3 + 9.9 = 86.2 ms fits; B = 1536: 20 + 61.4 + 11.8 = 93.2 ms does not
+    assert p.last_budget == 1408 and p.last_budget % p.config.tile_tokens == 0
+    assert plan.num_tokens == 1408
+    assert cost_s(plan) <= 0.9 * PREMIUM
 
 
 def test_budget_follows_the_strictest_running_tier():
@@ -113,7 +122,7 @@ def test_budget_follows_the_strictest_running_tier():
     assert p.last_budget == p.config.max_token_budget  # 450 ms allows more than 2048 tokens
     with_premium = [*free_only, decoding("p", lst_s=99.0, tbt_slo_s=PREMIUM)]
     p.schedule(state(1.0, running=with_premium, waiting=[waiting("w", 9000)], kv_blocks=2000))
-    assert p.last_budget == 1664
+    assert p.last_budget == 1408
 
 
 def test_budget_stays_at_the_base_without_a_backlog():
@@ -144,7 +153,9 @@ def test_a_started_prefill_counts_as_backlog():
     train(p)
     s = started("s", 5000, 512, tbt_slo_s=PREMIUM)
     plan = p.schedule(state(1.0, running=[s], kv_blocks=2000))
-    assert chunks(plan) == [("s", 1664)]
+    # its chunk sees 512 tokens of context: B = 1408 takes 87.7 ms, B = 1536 94.8 ms
+    assert chunks(plan) == [("s", 1408)]
+    assert cost_s(plan) <= 0.9 * PREMIUM
 
 
 # --- the slot guard -------------------------------------------------------------------------------

@@ -246,6 +246,8 @@ SLAI_PLUS = "replica.vllm_scheduler.SLAIPlusScheduler"
 def _fixed_time_model():
     """A trained batch-time model with known coefficients: 1 ms + 0.01 ms per token (the engine's
     own CPU timings would make the budget it picks depend on this machine)."""
+    import numpy as np
+
     from replica.policy.slai_plus import BatchTimeModel
 
     class Fixed(BatchTimeModel):
@@ -254,7 +256,7 @@ def _fixed_time_model():
 
         @property
         def coefficients(self):
-            return (0.001, 0.00001, 0.0)
+            return np.array([0.001, 0.00001, 0.0, 0.0, 0.0])
 
     return Fixed()
 
