@@ -51,6 +51,7 @@ from pydantic import (
 )
 
 from replica.tiers import TierMix, TierSpec, paper_tiers
+from serve_app.yaml_source import FieldError, UniqueKeyLoader, echo_ok, yaml_line
 
 __all__ = [
     "CONFIGS_DIR",
@@ -89,14 +90,6 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str] | str) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
-
-
-class _FieldError(ValueError):
-    """Raised inside a model validator to point the error at a field below the model."""
-
-    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
-        self.loc = loc
-        super().__init__(msg)
 
 
 class _Strict(BaseModel):
@@ -357,10 +350,10 @@ class AdmissionConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> AdmissionConfig:
         if self.max_retry_after_s < self.min_retry_after_s:
-            raise _FieldError(("max_retry_after_s",), "must be at least min_retry_after_s")
+            raise FieldError(("max_retry_after_s",), "must be at least min_retry_after_s")
         for name in ("replica_max_queued_requests", "ingress_max_queued_requests"):
             if getattr(self, name) == 0:
-                raise _FieldError((name,), "must be -1 (unbounded) or positive")
+                raise FieldError((name,), "must be -1 (unbounded) or positive")
         return self
 
 
@@ -386,23 +379,23 @@ class AppConfig(_Strict):
         self._resolve_tiers()
         for digest, tier in self.api_keys.hashes.items():
             if tier not in self.tier_names:
-                raise _FieldError(("api_keys", "hashes"),
+                raise FieldError(("api_keys", "hashes"),
                                   f"a key hash maps to unknown tier {tier!r}; tiers are {', '.join(self.tier_names)}")
         eng = self.engine
         if isinstance(eng, VLLMEngineConfig):
             if eng.model is None:
-                raise _FieldError(("engine", "model"), "the vllm backend requires a model path")
+                raise FieldError(("engine", "model"), "the vllm backend requires a model path")
             if self.replicas.gpus_per_replica == 0:
                 if eng.kv_cache_memory_bytes is None:
-                    raise _FieldError(("engine", "kv_cache_memory_bytes"),
+                    raise FieldError(("engine", "kv_cache_memory_bytes"),
                                       "required for vllm on CPU (replicas.gpus_per_replica: 0); "
                                       "without it vLLM takes 92 % of RAM")
                 if not eng.enforce_eager:
-                    raise _FieldError(("engine", "enforce_eager"),
+                    raise FieldError(("engine", "enforce_eager"),
                                       "must be true for vllm on CPU (replicas.gpus_per_replica: 0)")
         cap = self.admission.max_in_flight
         if cap is not None and cap > self.http.max_ongoing_requests:
-            raise _FieldError(("admission", "max_in_flight"),
+            raise FieldError(("admission", "max_in_flight"),
                               f"{cap} is over http.max_ongoing_requests ({self.http.max_ongoing_requests}): "
                               "the ingress never holds more requests than that, so the bound would never act")
         if self.model_name is None:
@@ -415,24 +408,24 @@ class AppConfig(_Strict):
         names = [t.name for t in self.tiers]
         for i, t in enumerate(self.tiers):
             if t.name in names[:i]:
-                raise _FieldError(("tiers", i, "name"), f"duplicate tier name {t.name!r}")
+                raise FieldError(("tiers", i, "name"), f"duplicate tier name {t.name!r}")
         for field in ("rank", "shed_order"):
             given = [getattr(t, field) for t in self.tiers]
             if any(v is None for v in given) and any(v is not None for v in given):
                 i = next(i for i, v in enumerate(given) if v is None)
-                raise _FieldError(("tiers", i, field), f"give a {field} for every tier or for none")
+                raise FieldError(("tiers", i, field), f"give a {field} for every tier or for none")
             for i, v in enumerate(given):
                 if v is not None and v in given[:i]:
-                    raise _FieldError(("tiers", i, field), f"duplicate {field} {v}")
+                    raise FieldError(("tiers", i, field), f"duplicate {field} {v}")
         shares = [t.share for t in self.tiers]
         if any(s is None for s in shares) and any(s is not None for s in shares):
             i = next(i for i, s in enumerate(shares) if s is None)
-            raise _FieldError(("tiers", i, "share"), "give a share for every tier or for none")
+            raise FieldError(("tiers", i, "share"), "give a share for every tier or for none")
         if shares[0] is not None:  # given shares must form a valid mix (they sum to 1)
             try:
                 TierMix(tiers=[t.to_spec() for t in self.tiers])
             except ValidationError as e:
-                raise _FieldError(("tiers",), str(e.errors()[0]["msg"]).removeprefix("Value error, ")) from None
+                raise FieldError(("tiers",), str(e.errors()[0]["msg"]).removeprefix("Value error, ")) from None
         # Ranks: TierMix's rule (all given, or by tbt_slo_s); uniform shares stand in for absent ones.
         mix = TierMix(tiers=[t.to_spec(1.0 / len(self.tiers)) for t in self.tiers])
         tiers = [t.model_copy(update={"rank": s.rank}) for t, s in zip(self.tiers, mix.tiers)]
@@ -495,25 +488,6 @@ def _is_path(text: str) -> bool:
 
 # ---------------------------------------------------------------------------------------- loading
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys in a mapping (PyYAML keeps the last silently)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    seen: dict[Any, yaml.Node] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark,
-                f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})", key_node.start_mark)
-        seen[key] = key_node
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -538,7 +512,7 @@ def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config: {getattr(e, 'strerror', None) or e}") from None
     try:
-        data = yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        data = yaml.load(raw, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
         root = yaml.compose(raw, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -630,7 +604,7 @@ def _expand_env(value: Any, loc: tuple, environ: Mapping[str, str], report) -> A
 def _format_error(path: Path, root: yaml.Node | None, err: Any, overridden: list[tuple[str, ...]]) -> str:
     loc = tuple(err["loc"])
     ctx_error = (err.get("ctx") or {}).get("error")
-    if isinstance(ctx_error, _FieldError):
+    if isinstance(ctx_error, FieldError):
         loc = (*loc, *ctx_error.loc)
         msg = str(ctx_error)
     else:
@@ -639,7 +613,7 @@ def _format_error(path: Path, root: yaml.Node | None, err: Any, overridden: list
     if err["type"] == "extra_forbidden":
         msg = "unknown field (not in the config schema)"
     elif err["type"] not in ("missing", "value_error") \
-            and (not loc or loc[0] != "api_keys") and _echo_ok(err.get("input")):
+            and (not loc or loc[0] != "api_keys") and echo_ok(err.get("input")):
         msg = f"{msg} (got {err['input']!r})"
     return _format(path, root, loc, msg, overridden)
 
@@ -652,31 +626,11 @@ def _strip_union_tags(loc: tuple) -> tuple:
     return tuple(out)
 
 
-def _echo_ok(value: Any) -> bool:
-    return value is None or isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 200)
-
-
 def _format(path: Path, root: yaml.Node | None, loc: tuple, msg: str, overridden: list[tuple[str, ...]]) -> str:
     field = ".".join(str(p) for p in loc)
     strloc = tuple(str(p) for p in loc)
     for o in overridden:
         if strloc[:len(o)] == o or (strloc and o[:len(strloc)] == strloc):
             return f"{path}: {field} (override {'.'.join(o)}): {msg}"
-    where = _where(path, root, loc)
+    where = yaml_line(path, root, loc)
     return f"{where}: {field}: {msg}" if field else f"{where}: {msg}"
-
-
-def _where(path: Path, root: yaml.Node | None, loc: tuple) -> str:
-    """``path, line N``: the line of the deepest key (or list item) along ``loc`` found in the YAML."""
-    node, mark = root, root
-    for key in loc:
-        if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = mark = node.value[key]
-        elif isinstance(node, yaml.MappingNode):
-            pair = next(((k, v) for k, v in node.value if k.value == str(key)), None)
-            if pair is None:
-                break
-            mark, node = pair
-        else:
-            break
-    return f"{path}, line {mark.start_mark.line + 1}" if mark is not None else str(path)
