@@ -187,6 +187,16 @@ class _SSEResponse(StreamingResponse):
             self._on_close()
 
 
+def _authorization(request: Request) -> str | None:
+    """The request's one Authorization header (None if absent); more than one is refused (401):
+    which of them a proxy or a framework would use is not defined, so none is."""
+    values = request.headers.getlist("authorization")
+    if len(values) > 1:
+        raise AuthError("More than one Authorization header: send exactly one "
+                        "'Authorization: Bearer YOUR_KEY'.")
+    return values[0] if values else None
+
+
 def _error_response(err: RequestError | AuthError, headers: dict[str, str] | None = None) -> JSONResponse:
     h = dict(getattr(err, "headers", {}) or {})
     h.update(headers or {})
@@ -308,7 +318,7 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         try:
-            self.keys.tier_for(request.headers.get("authorization"))
+            self.keys.tier_for(_authorization(request))
         except AuthError as e:
             return _error_response(e)
         return JSONResponse({"object": "list", "data": [
@@ -406,7 +416,7 @@ class Ingress:
     async def _serve(self, request: Request, *, chat: bool):
         start = time.perf_counter()  # the request's arrival, for its TTFT
         try:
-            tier = self.keys.tier_for(request.headers.get("authorization"))
+            tier = self.keys.tier_for(_authorization(request))
         except AuthError as e:
             return self._reject(e, None)
         headers = {"x-tier": tier}
