@@ -57,7 +57,7 @@ from serve_app.admission import AdmissionPolicy, Decision, DelayHistory, InFligh
 from serve_app.auth import AuthError, KeyStore
 from serve_app.config import AppConfig
 from serve_app.metrics import IngressMetrics, RequestTimer, tier_slos
-from serve_app.retry import END, open_replica_stream, retry_request_id
+from serve_app.retry import DEFAULT_RETRIES, END, is_replica_death, open_replica_stream, retry_request_id
 from serve_app.tokenizer import Tokenizer, tokenizer_for
 
 __all__ = ["DEFAULT_MAX_CONTEXT_TOKENS", "ChatCompletionRequest", "CompletionRequest", "Ingress", "app"]
@@ -477,39 +477,68 @@ class Ingress:
 
             return _SSEResponse(self._sse(gen, rid, chat, prompt_len, include_usage, timer), on_close=release,
                                 media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+        async def restart(attempts_used: int) -> tuple[_Prefetched, int]:
+            # a non-streaming request whose replica died mid-generation: nothing reached its client
+            # yet, so it starts over (a new request id) on another replica, within the retry budget
+            again = await open_replica_stream(lambda a: call_replica(attempts_used + a),
+                                              retries=max(0, DEFAULT_RETRIES - attempts_used), request_id=rid)
+            first_again = _END if again.first is END else again.first
+            return _Prefetched(again.stream, first_again, again.error), attempts_used + again.attempts
+
         try:
-            return await self._complete(gen, rid, chat, prompt_len, timer, headers)
+            return await self._complete(gen, rid, chat, prompt_len, timer, headers,
+                                        restart=restart, attempts_used=opened.attempts)
         finally:
             self.in_flight.done(rid)
 
     async def _complete(self, gen: Any, rid: str, chat: bool, prompt_len: int, timer: RequestTimer,
-                        headers: dict[str, str]) -> JSONResponse:
-        """The non-streaming response: every chunk read, one JSON body."""
-        try:
-            n = 0
-            parts = []
-            finish = "length"
-            async for chunk in gen:
-                parts.append(self._text(chunk))
-                n = int(chunk["index"])
-                timer.tokens(n)
-                finish = chunk.get("finish_reason") or finish
-            if finish == "abort":
-                raise EngineAbort(chunk.get("stop_reason"))
-        except asyncio.CancelledError:
-            gen.cancel()  # client gone: abort the engine request
-            timer.finish("cancelled")
-            raise
-        except EngineAbort as e:
-            logger.warning("request %s aborted by the engine: %s", rid, e)
-            timer.finish("aborted")
-            return _error_response(e.to_request_error(), headers)
-        except Exception as e:  # noqa: BLE001
-            gen.cancel()
-            logger.warning("request %s failed: %r", rid, e)
-            timer.finish("error")
-            return _error_response(RequestError(500, "the replica failed to serve the request",
-                                                type="server_error", code="internal_error"), headers)
+                        headers: dict[str, str], *, restart: Any = None, attempts_used: int = 1) -> JSONResponse:
+        """The non-streaming response: every chunk read, one JSON body.  If the replica dies
+        mid-generation and ``restart`` is given, the request starts over on another replica while
+        the retry budget lasts (`serve_app.retry`; the client has received nothing yet)."""
+        while True:
+            died: BaseException | None = None
+            try:
+                n = 0
+                parts = []
+                finish = "length"
+                async for chunk in gen:
+                    parts.append(self._text(chunk))
+                    n = int(chunk["index"])
+                    timer.tokens(n)  # a restarted request counts only tokens past the ones already seen
+                    finish = chunk.get("finish_reason") or finish
+                if finish == "abort":
+                    raise EngineAbort(chunk.get("stop_reason"))
+            except asyncio.CancelledError:
+                gen.cancel()  # client gone: abort the engine request
+                timer.finish("cancelled")
+                raise
+            except EngineAbort as e:
+                logger.warning("request %s aborted by the engine: %s", rid, e)
+                timer.finish("aborted")
+                return _error_response(e.to_request_error(), headers)
+            except Exception as e:  # noqa: BLE001
+                gen.cancel()
+                if restart is None or attempts_used > DEFAULT_RETRIES or not is_replica_death(e):
+                    logger.warning("request %s failed: %r", rid, e)
+                    timer.finish("error")
+                    return _error_response(RequestError(500, "the replica failed to serve the request",
+                                                        type="server_error", code="internal_error"), headers)
+                died = e
+            if died is None:
+                break
+            logger.warning("request %s: its replica died after %d tokens (%s); starting over on another "
+                           "replica", rid, n, type(died).__name__)
+            try:
+                gen, attempts_used = await restart(attempts_used)
+            except asyncio.CancelledError:
+                timer.finish("cancelled")
+                raise
+            except Exception as e:  # noqa: BLE001 - e.g. Serve's backpressure on the way back in
+                logger.warning("request %s failed to restart: %r", rid, e)
+                timer.finish("error")
+                return _error_response(RequestError(500, "the replica failed to serve the request",
+                                                    type="server_error", code="internal_error"), headers)
         timer.finish("completed")
         text = "".join(parts)
         usage = {"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}

@@ -9,8 +9,10 @@ replica (the router drops a replica from its candidates on the first ``ActorDied
 from it, before the controller notices the death).  Serve itself retries only requests that the
 replica had not accepted yet.
 
-Once a chunk has been read the request is not retried: a stream's client already has tokens (it
-gets an SSE error event), and a non-streaming request would have to generate everything again.
+Once a chunk has been read a stream is not retried: its client already has tokens (it gets an
+SSE error event).  A non-streaming request is: its client has received nothing, so the ingress
+starts it over on another replica when its replica dies mid-generation (`serve_app.ingress`,
+within the same budget of ``DEFAULT_RETRIES`` extra attempts).
 
     opened = await open_replica_stream(
         lambda attempt: handle.options(stream=True).generate.remote(payload_for(attempt)))
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["END", "OpenedStream", "is_replica_death", "open_replica_stream", "retry_request_id"]
+__all__ = ["DEFAULT_RETRIES", "END", "OpenedStream", "is_replica_death", "open_replica_stream", "retry_request_id"]
 
 logger = logging.getLogger("ray.serve")
 

@@ -4,8 +4,9 @@
    the response headers, after 0 events, after k events) or read to the end; afterwards no engine
    holds a request, every replica's KV is free again, and the ingress has nothing in flight.
 2. A replica killed under load (``ray.kill`` of its actor): no client hangs; requests that had not
-   started streaming are retried on another replica and succeed; streams that had started end with
-   an SSE error event and ``[DONE]``; every request sent after the kill succeeds (the router stops
+   started streaming are retried on another replica and succeed, non-streaming ones too even if
+   their replica died mid-generation (they start over); streams that had started end with an SSE
+   error event and ``[DONE]``; every request sent after the kill succeeds (the router stops
    choosing the dead replica); Serve brings the replica count back.
 
 The simulated GPU runs at ``time_scale`` TIME_SCALE (slower than the GPU), and every tier's SLO
@@ -303,8 +304,8 @@ def test_a_replica_killed_under_load(kill_app):
             assert r["t_headers"] <= t_killed + HEADERS_SLACK_S, \
                 f"a stream whose first token came after the kill failed (not retried?): {r}"
         else:
-            # a non-streaming request whose replica died mid-generation: a 5xx with OpenAI's error JSON
-            assert r["status"] >= 500 and set(r["body"].get("error", ())) == {"message", "type", "param", "code"}, r
+            # a non-streaming request whose replica died mid-generation starts over on another one
+            raise AssertionError(f"a non-streaming request failed (not started over?): {r}")
     # requests sent after the kill: the router no longer picks the dead replica (or the retry hides it)
     after = [r for r in recs if r["t_send"] > t_killed]
     assert after and all(_succeeded(r) for r in after)

@@ -137,3 +137,30 @@ def test_retry_request_ids_are_distinct_per_attempt():
     assert retry_request_id("cmpl-abc", 0) == "cmpl-abc"
     ids = {retry_request_id("cmpl-abc", a) for a in range(4)}
     assert len(ids) == 4 and all(i.startswith("cmpl-abc") for i in ids)
+
+
+# --- the ingress: a non-streaming request whose replica dies mid-generation starts over ---------------
+
+def _complete_with_deaths(die_after: list[int | None]):
+    import json
+
+    from test_security import BASE, FREE_KEY, _bearer, make_ingress, serve_inprocess
+
+    ingress, replicas = make_ingress()
+    replicas.die_after = list(die_after)
+    status, _, content = serve_inprocess(ingress, {**BASE, "max_tokens": 6}, _bearer(FREE_KEY))
+    return status, json.loads(content), replicas.payloads, ingress
+
+
+def test_a_non_streaming_request_starts_over_when_its_replica_dies_mid_generation():
+    status, body, payloads, ingress = _complete_with_deaths([3, None])  # dies after 3 of 6 tokens
+    assert status == 200 and body["usage"]["completion_tokens"] == 6, body
+    assert len(payloads) == 2 and payloads[0]["request_id"] != payloads[1]["request_id"]
+    assert len(ingress.in_flight) == 0
+
+
+def test_a_second_death_mid_generation_is_a_500_with_openai_error_json():
+    status, body, payloads, ingress = _complete_with_deaths([3, 2])
+    assert status == 500 and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert len(payloads) == 2 and len(ingress.in_flight) == 0
+

@@ -140,8 +140,8 @@ def test_compare_digest_is_the_only_way_to_match(monkeypatch: pytest.MonkeyPatch
 # --------------------------------------------------------------------- in-process ingress (no Ray)
 
 class _Stream:
-    def __init__(self, n: int, fail: bool) -> None:
-        self._left, self._n, self._fail = list(range(1, n + 1)), n, fail
+    def __init__(self, n: int, fail: bool, die_after: int | None = None) -> None:
+        self._left, self._n, self._fail, self._die_after = list(range(1, n + 1)), n, fail, die_after
 
     def __aiter__(self) -> _Stream:
         return self
@@ -149,6 +149,10 @@ class _Stream:
     async def __anext__(self) -> dict[str, Any]:
         if self._fail:
             raise RuntimeError("replica died")
+        if self._die_after is not None and self._n - len(self._left) >= self._die_after:
+            from ray.exceptions import ActorDiedError
+
+            raise ActorDiedError()  # the replica actor died after that many chunks
         if not self._left:
             raise StopAsyncIteration
         i = self._left.pop(0)
@@ -164,6 +168,7 @@ class _Replicas:
     def __init__(self) -> None:
         self.payloads: list[dict[str, Any]] = []
         self.fail = False
+        self.die_after: list[int | None] = []  # per call, in order: its replica dies after k chunks
 
     def options(self, **_: Any) -> _Replicas:
         return self
@@ -174,7 +179,7 @@ class _Replicas:
 
     def remote(self, payload: dict[str, Any]) -> _Stream:
         self.payloads.append(payload)
-        return _Stream(payload["max_tokens"], self.fail)
+        return _Stream(payload["max_tokens"], self.fail, self.die_after.pop(0) if self.die_after else None)
 
 
 def make_ingress() -> tuple[Any, _Replicas]:
