@@ -382,7 +382,7 @@ def test_inprocess_fuzz_never_5xx_and_payloads_keep_the_key_tier(inprocess):
             assert (p["tier"], p["tier_rank"], p["tbt_slo_s"]) == (tier, t.rank, t.tbt_slo_s)
             assert p["request_id"].startswith("chatcmpl-" if chat else "cmpl-")
             assert set(p) == {"request_id", "prompt_len", "prompt_token_ids", "max_tokens", "tier", "tbt_slo_s",
-                              "tier_rank", "sampling"}
+                              "tier_rank", "ttft_target_s", "sampling"}
             assert set(p["sampling"]) <= {"temperature", "top_p", "stop", "seed", "presence_penalty",
                                           "frequency_penalty", "ignore_eos"}
             assert all(not isinstance(v, float) or math.isfinite(v) for v in p["sampling"].values())
