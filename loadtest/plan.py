@@ -57,7 +57,7 @@ from replica.cost.profile import CostProfile, load_profile
 from replica.policy.registry import available_schedulers
 from replica.sim.engine import PAPER_KV_BLOCKS
 from replica.tiers import TierMix, TierSpec, paper_tiers
-from serve_app.yaml_source import FieldError, UniqueKeyLoader, echo_ok, yaml_line
+from serve_app.yaml_source import FieldError, YAMLReadError, echo_ok, read_yaml, yaml_line
 
 __all__ = ["HOURS_PER_MONTH", "STACKS", "PlanError", "Stack", "Workload", "available_stacks",
            "hourly_qps", "json_safe", "load_workload", "main", "plan", "slo_checks"]
@@ -336,16 +336,9 @@ def load_workload(path: str | os.PathLike[str]) -> Workload:
     against the file's folder."""
     path = Path(path)
     try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise PlanError(f"{path}: cannot read workload: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        data = yaml.load(raw, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
-        root = yaml.compose(raw, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
-        raise PlanError(f"{where}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
+        data, root = read_yaml(path, "workload")
+    except YAMLReadError as e:
+        raise PlanError(str(e)) from None
     if data is None:
         raise PlanError(f"{path}: empty workload file (needs at least peak_qps and price_per_gpu_hour_usd)")
     if not isinstance(data, dict):

@@ -51,7 +51,7 @@ from pydantic import (
 )
 
 from replica.tiers import TierMix, TierSpec, paper_tiers
-from serve_app.yaml_source import FieldError, UniqueKeyLoader, echo_ok, yaml_line
+from serve_app.yaml_source import FieldError, YAMLReadError, echo_ok, read_yaml, yaml_line
 
 __all__ = [
     "CONFIGS_DIR",
@@ -508,17 +508,9 @@ def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
     path = Path(path)
     environ = os.environ if environ is None else environ
     try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        data = yaml.load(raw, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
-        root = yaml.compose(raw, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+        data, root = read_yaml(path, "config")
+    except YAMLReadError as e:
+        raise ConfigError(str(e)) from None
     if data is None:
         raise ConfigError(f"{path}: empty config (write `{{}}` for all defaults)")
     if not isinstance(data, dict):

@@ -7,7 +7,8 @@ Shared by the app config (`serve_app.config`) and the capacity planner's workloa
 * `FieldError`: raised inside a pydantic model validator to point the error at a field below
   the model (``loc``), which the loaders append to pydantic's location;
 * `yaml_line`: ``path, line N`` of the deepest key (or list item) along a location;
-* `echo_ok`: whether a bad input value is short and plain enough to quote back in the message.
+* `echo_ok`: whether a bad input value is short and plain enough to quote back in the message;
+* `read_yaml`: a file's data and node tree (for the lines), or `YAMLReadError` naming the file.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["FieldError", "UniqueKeyLoader", "echo_ok", "yaml_line"]
+__all__ = ["FieldError", "UniqueKeyLoader", "YAMLReadError", "echo_ok", "read_yaml", "yaml_line"]
 
 
 class FieldError(ValueError):
@@ -67,3 +68,24 @@ def yaml_line(path: Path, root: yaml.Node | None, loc: tuple) -> str:
 def echo_ok(value: Any) -> bool:
     """A bad value worth quoting back: None, a number or bool, or a string of at most 200 characters."""
     return value is None or isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 200)
+
+
+class YAMLReadError(ValueError):
+    """A YAML file that cannot be read or parsed; the message names the file (and line, column)."""
+
+
+def read_yaml(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
+    """(data, node tree) of the YAML file ``path`` (duplicate keys refused); `YAMLReadError`
+    ("PATH: cannot read WHAT: ..." or "PATH, line L, column C: malformed YAML: ...") otherwise."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise YAMLReadError(f"{path}: cannot read {what}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        data = yaml.load(raw, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        root = yaml.compose(raw, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        raise YAMLReadError(f"{where}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
+    return data, root
