@@ -86,6 +86,24 @@ def disc(local_serve):
     return f"http://127.0.0.1:{local_serve}/disc"
 
 
+async def _read_sse(r: httpx.Response, rec: dict, stop_after: int | None = None) -> None:
+    """Reads an SSE completion stream into ``rec``: ``events`` (token events), ``error`` (an error
+    event), ``done`` ([DONE] seen); returns once ``stop_after`` token events were read, if given."""
+    async for line in r.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            rec["done"] = True
+            return
+        event = json.loads(line[len("data: "):])
+        if "error" in event:
+            rec["error"] = event["error"]
+        elif event["choices"][0]["finish_reason"] is None:
+            rec["events"] += 1
+        if stop_after is not None and rec["events"] >= stop_after:
+            return
+
+
 async def _disconnecting_client(client: httpx.AsyncClient, url: str, rng: random.Random) -> dict:
     """One request, closed by its client: ``pre_headers`` (after a random delay, maybe before the
     response starts), ``after_k`` (after k data events, k = 0 included) or ``complete``."""
@@ -100,19 +118,8 @@ async def _disconnecting_client(client: httpx.AsyncClient, url: str, rng: random
             rec["status"] = r.status_code
             if r.status_code != 200 or (mode == "after_k" and k == 0):
                 return
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    rec["done"] = True
-                    return
-                event = json.loads(line[len("data: "):])
-                if "error" in event:
-                    rec["error"] = event["error"]
-                elif event["choices"][0]["finish_reason"] is None:
-                    rec["events"] += 1
-                if mode == "after_k" and rec["events"] >= k:
-                    return  # leaving the block closes the connection mid-stream
+            # leaving the block after k events closes the connection mid-stream
+            await _read_sse(r, rec, stop_after=k if mode == "after_k" else None)
 
     try:
         if mode == "pre_headers":
@@ -202,17 +209,7 @@ async def _request(client: httpx.AsyncClient, url: str, rng: random.Random) -> d
                 except ValueError:
                     rec["body"] = {"not_json": raw.decode(errors="replace")}
                 return
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    rec["done"] = True
-                    return
-                event = json.loads(line[len("data: "):])
-                if "error" in event:
-                    rec["error"] = event["error"]
-                elif event["choices"][0]["finish_reason"] is None:
-                    rec["events"] += 1
+            await _read_sse(r, rec)
 
     try:
         await asyncio.wait_for(run(), timeout=REQUEST_BOUND_S)

@@ -4,6 +4,7 @@ once; anything else is reported as before (no Ray cluster: fake streams)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -144,11 +145,12 @@ def test_retry_request_ids_are_distinct_per_attempt():
 def _complete_with_deaths(die_after: list[int | None]):
     import json
 
-    from test_security import BASE, FREE_KEY, _bearer, make_ingress, serve_inprocess
+    from ingress_testkit import call_inprocess, make_ingress
 
-    ingress, replicas = make_ingress()
+    ingress, replicas = make_ingress("fk-retry-test-key-0123456789abcdef:free")
     replicas.die_after = list(die_after)
-    status, _, content = serve_inprocess(ingress, {**BASE, "max_tokens": 6}, _bearer(FREE_KEY))
+    body = json.dumps({"model": ingress.model_name, "prompt": "hello", "max_tokens": 6}).encode()
+    status, _, content = call_inprocess(ingress, body, [("Authorization", "Bearer fk-retry-test-key-0123456789abcdef")])
     return status, json.loads(content), replicas.payloads, ingress
 
 

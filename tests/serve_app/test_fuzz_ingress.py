@@ -21,7 +21,6 @@ key's tier; bodies over ``max_request_bytes`` are 413, bodies that are not a JSO
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import math
@@ -32,10 +31,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from starlette.requests import Request
 
-from serve_app.config import DEFAULT_CONFIG_PATH, load_config
-from serve_app.ingress import ChatCompletionRequest, CompletionRequest, Ingress
+from ingress_testkit import call_inprocess, make_ingress
+from serve_app.ingress import ChatCompletionRequest, CompletionRequest
 from serve_app.tokenizer import default_tokenizer
 
 MODEL = "mistral-7b-sim"
@@ -266,98 +264,9 @@ def check_response(status: int, headers: dict[str, str], content: bytes, *, chat
 
 # ------------------------------------------------------------------------- in process (no Ray)
 
-class _FakeStream:
-    """A replica stream as the sim backend yields it: one chunk per token, no text."""
-
-    def __init__(self, n: int) -> None:
-        self._chunks = [{"index": i, "text": None, "finished": i == n, "finish_reason": "length" if i == n else None}
-                        for i in range(1, n + 1)]
-        self.cancelled = False
-
-    def __aiter__(self) -> _FakeStream:
-        return self
-
-    async def __anext__(self) -> dict[str, Any]:
-        if not self._chunks:
-            raise StopAsyncIteration
-        return self._chunks.pop(0)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class FakeReplicas:
-    """Stands in for the LLMReplica DeploymentHandle: records every payload."""
-
-    def __init__(self) -> None:
-        self.payloads: list[dict[str, Any]] = []
-
-    def options(self, **_: Any) -> FakeReplicas:
-        return self
-
-    @property
-    def generate(self) -> FakeReplicas:
-        return self
-
-    def remote(self, payload: dict[str, Any]) -> _FakeStream:
-        self.payloads.append(payload)
-        return _FakeStream(payload["max_tokens"])
-
-
-def make_ingress() -> tuple[Any, FakeReplicas]:
-    """The real Ingress class (not the Serve wrapper), with metrics and admission off."""
-    import os
-
-    env = {"TIERED_METRICS": "0", "TIERED_API_KEYS": SERVE_ENV_VARS["TIERED_API_KEYS"]}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        config = load_config(DEFAULT_CONFIG_PATH, overrides={**OVERRIDES, "admission.enabled": False})
-        replicas = FakeReplicas()
-        ingress = Ingress.func_or_class.__bases__[0](replicas, config, CONTEXT)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    assert ingress.metrics is None and ingress.admission is None
-    return ingress, replicas
-
-
-def make_request(raw: bytes, headers: list[tuple[str, str]], chat: bool) -> Request:
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": raw, "more_body": False}
-
-    hdrs = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-    hdrs += [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
-    path = "/v1/chat/completions" if chat else "/v1/completions"
-    return Request({"type": "http", "method": "POST", "path": path, "headers": hdrs, "query_string": b""}, receive)
-
-
-def call_inprocess(ingress: Any, raw: bytes, headers: list[tuple[str, str]], chat: bool) -> tuple[int, dict, bytes]:
-    """`Ingress._serve` on one request; (status, lower-case headers, body bytes)."""
-
-    async def go() -> tuple[int, dict, bytes]:
-        resp = await ingress._serve(make_request(raw, headers, chat), chat=chat)
-        if hasattr(resp, "body_iterator"):
-            content = b"".join([c.encode() if isinstance(c, str) else c async for c in resp.body_iterator])
-        else:
-            content = resp.body
-        return resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, content
-
-    return asyncio.run(go())
-
-
 @pytest.fixture(scope="module")
 def inprocess():
-    return make_ingress()
+    return make_ingress(SERVE_ENV_VARS["TIERED_API_KEYS"], OVERRIDES, CONTEXT)
 
 
 def _auth(tier: str = "free") -> list[tuple[str, str]]:
@@ -373,7 +282,7 @@ def test_inprocess_fuzz_never_5xx_and_payloads_keep_the_key_tier(inprocess):
     def run(req: tuple[bool, bytes], tier: str) -> None:
         chat, raw = req
         replicas.payloads.clear()
-        status, headers, content = call_inprocess(ingress, raw, _auth(tier), chat)
+        status, headers, content = call_inprocess(ingress, raw, _auth(tier), chat=chat)
         outcomes[status] = outcomes.get(status, 0) + 1
         check_response(status, headers, content, chat=chat, tier=tier, raw=raw)
         assert len(replicas.payloads) == (1 if status == 200 else 0)
@@ -454,7 +363,7 @@ STILL_FINE = [
 
 @pytest.mark.parametrize("chat,raw,status,code", [c[1:] for c in FIVE_HUNDREDS], ids=[c[0] for c in FIVE_HUNDREDS])
 def test_former_500s_are_openai_4xx(inprocess, chat, raw, status, code):
-    got, headers, content = call_inprocess(inprocess[0], raw, _auth(), chat)
+    got, headers, content = call_inprocess(inprocess[0], raw, _auth(), chat=chat)
     check_response(got, headers, content, chat=chat, tier="free", raw=raw)
     assert (got, json.loads(content)["error"]["code"]) == (status, code), content
 
@@ -462,7 +371,7 @@ def test_former_500s_are_openai_4xx(inprocess, chat, raw, status, code):
 @pytest.mark.parametrize("fields", [c[1] for c in WRONG_TYPES], ids=[c[0] for c in WRONG_TYPES])
 def test_wrong_types_are_400(inprocess, fields):
     raw = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2, **fields}, allow_nan=True).encode()
-    status, headers, content = call_inprocess(inprocess[0], raw, _auth(), False)
+    status, headers, content = call_inprocess(inprocess[0], raw, _auth())
     check_response(status, headers, content, chat=False, tier="free", raw=raw)
     err = json.loads(content)["error"]
     assert (status, err["code"]) == (400, "invalid_value") and err["param"].split(".")[0] == next(iter(fields))
@@ -470,7 +379,7 @@ def test_wrong_types_are_400(inprocess, fields):
 
 @pytest.mark.parametrize("chat,raw", [c[1:] for c in STILL_FINE], ids=[c[0] for c in STILL_FINE])
 def test_lookalikes_of_bad_input_are_served(inprocess, chat, raw):
-    status, headers, content = call_inprocess(inprocess[0], raw, _auth(), chat)
+    status, headers, content = call_inprocess(inprocess[0], raw, _auth(), chat=chat)
     check_response(status, headers, content, chat=chat, tier="free", raw=raw)
     assert status == 200, content
 

@@ -23,12 +23,10 @@ compare_digest per stored key for a match and a miss).  This module adds:
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 import logging
-import os
 import pickle
 import secrets
 import time
@@ -38,12 +36,12 @@ from typing import Any
 import httpx
 import pytest
 from ray import cloudpickle
-from starlette.requests import Request
 
 from serve_app import auth
 from serve_app.auth import AuthError, KeyStore, hash_key
-from serve_app.config import DEFAULT_CONFIG_PATH, AppConfig, load_config
-from serve_app.ingress import Ingress
+from serve_app.config import AppConfig
+from ingress_testkit import FakeReplicas, call_inprocess
+from ingress_testkit import make_ingress as make_kit_ingress
 
 MODEL = "mistral-7b-sim"
 # fresh random keys each run, so a match in a log cannot be a coincidence
@@ -139,95 +137,14 @@ def test_compare_digest_is_the_only_way_to_match(monkeypatch: pytest.MonkeyPatch
 
 # --------------------------------------------------------------------- in-process ingress (no Ray)
 
-class _Stream:
-    def __init__(self, n: int, fail: bool, die_after: int | None = None) -> None:
-        self._left, self._n, self._fail, self._die_after = list(range(1, n + 1)), n, fail, die_after
-
-    def __aiter__(self) -> _Stream:
-        return self
-
-    async def __anext__(self) -> dict[str, Any]:
-        if self._fail:
-            raise RuntimeError("replica died")
-        if self._die_after is not None and self._n - len(self._left) >= self._die_after:
-            from ray.exceptions import ActorDiedError
-
-            raise ActorDiedError()  # the replica actor died after that many chunks
-        if not self._left:
-            raise StopAsyncIteration
-        i = self._left.pop(0)
-        return {"index": i, "text": None, "finished": i == self._n, "finish_reason": "length" if i == self._n else None}
-
-    def cancel(self) -> None:
-        pass
-
-
-class _Replicas:
-    """Stands in for the LLMReplica handle; records the payloads."""
-
-    def __init__(self) -> None:
-        self.payloads: list[dict[str, Any]] = []
-        self.fail = False
-        self.die_after: list[int | None] = []  # per call, in order: its replica dies after k chunks
-
-    def options(self, **_: Any) -> _Replicas:
-        return self
-
-    @property
-    def generate(self) -> _Replicas:
-        return self
-
-    def remote(self, payload: dict[str, Any]) -> _Stream:
-        self.payloads.append(payload)
-        return _Stream(payload["max_tokens"], self.fail, self.die_after.pop(0) if self.die_after else None)
-
-
-def make_ingress() -> tuple[Any, _Replicas]:
-    """The real Ingress class (not Serve's wrapper) with a fake replica handle; metrics and
-    admission off.  Keys from ``TIERED_API_KEYS``."""
-    old = os.environ.get("TIERED_METRICS")
-    os.environ["TIERED_METRICS"] = "0"
-    try:
-        config = load_config(DEFAULT_CONFIG_PATH, overrides={"admission.enabled": False},
-                             environ={**os.environ, **_env()})
-        replicas = _Replicas()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("TIERED_API_KEYS", _env()["TIERED_API_KEYS"])
-            ingress = Ingress.func_or_class.__bases__[0](replicas, config, CONTEXT)
-    finally:
-        if old is None:
-            os.environ.pop("TIERED_METRICS", None)
-        else:
-            os.environ["TIERED_METRICS"] = old
-    return ingress, replicas
+def make_ingress() -> tuple[Any, FakeReplicas]:
+    """The real Ingress class with a fake replica handle (`ingress_testkit`); keys from `_env`."""
+    return make_kit_ingress(_env()["TIERED_API_KEYS"], max_context_tokens=CONTEXT)
 
 
 def serve_inprocess(ingress: Any, body: dict[str, Any], headers: list[tuple[str, str]], *, chat: bool = False,
                     query: str = "") -> tuple[int, dict[str, str], bytes]:
-    raw = json.dumps(body).encode()
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": raw, "more_body": False}
-
-    hdrs = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-    hdrs.append((b"content-type", b"application/json"))
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions" if chat else "/v1/completions",
-             "headers": hdrs, "query_string": query.encode()}
-
-    async def go() -> tuple[int, dict[str, str], bytes]:
-        resp = await ingress._serve(Request(scope, receive), chat=chat)
-        if hasattr(resp, "body_iterator"):
-            content = b"".join([c.encode() if isinstance(c, str) else c async for c in resp.body_iterator])
-        else:
-            content = resp.body
-        return resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, content
-
-    return asyncio.run(go())
+    return call_inprocess(ingress, json.dumps(body).encode(), headers, chat=chat, query=query)
 
 
 def _bearer(key: str) -> list[tuple[str, str]]:
@@ -288,7 +205,7 @@ AUTH_VARIANTS_INPROCESS = AUTH_VARIANTS + [
 
 
 @pytest.fixture(scope="module")
-def inprocess() -> tuple[Any, _Replicas]:
+def inprocess() -> tuple[Any, FakeReplicas]:
     return make_ingress()
 
 
