@@ -57,7 +57,7 @@ import numpy as np
 
 from loadtest.arrivals import effective_qps, poisson_arrival_times
 from loadtest.metrics import STABLE_BACKLOG_FRACTION, TTFT_P50_LIMIT_S, capacity_bracket, summarize
-from loadtest.traces import Trace, sample_requests
+from replica.traces import Trace, sample_requests
 from replica.tiers import TierMix
 
 __all__ = [

@@ -61,7 +61,7 @@ from loadtest.capacity import (
     keys_from_env,
     parse_floats,
 )
-from loadtest.traces import load_trace
+from replica.traces import load_trace
 from replica.tiers import paper_tiers, parse_tiers
 
 log = logging.getLogger("loadtest.locustfile")

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from loadtest.metrics import STABLE_BACKLOG_FRACTION, summarize
 from loadtest.simulate.cluster import ClusterConfig, run_cluster
 from loadtest.simulate.replica import Workload as SimWorkload
-from loadtest.traces import Trace, load_trace
+from replica.traces import Trace, load_trace
 from replica.cost.profile import CostProfile, load_profile
 from replica.policy.registry import available_schedulers
 from replica.sim.engine import PAPER_KV_BLOCKS

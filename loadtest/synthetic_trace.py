@@ -3,7 +3,7 @@
     python -m loadtest.synthetic_trace --out loadtest/data/synthetic_short_prompt_long_output.csv
 
 Prompt and output lengths are lognormal (numpy, fixed seed), clipped to [1, max]; written in the
-trace CSV format `loadtest.traces` reads (num_prefill_tokens,num_decode_tokens).  Defaults: prompts
+trace CSV format `replica.traces` reads (num_prefill_tokens,num_decode_tokens).  Defaults: prompts
 median 300 tokens (sigma 1.2: ~1.5 % above 4k tokens, so the long-prompt tail is still measured),
 outputs median 700 tokens (sigma 0.6), against the paper's ShareGPT trace's prompt median 1730 and
 output median 415.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.traces import OUTPUT_COLUMN, PROMPT_COLUMN
+from replica.traces import OUTPUT_COLUMN, PROMPT_COLUMN
 
 
 def synthetic_lengths(n: int, *, prompt_median: float = 300, prompt_sigma: float = 1.2, prompt_max: int = 8192,

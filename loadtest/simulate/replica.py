@@ -10,7 +10,7 @@ import numpy as np
 
 from loadtest.arrivals import poisson_arrival_times
 from replica.tiers import TierMix
-from loadtest.traces import Trace, sample_requests
+from replica.traces import Trace, sample_requests
 from replica.policy.base import SchedulingPolicy
 from replica.policy.state import Request
 from replica.sim.engine import PAPER_KV_BLOCKS, CostModel, SimEngine

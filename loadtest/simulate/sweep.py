@@ -18,7 +18,7 @@ from tqdm import tqdm
 from loadtest.metrics import bisect_midpoint, capacity_bracket, summarize
 from loadtest.simulate.replica import Workload, run_replica
 from replica.tiers import TierMix, paper_tiers, parse_tiers
-from loadtest.traces import load_trace
+from replica.traces import load_trace
 from replica.cost.profile import load_profile
 from replica.policy.config import SchedulerConfig
 from replica.policy.registry import make_policy, scheduler_config

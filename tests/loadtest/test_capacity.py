@@ -23,7 +23,7 @@ from loadtest.capacity import (
     step_points,
     write_report,
 )
-from loadtest.traces import Trace, load_trace, sample_requests
+from replica.traces import Trace, load_trace, sample_requests
 from replica.tiers import paper_tiers, parse_tiers
 
 

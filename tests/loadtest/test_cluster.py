@@ -9,7 +9,7 @@ from loadtest.metrics import summarize
 from loadtest.simulate.__main__ import main as simulate_main
 from loadtest.simulate.cluster import ClusterConfig, run_cluster
 from loadtest.simulate.replica import Workload, run_replica
-from loadtest.traces import load_trace
+from replica.traces import load_trace
 from replica.cost.profile import load_profile
 from replica.policy.registry import make_policy
 from replica.tiers import paper_tiers

@@ -35,7 +35,7 @@ from loadtest.plan import (
 from loadtest.plan_report import render_html
 from loadtest.simulate.cluster import ClusterConfig, run_cluster
 from loadtest.simulate.replica import Workload as SimWorkload
-from loadtest.traces import load_trace
+from replica.traces import load_trace
 from replica.tiers import paper_tiers
 
 WORKLOADS = Path(__file__).resolve().parents[2] / "loadtest" / "workloads"

@@ -9,7 +9,7 @@ from loadtest.simulate.__main__ import main
 from loadtest.simulate.replica import Workload, run_replica
 from loadtest.metrics import summarize
 from replica.tiers import paper_tiers
-from loadtest.traces import load_trace
+from replica.traces import load_trace
 from replica.cost.profile import load_profile
 from replica.policy import make_policy
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from loadtest.traces import load_trace
+from replica.traces import load_trace
 from router.policies.sita import (
     SITAPolicy,
     SITAPolicyConfig,

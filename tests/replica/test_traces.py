@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtest.traces import (
+from replica.traces import (
     PAPER_TRACE_PATH,
     Trace,
     TraceError,

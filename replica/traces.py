@@ -2,7 +2,7 @@
 
 The paper's workload (arXiv:2508.01002, "Evaluation") is the Openchat ShareGPT4 trace as shipped
 by Sarathi-Serve: 30,731 requests with Llama-2 token counts, 16,384 of them drawn after a shuffle
-with seed 42.  ``load_trace("paper")`` loads that file (``loadtest/data``); ``sample_requests``
+with seed 42.  ``load_trace("paper")`` loads that file (``replica/data``); ``sample_requests``
 draws from it.
 
 Users can bring their own trace:
