@@ -2,7 +2,7 @@
 
     python -m loadtest.batch_time_fit [replica/cost/data/h100_torch_probe.csv] [--column split_graph_iter_ms]
 
-Feeds every grid row of the H100 probe (`replica/cost/gpu_probe.py`: a Mistral-7B-shaped model
+Feeds every grid row of the H100 probe (`loadtest/gpu_probe.py`: a Mistral-7B-shaped model
 timed per batch shape) to `replica.policy.slai_plus.BatchTimeModel`, exactly as the policy feeds
 its own measured iterations, then prints the relative error of its predictions: for the model's
 five terms and for the first three alone (no prefill-attention terms).  What matters for the

@@ -12,7 +12,7 @@ and an empty batch costs 0. There is no tile-padding term: the Vidur linear-laye
 show padding steps (see docs/cost_profiles.md). `tile_tokens` is still carried for schedulers
 that align batch sizes (RAD).
 
-Profiles are JSON files in `profiles/`, written by `python -m replica.cost.calibrate`.
+Profiles are JSON files in `profiles/`, written by `python -m loadtest.calibrate`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class FitError(_Strict):
     num_points: int = Field(gt=0)
     mean_rel_error: NonNegative  # mean |predicted / measured - 1|
     max_rel_error: NonNegative
-    points: list[FitPoint] = []  # listed when there are few; else see `calibrate --per-point`
+    points: list[FitPoint] = []  # listed when there are few; else see `loadtest.calibrate --per-point`
 
 
 class Provenance(_Strict):

@@ -21,7 +21,7 @@ PROFILE_NAMES = ["a100-mistral7b", "h100-mistral7b", "h100-mistral7b-measured", 
 # Paper (arXiv:2508.01002) token-budget sweep on the RTX 6000 Ada: 2048-token prompts alone.
 PAPER_SWEEP_MEAN_ITER_MS = {64: 22.7, 128: 24.1, 256: 28.8, 384: 37.8, 512: 46.5, 768: 57.1, 1024: 74.7}
 
-# Mean relative error over all Vidur rows, as measured by `python -m replica.cost.calibrate`
+# Mean relative error over all Vidur rows, as measured by `python -m loadtest.calibrate`
 # (a100 5.12 %, h100 4.98 %; max 14.2 % and 23.5 %), with a little headroom.
 VIDUR_MEAN_REL_ERROR_BOUND = {"a100": 0.055, "h100": 0.055}
 VIDUR_MAX_REL_ERROR_BOUND = {"a100": 0.15, "h100": 0.25}

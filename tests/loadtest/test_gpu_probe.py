@@ -1,4 +1,4 @@
-"""`replica.cost.gpu_probe` on the CPU with a tiny model: batch plans, KV writes, attention over
+"""`loadtest.gpu_probe` on the CPU with a tiny model: batch plans, KV writes, attention over
 the cache, and the CSV the measurement writes. (The real run is on a GPU, see docs/BENCHMARKS.md.)"""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from replica.cost import gpu_probe as gp  # noqa: E402
+from loadtest import gpu_probe as gp  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -1,15 +1,16 @@
-"""Regenerate the cost profiles in `profiles/` from the measurement data in `data/`.
+"""Regenerate the cost profiles in `replica/cost/profiles/` from the measurement data in
+`replica/cost/data/`.
 
-    python -m replica.cost.calibrate              # refit, rewrite the JSON files, print fit errors
-    python -m replica.cost.calibrate --check      # refit, compare with the shipped JSON, exit 1 on drift
-    python -m replica.cost.calibrate --per-point  # also print every point's error
+    python -m loadtest.calibrate              # refit, rewrite the JSON files, print fit errors
+    python -m loadtest.calibrate --check      # refit, compare with the shipped JSON, exit 1 on drift
+    python -m loadtest.calibrate --per-point  # also print every point's error
 
 Fits (all least squares on relative error, i.e. rows weighted by 1 / measured time):
 - a100-mistral7b, h100-mistral7b: the five coefficients to every row of the Vidur tables.
 - rtx6000ada-mistral7b: base, per-token and prefill-attention coefficients to the SLAI paper's
   token-budget sweep; decode attention transferred from the A100 fit by memory bandwidth.
 - h100-mistral7b-measured: the five coefficients to `split_graph_iter_ms` of the 135 grid rows of
-  our own H100 measurement, data/h100_torch_probe.csv (replica/cost/gpu_probe.py).
+  our own H100 measurement, replica/cost/data/h100_torch_probe.csv (loadtest/gpu_probe.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from replica.cost.profile import PROFILES_DIR, CostProfile, FitError, FitPoint
 from replica.cost.shape import BatchShape
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = PROFILES_DIR.parent / "data"  # replica/cost/data: the measurements behind the shipped profiles
 COEFFICIENT_NAMES = ("base_ms", "per_token_ms", "prefill_sq_ms", "prefill_ctx_ms", "decode_ctx_ms")
 SIGNIFICANT_DIGITS = 6  # coefficients and errors are rounded to this before writing
 SWEEP_MAX_REL_ERROR = 0.10  # the rtx profile must reproduce every sweep point this closely
@@ -418,7 +419,7 @@ def measured_h100_profile() -> CostProfile:
             f"{len(rows)} vidur_grid rows (the batch shapes of vidur_mistral7b_h100.csv). Measured "
             f"{run['date_utc']} on one {dev['device_name']} ({dev['multiprocessors']} SMs, "
             f"{dev['total_memory_gib']} GiB), torch {dev['torch']}, CUDA {dev['cuda']}, Python "
-            f"{dev['python']}, by replica/cost/gpu_probe.py --attention split: one forward of a "
+            f"{dev['python']}, by loadtest/gpu_probe.py --attention split: one forward of a "
             "Mistral-7B-shaped decoder (32 layers, hidden 4096, 32/8 query/KV heads, head_dim 128, "
             "intermediate 14336, vocab 32000) with random bf16 weights over one batch (a prefill chunk "
             "of p tokens on c cached tokens plus n decodes), new K/V written into a preallocated "
@@ -552,7 +553,7 @@ def report(profiles: dict[str, CostProfile], per_point: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m replica.cost.calibrate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m loadtest.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="compare with the shipped JSON; exit 1 on drift")
     parser.add_argument("--per-point", action="store_true", help="print every point's error")

@@ -1,16 +1,16 @@
 """Time real engine iterations of a Mistral-7B-shaped model on a GPU, to check a cost profile.
 
-    python replica/cost/gpu_probe.py --out h100_torch_probe.csv          # on the GPU machine
-    python replica/cost/gpu_probe.py --attention split --no-sweep --breakdown-rows 0,14,58,67,95,110,132 \
+    python loadtest/gpu_probe.py --out h100_torch_probe.csv              # on the GPU machine
+    python loadtest/gpu_probe.py --attention split --no-sweep --breakdown-rows 0,14,58,67,95,110,132 \
         --out h100_torch_probe_split.csv                                 # the same grid, split attention
-    python -m replica.cost.gpu_probe merge h100_torch_probe.csv h100_torch_probe_split.csv   # -> split_* columns
-    python -m replica.cost.gpu_probe compare replica/cost/data/h100_torch_probe.csv     # profile vs measured
-    python -m replica.cost.gpu_probe --tiny --device cpu --rows 0,15 --out /tmp/p.csv   # CPU smoke run
+    python -m loadtest.gpu_probe merge h100_torch_probe.csv h100_torch_probe_split.csv   # -> split_* columns
+    python -m loadtest.gpu_probe compare replica/cost/data/h100_torch_probe.csv     # profile vs measured
+    python -m loadtest.gpu_probe --tiny --device cpu --rows 0,15 --out /tmp/p.csv   # CPU smoke run
 
 Measuring (`--out`) needs only torch, numpy and the standard library, so it runs where the
-project's own dependencies (pydantic, ...) are not installed. Run it as a file there:
-`python -m replica.cost.gpu_probe` imports `replica.cost`, whose `__init__` needs pydantic.
-`compare` needs the project (it loads the shipped profile and uses `calibrate`'s fit).
+project's own dependencies (pydantic, ...) are not installed, as a file or with `-m` (it imports
+no project code; the Vidur grid it times is read by path from `replica/cost/data/`).
+`compare` needs the project (it loads the shipped profile and uses `loadtest.calibrate`'s fit).
 
 What one measured iteration is
 ------------------------------
@@ -66,14 +66,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    # Run as a file: this directory's profile.py would shadow the stdlib `profile` (cProfile imports it).
+    # Run as a file: keep this directory's modules off the path, where they could shadow others.
     sys.path.pop(0)
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "replica" / "cost" / "data"  # by path: measuring imports no project code
 GRID_CSV = DATA_DIR / "vidur_mistral7b_h100.csv"
 SWEEP_PROMPT_TOKENS = 2048
 SWEEP_BUDGETS = (64, 128, 256, 384, 512, 768, 1024)
@@ -627,7 +627,7 @@ def measure(args: argparse.Namespace) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "what": "median iteration time (ms) of one forward of a Mistral-7B-shaped decoder with random weights "
-                "per batch shape; see replica/cost/gpu_probe.py",
+                "per batch shape; see loadtest/gpu_probe.py",
         "command": " ".join(sys.argv),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device_info": info,
@@ -729,7 +729,7 @@ def _errors(pred: np.ndarray, meas: np.ndarray) -> np.ndarray:
 
 def compare(args: argparse.Namespace) -> int:
     """Print the shipped profile against the measurement, per shape class, and a refit."""
-    from replica.cost.calibrate import COEFFICIENT_NAMES, features, relative_nonneg_lstsq, round_sig
+    from loadtest.calibrate import COEFFICIENT_NAMES, features, relative_nonneg_lstsq, round_sig
     from replica.cost.profile import load_profile
     from replica.cost.shape import BatchShape
 

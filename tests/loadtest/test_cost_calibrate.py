@@ -1,4 +1,4 @@
-"""`python -m replica.cost.calibrate`: the shipped profiles are what the data gives."""
+"""`python -m loadtest.calibrate`: the shipped profiles are what the data gives."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from replica.cost.calibrate import chunked_prompt, fit_vidur
+from loadtest.calibrate import chunked_prompt, fit_vidur
 from replica.cost.profile import PROFILES_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_calibrate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "replica.cost.calibrate", *args],
+        [sys.executable, "-m", "loadtest.calibrate", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
