@@ -1,4 +1,4 @@
-"""The capacity planner (loadtest/plan.py): workload files and their errors, the search, the
+"""The capacity planner (loadtest/plan/): workload files and their errors, the search, the
 confirmation at N and N-1 by direct cluster simulation, the CLI, and the HTML report (rendered in
 headless Chromium when it is installed)."""
 
@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 import loadtest.plan as plan_mod
+import loadtest.plan.stacks as stacks_mod
+import loadtest.plan.workload as workload_mod
 from loadtest.metrics import summarize
 from loadtest.plan import (
     DAYS_PER_MONTH,
@@ -32,7 +34,7 @@ from loadtest.plan import (
     plan,
     slo_checks,
 )
-from loadtest.plan_report import render_html
+from loadtest.plan.html_report import render_html
 from loadtest.simulate.cluster import ClusterConfig, run_cluster
 from loadtest.simulate.replica import Workload as SimWorkload
 from replica.traces import load_trace
@@ -151,7 +153,7 @@ def test_help_explains_every_workload_field_and_the_stacks(capsys):
     def leaves(model, prefix=""):
         for name, f in model.model_fields.items():
             yield prefix + name
-            for m in plan_mod._models_in(f.annotation):
+            for m in workload_mod._models_in(f.annotation):
                 sub = f"{prefix}{name}[]." if f.annotation is not None and "list" in str(f.annotation) else f"{prefix}{name}."
                 yield from leaves(m, sub)
 
@@ -194,9 +196,9 @@ def test_parametric_lengths_follow_their_distributions_and_the_seed():
 
 
 def test_slai_plus_is_planned_only_when_the_registry_has_it(monkeypatch):
-    monkeypatch.setattr(plan_mod, "available_schedulers", lambda: ["sarathi-fcfs", "slai-spf-dynamic"])
+    monkeypatch.setattr(stacks_mod, "available_schedulers", lambda: ["sarathi-fcfs", "slai-spf-dynamic"])
     assert [s.key for s in available_stacks()] == ["default", "slai"]
-    monkeypatch.setattr(plan_mod, "available_schedulers",
+    monkeypatch.setattr(stacks_mod, "available_schedulers",
                         lambda: ["sarathi-fcfs", "slai-spf-dynamic", "slai-plus"])
     assert [s.key for s in available_stacks()] == ["default", "slai", "slai-plus"]
     d = STACK_BY_KEY["default"]

@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from loadtest.plan import TABLE_HEADER, _check_text, _fewer, _money, table_rows  # noqa: E402
+from loadtest.plan.report import TABLE_HEADER, _check_text, _fewer, _money, table_rows  # noqa: E402
 
 _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto; max-width: 1200px;
