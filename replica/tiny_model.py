@@ -38,10 +38,12 @@ def _corpus(n_lines: int = 3000, seed: int = SEED) -> list[str]:
     return lines
 
 
-def build_tokenizer(folder: Path):
-    """Train a byte-level BPE (every string encodes, no <unk>), save it as a fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_tokenizer():
+    """The built-in byte-level BPE, trained on `_corpus()`: a `tokenizers.Tokenizer` (every string
+    encodes, no <unk>; no post-processor, so encoding adds no BOS).  Deterministic; needs only the
+    `tokenizers` package (no torch, no transformers).  The ingress's default tokenizer
+    (`serve_app.tokenizer.default_tokenizer`) and the tiny model's (`build_tokenizer`) are this one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -53,6 +55,15 @@ def build_tokenizer(folder: Path):
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+def build_tokenizer(folder: Path):
+    """Train the byte-level BPE (`train_tokenizer`), add BOS on encode, save it as a fast tokenizer."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_tokenizer()
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]

@@ -3,10 +3,10 @@ replica the prompt length (and the client its ``usage``).
 
 `load_tokenizer(path)` reads a Hugging Face ``tokenizer.json`` (a file, or a model folder holding
 one) with the `tokenizers` package; `default_tokenizer()` trains a small deterministic byte-level
-BPE in-process (the corpus and recipe of `replica.tiny_model`, without transformers/torch; every
-string encodes, no ``<unk>``), cached per process.  `tokenizer_for(engine_config)` picks one for
-the app config: vllm -> ``engine.tokenizer`` or the model's; sim -> ``engine.tokenizer`` if given,
-else the built-in one.
+BPE in-process (`replica.tiny_model.train_tokenizer`: the tiny model's tokenizer, without
+transformers/torch; every string encodes, no ``<unk>``), cached per process.
+`tokenizer_for(engine_config)` picks one for the app config: vllm -> ``engine.tokenizer`` or the
+model's; sim -> ``engine.tokenizer`` if given, else the built-in one.
 
 `Tokenizer.sim_token_text(n)` is the text of the simulated engine's n-th generated token: a fixed
 id (``300 + n % 500``) decoded, so sim output is deterministic text.
@@ -82,18 +82,9 @@ _LOCK = threading.Lock()
 
 @functools.cache
 def _trained() -> Any:
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from replica.tiny_model import train_tokenizer  # no torch or transformers at import
 
-    from replica.tiny_model import SPECIAL_TOKENS, TOKENIZER_VOCAB, UNK, _corpus  # no torch at import
-
-    tok = HFTokenizer(models.BPE(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    return tok
+    return train_tokenizer()
 
 
 def default_tokenizer() -> Tokenizer:
