@@ -1,27 +1,22 @@
 """The replica as a Ray Serve deployment: one engine per replica (one GPU in production).
 
-`LLMReplica` is a plain class; `serve_app` wraps it with `serve.deployment(...)` options from the
-app config.  Its engine (``backend``):
+`LLMReplica` is a plain class; `serve_app.app` wraps it with `serve.deployment(...)` options from
+the app config.  It holds one `replica.backend.ReplicaBackend` (``backend``):
 
-- ``"sim"`` (the embedded default): `replica.sim.realtime.RealtimeSimEngine`, the same pure
-  scheduling policy and a GPU cost profile, tokens at that GPU's pace (no model, no GPU);
+- ``"sim"`` (the embedded default): `replica.sim.backend.SimBackend`, the same pure scheduling
+  policy and a GPU cost profile, tokens at that GPU's pace (no model, no GPU);
 - ``"vllm"``: `replica.vllm_backend.VLLMBackend`, vLLM ``AsyncLLM`` with the policy scheduler
   class (`replica.vllm_scheduler`) plugged in as ``scheduler_cls``; ``engine_kwargs`` are vLLM's
   engine arguments (`serve_app.config.VLLMEngineConfig.engine_kwargs()`).
 
-Requests arrive through a DeploymentHandle (so the router sees tier and prompt length):
-
-    {"request_id": str, "prompt_len": int, "prompt_token_ids": list[int] (vllm: required),
-     "max_tokens": int, "tier": str, "tbt_slo_s": float, "tier_rank": int, "ttft_target_s": float,
-     "sampling": {"temperature", "top_p", "seed", "stop", ...} (vllm only)}
-
-`generate` streams ``{"index": n, "text": str | None, "finished": bool, "finish_reason": str | None}``
-(``index``: completion tokens so far; ``text``: the new text, None from the sim backend, whose
-tokens have no text).  Cancelling the stream (client gone) aborts the engine request.
-`record_routing_stats()` returns the feedback snapshot (`replica.slo`) that Serve pushes to
-every router; the same snapshot sets the replica's Prometheus gauges (`serve_app.metrics`:
-queued prefill tokens, waiting/running requests, decodes per tier, KV use, mean batch time), also
-refreshed by a background task every ``TIERED_METRICS_PERIOD_S`` (5 s) when Serve polls less often.
+Requests arrive through a DeploymentHandle (so the router sees them) as a
+`replica.contract.GenerateRequest`; `generate` streams `replica.contract.StreamChunk` s.
+Cancelling the stream (client gone) aborts the engine request.  ``tiers`` are the deployment's
+tiers (`replica.contract.TierFacts`): the engine tracks SLOs per tier from the start (each request
+carries its own tier facts too).  `record_routing_stats()` returns the feedback snapshot
+(`replica.slo`) that Serve pushes to every router; the same snapshot sets the replica's
+Prometheus gauges (`replica.metrics`), also refreshed by a background task every
+``TIERED_METRICS_PERIOD_S`` (5 s) when Serve polls less often.
 """
 
 from __future__ import annotations
@@ -30,103 +25,57 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from replica.backend import ReplicaBackend
+from replica.contract import GenerateRequest, StreamChunk, TierFacts
+from replica.cost.profile import DEFAULT_COST_PROFILE
+from replica.metrics import REPLICA_METRICS_PERIOD_S, ReplicaMetrics
 from replica.sim.engine import PAPER_KV_BLOCKS
-from replica.tiers import TierMix, TierSpec
+from replica.tiers import paper_tiers
 
 logger = logging.getLogger("ray.serve")
-
-DEFAULT_TIERS = {"premium": {"tbt_slo_s": 0.1, "ttft_target_s": 0.5, "rank": 0},
-                 "free": {"tbt_slo_s": 0.5, "ttft_target_s": 0.5, "rank": 1}}
-
-
-def tier_mix_of(tiers: dict[str, dict[str, float]]) -> TierMix:
-    """The serving tiers ``{name: {tbt_slo_s, ttft_target_s, rank}}`` as a TierMix (uniform
-    shares: serving never draws tiers)."""
-    ranked = all("rank" in t for t in tiers.values())
-    return TierMix(tiers=[
-        TierSpec(name=name, tbt_slo_s=t["tbt_slo_s"], ttft_target_s=t.get("ttft_target_s", 0.5),
-                 share=1.0 / len(tiers), rank=int(t["rank"]) if ranked else None)
-        for name, t in tiers.items()])
-
-
-class SimBackend:
-    """The real-time simulated engine behind the replica interface."""
-
-    def __init__(self, *, scheduler: str, cost_profile: str, kv_blocks: int, time_scale: float,
-                 tiers: TierMix, replica_id: str) -> None:
-        from replica.cost.profile import load_profile
-        from replica.policy import make_policy
-        from replica.sim.realtime import RealtimeSimEngine
-        from replica.slo import SLOTracker
-
-        self.replica_id = replica_id
-        slo = SLOTracker({t.name: t.tbt_slo_s for t in tiers.tiers}, {t.name: t.ttft_target_s for t in tiers.tiers})
-        self.engine = RealtimeSimEngine(make_policy(scheduler), load_profile(cost_profile),
-                                        num_kv_blocks=kv_blocks, time_scale=time_scale, slo=slo)
-
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        max_tokens = int(request["max_tokens"])
-        async for n in self.engine.generate(
-            str(request["request_id"]),
-            prompt_len=int(request["prompt_len"]),
-            max_tokens=max_tokens,
-            tier=str(request.get("tier", "default")),
-            tbt_slo_s=float(request.get("tbt_slo_s", 0.5)),
-            tier_rank=int(request.get("tier_rank", 0)),
-            ttft_target_s=float(request.get("ttft_target_s", 0.5)),
-        ):
-            finished = n >= max_tokens
-            yield {"index": n, "text": None, "finished": finished, "finish_reason": "length" if finished else None}
-
-    async def snapshot(self) -> dict[str, Any]:
-        return self.engine.snapshot(self.replica_id)
-
-    @property
-    def num_unfinished(self) -> int:
-        return self.engine.num_unfinished
-
-    async def check_health(self) -> None:
-        task = self.engine._loop_task
-        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
-            raise RuntimeError(f"engine loop died: {task.exception()!r}")
 
 
 class LLMReplica:
     def __init__(
         self,
         backend: str = "sim",
-        scheduler: str | None = "slai-spf-dynamic",
-        cost_profile: str = "rtx6000ada-mistral7b",
+        *,
+        tiers: Sequence[TierFacts] | None = None,
+        replica_id: str | None = None,
+        scheduler: str | None = None,
+        cost_profile: str = DEFAULT_COST_PROFILE,
         kv_blocks: int = PAPER_KV_BLOCKS,
         time_scale: float = 1.0,
-        tiers: dict[str, dict[str, float]] | None = None,
-        replica_id: str | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        mix = tier_mix_of(tiers or DEFAULT_TIERS)
+        """``scheduler``: a preset of `replica.policy` (None: the sim backend's default, or the
+        vLLM scheduler class's own preset); ``cost_profile``, ``kv_blocks``, ``time_scale``: the
+        sim backend's; ``engine_kwargs``: the vLLM backend's."""
+        facts = list(tiers) if tiers is not None else [t.facts() for t in paper_tiers().tiers]
         self.replica_id = replica_id or os.environ.get("REPLICA_ID") or f"replica-{uuid.uuid4().hex[:8]}"
+        self.backend: ReplicaBackend
         if backend == "sim":
-            self.backend: Any = SimBackend(scheduler=scheduler or "slai-spf-dynamic", cost_profile=cost_profile,
-                                           kv_blocks=kv_blocks, time_scale=time_scale, tiers=mix,
-                                           replica_id=self.replica_id)
+            from replica.sim.backend import SimBackend
+
+            sim_options: dict[str, Any] = {"scheduler": scheduler} if scheduler is not None else {}
+            self.backend = SimBackend(tiers=facts, replica_id=self.replica_id, cost_profile=cost_profile,
+                                      kv_blocks=kv_blocks, time_scale=time_scale, **sim_options)
         elif backend == "vllm":
             if not engine_kwargs or "model" not in engine_kwargs:
                 raise ValueError("the vllm backend needs engine_kwargs with a model")
             from replica.vllm_backend import VLLMBackend
 
-            self.backend = VLLMBackend(dict(engine_kwargs), tiers=mix, scheduler=scheduler,
+            self.backend = VLLMBackend(dict(engine_kwargs), tiers=facts, scheduler=scheduler,
                                        replica_id=self.replica_id)
         else:
             raise ValueError(f"unknown backend {backend!r}: expected 'sim' or 'vllm'")
-        from serve_app.metrics import ReplicaMetrics
-
         self._metrics = ReplicaMetrics.create()  # None when TIERED_METRICS=0
         self._metrics_task: asyncio.Task | None = None
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
         if self._metrics_task is None and self._metrics is not None:
             self._start_metrics_task()
         async for chunk in self.backend.generate(request):
@@ -152,8 +101,6 @@ class LLMReplica:
 
     async def _metrics_loop(self) -> None:
         """Refresh the gauges every period unless record_routing_stats just did."""
-        from serve_app.metrics import REPLICA_METRICS_PERIOD_S
-
         period = REPLICA_METRICS_PERIOD_S
         while True:
             await asyncio.sleep(period)
@@ -190,6 +137,6 @@ class LLMReplica:
         await self.backend.check_health()
 
     def __del__(self) -> None:
-        shutdown = getattr(getattr(self, "backend", None), "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        backend = getattr(self, "backend", None)  # None if __init__ failed before building it
+        if backend is not None:
+            backend.shutdown()

@@ -2,7 +2,7 @@
 
 Both mechanisms feed it: the vLLM scheduler adapter (wall clock) and the simulated engine. It
 keeps, per tier, the TTFTs and TBT gaps of a sliding time window and counts SLO misses, and it
-builds the small, versioned snapshot a replica reports to the routers (DESIGN.md): what is
+builds the small, versioned snapshot a replica reports to the routers: what is
 queued (prefill tokens and their prompt-length histogram), decodes running per tier, KV use,
 mean batch time, per-tier TTFT/TBT quantiles and misses over the window.
 """
@@ -69,16 +69,20 @@ class SLOTracker:
         self.window_s = window_s
         self.tiers: dict[str, _TierWindow] = {name: _TierWindow() for name in self.tbt_slo_s}
 
-    def _tier(self, name: str) -> _TierWindow:
-        w = self.tiers.get(name)
+    def _tier(self, r: Request) -> _TierWindow:
+        """The window of ``r``'s tier; a tier first seen in a request is tracked from then on, with
+        the TBT SLO and TTFT target the request carries (each request carries its tier's facts)."""
+        w = self.tiers.get(r.tier)
         if w is None:
-            w = self.tiers[name] = _TierWindow()
+            w = self.tiers[r.tier] = _TierWindow()
+            self.tbt_slo_s.setdefault(r.tier, r.tbt_slo_s)
+            self.ttft_target_s.setdefault(r.tier, r.ttft_target_s)
         return w
 
     def on_tokens(self, reqs: Iterable[Request], t: float) -> None:
         """Each request emitted a token at `t`; call before updating `last_token_s`."""
         for r in reqs:
-            w = self._tier(r.tier)
+            w = self.tiers.get(r.tier) or self._tier(r)
             w.tokens += 1
             if r.last_token_s is None:
                 ttft = t - r.arrival_s

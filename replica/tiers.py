@@ -20,7 +20,10 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["SHARE_TOLERANCE", "TierError", "TierMix", "TierSpec", "paper_tiers", "parse_tiers"]
+from replica.contract import DEFAULT_TTFT_TARGET_S, TierFacts
+
+__all__ = ["DEFAULT_TTFT_TARGET_S", "SHARE_TOLERANCE", "TierError", "TierMix", "TierSpec", "paper_tiers",
+           "parse_tiers"]
 
 SHARE_TOLERANCE = 1e-6
 _FILE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -37,9 +40,16 @@ class TierSpec(BaseModel):
 
     name: str = Field(min_length=1)
     tbt_slo_s: float = Field(gt=0)
-    ttft_target_s: float = Field(default=0.5, gt=0)
+    ttft_target_s: float = Field(default=DEFAULT_TTFT_TARGET_S, gt=0)
     share: float = Field(gt=0, le=1)
     rank: int | None = Field(default=None, ge=0)
+
+    def facts(self) -> TierFacts:
+        """This tier as a request carries it (`replica.contract.TierFacts`); needs a rank (every
+        tier of a `TierMix` has one)."""
+        if self.rank is None:
+            raise ValueError(f"tier {self.name!r} has no rank yet (ranks are assigned by TierMix)")
+        return TierFacts(name=self.name, tbt_slo_s=self.tbt_slo_s, ttft_target_s=self.ttft_target_s, rank=self.rank)
 
     @field_validator("name")
     @classmethod

@@ -3,76 +3,71 @@
 `VLLMBackend(engine_kwargs, tiers=..., scheduler=..., replica_id=...)` builds the engine from
 `AsyncEngineArgs(**engine_kwargs)` (`serve_app.config.VLLMEngineConfig.engine_kwargs()`; the
 ``scheduler_cls`` there is `replica.vllm_scheduler.SLAIScheduler` by default).  The engine core
-runs in its own process (AsyncLLM always does); the scheduler there reads its tiers, preset and
-replica id from environment variables that are set here before the engine starts
-(``REPLICA_TIERS`` as inline JSON, ``REPLICA_SCHEDULER``, ``REPLICA_ID``).
+runs in its own process (AsyncLLM always does); what its scheduler needs to know of the replica
+(the preset, the replica id, the deployment's tiers) travels in vLLM's own engine configuration,
+``additional_config["tiered_llm"]`` (`replica.vllm_scheduler.REPLICA_CONFIG_KEY`), and each
+request's tier facts in its ``SamplingParams.extra_args``.
 
-Requests come as the replica's request dict (see `replica.deployment`) with the ingress's token
-ids; the tier and its TBT SLO travel to the scheduler in ``SamplingParams.extra_args``.
-`generate` yields ``{"index", "text", "finished", "finish_reason"}`` per engine output (deltas;
-``index`` counts completion tokens so far).  Cancelling the generator (client gone) makes
-AsyncLLM abort the engine request.
+`generate` takes a `replica.contract.GenerateRequest` (the ingress's token ids; sampling fields
+mapped by `SamplingFields.to_vllm`) and yields a `StreamChunk` per engine output (deltas).
+Cancelling the generator (client gone) makes AsyncLLM abort the engine request.
 
-The feedback snapshot is read out of the engine-core process with an EngineCore utility call,
-``replica_feedback_snapshot``, which `replica.vllm_scheduler` adds to vLLM's EngineCore when it
-is imported there (it returns the scheduler's `feedback_snapshot()`).
+The feedback snapshot is read out of the engine-core process with an EngineCore utility call
+(`replica.vllm_scheduler.FEEDBACK_UTILITY`, which that module adds to vLLM's EngineCore when the
+engine imports it to resolve ``scheduler_cls``).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from replica.tiers import TierMix
-
-FEEDBACK_UTILITY = "replica_feedback_snapshot"  # added to EngineCore by replica.vllm_scheduler
-
-# OpenAI request fields passed on to vLLM's SamplingParams (others are ignored by the ingress)
-SAMPLING_FIELDS = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "ignore_eos")
+from replica.backend import ReplicaBackend
+from replica.contract import GenerateRequest, StreamChunk, TierFacts
+from replica.vllm_scheduler import FEEDBACK_UTILITY, REPLICA_CONFIG_KEY, replica_engine_config
 
 
-class VLLMBackend:
-    def __init__(self, engine_kwargs: dict[str, Any], *, tiers: TierMix, scheduler: str | None,
+class VLLMBackend(ReplicaBackend):
+    def __init__(self, engine_kwargs: dict[str, Any], *, tiers: Sequence[TierFacts], scheduler: str | None,
                  replica_id: str) -> None:
-        os.environ["REPLICA_TIERS"] = tiers.model_dump_json()
-        os.environ["REPLICA_ID"] = replica_id
-        if scheduler is not None:
-            os.environ["REPLICA_SCHEDULER"] = scheduler
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.tiers = tiers
+        kwargs = dict(engine_kwargs)
+        additional = dict(kwargs.pop("additional_config", None) or {})
+        additional[REPLICA_CONFIG_KEY] = replica_engine_config(scheduler=scheduler, replica_id=replica_id,
+                                                               tiers=tiers)
         self.replica_id = replica_id
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, additional_config=additional))
         self.max_model_len = int(self.engine.model_config.max_model_len)
         self._num_unfinished = 0
 
-    def sampling_params(self, request: dict[str, Any]) -> Any:
+    @staticmethod
+    def sampling_params(request: GenerateRequest) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        sampling = {k: v for k, v in (request.get("sampling") or {}).items() if k in SAMPLING_FIELDS and v is not None}
         return SamplingParams(
-            max_tokens=int(request["max_tokens"]),
+            max_tokens=request.max_tokens,
             output_kind=RequestOutputKind.DELTA,
-            extra_args={"tier": str(request["tier"]), "tbt_slo_s": float(request["tbt_slo_s"])},
-            **sampling,
+            extra_args=request.tier.to_extra_args(),
+            **request.sampling.to_vllm(),
         )
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        token_ids = [int(t) for t in request["prompt_token_ids"]]
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
         params = self.sampling_params(request)
         n = 0
         self._num_unfinished += 1
         try:
-            async for out in self.engine.generate({"prompt_token_ids": token_ids}, params,
-                                                  request_id=str(request["request_id"])):
+            async for out in self.engine.generate({"prompt_token_ids": list(request.prompt_token_ids)}, params,
+                                                  request_id=request.request_id):
                 c = out.outputs[0]
                 n += len(c.token_ids)
-                yield {"index": n, "text": c.text, "finished": out.finished,
-                       "finish_reason": c.finish_reason if out.finished else None,
-                       "stop_reason": c.stop_reason if out.finished and isinstance(c.stop_reason, str) else None}
+                if out.finished:  # vLLM sets the finish reason of a finished output
+                    stop = c.stop_reason if isinstance(c.stop_reason, str) else None
+                    yield StreamChunk(num_tokens=n, text=c.text, finish_reason=c.finish_reason, stop_reason=stop)
+                else:
+                    yield StreamChunk(num_tokens=n, text=c.text)
         finally:
             self._num_unfinished -= 1
 
@@ -92,4 +87,3 @@ class VLLMBackend:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
-

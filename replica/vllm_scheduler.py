@@ -4,8 +4,8 @@ Plug in with `scheduler_cls="replica.vllm_scheduler.SLAIScheduler"` (or `--sched
 `SLAIAsyncScheduler` keeps vLLM's asynchronous scheduling; `SLAIPlusScheduler` /
 `SLAIPlusAsyncScheduler` run slai-plus (beyond the paper; vLLM's ``max_num_batched_tokens`` is
 then its adaptive budget's ceiling, the base budget stays 512). Other presets:
-`PolicyScheduler` / `PolicyAsyncScheduler` run the preset named by the environment variable
-`REPLICA_SCHEDULER` (any name in `replica.policy.available_schedulers()`).
+`PolicyScheduler` / `PolicyAsyncScheduler` run the preset named in the engine config (below; any
+name in `replica.policy.available_schedulers()`).
 
 The policy decides, vLLM executes. Every step:
 1. vLLM's requests are mirrored into the pure state (`replica.policy.state`): running requests
@@ -23,21 +23,31 @@ After the model ran, `update_from_output()` measures the iteration wall time (en
 `schedule()` to the start of `update_from_output()`), updates the mirror and calls the
 policy's `on_batch_end`.
 
-Per-request metadata comes in `SamplingParams.extra_args` (`vllm_xargs` over HTTP):
-`{"tier": NAME, "tbt_slo_s": SECONDS}`. A missing tier is the default tier (the most lenient
-one of `REPLICA_TIERS`, default the paper's premium/free); an unknown tier or a bad `tbt_slo_s`
-finishes that request at once (finish reason "abort", the reason in `stop_reason`, a log line);
-the engine loop and the other requests go on.
+Configuration, in vLLM's own engine config (no environment variables):
+``additional_config={"tiered_llm": {...}}`` (``--additional-config`` on vLLM's CLI), all optional:
+``scheduler`` (the preset `PolicyScheduler` / `PolicyAsyncScheduler` run; default
+slai-spf-dynamic), ``replica_id`` (named in the feedback snapshot), ``tiers`` (a list of
+``{"name", "tbt_slo_s", "ttft_target_s", "rank"}``; default the paper's premium/free), and
+``default_tier`` (the tier of a request that names none; default the most lenient).
+`replica_engine_config` builds it.
+
+Per-request metadata comes in `SamplingParams.extra_args` (`vllm_xargs` over vLLM's HTTP API):
+`replica.contract.TierFacts.to_extra_args()` (this app's ingress sends the whole tier:
+``tier``, ``tbt_slo_s``, ``ttft_target_s``, ``tier_rank``), or just ``{"tier": NAME}`` (and
+optionally ``tbt_slo_s``) for a tier of the configured ones.  A missing tier is the default tier;
+an unknown tier or a bad value finishes that request at once (finish reason "abort", the reason in
+`stop_reason`, a log line); the engine loop and the other requests go on.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -46,31 +56,53 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request as VRequest
 from vllm.v1.request import RequestStatus
 
-from replica.tiers import TierMix, paper_tiers, parse_tiers
-from replica.policy import BatchPlan, EngineState, KVCache, Request, make_policy, scheduler_config
-from replica.policy.base import SchedulingPolicy
+from replica.contract import TierFacts, TierMetadataError
+from replica.policy import (DEFAULT_SCHEDULER, BatchPlan, EngineLimits, EngineState, KVCache, Request, SchedulingPolicy,
+                            make_policy)
 from replica.slo import SLOTracker
+from replica.tiers import paper_tiers
 
 logger = logging.getLogger(__name__)
 
 KV_WATERMARK = 0.01
+REPLICA_CONFIG_KEY = "tiered_llm"  # our section of vLLM's additional_config
+FEEDBACK_UTILITY = "replica_feedback_snapshot"  # the EngineCore utility method `_install_feedback_utility` adds
 
 
-class TierMetadataError(ValueError):
-    pass
+def replica_engine_config(*, scheduler: str | None = None, replica_id: str | None = None,
+                          tiers: Sequence[TierFacts] = (), default_tier: str | None = None) -> dict[str, Any]:
+    """Our section of vLLM's ``additional_config`` (JSON-ready; None values left out)."""
+    out: dict[str, Any] = {"scheduler": scheduler, "replica_id": replica_id, "default_tier": default_tier}
+    if tiers:
+        out["tiers"] = [{"name": t.name, "tbt_slo_s": t.tbt_slo_s, "ttft_target_s": t.ttft_target_s,
+                         "rank": t.rank} for t in tiers]
+    return {k: v for k, v in out.items() if v is not None}
 
 
-def resolve_tier(extra_args: dict | None, tiers: TierMix, default_tier: str) -> tuple[str, float, int]:
-    """(tier, tbt_slo_s, rank) from a request's extra_args; raises TierMetadataError."""
-    extra = extra_args or {}
-    name = extra.get("tier", default_tier)
-    if not isinstance(name, str) or name not in tiers.names:
-        raise TierMetadataError(f"unknown tier {name!r}; known tiers: {', '.join(tiers.names)}")
-    spec = tiers.by_name(name)
-    slo = extra.get("tbt_slo_s", spec.tbt_slo_s)
-    if isinstance(slo, bool) or not isinstance(slo, (int, float)) or not math.isfinite(slo) or slo <= 0:
-        raise TierMetadataError(f"tbt_slo_s must be a positive number of seconds, got {slo!r}")
-    return name, float(slo), int(spec.rank)
+def _replica_settings(vllm_config: Any) -> tuple[str | None, str | None, dict[str, TierFacts], str | None]:
+    """(scheduler, replica_id, tiers by name, default tier) from ``additional_config``; ValueError
+    naming the setting when it is malformed."""
+    additional = getattr(vllm_config, "additional_config", None) or {}
+    ours = additional.get(REPLICA_CONFIG_KEY, {}) if isinstance(additional, dict) else {}
+    if not isinstance(ours, dict):
+        raise ValueError(f"additional_config[{REPLICA_CONFIG_KEY!r}] must be a mapping, got {ours!r}")
+    unknown = sorted(set(ours) - {"scheduler", "replica_id", "tiers", "default_tier"})
+    if unknown:
+        raise ValueError(f"additional_config[{REPLICA_CONFIG_KEY!r}]: unknown setting(s) {', '.join(unknown)}")
+    tiers_in = ours.get("tiers")
+    if tiers_in is None:
+        tiers = [t.facts() for t in paper_tiers().tiers]
+    else:
+        try:
+            tiers = [TierFacts(**t) for t in tiers_in]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"additional_config[{REPLICA_CONFIG_KEY!r}].tiers: {e}") from None
+    by_name = {t.name: t for t in tiers}
+    default = ours.get("default_tier")
+    if default is not None and default not in by_name:
+        raise ValueError(f"additional_config[{REPLICA_CONFIG_KEY!r}].default_tier {default!r} is not one of the "
+                         f"tiers ({', '.join(by_name)})")
+    return ours.get("scheduler"), ours.get("replica_id"), by_name, default
 
 
 @dataclass
@@ -85,37 +117,29 @@ class StepRecord:
 class PolicySchedulerMixin:
     """Carries out `self.policy`'s plans inside a vLLM V1 scheduler (see the module docstring)."""
 
-    preset: str | None = None  # None: from $REPLICA_SCHEDULER
+    preset: str | None = None  # None: additional_config's "scheduler" (default slai-spf-dynamic)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        name = self.preset or os.environ.get("REPLICA_SCHEDULER", "slai-spf-dynamic")
-        tiers_text = os.environ.get("REPLICA_TIERS", "")
-        self.tiers = parse_tiers(tiers_text) if tiers_text else paper_tiers()
-        self.default_tier = os.environ.get("REPLICA_DEFAULT_TIER") or max(
-            self.tiers.tiers, key=lambda t: t.rank
-        ).name
+        scheduler, replica_id, self.tiers, default_tier = _replica_settings(self.vllm_config)
+        if self.preset is not None and scheduler is not None and scheduler != self.preset:
+            raise ValueError(f"{type(self).__name__} runs {self.preset}, but additional_config asks for "
+                             f"{scheduler}: use replica.vllm_scheduler.PolicyScheduler (or PolicyAsyncScheduler) "
+                             "to pick the preset there")
+        name = self.preset or scheduler or DEFAULT_SCHEDULER
+        self.default_tier = default_tier or max(self.tiers.values(), key=lambda t: t.rank).name
         self.configured_max_tokens = self.max_num_scheduled_tokens
-        budgets = {"token_budget": self.configured_max_tokens}
-        preset = scheduler_config(name)
-        if preset.kind == "slai-plus":
-            # vLLM's max_num_batched_tokens is the most one step may hold (its buffers are sized
-            # by it): the adaptive budget's ceiling; the base budget is the preset's, below it
-            budgets = {"token_budget": min(preset.token_budget, self.configured_max_tokens),
-                       "max_token_budget": self.configured_max_tokens}
-        self.policy: SchedulingPolicy = make_policy(
-            name,
-            **budgets,
-            max_active_requests=self.max_num_active_reqs,
-            max_decodes=min(128, self.max_num_running_reqs),
-            max_prefill_tokens=self.configured_max_tokens,
-        )
+        # vLLM's max_num_batched_tokens is the most one step may hold (its buffers are sized by
+        # it); EngineLimits makes it the budget, or the ceiling of an adaptive one (slai-plus, RAD)
+        self.policy: SchedulingPolicy = make_policy(name, engine=EngineLimits(
+            max_batch_tokens=self.configured_max_tokens, max_active_requests=self.max_num_active_reqs,
+            max_decodes=self.max_num_running_reqs))
         pool = self.kv_cache_manager.block_pool
         self.kv = KVCache(pool.num_gpu_blocks - 1, self.block_size, KV_WATERMARK)  # block 0 is vLLM's null block
         self.mirrors: dict[str, Request] = {}
-        self.slo = SLOTracker({t.name: t.tbt_slo_s for t in self.tiers.tiers},
-                              {t.name: t.ttft_target_s for t in self.tiers.tiers})
-        self.replica_id = os.environ.get("REPLICA_ID", f"replica-{os.getpid()}")
+        self.slo = SLOTracker({t.name: t.tbt_slo_s for t in self.tiers.values()},
+                              {t.name: t.ttft_target_s for t in self.tiers.values()})
+        self.replica_id = replica_id or f"replica-{os.getpid()}"
         self._rejected: list[EngineCoreOutput] = []
         self._rejected_clients: list[int] = []
         self._in_flight: deque[tuple[BatchPlan, float]] = deque()
@@ -128,7 +152,8 @@ class PolicySchedulerMixin:
         super().add_request(request)
         sp = request.sampling_params
         try:
-            tier, slo, rank = resolve_tier(sp.extra_args if sp is not None else None, self.tiers, self.default_tier)
+            tier = TierFacts.from_extra_args(sp.extra_args if sp is not None else None, self.tiers,
+                                             self.default_tier)
         except TierMetadataError as e:
             # finish it (freeing nothing: it never ran) and tell its client in the next output
             logger.warning("request %s rejected: %s", request.request_id, e)
@@ -147,10 +172,10 @@ class PolicySchedulerMixin:
             req_id=request.request_id,
             prompt_len=request.num_prompt_tokens,
             arrival_s=request.arrival_time,
-            tier=tier,
-            tbt_slo_s=slo,
-            tier_rank=rank,
-            ttft_target_s=self.tiers.by_name(tier).ttft_target_s,
+            tier=tier.name,
+            tbt_slo_s=tier.tbt_slo_s,
+            tier_rank=tier.rank,
+            ttft_target_s=tier.ttft_target_s,
         )
 
     # --- the mirror ----------------------------------------------------------------------------
@@ -256,7 +281,7 @@ class PolicySchedulerMixin:
         mean batch time, per-tier TTFT/TBT over the last minute."""
         state = self.mirror_state(time.perf_counter())
         state.kv = self._kv_now()
-        return self.slo.snapshot(self.replica_id, state, getattr(self.policy, "mean_batch_time_s", 0.0))
+        return self.slo.snapshot(self.replica_id, state, self.policy.mean_batch_time_s)
 
     def _kv_now(self) -> KVCache:
         pool = self.kv_cache_manager.block_pool
@@ -275,13 +300,12 @@ def _install_feedback_utility() -> None:
         return
 
     def replica_feedback_snapshot(self) -> dict | None:
-        snapshot = getattr(self.scheduler, "feedback_snapshot", None)
-        return snapshot() if snapshot is not None else None
+        scheduler = self.scheduler
+        return scheduler.feedback_snapshot() if isinstance(scheduler, PolicySchedulerMixin) else None
 
     setattr(EngineCore, FEEDBACK_UTILITY, replica_feedback_snapshot)
 
 
-FEEDBACK_UTILITY = "replica_feedback_snapshot"  # replica.vllm_backend calls it by this name
 _install_feedback_utility()
 
 
@@ -289,8 +313,8 @@ def _policy_scheduler(name: str, base: type, preset: str | None) -> type:
     return type(name, (PolicySchedulerMixin, base), {"preset": preset, "__module__": __name__})
 
 
-SLAIScheduler = _policy_scheduler("SLAIScheduler", Scheduler, "slai-spf-dynamic")
-SLAIAsyncScheduler = _policy_scheduler("SLAIAsyncScheduler", AsyncScheduler, "slai-spf-dynamic")
+SLAIScheduler = _policy_scheduler("SLAIScheduler", Scheduler, DEFAULT_SCHEDULER)
+SLAIAsyncScheduler = _policy_scheduler("SLAIAsyncScheduler", AsyncScheduler, DEFAULT_SCHEDULER)
 SarathiFCFSScheduler = _policy_scheduler("SarathiFCFSScheduler", Scheduler, "sarathi-fcfs")
 SLAIPlusScheduler = _policy_scheduler("SLAIPlusScheduler", Scheduler, "slai-plus")
 SLAIPlusAsyncScheduler = _policy_scheduler("SLAIPlusAsyncScheduler", AsyncScheduler, "slai-plus")

@@ -3,11 +3,13 @@
 Configure a replica deployment with
 
     RequestRouterConfig(request_router_class="router.ray_router.TierAwareRouter",
-                        request_router_kwargs={"policy": "slo"},
+                        request_router_kwargs={"policy": "slo", "context": RoutingContext(...).as_dict(),
+                                               "options": {...}},
                         request_routing_stats_period_s=1.0)
 
-For every request it reads the routing metadata from the request (the dict the ingress passes
-to `generate`: request_id, tier, tbt_slo_s, tier_rank, prompt_len), every candidate replica's
+(``context`` and ``options``: see `router.policies.registry.make_router_policy`.)  For every
+request it reads the routing metadata (`RoutingRequest.of`) of the `replica.contract.GenerateRequest`
+the ingress passes to `generate`, every candidate replica's
 `routing_stats` (the feedback snapshot its `record_routing_stats()` returned, replica/slo.py),
 and its own in-flight ledger of what it sent since each snapshot; the policy ranks the replicas
 and Serve tries them in that order (one replica per rank). Requests that carry no routing
@@ -19,33 +21,34 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
+from replica.contract import GenerateRequest
 from router.feedback import FeedbackError, ReplicaFeedback, build_views
 from router.ledger import InFlightLedger
-from router.policies.base import RoutingRequest
+from router.policies.base import RoutingContext, RoutingRequest
 from router.policies.registry import make_router_policy
 
 
 def routing_request(pending: PendingRequest | None) -> RoutingRequest | None:
-    """The routing metadata of a pending `generate(request_dict)` call, if it has any."""
+    """The routing metadata of a pending `generate(GenerateRequest)` call (None for calls that
+    carry none, e.g. ``record_routing_stats`` probes)."""
     if pending is None:
         return None
     payload = pending.args[0] if pending.args else pending.kwargs.get("request")
-    if not isinstance(payload, dict) or "prompt_len" not in payload:
-        return None
-    return RoutingRequest(
-        request_id=str(payload.get("request_id", pending.metadata.request_id)),
-        tier=str(payload.get("tier", "default")),
-        tbt_slo_s=float(payload.get("tbt_slo_s", 0.5)),
-        tier_rank=int(payload.get("tier_rank", 99)),  # unknown: the most lenient
-        prompt_len=int(payload["prompt_len"]),
-    )
+    return RoutingRequest.of(payload) if isinstance(payload, GenerateRequest) else None
 
 
 class TierAwareRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, policy: str = "slo", **policy_kwargs: Any) -> None:
-        self.policy = make_router_policy(policy, **policy_kwargs)
+    def initialize_state(self, policy: str = "slo", context: dict[str, Any] | None = None,
+                         options: dict[str, Any] | None = None) -> None:
+        self.policy = make_router_policy(policy, RoutingContext(**context) if context else None, **(options or {}))
         self.ledger = InFlightLedger()
         self._feedback: dict[str, tuple[float, ReplicaFeedback]] = {}
         self._ledger_ids: dict[str, tuple[str, str]] = {}  # Serve's internal id -> (replica, ours)

@@ -64,7 +64,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from router.feedback import ReplicaFeedback
-from router.policies.slo import SLOPolicy, SLOPolicyConfig
+from router.policies import RoutingContext
+from router.policies.slo import SLOPolicy
 from serve_app.config import AdmissionConfig, AppConfig, ServingTier
 
 __all__ = [
@@ -79,7 +80,6 @@ __all__ = [
     "default_max_in_flight",
 ]
 
-DEFAULT_TOKEN_BUDGET = 512  # the router's and SLAI's chunked-prefill budget when the engine sets none
 
 
 # ---------------------------------------------------------------------------------- derived defaults
@@ -295,7 +295,7 @@ class AdmissionPolicy:
     ``ttft_target_s``, as `serve_app.config.AppConfig` resolves them)."""
 
     def __init__(self, tiers: Sequence[ServingTier], config: AdmissionConfig | None = None, *,
-                 max_in_flight: int, token_budget: int = DEFAULT_TOKEN_BUDGET,
+                 max_in_flight: int, token_budget: int | None = None,
                  feedback_period_s: float = 0.25, feedback_timeout_s: float = 1.0) -> None:
         if not tiers:
             raise ValueError("admission needs at least one tier")
@@ -309,13 +309,13 @@ class AdmissionPolicy:
         self.tiers = {t.name: t for t in ordered}
         self.shed_sequence = [t.name for t in ordered]
         self.rules = self._rules(ordered)
-        self._rates = SLOPolicy(SLOPolicyConfig(token_budget=token_budget,
-                                                tier_tbt_slo_s={t.name: t.tbt_slo_s for t in ordered}))
+        # the prefill-rate model of the slo router, built as a router builds it
+        context = RoutingContext(tier_tbt_slo_s={t.name: t.tbt_slo_s for t in ordered}, token_budget=token_budget)
+        self._rates = SLOPolicy(**SLOPolicy.context_options(context))
 
     @classmethod
     def from_app_config(cls, app: AppConfig) -> AdmissionPolicy:
-        budget = getattr(app.engine, "max_num_batched_tokens", None) or DEFAULT_TOKEN_BUDGET
-        return cls(app.tiers, app.admission, max_in_flight=default_max_in_flight(app), token_budget=budget,
+        return cls(app.tiers, app.admission, max_in_flight=default_max_in_flight(app), token_budget=app.token_budget,
                    feedback_period_s=default_feedback_period_s(app),
                    feedback_timeout_s=default_feedback_timeout_s(app))
 

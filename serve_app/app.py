@@ -35,8 +35,8 @@ from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from replica.deployment import LLMReplica
 from serve_app.admission import ingress_max_queued_requests, replica_max_queued_requests
-from serve_app.config import (DEFAULT_CONFIG_PATH, AppConfig, ConfigError, SimEngineConfig, VLLMEngineConfig,
-                              load_config)
+from serve_app.config import (DEFAULT_CONFIG_PATH, SERVE_DEFAULT_ROUTER, AppConfig, ConfigError, SimEngineConfig,
+                              VLLMEngineConfig, load_config)
 from serve_app.ingress import DEFAULT_MAX_CONTEXT_TOKENS, Ingress
 
 __all__ = ["build_app", "build_app_from_config"]
@@ -93,15 +93,10 @@ def model_context_tokens(engine: SimEngineConfig | VLLMEngineConfig) -> int:
 
 
 def router_kwargs(config: AppConfig) -> dict[str, Any]:
-    """The TierAwareRouter's kwargs: the policy name, and what the `slo` policy needs to know of
-    the deployment (each tier's TBT SLO; the replicas' token budget when the config sets it)."""
-    kwargs: dict[str, Any] = {"policy": config.router.policy}
-    if config.router.policy == "slo":
-        kwargs["tier_tbt_slo_s"] = {t.name: t.tbt_slo_s for t in config.tiers}
-        budget = getattr(config.engine, "max_num_batched_tokens", None)
-        if budget is not None:
-            kwargs["token_budget"] = budget
-    return kwargs
+    """The TierAwareRouter's kwargs (`router.ray_router`): the policy name and what a router may
+    know of the deployment (`AppConfig.routing_context`: each tier's TBT SLO, the replicas'
+    token budget when the config sets it), JSON-ready."""
+    return {"policy": config.router.policy, "context": config.routing_context().as_dict()}
 
 
 def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None = None,
@@ -116,7 +111,7 @@ def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None =
     if r.gpus_per_replica:
         actor_options["num_gpus"] = r.gpus_per_replica
     router_options: dict[str, Any] = {}
-    if config.router.policy != "serve-default":
+    if config.router.policy != SERVE_DEFAULT_ROUTER:
         router_options["request_router_config"] = RequestRouterConfig(
             request_router_class=ROUTER_CLASS,
             request_router_kwargs=router_kwargs(config),
@@ -131,8 +126,7 @@ def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None =
         ray_actor_options=actor_options,
         **router_options,
     )
-    tiers = {t.name: {"tbt_slo_s": t.tbt_slo_s, "ttft_target_s": t.ttft_target_s, "rank": t.rank}
-             for t in config.tiers}
+    tiers = [t.facts() for t in config.tiers]
     if isinstance(eng, VLLMEngineConfig):
         replica_app = replicas.bind(backend="vllm", scheduler=eng.scheduler, tiers=tiers,
                                     engine_kwargs=eng.engine_kwargs())

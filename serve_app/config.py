@@ -50,7 +50,12 @@ from pydantic import (
     model_validator,
 )
 
+from replica.contract import DEFAULT_TTFT_TARGET_S, TierFacts
+from replica.cost import DEFAULT_COST_PROFILE, available_profiles
+from replica.policy import DEFAULT_SCHEDULER, available_schedulers
+from replica.sim.engine import PAPER_KV_BLOCKS
 from replica.tiers import TierMix, TierSpec, paper_tiers
+from router.policies import RoutingContext, available_router_policies, normalize_router_name
 from serve_app.yaml_source import FieldError, YAMLReadError, echo_ok, read_yaml, yaml_line
 
 __all__ = [
@@ -77,9 +82,6 @@ DEFAULT_CONFIG_PATH = CONFIGS_DIR / "sim.yaml"
 TIER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # no ':' ',' or spaces: key sources split on them
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$"
-DEFAULT_KV_BLOCKS = 14_733  # replica.sim.engine.PAPER_KV_BLOCKS (checked by a test)
-DEFAULT_COST_PROFILE = "rtx6000ada-mistral7b"
-DEFAULT_SCHEDULER = "slai-spf-dynamic"
 DEFAULT_VLLM_SCHEDULER_CLS = "replica.vllm_scheduler.SLAIScheduler"
 
 
@@ -104,7 +106,7 @@ class ServingTier(_Strict):
 
     name: str = Field(pattern=TIER_NAME_PATTERN, max_length=64)
     tbt_slo_s: float = Field(gt=0, description="time-between-tokens SLO (s)")
-    ttft_target_s: float = Field(default=0.5, gt=0, description="time-to-first-token target (s)")
+    ttft_target_s: float = Field(default=DEFAULT_TTFT_TARGET_S, gt=0, description="time-to-first-token target (s)")
     rank: int | None = Field(default=None, ge=0, description="0 = strictest, scheduled first")
     shed_order: int | None = Field(default=None, ge=0, description="shed in increasing order under overload")
     share: float | None = Field(default=None, gt=0, le=1,
@@ -115,6 +117,11 @@ class ServingTier(_Strict):
         s = share if share is not None else (self.share if self.share is not None else 1.0)
         return TierSpec(name=self.name, tbt_slo_s=self.tbt_slo_s, ttft_target_s=self.ttft_target_s,
                         share=s, rank=self.rank)
+
+    def facts(self) -> TierFacts:
+        """This tier as every request of it carries it to the engine (`replica.contract`); the
+        rank is set once `AppConfig` has validated."""
+        return self.to_spec().facts()
 
 
 def _paper_serving_tiers() -> list[ServingTier]:
@@ -188,7 +195,7 @@ class SimEngineConfig(_Strict):
     cost_profile: str = Field(default=DEFAULT_COST_PROFILE,
                               description="name in replica/cost/profiles or a profile JSON path")
     scheduler: str = Field(default=DEFAULT_SCHEDULER, description="a name in replica.policy.available_schedulers()")
-    kv_blocks: int = Field(default=DEFAULT_KV_BLOCKS, gt=0, description="KV-cache blocks of 16 tokens per replica")
+    kv_blocks: int = Field(default=PAPER_KV_BLOCKS, gt=0, description="KV-cache blocks of 16 tokens per replica")
     time_scale: float = Field(default=1.0, gt=0, description="wall seconds per simulated GPU second")
     tokenizer: str | None = Field(default=None, min_length=1,
                                   description="tokenizer.json (or a folder with one) for the ingress; "
@@ -202,8 +209,6 @@ class SimEngineConfig(_Strict):
     @field_validator("cost_profile")
     @classmethod
     def _known_profile(cls, name: str) -> str:
-        from replica.cost import available_profiles
-
         if _is_path(name):
             if not Path(name).is_file():
                 raise ValueError(f"cost profile file {name} does not exist")
@@ -230,7 +235,8 @@ class VLLMEngineConfig(_Strict):
                                pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$",
                                description="dotted path of the vLLM scheduler class")
     scheduler: str | None = Field(default=None,
-                                  description="preset for PolicyScheduler/PolicyAsyncScheduler (REPLICA_SCHEDULER)")
+                                  description="the preset PolicyScheduler/PolicyAsyncScheduler run (a scheduler "
+                                              "class with its own preset, like SLAIScheduler, refuses another)")
 
     @field_validator("scheduler")
     @classmethod
@@ -238,8 +244,8 @@ class VLLMEngineConfig(_Strict):
         return None if name is None else _check_scheduler(name)
 
     def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for vLLM's engine args (the ones set; ``scheduler`` excluded: it
-        travels as the ``REPLICA_SCHEDULER`` environment variable)."""
+        """Keyword arguments for vLLM's engine args (the ones set; ``scheduler`` excluded: the
+        replica's vLLM backend passes it in vLLM's ``additional_config``, `replica.vllm_backend`)."""
         return self.model_dump(exclude={"backend", "scheduler"}, exclude_none=True)
 
 
@@ -257,15 +263,24 @@ EngineConfig = Annotated[
 ]
 
 
+SERVE_DEFAULT_ROUTER = "serve-default"  # no custom router: Ray Serve's own (power of two choices)
+
+
 class RouterConfig(_Strict):
-    # A routing policy of router.policies.registry (same names, `_` for `-`; the registry tests
-    # check the two lists agree), or serve-default: no custom router, Ray Serve's own (power of
-    # two choices on queue length); a baseline for benchmarks.
-    policy: Literal["slo", "pow2", "round_robin", "least_work", "sita", "serve-default"] = Field(
-        default="slo", description="routing policy: slo (ours), pow2, round_robin, least_work, sita, "
-                                   "or serve-default (Ray Serve's router, no custom one)")
+    policy: str = Field(
+        default="slo", description="routing policy: a name of router.policies.registry (slo: ours; pow2, "
+                                   "round_robin, least_work, sita; '_' or '-'), or serve-default (Ray Serve's "
+                                   "router, no custom one; a baseline for benchmarks)")
     feedback_period_s: float = Field(default=1.0, gt=0, description="replica feedback poll period (s)")
     feedback_timeout_s: float = Field(default=5.0, gt=0, description="timeout of one feedback poll (s)")
+
+    @field_validator("policy")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name != SERVE_DEFAULT_ROUTER and normalize_router_name(name) not in available_router_policies():
+            raise ValueError(f"unknown routing policy {name!r}; choose from "
+                             f"{', '.join([*available_router_policies(), SERVE_DEFAULT_ROUTER])}")
+        return name
 
 
 class HttpConfig(_Strict):
@@ -448,6 +463,16 @@ class AppConfig(_Strict):
         raise KeyError(f"unknown tier {name!r}; tiers are {', '.join(self.tier_names)}")
 
     @property
+    def token_budget(self) -> int | None:
+        """The replicas' tokens per iteration when the config sets it (vLLM's
+        ``max_num_batched_tokens``); None: the scheduler preset's."""
+        return self.engine.max_num_batched_tokens if isinstance(self.engine, VLLMEngineConfig) else None
+
+    def routing_context(self) -> RoutingContext:
+        """What a router may know of this deployment (`router.policies.RoutingContext`)."""
+        return RoutingContext(tier_tbt_slo_s={t.name: t.tbt_slo_s for t in self.tiers}, token_budget=self.token_budget)
+
+    @property
     def strictest(self) -> ServingTier:
         return min(self.tiers, key=lambda t: t.rank or 0)
 
@@ -475,8 +500,6 @@ class AppConfig(_Strict):
 
 
 def _check_scheduler(name: str) -> str:
-    from replica.policy import available_schedulers
-
     if name not in available_schedulers():
         raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(available_schedulers())}")
     return name

@@ -68,11 +68,9 @@ Serve polls less often.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from array import array
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -83,21 +81,14 @@ __all__ = [
     "tier_slos",
 ]
 
+from replica.metrics import (PREFIX, REPLICA_METRICS, REPLICA_METRICS_PERIOD_S, Factory, MetricSpec,
+                             ReplicaMetrics, metric_spec, metrics_enabled, ray_factory)
+
 logger = logging.getLogger("ray.serve")
 
-PREFIX = "ray_"  # Ray's Prometheus exporter prefixes every custom metric
 FLUSH_EVERY = 32  # TBT gaps buffered per request before they go to the histogram
 
 
-def _period_from_env(default: float = 5.0) -> float:
-    try:
-        value = float(os.environ.get("TIERED_METRICS_PERIOD_S", default))
-    except ValueError:
-        return default
-    return value if value > 0 else default
-
-
-REPLICA_METRICS_PERIOD_S = _period_from_env()  # the replica's gauge refresh period when Serve polls less often
 UNKNOWN_TIER = "unknown"  # the tier label of requests rejected before a key resolved a tier
 
 # Bucket edges that resolve the SLOs: the paper's TBT SLOs (0.1 s premium, 0.5 s free) and the
@@ -110,69 +101,33 @@ TBT_BOUNDARIES_S = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.125,
 OUTCOMES = ("admitted", "rejected", "shed")
 REJECTION_REASONS = ("unauthorized", "invalid", "too_large", "context", "overload")
 FINISH_STATUSES = ("completed", "cancelled", "aborted", "error")
-SLO_KINDS = ("ttft", "tbt")
 
 
-@dataclass(frozen=True)
-class MetricSpec:
-    name: str  # as defined; Prometheus sees PREFIX + name
-    kind: str  # "counter" | "gauge" | "histogram"
-    description: str
-    tag_keys: tuple[str, ...] = ()
-    unit: str = "1"
-    where: str = "ingress"  # "ingress" | "replica"
-    boundaries: tuple[float, ...] | None = None
-
-    @property
-    def exported(self) -> str:
-        return PREFIX + self.name
-
-
-def _spec(name: str, kind: str, description: str, tag_keys: tuple[str, ...] = (), unit: str = "1",
-          where: str = "ingress", boundaries: tuple[float, ...] | None = None) -> MetricSpec:
-    return MetricSpec(name, kind, description, tag_keys, unit, where, boundaries)
-
-
-TTFT = _spec("tiered_ttft_seconds", "histogram",
+TTFT = metric_spec("tiered_ttft_seconds", "histogram",
              "Time to first token: request arrival at the ingress to its first token chunk.",
              ("tier",), "seconds", boundaries=TTFT_BOUNDARIES_S)
-TBT = _spec("tiered_tbt_seconds", "histogram",
+TBT = metric_spec("tiered_tbt_seconds", "histogram",
             "Time between consecutive tokens of a request, as the chunks reach the ingress.",
             ("tier",), "seconds", boundaries=TBT_BOUNDARIES_S)
-SLO_MISSES = _spec("tiered_slo_misses_total", "counter",
+SLO_MISSES = metric_spec("tiered_slo_misses_total", "counter",
                    "SLO misses seen at the ingress: kind=ttft (TTFT over the tier's target), "
                    "kind=tbt (token gaps over the tier's TBT SLO).", ("tier", "kind"))
-REQUESTS = _spec("tiered_requests_total", "counter",
+REQUESTS = metric_spec("tiered_requests_total", "counter",
                  "Generation requests by admission outcome: admitted, rejected (4xx), shed (overload).",
                  ("tier", "outcome"))
-REJECTIONS = _spec("tiered_request_rejections_total", "counter",
+REJECTIONS = metric_spec("tiered_request_rejections_total", "counter",
                    "Rejected or shed generation requests by reason: unauthorized, invalid, too_large, "
                    "context, overload.", ("tier", "reason"))
-FINISHED = _spec("tiered_requests_finished_total", "counter",
+FINISHED = metric_spec("tiered_requests_finished_total", "counter",
                  "Admitted requests by how they ended: completed, cancelled (client gone), aborted "
                  "(engine abort), error.", ("tier", "status"))
-GOODPUT = _spec("tiered_goodput_requests_total", "counter",
+GOODPUT = metric_spec("tiered_goodput_requests_total", "counter",
                 "Completed requests that met their tier's SLOs (TTFT within target, no TBT gap over the SLO).",
                 ("tier",))
-TOKENS = _spec("tiered_generated_tokens_total", "counter", "Completion tokens streamed to clients.",
+TOKENS = metric_spec("tiered_generated_tokens_total", "counter", "Completion tokens streamed to clients.",
                ("tier",), "tokens")
-R_PREFILL = _spec("tiered_replica_waiting_prefill_tokens", "gauge",
-                  "Prompt tokens queued for prefill on the replica (waiting and partly prefilled requests).",
-                  unit="tokens", where="replica")
-R_WAITING = _spec("tiered_replica_waiting_requests", "gauge", "Requests waiting on the replica.", where="replica")
-R_RUNNING = _spec("tiered_replica_running_requests", "gauge", "Requests running on the replica.", where="replica")
-R_DECODES = _spec("tiered_replica_running_decodes", "gauge", "Running decodes on the replica per tier.",
-                  ("tier",), where="replica")
-R_KV = _spec("tiered_replica_kv_usage_ratio", "gauge", "Fraction of the replica's KV-cache blocks in use.",
-             unit="ratio", where="replica")
-R_BATCH = _spec("tiered_replica_mean_batch_time_seconds", "gauge", "The replica scheduler's mean iteration time.",
-                unit="seconds", where="replica")
-R_MISSES = _spec("tiered_engine_slo_misses_total", "counter",
-                 "SLO misses counted by the replica's engine at token emission (kind=ttft or tbt).",
-                 ("tier", "kind"), where="replica")
-
-METRICS: tuple[MetricSpec, ...] = (TTFT, TBT, SLO_MISSES, REQUESTS, REJECTIONS, FINISHED, GOODPUT, TOKENS,
-                                   R_PREFILL, R_WAITING, R_RUNNING, R_DECODES, R_KV, R_BATCH, R_MISSES)
+INGRESS_METRICS: tuple[MetricSpec, ...] = (TTFT, TBT, SLO_MISSES, REQUESTS, REJECTIONS, FINISHED, GOODPUT, TOKENS)
+METRICS: tuple[MetricSpec, ...] = INGRESS_METRICS + REPLICA_METRICS  # every metric of the app
 METRICS_BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
 
 
@@ -185,10 +140,6 @@ def exported_series_names() -> set[str]:
         else:
             out.add(m.exported)
     return out
-
-
-def metrics_enabled() -> bool:
-    return os.environ.get("TIERED_METRICS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def rejection_reason(status_code: int, code: str | None = None) -> str:
@@ -205,23 +156,6 @@ def rejection_reason(status_code: int, code: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------- metric objects
-
-Factory = Callable[[MetricSpec], Any]
-
-
-def ray_factory(spec: MetricSpec) -> Any:
-    """A `ray.serve.metrics` object for `spec` (Serve adds its deployment/replica/app tags)."""
-    from ray.serve import metrics as sm
-
-    if spec.kind == "counter":
-        return sm.Counter(spec.name, description=spec.description, tag_keys=spec.tag_keys or None)
-    if spec.kind == "gauge":
-        return sm.Gauge(spec.name, description=spec.description, tag_keys=spec.tag_keys or None)
-    if spec.kind == "histogram":
-        return sm.Histogram(spec.name, description=spec.description, boundaries=list(spec.boundaries or ()),
-                            tag_keys=spec.tag_keys or None)
-    raise ValueError(f"unknown metric kind {spec.kind!r}")
-
 
 def _observer(metric: Any, tags: dict[str, str]) -> Callable[[float], None]:
     """``observe(value)`` for a histogram with fixed tags.  For Ray's histograms this is the
@@ -411,58 +345,6 @@ class IngressMetrics:
         except Exception:  # noqa: BLE001
             self.failed("admitted")
         return RequestTimer(rec, start)
-
-
-# ------------------------------------------------------------------------------------- replica
-
-class ReplicaMetrics:
-    """Replica gauges (and the engine's miss counters) set from a feedback snapshot
-    (`replica.slo.SLOTracker.snapshot`)."""
-
-    def __init__(self, factory: Factory = ray_factory) -> None:
-        self.prefill = factory(R_PREFILL)
-        self.waiting = factory(R_WAITING)
-        self.running = factory(R_RUNNING)
-        self.decodes = factory(R_DECODES)
-        self.kv = factory(R_KV)
-        self.batch = factory(R_BATCH)
-        self.misses = factory(R_MISSES)
-        self._decode_tiers: set[str] = set()
-        self._miss_totals: dict[tuple[str, str], int] = {}
-        self.last_update_s = 0.0  # time.monotonic() of the last update
-
-    @classmethod
-    def create(cls, factory: Factory | None = None) -> ReplicaMetrics | None:
-        if factory is None and not metrics_enabled():
-            return None
-        try:
-            return cls(factory or ray_factory)
-        except Exception as e:  # noqa: BLE001
-            logger.warning("replica metrics are off: %r", e)
-            return None
-
-    def update(self, snap: Mapping[str, Any]) -> None:
-        self.last_update_s = time.monotonic()
-        self.prefill.set(float(snap.get("waiting_prefill_tokens", 0)))
-        self.waiting.set(float(snap.get("num_waiting", 0)))
-        self.running.set(float(snap.get("num_running", 0)))
-        self.kv.set(float(snap.get("kv_usage", 0.0)))
-        self.batch.set(float(snap.get("mean_batch_time_s") or 0.0))
-        decodes = snap.get("running_decodes_by_tier") or {}
-        tiers = snap.get("tiers") or {}
-        self._decode_tiers |= set(decodes) | set(tiers)
-        for tier in self._decode_tiers:  # tiers gone idle go back to 0
-            self.decodes.set(float(decodes.get(tier, 0)), tags={"tier": tier})
-        for tier, st in tiers.items():
-            for kind in SLO_KINDS:
-                total = int(st.get(f"{kind}_misses_total") or 0)
-                prev = self._miss_totals.get((tier, kind), 0)
-                if total > prev:
-                    self.misses.inc(total - prev, tags={"tier": tier, "kind": kind})
-                self._miss_totals[(tier, kind)] = total
-
-    def due(self, period_s: float = REPLICA_METRICS_PERIOD_S) -> bool:
-        return time.monotonic() - self.last_update_s >= period_s
 
 
 def tier_slos(tiers: Iterable[Any]) -> dict[str, tuple[float | None, float | None]]:

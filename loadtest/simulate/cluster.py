@@ -39,15 +39,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loadtest.simulate.replica import ReplicaRun, TokenLog, Workload, make_requests, request_outcomes
-from replica.cost.profile import CostProfile, load_profile
-from replica.policy.config import SchedulerConfig
-from replica.policy.registry import make_policy, scheduler_config
+from replica.cost.profile import DEFAULT_COST_PROFILE, CostProfile, load_profile
+from replica.policy.registry import DEFAULT_SCHEDULER, EngineLimits, make_policy
 from replica.policy.state import Request
 from replica.sim.engine import PAPER_KV_BLOCKS, SimEngine
 from replica.slo import SLOTracker
 from router.feedback import ReplicaFeedback, build_views
 from router.ledger import InFlightLedger
-from router.policies.base import RoutingRequest
+from router.policies.base import RoutingContext, RoutingRequest
 from router.policies.registry import make_router_policy
 
 
@@ -58,8 +57,8 @@ class ClusterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_replicas: int = Field(gt=0)
-    schedulers: tuple[str, ...] = ("slai-spf-dynamic",)
-    profiles: tuple[str, ...] = ("rtx6000ada-mistral7b",)
+    schedulers: tuple[str, ...] = (DEFAULT_SCHEDULER,)
+    profiles: tuple[str, ...] = (DEFAULT_COST_PROFILE,)
     kv_blocks: int = Field(PAPER_KV_BLOCKS, gt=0)
     router: str = "slo"
     router_options: dict[str, Any] = Field(default_factory=dict)
@@ -96,16 +95,10 @@ class ClusterRun(ReplicaRun):
     replica_of: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # per request
 
 
-def _router_options(config: ClusterConfig, workload: Workload, k: int) -> dict[str, Any]:
-    """Options for router k: the config's, plus what the deployment knows (tier SLOs for `slo`,
-    a distinct seed for randomised policies)."""
-    opts = dict(config.router_options)
-    name = config.router.strip().lower().replace("_", "-")
-    if name == "slo":
-        opts.setdefault("tier_tbt_slo_s", {t.name: t.tbt_slo_s for t in workload.tiers.tiers})
-    elif name == "pow2":
-        opts.setdefault("seed", config.seed * 1000 + k)
-    return opts
+def _routing_context(config: ClusterConfig, workload: Workload, k: int) -> RoutingContext:
+    """What router k knows of the deployment: the tiers' SLOs and a seed of its own."""
+    return RoutingContext(tier_tbt_slo_s={t.name: t.tbt_slo_s for t in workload.tiers.tiers},
+                          seed=config.seed * 1000 + k)
 
 
 class _Replica:
@@ -116,13 +109,6 @@ class _Replica:
         self.tracker = tracker
         self.busy = False  # an iteration is in flight (its finish event is queued)
         self.num_requests = 0
-
-
-def _make_policy(name: str, profile: CostProfile):
-    config = scheduler_config(name)
-    if config.kind == "rad":  # RAD aligns iterations to the GPU's tile
-        config = SchedulerConfig.model_validate({**config.model_dump(), "tile_tokens": profile.tile_tokens})
-    return make_policy(config)
 
 
 # event kinds, in the order they run when simultaneous: an iteration that ends at t frees its
@@ -155,13 +141,14 @@ def run_cluster(workload: Workload, config: ClusterConfig,
             tracker.on_tokens(emitted, t)  # before the engine updates last_token_s
             log.on_tokens(emitted, t)
 
-        engine = SimEngine(_make_policy(config.scheduler_of(i), profiles[pname]), profiles[pname],
+        policy = make_policy(config.scheduler_of(i), engine=EngineLimits(tile_tokens=profiles[pname].tile_tokens))
+        engine = SimEngine(policy, profiles[pname],
                            num_kv_blocks=config.kv_blocks, on_tokens=on_tokens, on_finish=None)
         replicas.append(_Replica(i, f"replica-{i:03d}", engine, tracker))
     ids = [r.rid for r in replicas]
     by_id = {r.rid: r for r in replicas}
 
-    routers = [make_router_policy(config.router, **_router_options(config, workload, k))
+    routers = [make_router_policy(config.router, _routing_context(config, workload, k), **config.router_options)
                for k in range(config.num_routers)]
     ledgers = [InFlightLedger(clock=lambda: now) for _ in routers]
     feedback: dict[str, ReplicaFeedback | None] = dict.fromkeys(ids)  # as delivered (all routers)
@@ -237,7 +224,7 @@ def run_cluster(workload: Workload, config: ClusterConfig,
             rep = payload
             st = rep.engine.state
             st.now_s = now
-            mean_b = getattr(rep.engine.policy, "mean_batch_time_s", 0.0)
+            mean_b = rep.engine.policy.mean_batch_time_s
             snap = rep.tracker.snapshot(rep.rid, st, mean_b, now=now, timestamp_s=now)
             push(now + config.feedback_delay_s, _DELIVER, (rep.rid, snap))
             if arrived < n or any(x.busy for x in replicas):

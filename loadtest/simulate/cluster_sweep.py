@@ -18,6 +18,7 @@ from loadtest.metrics import summarize
 from loadtest.simulate.cluster import ClusterConfig, run_cluster
 from loadtest.simulate.replica import Workload
 from loadtest.simulate.sweep import Runner, _profile, _trace, sweep_with_capacity
+from replica.cost.profile import DEFAULT_COST_PROFILE
 from replica.sim.engine import PAPER_KV_BLOCKS
 from replica.tiers import TierMix, paper_tiers, parse_tiers
 
@@ -29,7 +30,7 @@ CLUSTER_QPS_PER_REPLICA = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2)
 @dataclass(frozen=True)
 class ClusterSetup:
     num_replicas: int = 8
-    profiles: str = "rtx6000ada-mistral7b"  # comma-separated: cycled over the replicas
+    profiles: str = DEFAULT_COST_PROFILE  # comma-separated: cycled over the replicas
     trace: str = "paper"
     tokenizer: str = ""
     tiers: str = ""

@@ -13,7 +13,8 @@ from replica.tiers import TierMix
 from replica.traces import Trace, sample_requests
 from replica.policy.base import SchedulingPolicy
 from replica.policy.state import Request
-from replica.sim.engine import PAPER_KV_BLOCKS, CostModel, SimEngine
+from replica.cost.model import CostModel
+from replica.sim.engine import PAPER_KV_BLOCKS, SimEngine
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,8 @@ from loadtest.metrics import bisect_midpoint, capacity_bracket, summarize
 from loadtest.simulate.replica import Workload, run_replica
 from replica.tiers import TierMix, paper_tiers, parse_tiers
 from replica.traces import load_trace
-from replica.cost.profile import load_profile
-from replica.policy.config import SchedulerConfig
-from replica.policy.registry import make_policy, scheduler_config
+from replica.cost.profile import DEFAULT_COST_PROFILE, load_profile
+from replica.policy.registry import EngineLimits, make_policy
 from replica.sim.engine import PAPER_KV_BLOCKS
 
 PAPER_QPS = tuple(round(0.2 * k, 1) for k in range(1, 11))  # 0.2 .. 2.0
@@ -29,7 +28,7 @@ PAPER_QPS = tuple(round(0.2 * k, 1) for k in range(1, 11))  # 0.2 .. 2.0
 
 @dataclass(frozen=True)
 class SweepSetup:
-    profile: str = "rtx6000ada-mistral7b"
+    profile: str = DEFAULT_COST_PROFILE
     trace: str = "paper"
     tokenizer: str = ""  # tokenizer.json for a ShareGPT JSON trace
     tiers: str = ""  # "" = the paper's tiers; else parse_tiers() text or file
@@ -56,10 +55,8 @@ def run_point(setup: SweepSetup, scheduler: str, qps: float) -> dict[str, Any]:
     """One (scheduler, qps) run, summarised."""
     wl = Workload.build(_trace(setup.trace, setup.tokenizer), setup.requests, qps, setup.tier_mix(), seed=setup.seed)
     profile = _profile(setup.profile)
-    config = scheduler_config(scheduler, **setup.scheduler_overrides)
-    if config.kind == "rad":  # RAD aligns iterations to the GPU's tile: the profile's
-        config = SchedulerConfig.model_validate({**config.model_dump(), "tile_tokens": profile.tile_tokens})
-    run = run_replica(wl, make_policy(config), profile, num_kv_blocks=setup.kv_blocks)
+    policy = make_policy(scheduler, engine=EngineLimits(tile_tokens=profile.tile_tokens), **setup.scheduler_overrides)
+    run = run_replica(wl, policy, profile, num_kv_blocks=setup.kv_blocks)
     return {"scheduler": scheduler, **summarize(run)}
 
 

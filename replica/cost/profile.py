@@ -24,9 +24,12 @@ from typing import Annotated
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from replica.cost.model import CostModel
 from replica.cost.shape import BatchShape
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
+# The paper's GPU and model (RTX 6000 Ada, Mistral-7B): the simulated replica's default profile
+DEFAULT_COST_PROFILE = "rtx6000ada-mistral7b"
 
 NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
@@ -103,7 +106,7 @@ class _TimeFn:
         return self.base_s + self.per_token_s * num_decodes + self.prefill_sq_s * 0 + self.prefill_ctx_s * 0 + self.decode_ctx_s * ctx
 
 
-class CostProfile(_Strict):
+class CostProfile(_Strict, CostModel):
     name: str = Field(min_length=1)
     gpu: str
     model: str

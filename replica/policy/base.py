@@ -1,22 +1,17 @@
 """What every scheduling policy shares: the contract, admission orders, and the plan builder.
 
-Contract (one call per engine iteration):
-
-    plan = policy.schedule(state)              # decide; must not mutate `state` or its requests
-    ... the mechanism executes `plan` (KV, preemption, progress, token emission) ...
-    policy.on_batch_end(state, plan, batch_start_s, batch_end_s)
-                                               # learn: measured batch time, per-request deadlines
-
-`schedule` only reads request progress; the only request field a policy writes is its own
-`Request.lst_s`, in `on_batch_end`. The mechanism is the simulator (replica/sim) or the vLLM
-scheduler adapter; both run the same objects.
+A policy decides, a mechanism executes.  The mechanisms are the simulated engine
+(`replica.sim.engine.SimEngine`, in virtual or wall-clock time) and the vLLM scheduler adapter
+(`replica.vllm_scheduler`); both drive the same policy objects through `SchedulingPolicy`, whose
+docstrings are the contract.  A new policy is one module with a `SchedulingPolicy` subclass plus
+one line in `replica.policy.registry`.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from enum import Enum
-from typing import Protocol
 
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState, Request
@@ -49,14 +44,58 @@ def order_waiting(state: EngineState, order: AdmissionOrder) -> Sequence[Request
     return sorted(state.waiting, key=key)
 
 
-class SchedulingPolicy(Protocol):
+class SchedulingPolicy(ABC):
+    """One engine's scheduling policy: every iteration it turns the engine state into a plan, and
+    after the iteration it learns what the iteration measured.  One object per engine (it may keep
+    per-engine state: measured batch times, deadlines).
+
+    The mechanism's loop, one call pair per iteration:
+
+        plan = policy.schedule(state)          # decide
+        ... execute `plan`: KV blocks, preemption, prefill progress, token emission ...
+        policy.on_batch_end(state, plan, batch_start_s, batch_end_s)      # learn
+
+    or, when the mechanism fast-forwards a decode stretch (the same all-decode plan run k times
+    back to back, nothing waiting: `SimEngine.step`), one call for the k iterations:
+
+        policy.on_batches_end(state, plan, starts_s, ends_s)
+
+    which must leave the policy exactly as k `on_batch_end` calls would.
+
+    Attributes the mechanisms read:
+
+    * ``name``: the preset name (logs, reports).
+    * ``order``: the admission order of the waiting queue (`AdmissionOrder`) if the policy admits
+      in a sorted order, else None.  A mechanism may keep ``state.waiting`` sorted by it and say
+      so in ``state.waiting_sorted_by`` (`order_waiting` then skips the sort).
+    * ``mean_batch_time_s``: the policy's running estimate of an iteration's wall time (0.0 when
+      it keeps none); replicas report it in their feedback snapshot.
+    """
+
     name: str
+    order: AdmissionOrder | None = None
+    mean_batch_time_s: float = 0.0
 
-    def schedule(self, state: EngineState) -> BatchPlan: ...
+    @abstractmethod
+    def schedule(self, state: EngineState) -> BatchPlan:
+        """The plan of the next iteration.  Reads ``state`` (``state.now_s`` is the iteration's
+        start on the mechanism's clock) and must not mutate it or its requests.  An empty plan
+        means nothing can run now.  Victims in ``plan.preempted`` lose their KV (recompute);
+        ``plan.admitted`` come from ``state.waiting`` and get KV for their whole prompt."""
 
-    def on_batch_end(
-        self, state: EngineState, plan: BatchPlan, batch_start_s: float, batch_end_s: float
-    ) -> None: ...
+    def on_batch_end(self, state: EngineState, plan: BatchPlan, batch_start_s: float, batch_end_s: float) -> None:
+        """After the iteration that ran ``plan``: the mechanism has advanced every request's
+        progress and emitted tokens; ``batch_end_s - batch_start_s`` is the measured iteration
+        time.  The only request field a policy may write is its own ``Request.lst_s``.
+        Default: nothing to learn."""
+
+    def on_batches_end(self, state: EngineState, plan: BatchPlan, starts_s: list[float],
+                       ends_s: list[float]) -> None:
+        """After ``len(ends_s)`` back-to-back iterations of the same all-decode ``plan`` (a decode
+        stretch), with ``state`` as it is after the last one.  Default: `on_batch_end` per
+        iteration; a policy that reads ``state`` there, or wants speed, overrides this."""
+        for start, end in zip(starts_s, ends_s):
+            self.on_batch_end(state, plan, start, end)
 
 
 class PlanBuilder:

@@ -6,15 +6,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# The scheduler a replica runs unless told otherwise: SLAI as the paper evaluates it best.
+DEFAULT_SCHEDULER = "slai-spf-dynamic"
+# The paper's chunked-prefill token budget per iteration (SLAI and Sarathi-Serve)
+DEFAULT_TOKEN_BUDGET = 512
+
 
 class SchedulerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = "slai-spf-dynamic"
+    name: str = DEFAULT_SCHEDULER
     kind: Literal["slai", "slai-plus", "sarathi", "vllm", "rad"] = "slai"
     admission_order: Literal["fcfs", "spf", "spf-tier"] = "spf"
 
-    token_budget: int = Field(512, gt=0, description="tokens per iteration (chunked prefill budget)")
+    token_budget: int = Field(DEFAULT_TOKEN_BUDGET, gt=0, description="tokens per iteration (chunked prefill budget)")
     max_active_requests: int = Field(128, gt=0, description="requests holding KV at once")
     max_decodes: int = Field(128, gt=0, description="decodes per iteration")
 

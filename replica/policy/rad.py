@@ -32,7 +32,7 @@ import math
 from collections import deque
 from operator import attrgetter
 
-from replica.policy.base import PlanBuilder
+from replica.policy.base import PlanBuilder, SchedulingPolicy
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState
@@ -40,7 +40,7 @@ from replica.policy.state import EngineState
 _arrival = attrgetter("arrival_s")
 
 
-class RADPolicy:
+class RADPolicy(SchedulingPolicy):
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.name = config.name
@@ -103,8 +103,3 @@ class RADPolicy:
                 plan.prefills[-1] = (req, n - excess)
         return plan
 
-    def on_batch_end(self, state: EngineState, plan: BatchPlan, batch_start_s: float, batch_end_s: float) -> None:
-        pass
-
-    def on_batches_end(self, state: EngineState, plan: BatchPlan, starts_s: list[float], ends_s: list[float]) -> None:
-        pass

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from operator import attrgetter
 
-from replica.policy.base import AdmissionOrder, PlanBuilder, order_waiting
+from replica.policy.base import AdmissionOrder, PlanBuilder, SchedulingPolicy, order_waiting
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState
@@ -21,7 +21,7 @@ from replica.policy.state import EngineState
 _arrival = attrgetter("arrival_s")
 
 
-class SarathiPolicy:
+class SarathiPolicy(SchedulingPolicy):
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.name = config.name
@@ -50,8 +50,3 @@ class SarathiPolicy:
                     break
         return b.plan
 
-    def on_batch_end(self, state: EngineState, plan: BatchPlan, batch_start_s: float, batch_end_s: float) -> None:
-        pass
-
-    def on_batches_end(self, state: EngineState, plan: BatchPlan, starts_s: list[float], ends_s: list[float]) -> None:
-        pass

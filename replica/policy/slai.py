@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from operator import attrgetter
 
-from replica.policy.base import AdmissionOrder, PlanBuilder, order_waiting
+from replica.policy.base import AdmissionOrder, PlanBuilder, SchedulingPolicy, order_waiting
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
 from replica.policy.state import INF, EngineState, Request
@@ -32,7 +32,7 @@ from replica.policy.state import INF, EngineState, Request
 _lst_key = attrgetter("lst_s", "arrival_s")
 
 
-class SLAIPolicy:
+class SLAIPolicy(SchedulingPolicy):
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.name = config.name

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from replica.contract import DEFAULT_TTFT_TARGET_S
+
 INF = float("inf")
 
 
@@ -30,7 +32,7 @@ class Request:
     tier: str = "default"
     tbt_slo_s: float = 0.5
     tier_rank: int = 0  # 0 = strictest tier (first under tier-first ordering)
-    ttft_target_s: float = 0.5  # the tier's time-to-first-token target (slai-plus bounds waiting by it)
+    ttft_target_s: float = DEFAULT_TTFT_TARGET_S  # the tier's time-to-first-token target (slai-plus bounds waiting by it)
     # Set by the mechanism (simulator: the trace's output length; vLLM: max_tokens/EOS).
     # Policies never read it: SLAI does not use output lengths.
     max_output_tokens: int | None = None

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections import deque
 
-from replica.policy.base import PlanBuilder
+from replica.policy.base import PlanBuilder, SchedulingPolicy
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState
 
 
-class VLLMStylePolicy:
+class VLLMStylePolicy(SchedulingPolicy):
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.name = config.name
@@ -38,8 +38,3 @@ class VLLMStylePolicy:
                 b.add_decode(r, queue)
         return b.plan
 
-    def on_batch_end(self, state: EngineState, plan: BatchPlan, batch_start_s: float, batch_end_s: float) -> None:
-        pass
-
-    def on_batches_end(self, state: EngineState, plan: BatchPlan, starts_s: list[float], ends_s: list[float]) -> None:
-        pass

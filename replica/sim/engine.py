@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from typing import Protocol
 
 import numpy as np
 
-from replica.cost.shape import BatchShape
+from replica.cost.model import CostModel
 from replica.policy.base import WAITING_KEYS, SchedulingPolicy
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState, KVCache, Request
 
-# PAPER.md: 14,733 KV blocks of 16 tokens on the RTX 6000 Ada with Mistral-7B, 1 % watermark.
+# docs/paper.md: 14,733 KV blocks of 16 tokens on the RTX 6000 Ada with Mistral-7B, 1 % watermark.
 PAPER_KV_BLOCKS = 14_733
-
-
-class CostModel(Protocol):
-    def iteration_time_s(self, shape: BatchShape) -> float: ...
 
 
 class SchedulerStalled(RuntimeError):
@@ -59,7 +54,7 @@ class SimEngine:
         self.on_repeated_tokens = on_repeated_tokens
         # Keep the waiting queue in the policy's admission order (if it sorts), so the policy
         # does not re-sort a long queue every iteration.
-        order = getattr(policy, "order", None)
+        order = policy.order
         self._waiting_key = WAITING_KEYS.get(order) if order is not None else None
         if self._waiting_key is not None:
             self.state.waiting_sorted_by = order.value
@@ -172,8 +167,9 @@ class SimEngine:
         nothing waits, every policy plans the same batch again until a request finishes, a new
         request arrives (`until_s`: the next arrival) or a decode would need a KV block that is not
         free. Those iterations are then executed at once (same times, same tokens, same policy
-        updates) instead of one by one. This needs `policy.on_batches_end` and, if tokens are
-        observed, `on_repeated_tokens`; otherwise the engine steps one iteration at a time."""
+        updates: `SchedulingPolicy.on_batches_end`, `CostModel.decode_stretch_times_s`) instead of
+        one by one.  If tokens are observed this needs `on_repeated_tokens`; without it the
+        engine steps one iteration at a time."""
         plan = self.plan(now_s)
         if plan.is_empty:
             return None
@@ -194,9 +190,7 @@ class SimEngine:
 
     @property
     def _can_repeat(self) -> bool:
-        return hasattr(self.policy, "on_batches_end") and (
-            self.on_tokens is None or self.on_repeated_tokens is not None
-        )
+        return self.on_tokens is None or self.on_repeated_tokens is not None
 
     def _repeat_decodes(self, plan: BatchPlan, now_s: float, until_s: float) -> float | None:
         reqs = plan.decodes
@@ -225,21 +219,9 @@ class SimEngine:
             if k_max < 2:
                 return None
         ctx = plan.shape().sum_decode_ctx
-        stretch = getattr(self.cost, "decode_stretch_times_s", None)
-        if stretch is not None:  # vectorised: same durations, summed in the same order
-            all_ends = np.cumsum(np.concatenate(([now_s], stretch(n, ctx, k_max))))[1:]
-            k = min(k_max, int(np.searchsorted(all_ends, until_s, side="left")) + 1)
-            ends = all_ends[:k].tolist()
-        else:
-            cost = self.cost.iteration_time_s
-            ends = []
-            t = now_s
-            for j in range(k_max):
-                t += cost(BatchShape(0, 0, 0, n, ctx + j * n))
-                ends.append(t)
-                if t >= until_s:
-                    break
-            k = len(ends)
+        all_ends = np.cumsum(np.concatenate(([now_s], self.cost.decode_stretch_times_s(n, ctx, k_max))))[1:]
+        k = min(k_max, int(np.searchsorted(all_ends, until_s, side="left")) + 1)
+        ends = all_ends[:k].tolist()
         t = ends[-1]
         new_blocks = np.maximum(-(-(tokens + k - 1) // bs), blocks)
         kv.num_used_blocks += int((new_blocks - blocks).sum())
@@ -261,7 +243,7 @@ class SimEngine:
         self.busy_s += t - now_s
         if done:
             self._retire(done)
-        self.policy.on_batches_end(st, plan, [now_s, *ends[:-1]], ends)  # type: ignore[attr-defined]
+        self.policy.on_batches_end(st, plan, [now_s, *ends[:-1]], ends)
         return t
 
     def _retire(self, done: list[Request]) -> None:

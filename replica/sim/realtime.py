@@ -7,8 +7,8 @@ the measured iteration times, exactly as inside vLLM. There is no model: a token
 
 Usage (inside an asyncio loop):
 
-    engine = RealtimeSimEngine(make_policy("slai-spf-dynamic"), load_profile("rtx6000ada-mistral7b"))
-    async for n in engine.generate("req-1", prompt_len=812, max_tokens=64, tier="premium", tbt_slo_s=0.1):
+    engine = RealtimeSimEngine(make_policy(DEFAULT_SCHEDULER), load_profile(DEFAULT_COST_PROFILE))
+    async for n in engine.generate(request):   # a replica.contract.GenerateRequest
         ...   # n = 1, 2, ... as each token is produced
     engine.snapshot("replica-0")   # the feedback snapshot (replica.slo)
 """
@@ -19,9 +19,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+from replica.contract import GenerateRequest
+from replica.cost.model import CostModel
 from replica.policy.base import SchedulingPolicy
 from replica.policy.state import Request
-from replica.sim.engine import PAPER_KV_BLOCKS, CostModel, SimEngine
+from replica.sim.engine import PAPER_KV_BLOCKS, SimEngine
 from replica.slo import SLOTracker
 
 _DONE = -1
@@ -51,26 +53,18 @@ class RealtimeSimEngine:
         self._loop_task: asyncio.Task | None = None
 
     # --- requests ----------------------------------------------------------------------------
-    async def generate(
-        self,
-        request_id: str,
-        prompt_len: int,
-        max_tokens: int,
-        tier: str = "default",
-        tbt_slo_s: float = 0.5,
-        tier_rank: int = 0,
-        ttft_target_s: float = 0.5,
-    ) -> AsyncIterator[int]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[int]:
         """Yields 1, 2, ..., max_tokens as the tokens are produced. Cancelling the iteration
         (client gone) aborts the request and frees its KV."""
-        if prompt_len < 1 or max_tokens < 1:
-            raise ValueError(f"{request_id}: prompt_len and max_tokens must be >= 1")
+        request_id = request.request_id
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id}")
         self._ensure_loop()
+        tier = request.tier
         req = Request(
-            req_id=request_id, prompt_len=prompt_len, arrival_s=self.clock(), tier=tier,
-            tbt_slo_s=tbt_slo_s, tier_rank=tier_rank, ttft_target_s=ttft_target_s, max_output_tokens=max_tokens,
+            req_id=request_id, prompt_len=request.prompt_len, arrival_s=self.clock(), tier=tier.name,
+            tbt_slo_s=tier.tbt_slo_s, tier_rank=tier.rank, ttft_target_s=tier.ttft_target_s,
+            max_output_tokens=request.max_tokens,
         )
         queue: asyncio.Queue[int] = asyncio.Queue()
         self._streams[request_id] = queue
@@ -107,11 +101,16 @@ class RealtimeSimEngine:
         return len(st.waiting) + len(st.running)
 
     def snapshot(self, replica_id: str) -> dict:
-        policy = self.engine.policy
         return self.slo.snapshot(
-            replica_id, self.engine.state, getattr(policy, "mean_batch_time_s", 0.0),
+            replica_id, self.engine.state, self.engine.policy.mean_batch_time_s,
             now=self.clock(), timestamp_s=time.time(),
         )
+
+    def check_health(self) -> None:
+        """Raise if the iteration loop died of an exception (its requests would never finish)."""
+        task = self._loop_task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"engine loop died: {task.exception()!r}")
 
     # --- the loop --------------------------------------------------------------------------------
     def _ensure_loop(self) -> None:

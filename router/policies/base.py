@@ -1,17 +1,28 @@
-"""The routing contract: a request's routing metadata and the policy protocol.
+"""The routing contract: a request's routing metadata, what a policy may know of the deployment,
+and the policy interface.
 
 A policy ranks the candidate replicas for one request, best first, from what it sees of each
 (`router.feedback.ReplicaView`: latest feedback snapshot, its age, the router's in-flight ledger
 entries). It returns every candidate id exactly once, so a caller can fall back down the list
 (Ray Serve's RequestRouter tries ranks in order). Policies may keep state (a cursor, an RNG) but
 never mutate the views; recording the choice in the ledger is the caller's job.
+
+Every policy is built the same way, by `router.policies.registry.make_router_policy(name,
+context, **options)`: the `RoutingContext` (the deployment's tiers, its replicas' token budget, a
+seed) gives each policy what it takes from it (`RoutingPolicy.context_options`), explicit options
+override.  The Serve adapter (`router.ray_router`) and the cluster simulator
+(`loadtest.simulate.cluster`) both build them so.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from replica.contract import GenerateRequest
 
 if TYPE_CHECKING:
     from router.feedback import ReplicaView
@@ -33,14 +44,46 @@ class RoutingRequest:
         if self.tier_rank < 0:
             raise ValueError(f"tier_rank must be >= 0, got {self.tier_rank}")
 
+    @classmethod
+    def of(cls, request: GenerateRequest) -> RoutingRequest:
+        """The routing metadata of a generate request (`replica.contract`)."""
+        t = request.tier
+        return cls(request_id=request.request_id, tier=t.name, tbt_slo_s=t.tbt_slo_s, tier_rank=t.rank,
+                   prompt_len=request.prompt_len)
 
-@runtime_checkable
-class RoutingPolicy(Protocol):
+
+@dataclass(frozen=True, slots=True)
+class RoutingContext:
+    """What a router may know of the deployment it routes for (None / empty: unknown, the
+    policy's default stands): each tier's TBT SLO, the replicas' token budget per iteration,
+    and a seed for randomised policies.  JSON-ready as `as_dict()` (Serve's router kwargs)."""
+
+    tier_tbt_slo_s: Mapping[str, float] = field(default_factory=dict)
+    token_budget: int | None = None
+    seed: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields that are known (``RoutingContext(**as_dict())`` rebuilds it)."""
+        out: dict[str, Any] = {"tier_tbt_slo_s": dict(self.tier_tbt_slo_s)}
+        if self.token_budget is not None:
+            out["token_budget"] = self.token_budget
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
+
+
+class RoutingPolicy(ABC):
     name: str
 
+    @classmethod
+    def context_options(cls, context: RoutingContext) -> dict[str, Any]:
+        """The constructor options this policy takes from the deployment's `RoutingContext`
+        (explicit options override them).  Default: none."""
+        return {}
+
+    @abstractmethod
     def rank(self, request: RoutingRequest, replicas: list[ReplicaView]) -> list[str]:
         """Replica ids of `replicas`, best first (all of them, each once; [] for no replicas)."""
-        ...
 
 
 def queue_length(view: ReplicaView) -> int:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from router.feedback import ReplicaFeedback, ReplicaView, usable_feedback
-from router.policies.base import RoutingRequest
+from router.policies.base import RoutingPolicy, RoutingRequest
 
 
 class LeastWorkPolicyConfig(BaseModel):
@@ -54,7 +54,7 @@ class WorkEstimate:
     num_in_flight: int
 
 
-class LeastWorkPolicy:
+class LeastWorkPolicy(RoutingPolicy):
     name = "least-work"
 
     def __init__(self, config: LeastWorkPolicyConfig | None = None, **overrides) -> None:

@@ -9,16 +9,26 @@ The remaining replicas follow by queue length, then id. The RNG is seedable.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from router.feedback import ReplicaView
-from router.policies.base import RoutingRequest, queue_length
+from router.policies.base import (
+    RoutingContext,
+    RoutingPolicy,
+    RoutingRequest,
+    queue_length,
+)
 
 
-class PowerOfTwoPolicy:
+class PowerOfTwoPolicy(RoutingPolicy):
     name = "pow2"
 
     def __init__(self, seed: int | None = None) -> None:
         self.rng = random.Random(seed)
+
+    @classmethod
+    def context_options(cls, context: RoutingContext) -> dict[str, Any]:
+        return {"seed": context.seed} if context.seed is not None else {}
 
     def rank(self, request: RoutingRequest, replicas: list[ReplicaView]) -> list[str]:
         if not replicas:

@@ -10,10 +10,10 @@ from __future__ import annotations
 from bisect import bisect_right
 
 from router.feedback import ReplicaView
-from router.policies.base import RoutingRequest
+from router.policies.base import RoutingPolicy, RoutingRequest
 
 
-class RoundRobinPolicy:
+class RoundRobinPolicy(RoutingPolicy):
     name = "round-robin"
 
     def __init__(self) -> None:

@@ -7,7 +7,7 @@ Rule:
   lengths into K intervals: interval i holds prompt_len in (t_{i-1}, t_i] (t_{-1} = -inf,
   t_{K-1} = +inf), i.e. i = the number of thresholds below prompt_len.
 * The thresholds are either given (`thresholds`, K = len + 1) or derived from a trace
-  (`trace`: "paper", the default, or a CSV path; see `loadtest.traces.load_trace`) so that each
+  (`trace`: "paper", the default, or a CSV path; see `replica.traces.load_trace`) so that each
   interval carries 1/K of the trace's work, where the work of a request is
   prompt_len + output_len tokens (the token slots of batch budget it takes: one per prompt token
   and one per decode step); see `equal_work_thresholds`. K = `num_intervals`, or by default the
@@ -20,8 +20,7 @@ Rule:
   running + ledger entries), then every other replica by queue length, so the caller can fall
   back; ties: fewer ledger entries, then replica id.
 
-Nothing here imports Ray or vLLM; deriving thresholds from a trace imports `loadtest.traces`
-(numpy only), lazily, when the policy is built without explicit thresholds.
+Nothing here imports Ray or vLLM.
 """
 
 from __future__ import annotations
@@ -32,8 +31,9 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from replica.traces import load_trace
 from router.feedback import ReplicaView
-from router.policies.base import RoutingRequest, queue_length
+from router.policies.base import RoutingPolicy, RoutingRequest, queue_length
 
 
 def equal_work_thresholds(prompt_lens: Sequence[int] | np.ndarray, work: Sequence[float] | np.ndarray,
@@ -103,7 +103,7 @@ class SITAPolicyConfig(BaseModel):
         return self
 
 
-class SITAPolicy:
+class SITAPolicy(RoutingPolicy):
     name = "sita"
 
     def __init__(self, config: SITAPolicyConfig | None = None, **overrides) -> None:
@@ -116,8 +116,6 @@ class SITAPolicy:
         self._prompt_lens: np.ndarray | None = None
         self._work: np.ndarray | None = None
         if config.thresholds is None:
-            from loadtest.traces import load_trace  # numpy only; no Ray, no vLLM
-
             trace = load_trace(config.trace)
             self._prompt_lens = trace.prompt_lens
             self._work = trace.prompt_lens + trace.output_lens

@@ -36,17 +36,19 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from replica.policy.config import DEFAULT_TOKEN_BUDGET
 from router.feedback import ReplicaFeedback, ReplicaView, usable_feedback
-from router.policies.base import RoutingRequest
+from router.policies.base import RoutingContext, RoutingPolicy, RoutingRequest
 
 
 class SLOPolicyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    token_budget: int = Field(512, gt=0, description="replica tokens per batch (SLAI's chunked-prefill budget)")
+    token_budget: int = Field(DEFAULT_TOKEN_BUDGET, gt=0, description="replica tokens per batch (SLAI's chunked-prefill budget)")
     theta: float = Field(5.0, ge=0, description="SLAI's LST offset in mean batch times (decode share model)")
     tier_tbt_slo_s: dict[str, float] = Field(default_factory=dict, description="tier name -> TBT SLO (s)")
     min_prefill_share: float = Field(0.1, gt=0, le=1, description="floor of the prefill share of a batch")
@@ -71,7 +73,7 @@ class ReplicaEstimate:
     num_in_flight: int
 
 
-class SLOPolicy:
+class SLOPolicy(RoutingPolicy):
     name = "slo"
 
     def __init__(self, config: SLOPolicyConfig | None = None, **overrides) -> None:
@@ -80,6 +82,16 @@ class SLOPolicy:
         elif overrides:
             config = SLOPolicyConfig.model_validate({**config.model_dump(), **overrides})
         self.config = config
+
+    @classmethod
+    def context_options(cls, context: RoutingContext) -> dict[str, Any]:
+        """Each tier's TBT SLO (for its decode-share model) and the replicas' token budget."""
+        out: dict[str, Any] = {}
+        if context.tier_tbt_slo_s:
+            out["tier_tbt_slo_s"] = dict(context.tier_tbt_slo_s)
+        if context.token_budget is not None:
+            out["token_budget"] = context.token_budget
+        return out
 
     # --- the model ---
     def batch_time_s(self, fb: ReplicaFeedback) -> float:

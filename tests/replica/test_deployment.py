@@ -8,7 +8,11 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 from ray.serve.config import RequestRouterConfig  # noqa: E402
 
+from replica.contract import GenerateRequest  # noqa: E402
 from replica.deployment import LLMReplica  # noqa: E402
+from replica.tiers import paper_tiers  # noqa: E402
+
+TIERS = {t.name: t.facts() for t in paper_tiers().tiers}
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +25,7 @@ def replica_handle(local_serve):
 
 
 def _request(rid, prompt_len=300, max_tokens=12, tier="free"):
-    return {"request_id": rid, "prompt_len": prompt_len, "max_tokens": max_tokens, "tier": tier,
-            "tbt_slo_s": 0.1 if tier == "premium" else 0.5, "tier_rank": 0 if tier == "premium" else 1}
+    return GenerateRequest(request_id=rid, prompt_token_ids=[5] * prompt_len, max_tokens=max_tokens, tier=TIERS[tier])
 
 
 def test_a_replica_streams_every_token_of_a_request(replica_handle):
@@ -33,8 +36,9 @@ def test_a_replica_streams_every_token_of_a_request(replica_handle):
         return chunks
 
     chunks = asyncio.run(main())
-    assert [c["index"] for c in chunks] == list(range(1, 10))
-    assert chunks[-1]["finished"] and not any(c["finished"] for c in chunks[:-1])
+    assert [c.num_tokens for c in chunks] == list(range(1, 10))
+    assert chunks[-1].finished and not any(c.finished for c in chunks[:-1])
+    assert chunks[-1].finish_reason == "length" and all(c.text is None for c in chunks)
 
 
 def test_concurrent_requests_over_two_replicas_all_complete(replica_handle):

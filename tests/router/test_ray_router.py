@@ -11,7 +11,11 @@ ray = pytest.importorskip("ray")
 from ray import cloudpickle, serve  # noqa: E402
 from ray.serve.config import RequestRouterConfig  # noqa: E402
 
+from replica.contract import GenerateRequest  # noqa: E402
+from replica.tiers import paper_tiers  # noqa: E402
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+TIERS = {t.name: t.facts() for t in paper_tiers().tiers}
 
 
 class FakeReplica:
@@ -26,7 +30,7 @@ class FakeReplica:
         except FileExistsError:
             self.overloaded = False
 
-    async def generate(self, request: dict):
+    async def generate(self, request: GenerateRequest):
         yield {"replica": self.rid, "overloaded": self.overloaded}
 
     def record_routing_stats(self) -> dict:
@@ -49,7 +53,7 @@ def routed_handle(local_serve, tmp_path_factory):
         num_replicas=2, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0},
         request_router_config=RequestRouterConfig(
             request_router_class="router.ray_router.TierAwareRouter",
-            request_router_kwargs={"policy": "slo"},
+            request_router_kwargs={"policy": "slo", "context": {"tier_tbt_slo_s": {"premium": 0.1, "free": 0.5}}},
             request_routing_stats_period_s=0.5,
         ),
     )
@@ -59,8 +63,7 @@ def routed_handle(local_serve, tmp_path_factory):
 def _send(handle, n, tier):
     async def one(i):
         async for c in handle.options(stream=True).generate.remote(
-            {"request_id": f"{tier}{i}", "prompt_len": 200, "tier": tier, "tbt_slo_s": 0.1 if tier == "premium" else 0.5,
-             "tier_rank": 0 if tier == "premium" else 1}
+            GenerateRequest(request_id=f"{tier}{i}", prompt_token_ids=[3] * 200, max_tokens=1, tier=TIERS[tier])
         ):
             return c
 

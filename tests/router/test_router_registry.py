@@ -2,9 +2,10 @@
 
 import pytest
 
-from typing import get_args
+from pydantic import ValidationError
 
-from router.policies.base import RoutingPolicy, RoutingRequest
+from router.policies import registry
+from router.policies.base import RoutingContext, RoutingPolicy, RoutingRequest
 from router.policies.least_work import LeastWorkPolicy
 from router.policies.pow2 import PowerOfTwoPolicy
 from router.policies.registry import available_router_policies, make_router_policy
@@ -41,11 +42,41 @@ def test_options_reach_the_policy(name, kw, field, value):
     assert getattr(make_router_policy(name, **kw).config, field) == value
 
 
-def test_the_app_config_offers_exactly_the_registered_policies():
-    offered = set(get_args(RouterConfig.model_fields["policy"].annotation)) - {"serve-default"}
-    assert {name.replace("_", "-") for name in offered} == set(available_router_policies())
-    for name in offered:  # the config's spelling is accepted as is
-        make_router_policy(name)
+def test_the_app_config_accepts_exactly_the_registered_policies():
+    for name in available_router_policies():
+        assert RouterConfig(policy=name).policy == name
+        RouterConfig(policy=name.replace("-", "_"))  # either spelling, as the registry reads it
+    RouterConfig(policy="serve-default")  # Ray Serve's own router: no policy of ours
+    with pytest.raises(ValidationError, match="unknown routing policy 'least-loaded'"):
+        RouterConfig(policy="least-loaded")
+
+
+def test_a_new_policy_is_one_registry_line(monkeypatch):
+    class Newest(RoutingPolicy):
+        name = "newest"
+
+        def rank(self, request, replicas):
+            return [v.replica_id for v in reversed(replicas)]
+
+    monkeypatch.setitem(registry.ROUTER_POLICIES, "newest", Newest)
+    assert RouterConfig(policy="newest").policy == "newest"  # the app config offers it
+    assert isinstance(make_router_policy("newest", RoutingContext(seed=1)), Newest)
+
+
+@pytest.mark.parametrize("name, field, value", [
+    ("slo", "tier_tbt_slo_s", {"premium": 0.1, "free": 0.5}),
+    ("slo", "token_budget", 256),
+])
+def test_policies_take_what_they_need_from_the_routing_context(name, field, value):
+    ctx = RoutingContext(tier_tbt_slo_s={"premium": 0.1, "free": 0.5}, token_budget=256, seed=7)
+    assert getattr(make_router_policy(name, ctx).config, field) == value
+    # explicit options override the context
+    assert make_router_policy("slo", ctx, token_budget=1024).config.token_budget == 1024
+    # a seeded context makes a randomised policy repeatable
+    a, b = make_router_policy("pow2", ctx), make_router_policy("pow2", ctx)
+    assert a.rng.random() == b.rng.random()
+    # policies that need nothing ignore it
+    assert make_router_policy("round_robin", ctx).name == "round-robin"
 
 
 @pytest.mark.parametrize("name, kw, match", [

@@ -3,7 +3,8 @@ security, fuzz and retry tests.
 
 * `FakeStream`: a replica stream as the sim backend yields it (one chunk per token, no text);
   ``fail`` raises at once, ``die_after=k`` raises Ray's ``ActorDiedError`` after k chunks;
-* `FakeReplicas`: stands in for the LLMReplica DeploymentHandle, records every payload;
+* `FakeReplicas`: stands in for the LLMReplica DeploymentHandle, records every request
+  (`replica.contract.GenerateRequest`) in ``payloads``;
   ``die_after`` lists, per call in order, after how many chunks that call's replica dies;
 * `make_ingress(api_keys, overrides, max_context_tokens)`: the Ingress (not Serve's wrapper) on
   the default config with ``overrides``, keys from ``api_keys`` (the ``TIERED_API_KEYS`` format), metrics and
@@ -20,13 +21,14 @@ from typing import Any
 
 from starlette.requests import Request
 
+from replica.contract import GenerateRequest, StreamChunk
 from serve_app.config import DEFAULT_CONFIG_PATH, load_config
 from serve_app.ingress import Ingress
 
 
 class FakeStream:
     def __init__(self, n: int, fail: bool = False, die_after: int | None = None) -> None:
-        self._chunks = [{"index": i, "text": None, "finished": i == n, "finish_reason": "length" if i == n else None}
+        self._chunks = [StreamChunk(num_tokens=i, finish_reason="length" if i == n else None)
                         for i in range(1, n + 1)]
         self._n, self._fail, self._die_after = n, fail, die_after
         self.cancelled = False
@@ -34,7 +36,7 @@ class FakeStream:
     def __aiter__(self) -> FakeStream:
         return self
 
-    async def __anext__(self) -> dict[str, Any]:
+    async def __anext__(self) -> StreamChunk:
         if self._fail:
             raise RuntimeError("replica died")
         if self._die_after is not None and self._n - len(self._chunks) >= self._die_after:
@@ -51,7 +53,7 @@ class FakeStream:
 
 class FakeReplicas:
     def __init__(self) -> None:
-        self.payloads: list[dict[str, Any]] = []
+        self.payloads: list[GenerateRequest] = []
         self.fail = False
         self.die_after: list[int | None] = []
 
@@ -62,9 +64,10 @@ class FakeReplicas:
     def generate(self) -> FakeReplicas:
         return self
 
-    def remote(self, payload: dict[str, Any]) -> FakeStream:
+    def remote(self, payload: GenerateRequest) -> FakeStream:
+        assert isinstance(payload, GenerateRequest), payload
         self.payloads.append(payload)
-        return FakeStream(payload["max_tokens"], self.fail, self.die_after.pop(0) if self.die_after else None)
+        return FakeStream(payload.max_tokens, self.fail, self.die_after.pop(0) if self.die_after else None)
 
 
 def make_ingress(api_keys: str, overrides: dict[str, Any] | None = None,

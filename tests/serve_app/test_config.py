@@ -16,7 +16,6 @@ from serve_app.auth import KeyConfigError, KeyStore
 from serve_app.config import (
     CONFIGS_DIR,
     DEFAULT_CONFIG_PATH,
-    DEFAULT_KV_BLOCKS,
     AppConfig,
     ConfigError,
     ServingTier,
@@ -89,7 +88,7 @@ def test_defaults_and_schema() -> None:
     cfg = AppConfig()
     assert isinstance(cfg.engine, SimEngineConfig) and cfg.engine.backend == "sim"
     assert cfg.model_name == "sim-rtx6000ada-mistral7b"
-    assert DEFAULT_KV_BLOCKS == PAPER_KV_BLOCKS
+    assert cfg.engine.kv_blocks == PAPER_KV_BLOCKS
     assert (cfg.router.policy, cfg.router.feedback_period_s) == ("slo", 1.0)
     schema = AppConfig.model_json_schema()
     json.dumps(schema)
@@ -179,7 +178,7 @@ INVALID = [
      ["line 2", "engine.cost_profile", "does not exist"]),
     ("bad scheduler_cls", "replicas: {gpus_per_replica: 1}\nengine:\n  backend: vllm\n  model: /m\n"
      "  scheduler_cls: not a class\n", ["line 5", "engine.scheduler_cls"]),
-    ("unknown router policy", "router:\n  policy: random\n", ["line 2", "router.policy", "'slo'"]),
+    ("unknown router policy", "router:\n  policy: random\n", ["line 2", "router.policy", "'random'", "pow2", "slo"]),
     ("zero replicas", "replicas:\n  num_replicas: 0\n", ["line 2", "replicas.num_replicas"]),
     ("negative gpus", "replicas:\n  gpus_per_replica: -1\n", ["line 2", "replicas.gpus_per_replica"]),
     ("bad port", "http:\n  port: 70000\n", ["line 2", "http.port"]),
@@ -281,12 +280,21 @@ def test_bad_key_files_name_file_and_line(tmp_path: Path, text: str, line: str, 
 
 
 def test_the_slo_router_is_told_the_tiers_slos_and_the_token_budget():
+    from router.ray_router import TierAwareRouter
     from serve_app.app import router_kwargs
 
+    def built(config: AppConfig):  # the policy the Serve router builds from these kwargs
+        router = TierAwareRouter.__new__(TierAwareRouter)
+        router.initialize_state(**json.loads(json.dumps(router_kwargs(config))))  # JSON-ready
+        return router.policy
+
     config = load_config(CONFIGS_DIR / "vllm-gpu.yaml", overrides={"engine.model": "/models/m"})
-    assert router_kwargs(config) == {"policy": "slo", "tier_tbt_slo_s": {"premium": 0.1, "free": 0.5},
-                                     "token_budget": 512}
-    assert router_kwargs(AppConfig(router={"policy": "pow2"})) == {"policy": "pow2"}
+    slo = built(config)
+    assert slo.name == "slo"
+    assert (slo.config.tier_tbt_slo_s, slo.config.token_budget) == ({"premium": 0.1, "free": 0.5}, 512)
+    sim = built(AppConfig())
+    assert sim.config.token_budget == 512 and sim.config.tier_tbt_slo_s == {"premium": 0.1, "free": 0.5}
+    assert built(AppConfig(router={"policy": "pow2"})).name == "pow2"
 
 
 def test_a_hub_model_id_without_network_fails_with_a_message_naming_it(monkeypatch):

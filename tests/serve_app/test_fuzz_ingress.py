@@ -33,7 +33,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingress_testkit import call_inprocess, make_ingress
-from serve_app.ingress import ChatCompletionRequest, CompletionRequest
+from replica.contract import GenerateRequest, SamplingFields, TierFacts
+from serve_app.openai_api import ChatCompletionRequest, CompletionRequest
 from serve_app.tokenizer import default_tokenizer
 
 MODEL = "mistral-7b-sim"
@@ -288,15 +289,15 @@ def test_inprocess_fuzz_never_5xx_and_payloads_keep_the_key_tier(inprocess):
         assert len(replicas.payloads) == (1 if status == 200 else 0)
         for p in replicas.payloads:  # the replica sees the key's tier and its SLO, nothing from the body
             t = ingress.config.tier(tier)
-            assert (p["tier"], p["tier_rank"], p["tbt_slo_s"]) == (tier, t.rank, t.tbt_slo_s)
-            assert p["request_id"].startswith("chatcmpl-" if chat else "cmpl-")
-            assert set(p) == {"request_id", "prompt_len", "prompt_token_ids", "max_tokens", "tier", "tbt_slo_s",
-                              "tier_rank", "ttft_target_s", "sampling"}
-            assert set(p["sampling"]) <= {"temperature", "top_p", "stop", "seed", "presence_penalty",
-                                          "frequency_penalty", "ignore_eos"}
-            assert all(not isinstance(v, float) or math.isfinite(v) for v in p["sampling"].values())
-            assert 1 <= p["prompt_len"] == len(p["prompt_token_ids"]) and p["prompt_len"] + p["max_tokens"] <= CONTEXT
-            assert all(type(i) is int and 0 <= i < VOCAB for i in p["prompt_token_ids"])
+            assert p.tier == TierFacts(name=tier, tbt_slo_s=t.tbt_slo_s, ttft_target_s=t.ttft_target_s, rank=t.rank)
+            assert p.request_id.startswith("chatcmpl-" if chat else "cmpl-")
+            assert type(p) is GenerateRequest and type(p.sampling) is SamplingFields
+            sampling = p.sampling.model_dump(exclude_none=True)
+            assert set(sampling) <= {"temperature", "top_p", "stop", "seed", "presence_penalty",
+                                     "frequency_penalty", "ignore_eos"}
+            assert all(not isinstance(v, float) or math.isfinite(v) for v in sampling.values())
+            assert 1 <= p.prompt_len == len(p.prompt_token_ids) and p.prompt_len + p.max_tokens <= CONTEXT
+            assert all(type(i) is int and 0 <= i < VOCAB for i in p.prompt_token_ids)
 
     run()
     print(f"in-process fuzz: statuses {outcomes}")

@@ -217,9 +217,9 @@ def test_no_escalation_inprocess_payload_is_free(inprocess, headers, body, query
     assert status == 200 and h["x-tier"] == "free", content
     free = ingress.config.tier("free")
     [p] = replicas.payloads
-    assert (p["tier"], p["tier_rank"], p["tbt_slo_s"]) == ("free", free.rank, free.tbt_slo_s)
-    assert p["request_id"] != "cmpl-forged" and "tier" not in p["sampling"]
-    assert p["prompt_token_ids"] != [1, 2]
+    assert (p.tier.name, p.tier.rank, p.tier.tbt_slo_s) == ("free", free.rank, free.tbt_slo_s)
+    assert p.request_id != "cmpl-forged" and "tier" not in p.sampling.model_dump()
+    assert p.prompt_token_ids != [1, 2]
 
 
 @pytest.mark.parametrize("headers,tier", [c[1:] for c in AUTH_VARIANTS_INPROCESS],
@@ -231,7 +231,7 @@ def test_authorization_variants_inprocess(inprocess, headers, tier) -> None:
     if tier is None:
         assert status == 401 and json.loads(content)["error"]["code"] == "invalid_api_key" and not replicas.payloads
     else:
-        assert status == 200 and h["x-tier"] == tier and replicas.payloads[0]["tier"] == tier
+        assert status == 200 and h["x-tier"] == tier and replicas.payloads[0].tier.name == tier
 
 
 def test_no_key_in_any_log_record_inprocess(inprocess, caplog: pytest.LogCaptureFixture) -> None:

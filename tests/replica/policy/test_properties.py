@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from replica.cost.model import CostModel
 from replica.policy import Request, available_schedulers, make_policy
 from replica.sim.engine import SchedulerStalled, SimEngine
 
@@ -31,7 +32,7 @@ PROPERTY_SETTINGS = settings(
 )
 
 
-class LinearCost:
+class LinearCost(CostModel):
     def iteration_time_s(self, shape) -> float:
         return 1e-3 + 1e-5 * shape.num_tokens
 

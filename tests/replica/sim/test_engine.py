@@ -12,18 +12,19 @@ from collections import defaultdict
 
 import pytest
 
-from replica.policy import BatchPlan, Request, make_policy
+from replica.cost.model import CostModel
+from replica.policy import BatchPlan, Request, SchedulingPolicy, make_policy
 from replica.sim.engine import SimEngine
 
 BS = 16
 
 
-class OneSecond:
+class OneSecond(CostModel):
     def iteration_time_s(self, shape) -> float:
         return 1.0
 
 
-class Scripted:
+class Scripted(SchedulingPolicy):
     """Returns `steps[k](state)` at its k-th call, then defers to `then` (a real policy)."""
 
     name = "scripted"
@@ -299,7 +300,7 @@ def test_engine_keeps_the_waiting_queue_in_spf_order_with_preempted_in_front_of_
     from replica.policy import Request, make_policy
     from replica.sim.engine import SimEngine
 
-    class Zero:
+    class Zero(CostModel):
         def iteration_time_s(self, shape):
             return 0.0
 

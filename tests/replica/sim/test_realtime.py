@@ -5,13 +5,15 @@ import time
 
 import pytest
 
+from replica.contract import GenerateRequest, TierFacts
+from replica.cost.model import CostModel
 from replica.cost.shape import BatchShape
 from replica.policy import make_policy
 from replica.sim.realtime import RealtimeSimEngine
 from replica.slo import SLOTracker
 
 
-class LinearCost:
+class LinearCost(CostModel):
     """2 ms per iteration plus 10 us per token."""
 
     def iteration_time_s(self, shape: BatchShape) -> float:
@@ -23,9 +25,17 @@ def _engine(scheduler: str = "slai-spf-dynamic", **kw):
     return RealtimeSimEngine(make_policy(scheduler), LinearCost(), num_kv_blocks=2000, slo=slo, **kw)
 
 
+TIERS = {"premium": TierFacts("premium", 0.1, 0.5, 0), "free": TierFacts("free", 0.5, 0.5, 1)}
+
+
+def _request(rid: str, prompt_len: int, max_tokens: int, tier: str = "free") -> GenerateRequest:
+    return GenerateRequest(request_id=rid, prompt_token_ids=[7] * prompt_len, max_tokens=max_tokens,
+                           tier=TIERS[tier])
+
+
 async def _collect(engine, rid, prompt_len, max_tokens, **kw):
     times = []
-    async for n in engine.generate(rid, prompt_len, max_tokens, **kw):
+    async for n in engine.generate(_request(rid, prompt_len, max_tokens, **kw)):
         times.append((n, time.monotonic()))
     return times
 
@@ -50,8 +60,8 @@ def test_tokens_stream_at_the_pace_of_the_cost_profile():
 def test_many_concurrent_requests_all_finish_with_their_token_counts(scheduler):
     async def main():
         eng = _engine(scheduler)
-        jobs = [_collect(eng, f"r{i}", 50 + 30 * i, 5 + i, tier="premium" if i % 4 == 0 else "free",
-                         tbt_slo_s=0.1 if i % 4 == 0 else 0.5) for i in range(12)]
+        jobs = [_collect(eng, f"r{i}", 50 + 30 * i, 5 + i, tier="premium" if i % 4 == 0 else "free")
+                for i in range(12)]
         res = await asyncio.gather(*jobs)
         snap = eng.snapshot("replica-0")
         await eng.close()
@@ -67,7 +77,7 @@ def test_many_concurrent_requests_all_finish_with_their_token_counts(scheduler):
 def test_client_gone_aborts_the_request_and_frees_its_kv():
     async def main():
         eng = _engine(time_scale=5.0)
-        agen = eng.generate("gone", 200, 1000, tier="free")
+        agen = eng.generate(_request("gone", 200, 1000))
         assert await agen.__anext__() == 1
         await agen.aclose()  # the client disconnects mid-stream
         await asyncio.sleep(0.05)
@@ -82,11 +92,19 @@ def test_client_gone_aborts_the_request_and_frees_its_kv():
 
 
 def test_bad_requests_are_refused():
+    with pytest.raises(ValueError, match="empty"):
+        _request("x", 0, 5)
+    with pytest.raises(ValueError, match="max_tokens"):
+        _request("x", 5, 0)
+
     async def main():
         eng = _engine()
-        with pytest.raises(ValueError):
-            async for _ in eng.generate("x", 0, 5):
+        agen = eng.generate(_request("dup", 20, 1000))
+        await agen.__anext__()
+        with pytest.raises(ValueError, match="duplicate"):
+            async for _ in eng.generate(_request("dup", 20, 5)):
                 pass
+        await agen.aclose()
         await eng.close()
 
     asyncio.run(main())

@@ -17,7 +17,8 @@ pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 from vllm_testkit import engine_scheduler  # noqa: E402
 
-from replica.vllm_scheduler import PolicyScheduler, SLAIScheduler  # noqa: E402
+from replica.contract import TierFacts  # noqa: E402
+from replica.vllm_scheduler import PolicyScheduler, SLAIScheduler, replica_engine_config  # noqa: E402
 
 os.environ["REPLICA_STEP_LOG"] = "100000"  # read when a scheduler is built
 
@@ -152,9 +153,9 @@ def test_shortest_prompt_first_admission_order(make_llm):
     assert [a.split("-")[0] for a in admitted] == ["p40", "p120", "p300"]
 
 
-def test_strict_tier_first_admission_order(make_llm, monkeypatch):
-    monkeypatch.setenv("REPLICA_SCHEDULER", "slai-spf-tier-dynamic")
-    llm = make_llm(POLICY, max_num_batched_tokens=64, max_num_seqs=8)
+def test_strict_tier_first_admission_order(make_llm):
+    llm = make_llm(POLICY, max_num_batched_tokens=64, max_num_seqs=8,
+                   additional_config={"tiered_llm": replica_engine_config(scheduler="slai-spf-tier-dynamic")})
     sched = engine_scheduler(llm)
     assert type(sched) is PolicyScheduler and sched.policy.name == "slai-spf-tier-dynamic"
     steps_of(llm)
@@ -195,6 +196,48 @@ def test_invalid_tier_rejects_that_request_only(make_llm):
     assert finished["bad-tier"].finish_reason == "abort" and "unknown tier 'gold'" in str(finished["bad-tier"].stop_reason)
     assert finished["bad-slo"].finish_reason == "abort" and "tbt_slo_s" in str(finished["bad-slo"].stop_reason)
     assert finished["good"].finish_reason == "length" and len(finished["good"].token_ids) == 3
+
+
+def test_a_request_carrying_its_whole_tier_is_scheduled_by_those_facts(make_llm):
+    llm = make_llm(SLAI, max_num_batched_tokens=64, max_num_seqs=4)
+    gold = TierFacts(name="gold", tbt_slo_s=0.05, ttft_target_s=0.3, rank=0)  # not a configured tier
+    sched = engine_scheduler(llm)
+    eng = llm.llm_engine
+    eng.add_request("g1", {"prompt_token_ids": [5, 6, 7, 8]},
+                    SamplingParams(max_tokens=4, ignore_eos=True, extra_args=gold.to_extra_args()))
+    mirror = sched.mirrors[next(r for r in sched.mirrors if r.startswith("g1"))]
+    assert (mirror.tier, mirror.tbt_slo_s, mirror.ttft_target_s, mirror.tier_rank) == ("gold", 0.05, 0.3, 0)
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert sched.feedback_snapshot()["tiers"]["gold"]["tokens_total"] == 4
+
+
+@pytest.mark.parametrize("additional, match", [
+    ({"tiered_llm": {"schedular": "rad"}}, "unknown setting"),
+    ({"tiered_llm": {"tiers": [{"name": "x", "tbt_slo_s": -1, "ttft_target_s": 1, "rank": 0}]}}, "tbt_slo_s"),
+    ({"tiered_llm": {"default_tier": "gold"}}, "default_tier 'gold' is not one of the tiers"),
+    ({"tiered_llm": "sarathi-fcfs"}, "must be a mapping"),
+])
+def test_bad_replica_settings_in_the_engine_config_name_the_setting(additional, match):
+    from types import SimpleNamespace
+
+    from replica.vllm_scheduler import _replica_settings
+
+    with pytest.raises(ValueError, match=match):
+        _replica_settings(SimpleNamespace(additional_config=additional))
+
+
+def test_replica_settings_come_from_the_engine_config():
+    from types import SimpleNamespace
+
+    from replica.vllm_scheduler import _replica_settings
+
+    gold = TierFacts(name="gold", tbt_slo_s=0.05, ttft_target_s=0.3, rank=0)
+    cfg = replica_engine_config(scheduler="rad", replica_id="r-7", tiers=[gold])
+    assert _replica_settings(SimpleNamespace(additional_config={"tiered_llm": cfg})) == (
+        "rad", "r-7", {"gold": gold}, None)
+    scheduler, rid, tiers, default = _replica_settings(SimpleNamespace(additional_config={}))
+    assert (scheduler, rid, default) == (None, None, None) and set(tiers) == {"premium", "free"}
 
 
 def test_feedback_snapshot_reports_per_tier_latencies(make_llm):

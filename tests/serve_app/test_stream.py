@@ -1,4 +1,4 @@
-"""`serve_app.retry`: a replica stream whose replica died before its first chunk is opened again,
+"""`serve_app.stream`: a replica stream whose replica died before its first chunk is opened again,
 once; anything else is reported as before (no Ray cluster: fake streams)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ pytest.importorskip("ray")
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError  # noqa: E402
 from ray.serve.exceptions import BackPressureError  # noqa: E402
 
-from serve_app.retry import END, is_replica_death, open_replica_stream, retry_request_id  # noqa: E402
+from serve_app.stream import is_replica_death, open_replica_stream, retry_request_id  # noqa: E402
 
 
 class FakeStream:
@@ -109,7 +109,7 @@ def test_first_chunk_and_an_empty_stream():
     assert opened.first == {"index": 1} and opened.error is None and opened.attempts == 1
     start, _ = _starter(FakeStream())
     opened = asyncio.run(open_replica_stream(start))
-    assert opened.first is END and opened.error is None
+    assert opened.first is None and opened.error is None
 
 
 def test_backpressure_propagates_without_retry():
@@ -157,7 +157,7 @@ def _complete_with_deaths(die_after: list[int | None]):
 def test_a_non_streaming_request_starts_over_when_its_replica_dies_mid_generation():
     status, body, payloads, ingress = _complete_with_deaths([3, None])  # dies after 3 of 6 tokens
     assert status == 200 and body["usage"]["completion_tokens"] == 6, body
-    assert len(payloads) == 2 and payloads[0]["request_id"] != payloads[1]["request_id"]
+    assert len(payloads) == 2 and payloads[0].request_id != payloads[1].request_id
     assert len(ingress.in_flight) == 0
 
 

@@ -1,4 +1,12 @@
-"""Retrying a replica stream whose replica died before it produced anything.
+"""The ingress's one replica-stream abstraction: a stream opened by reading its first chunk,
+retried on another replica when its replica died before producing anything.
+
+`open_replica_stream(start)` calls ``start(attempt)`` (a handle call returning a replica stream
+of `replica.contract.StreamChunk` s), reads the first chunk and returns a `ReplicaStream`: it
+iterates that first chunk, then the rest, and says what opening found (``first``: the first
+chunk, None when the stream ended at once; ``error``: what reading it raised, after the retries;
+``attempts``).  Reading up to the first chunk before the response starts is what turns Serve's
+backpressure into a 429 and makes the retry below possible.
 
 A request that a replica accepted but had not started streaming when that replica died (killed,
 out of memory, its node gone) fails at the first ``__anext__`` of the replica stream with a Ray
@@ -15,8 +23,9 @@ starts it over on another replica when its replica dies mid-generation (`serve_a
 within the same budget of ``DEFAULT_RETRIES`` extra attempts).
 
     opened = await open_replica_stream(
-        lambda attempt: handle.options(stream=True).generate.remote(payload_for(attempt)))
-    # opened.stream, opened.first (or END), opened.error, opened.attempts
+        lambda attempt: handle.options(stream=True).generate.remote(request.with_request_id(
+            retry_request_id(request.request_id, attempt))))
+    async for chunk in opened: ...      # the first chunk, then the rest (or ``opened.error``)
 
 ``BackPressureError`` and ``asyncio.CancelledError`` propagate (the stream is cancelled on the
 latter: the client is gone), as they did from the first ``__anext__``.
@@ -27,14 +36,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEFAULT_RETRIES", "END", "OpenedStream", "is_replica_death", "open_replica_stream", "retry_request_id"]
+from replica.contract import StreamChunk
+
+__all__ = ["DEFAULT_RETRIES", "ReplicaStream", "is_replica_death", "open_replica_stream", "retry_request_id"]
 
 logger = logging.getLogger("ray.serve")
-
-END: Any = object()  # `OpenedStream.first` of a stream that ended before its first chunk
 
 DEFAULT_RETRIES = 1
 
@@ -74,22 +82,44 @@ def retry_request_id(request_id: str, attempt: int) -> str:
     return request_id if attempt == 0 else f"{request_id}-retry{attempt}"
 
 
-@dataclass
-class OpenedStream:
-    """A replica stream and what reading its first chunk gave: ``first`` (`END` when the stream
-    ended at once), or ``error`` (the exception that reading raised, after the retries)."""
+class ReplicaStream:
+    """A replica stream whose first chunk was read when it was opened (`open_replica_stream`):
+    ``stream`` (the underlying one), ``first`` (that chunk; None when the stream ended before
+    one), ``error`` (what reading it raised, after the retries; iterating raises it),
+    ``attempts`` (streams opened).  Iterates ``first``, then the rest; `cancel` cancels the
+    underlying stream (which aborts the engine request)."""
 
-    stream: Any
-    first: Any = END
-    error: BaseException | None = None
-    attempts: int = 1
+    __slots__ = ("stream", "first", "error", "attempts", "_pending")
+
+    def __init__(self, stream: Any, first: StreamChunk | None = None, error: BaseException | None = None,
+                 attempts: int = 1) -> None:
+        self.stream, self.first, self.error, self.attempts = stream, first, error, attempts
+        self._pending = True
+
+    def __aiter__(self) -> ReplicaStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        if self._pending:
+            self._pending = False
+            if self.error is not None:
+                raise self.error
+            if self.first is None:
+                raise StopAsyncIteration
+            return self.first
+        if self.first is None or self.error is not None:
+            raise StopAsyncIteration
+        return await self.stream.__anext__()
+
+    def cancel(self) -> None:
+        _cancel(self.stream)
 
 
 async def open_replica_stream(start: Callable[[int], Any], *, retries: int = DEFAULT_RETRIES,
-                              request_id: str = "") -> OpenedStream:
+                              request_id: str = "") -> ReplicaStream:
     """Starts a replica stream with ``start(attempt)`` (attempt 0, 1, ...) and reads its first
     chunk; when that read fails because the replica died (`is_replica_death`), starts it again,
-    at most ``retries`` more times.  Other errors are returned in `OpenedStream.error` (no
+    at most ``retries`` more times.  Other errors are returned in `ReplicaStream.error` (no
     retry); ``BackPressureError`` and ``CancelledError`` propagate (the latter after cancelling
     the stream)."""
     from ray.serve.exceptions import BackPressureError
@@ -100,7 +130,7 @@ async def open_replica_stream(start: Callable[[int], Any], *, retries: int = DEF
         try:
             first = await stream.__anext__()
         except StopAsyncIteration:
-            return OpenedStream(stream, END, None, attempt + 1)
+            return ReplicaStream(stream, None, None, attempt + 1)
         except BackPressureError:
             raise
         except asyncio.CancelledError:
@@ -113,8 +143,8 @@ async def open_replica_stream(start: Callable[[int], Any], *, retries: int = DEF
                                "(attempt %d of %d)", request_id, type(e).__name__, attempt + 1, retries + 1)
                 _cancel(stream)
                 continue
-            return OpenedStream(stream, None, e, attempt + 1)
-        return OpenedStream(stream, first, None, attempt + 1)
+            return ReplicaStream(stream, None, e, attempt + 1)
+        return ReplicaStream(stream, first, None, attempt + 1)
 
 
 def _cancel(stream: Any) -> None:

@@ -1,0 +1,47 @@
+"""The replica backend contract: one engine behind the replica deployment.
+
+`replica.deployment.LLMReplica` (the Ray Serve deployment) holds one backend and does nothing
+engine-specific itself.  Two implementations:
+
+- `replica.sim.backend.SimBackend`: the simulated engine on the wall clock (the SLAI policy and a
+  GPU cost profile; no model, no GPU);
+- `replica.vllm_backend.VLLMBackend`: vLLM's ``AsyncLLM`` with a policy scheduler class
+  (`replica.vllm_scheduler`) plugged in.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any
+
+from replica.contract import GenerateRequest, StreamChunk
+
+
+class ReplicaBackend(ABC):
+    replica_id: str
+
+    @abstractmethod
+    def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """Stream ``request``'s completion: chunks in order, cumulative ``num_tokens``, the last
+        one with a ``finish_reason``.  Closing or cancelling the iterator before the end (the
+        client is gone) aborts the engine request and frees its KV.  Raises ValueError for a
+        request this engine cannot take (e.g. a duplicate request id)."""
+
+    @abstractmethod
+    async def snapshot(self) -> dict[str, Any]:
+        """The replica's feedback snapshot (`replica.slo.SLOTracker.snapshot` schema), which the
+        deployment returns from ``record_routing_stats`` to the routers and the ingress."""
+
+    @property
+    @abstractmethod
+    def num_unfinished(self) -> int:
+        """Requests the engine holds (waiting or running) that have not finished."""
+
+    @abstractmethod
+    async def check_health(self) -> None:
+        """Raise if the engine can no longer serve (Serve then replaces the replica)."""
+
+    def shutdown(self) -> None:
+        """Release the engine (processes, GPU memory); called when the replica goes away.
+        Default: nothing to release."""

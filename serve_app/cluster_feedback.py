@@ -1,0 +1,85 @@
+"""The replicas' feedback as one ingress sees it: every replica's latest snapshot, polled while
+requests arrive, for admission control (`serve_app.admission`).
+
+`FeedbackPoller` calls ``record_routing_stats`` on every running replica each ``period_s`` with
+``DeploymentHandle.broadcast`` (Ray Serve's fan-out to all running replicas; a normal handle call
+would reach one replica through the router, and the routers' own copies of the snapshots are
+refreshed by the controller only every ``router.feedback_period_s``).  It polls while requests
+arrive or are in flight and stops after ``idle_s`` without one (the next request starts it
+again).  Snapshots older than ``forget_after_s`` are dropped (their replica is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from router.feedback import FeedbackError, ReplicaFeedback
+from serve_app.admission import TBTHistory
+
+__all__ = ["FeedbackPoller"]
+
+logger = logging.getLogger("ray.serve")
+
+
+class FeedbackPoller:
+    def __init__(self, replicas: Any, *, period_s: float, timeout_s: float, idle_s: float, forget_after_s: float,
+                 tbt_window_s: float, num_replicas: int, busy: Callable[[], bool] = lambda: False) -> None:
+        """``replicas``: the replica deployment's handle; ``busy()``: whether requests are in
+        flight (polling goes on while they are); ``num_replicas``: the configured count, until a
+        poll finds how many run."""
+        self.replicas = replicas
+        self.period_s, self.timeout_s, self.idle_s, self.forget_after_s = period_s, timeout_s, idle_s, forget_after_s
+        self.busy = busy
+        self.feedback: dict[str, ReplicaFeedback] = {}  # replica id -> its latest snapshot
+        self.tbt_history = TBTHistory(tbt_window_s)
+        self.num_replicas = num_replicas  # as the last poll found them
+        self._task: asyncio.Task | None = None
+        self._failures = 0
+        self._last_request_s = time.monotonic()
+
+    def on_request(self) -> None:
+        """A request arrived: keep (or start) polling."""
+        self._last_request_s = time.monotonic()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while time.monotonic() - self._last_request_s <= self.idle_s or self.busy():
+            try:
+                await self.poll_once(self.timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - admission goes on with older snapshots
+                self._failures += 1
+                if self._failures in (1, 10, 100) or self._failures % 1000 == 0:
+                    logger.warning("ingress: polling the replicas' feedback failed (%d times): %r", self._failures, e)
+            await asyncio.sleep(self.period_s)
+
+    async def poll_once(self, timeout_s: float = 5.0) -> list[ReplicaFeedback]:
+        """One poll of every running replica; updates the snapshots and the TBT history."""
+        results = await self.replicas.broadcast("record_routing_stats").results_async(
+            timeout_s=timeout_s, return_exceptions=True)
+        fresh = []
+        for r in results:
+            if isinstance(r, BaseException) or not r:
+                continue
+            try:
+                fresh.append(ReplicaFeedback.from_snapshot(r))
+            except (FeedbackError, ValueError):
+                continue
+        if results:
+            self.num_replicas = len(results)
+        for fb in fresh:
+            self.feedback[fb.replica_id] = fb
+        self.tbt_history.add(fresh)
+        now = time.time()
+        stale = [rid for rid, fb in self.feedback.items() if now - fb.timestamp_s > self.forget_after_s]
+        for rid in stale:
+            del self.feedback[rid]
+        if stale:
+            self.tbt_history.forget(self.feedback)
+        return fresh
