@@ -5,7 +5,7 @@
 * A QPS point meets the SLOs (the paper's capacity criterion) when the median TTFT is at most
   `ttft_p50_limit_s` (0.5 s) and every tier's P99 TBT is within its SLO.
 * Stable: additionally, when the last request arrived at most 1 % of the requests were still
-  waiting to start (DESIGN.md: under shortest-prompt-first an overloaded replica can keep the
+  waiting to start (under shortest-prompt-first an overloaded replica can keep the
   median TTFT low while long prompts starve; this catches it).
 * Goodput: requests per second (over the run's makespan) whose TTFT met their tier's target
   and at most 1 % of whose gaps exceeded their tier's TBT SLO.

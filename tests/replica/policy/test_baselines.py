@@ -1,4 +1,4 @@
-"""The baselines of PAPER.md (Sarathi-Serve FCFS/SPF, vLLM-style), RAD, and the registry."""
+"""The baselines of docs/paper.md (Sarathi-Serve FCFS/SPF, vLLM-style), RAD, and the registry."""
 
 from __future__ import annotations
 

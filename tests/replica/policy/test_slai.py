@@ -1,4 +1,4 @@
-"""SLAI (PAPER.md "SLAI ... per replica, every iteration"), one behaviour per test, on hand-built
+"""SLAI (docs/paper.md "SLAI ... per replica, every iteration"), one behaviour per test, on hand-built
 engine states. Decode-ready requests carry an LST; `now >= LST` makes a decode critical."""
 
 from __future__ import annotations
