@@ -22,6 +22,7 @@ from loadtest.plan.stacks import STACK_BY_KEY, Stack, available_stacks
 from loadtest.plan.workload import PlanError, Workload, _profile, hourly_qps, lengths_trace
 from loadtest.simulate.cluster import ClusterConfig, run_cluster
 from loadtest.simulate.replica import Workload as SimWorkload
+from replica.policy.config import DEFAULT_TOKEN_BUDGET
 from replica.tiers import TierMix
 
 __all__ = ["CRITERION", "DAYS_PER_MONTH", "HOURS_PER_MONTH", "PlanSetup", "StackSearch", "guess_replicas", "plan",
@@ -33,7 +34,7 @@ DAYS_PER_MONTH = 365 / 12
 # (roughly what the one-replica capacities of docs/BENCHMARKS.md sections 1-2 give); the search
 # only starts there, every answer is simulated.
 GUESS_EFFICIENCY = 0.75
-GUESS_TOKEN_BUDGET = 512
+GUESS_TOKEN_BUDGET = DEFAULT_TOKEN_BUDGET
 
 
 # --------------------------------------------------------------------------------- one simulation

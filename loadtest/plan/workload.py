@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from replica.cost.profile import CostProfile, load_profile
+from replica.cost.profile import DEFAULT_COST_PROFILE, CostProfile, load_profile
 from replica.sim.engine import PAPER_KV_BLOCKS
 from replica.tiers import TierMix, TierSpec, paper_tiers
 from replica.traces import Trace, load_trace
@@ -152,7 +152,7 @@ class Workload(_Strict):
                                               "ttft_target_s (its median TTFT must be within, default 0.5), "
                                               "share (of the requests; shares sum to 1), rank (optional, 0 = "
                                               "strictest). Default: premium 0.1 s 5 %, free 0.5 s 95 %")
-    gpu_profile: str = Field("rtx6000ada-mistral7b", description="cost profile: a name in replica/cost/profiles "
+    gpu_profile: str = Field(DEFAULT_COST_PROFILE, description="cost profile: a name in replica/cost/profiles "
                                                                  "(rtx6000ada-mistral7b, a100-mistral7b, "
                                                                  "h100-mistral7b, ...) or a profile JSON path")
     price_per_gpu_hour_usd: float = Field(ge=0, description="price of one GPU (one replica) per hour, USD")
