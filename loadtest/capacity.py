@@ -20,7 +20,8 @@ Output (``--out``): ``capacity.json`` (every point, the capacity, the commands),
 SLO) and ``steps/qps-Q/`` (raw samples, locust's CSV and log).
 
 ``--serve ARG ...`` starts ``python -m serve_app ARG ... http.port=FREE`` first (its own process
-group, a private RAY_TMPDIR, fresh API keys), waits for ``/health``, measures, then stops it
+group, a private RAY_TMPDIR, fresh API keys, Ray token authentication with a token of the launch's
+own), waits for ``/health``, measures, then stops it
 (SIGTERM, wait; SIGKILL of that process group only if it hangs).  Without it, API keys come from
 ``--keys`` or the environment (LOADTEST_KEYS='premium=KEY,free=KEY' or TIERED_API_KEYS='KEY:TIER,...').
 
@@ -649,16 +650,18 @@ def launch_app(serve_args: Sequence[str], *, port: int | None = None, keys: Mapp
                log_path: Path | None = None, ready_timeout_s: float = 120.0,
                stop_grace_s: float = 60.0) -> Iterator[App]:
     """``python -m serve_app SERVE_ARGS http.host=127.0.0.1 http.port=PORT`` in a session of its
-    own with a private RAY_TMPDIR and the given (or fresh) API keys; yields an `App` once
+    own with a private RAY_TMPDIR, the given (or fresh) API keys and Ray token authentication (the
+    launcher generates a private token: serve_app/ray_auth.py); yields an `App` once
     ``/health`` answers 200 and one completion went through; stops it on exit."""
     import httpx
 
     port = port or free_port()
     keys = dict(keys or {"premium": "lt-premium-" + secrets.token_hex(8), "free": "lt-free-" + secrets.token_hex(8)})
     ray_tmp = tempfile.mkdtemp(prefix="ltray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled",
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token",
            "TIERED_API_KEYS": ",".join(f"{k}:{t}" for t, k in keys.items())}
-    env.pop("RAY_ADDRESS", None)
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # the launcher makes a private token
+        env.pop(var, None)
     cmd = [sys.executable, "-m", "serve_app", *serve_args, "http.host=127.0.0.1", f"http.port={port}"]
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

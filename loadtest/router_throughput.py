@@ -5,7 +5,8 @@
 Runs the Serve app in this process on 127.0.0.1 (sim backend with a negligible cost: time_scale
 1e-6, so the engine is not the bottleneck), once per router, and drives each with `concurrency`
 clients sending 1-token completions, in ABBA order (slo, default, default, slo), `seconds` per
-router in all; prints requests/s per run, the means and their ratio as JSON.
+router in all; prints requests/s per run, the means and their ratio as JSON.  Ray's token
+authentication stays on, with a private token for the run (serve_app/ray_auth.py).
 """
 
 from __future__ import annotations
@@ -61,19 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--replicas", type=int, default=3)
     a = ap.parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["TIERED_API_KEYS"] = f"{KEY}:free"
     import ray
     from ray import serve
 
     from serve_app.app import build_app
+    from serve_app.ray_auth import private_token, require_enabled
 
     port = _free_port()
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    # Ray token authentication on, with a token of this run's own (serve_app/ray_auth.py)
+    with tempfile.TemporaryDirectory() as tmp, private_token(prefix="router-throughput-auth-"):
         ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, _temp_dir=tmp,
                  log_to_driver=False, runtime_env={"env_vars": {"TIERED_API_KEYS": os.environ["TIERED_API_KEYS"]}})
         try:
+            require_enabled()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             # ABBA order, so neither router always runs on a colder or warmer cluster
             for policy in ("slo", "serve-default", "serve-default", "slo"):

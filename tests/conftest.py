@@ -1,7 +1,9 @@
 """Shared fixtures."""
 
 import os
+import secrets
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -12,22 +14,73 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def ray_token():
+    """Ray token authentication for the session's local Ray clusters: a token of this session's own
+    (`serve_app.ray_auth.private_token`: mode 0600 in a fresh 0700 temp dir) in ``RAY_AUTH_TOKEN_PATH``
+    for this process and what it starts (the clusters' GCS, raylets and workers inherit it), and
+    ``RAY_AUTH_MODE`` unset (then ``ray.init`` sets it to token) or token, else the session errors;
+    yields the token file's path; restores the environment after."""
+    from serve_app.ray_auth import private_token
+
+    with private_token(os.environ, prefix="pytest-ray-auth-") as path:
+        yield path
+
+
+def assert_ray_refuses_unauthenticated(ray, token_path) -> None:
+    """The running cluster (this process's driver's) enforces token authentication: its GCS and its
+    raylets answer a gRPC call without a token, or with a wrong one, UNAUTHENTICATED, and the same call
+    with the cluster's token (``token_path``'s) goes through."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2 as gcs
+    from ray.core.generated import gcs_service_pb2_grpc as gcs_grpc
+    from ray.core.generated import node_manager_pb2 as nm
+    from ray.core.generated import node_manager_pb2_grpc as nm_grpc
+
+    def gcs_call(channel, metadata):
+        gcs_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(gcs.GetClusterIdRequest(), metadata=metadata, timeout=10)
+
+    def raylet_call(channel, metadata):
+        nm_grpc.NodeManagerServiceStub(channel).GetResourceLoad(nm.GetResourceLoadRequest(), metadata=metadata,
+                                                                timeout=10)
+
+    assert os.environ.get("RAY_AUTH_MODE") == "token"
+    token = Path(token_path).read_text().strip()
+    targets = [(ray.get_runtime_context().gcs_address, gcs_call)]
+    targets += [(f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}", raylet_call) for n in ray.nodes() if n["Alive"]]
+    assert len(targets) >= 2
+    for address, call in targets:
+        with grpc.insecure_channel(address) as channel:
+            for metadata in ((), (("authorization", f"Bearer {secrets.token_hex(32)}"),)):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(channel, metadata)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, (address, refused.value)
+            call(channel, (("authorization", f"Bearer {token}"),))
+
+
+@pytest.fixture(scope="session")
+def check_ray_auth(ray_token):
+    """`assert_ray_refuses_unauthenticated` with the session's token: ``check_ray_auth(ray)`` once this
+    process's driver is connected to a cluster it started."""
+    return lambda ray: assert_ray_refuses_unauthenticated(ray, ray_token)
+
+
 @pytest.fixture(scope="module")
-def local_serve(request, tmp_path_factory):
+def local_serve(request, tmp_path_factory, check_ray_auth):
     """A local Ray cluster and Serve bound to 127.0.0.1 for one test module; yields the HTTP port.
 
-    A module may set `SERVE_ENV_VARS` (a dict) for the cluster's workers. Everything is shut down
-    after the module."""
+    Ray's token authentication is on, with the session's token (`ray_token`), and checked
+    (`check_ray_auth`). A module may set `SERVE_ENV_VARS` (a dict) for the
+    cluster's workers. Everything is shut down after the module."""
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    env_vars = {"RAY_AUTH_MODE": "disabled", **getattr(request.module, "SERVE_ENV_VARS", {})}
     port = _free_port()
     ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False,
-             runtime_env={"env_vars": env_vars})
+             runtime_env={"env_vars": dict(getattr(request.module, "SERVE_ENV_VARS", {}))})
     try:
+        check_ray_auth(ray)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield port
     finally:

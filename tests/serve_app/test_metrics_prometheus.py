@@ -3,7 +3,6 @@ a few requests of each tier (streaming and not) and a few rejections go through 
 per-tier histograms, counters and replica gauges must show up on
 ``http://127.0.0.1:METRICS_PORT/metrics`` with their tags and plausible values."""
 
-import os
 import socket
 import time
 from collections import defaultdict
@@ -34,11 +33,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def serve_with_metrics(tmp_path_factory):
-    """Like conftest's ``local_serve``, but with a known metrics export port and Ray's metrics
-    reported every second (default: 10 s).  Yields (http_port, metrics_port)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    env_vars = {"RAY_AUTH_MODE": "disabled", "TIERED_API_KEYS": ",".join(f"{k}:{t}" for t, k in KEYS.items())}
+def serve_with_metrics(tmp_path_factory, check_ray_auth):
+    """Like conftest's ``local_serve`` (Ray token authentication on, with the session's token), but with
+    a known metrics export port and Ray's metrics reported every second (default: 10 s).  Yields
+    (http_port, metrics_port)."""
+    env_vars = {"TIERED_API_KEYS": ",".join(f"{k}:{t}" for t, k in KEYS.items())}
     http_port, metrics_port = _free_port(), _free_port()
     ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False,
@@ -46,6 +45,7 @@ def serve_with_metrics(tmp_path_factory):
              runtime_env={"env_vars": env_vars})
     try:
         assert ray._private.worker.global_worker.node.metrics_export_port == metrics_port
+        check_ray_auth(ray)
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         serve.run(build_app({"overrides": {"engine.time_scale": 0.05, "replicas.num_replicas": 2,
                                            "replicas.cpus_per_replica": 0, "max_request_bytes": 20_000,
