@@ -111,7 +111,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="GPU workers' nodeSelector, e.g. cloud.google.com/gke-accelerator=nvidia-l4")
     r.add_argument("--upgrade-strategy", choices=["NewCluster", "None"], default="NewCluster",
                    help="how RayService rolls out rayClusterConfig changes (NewCluster needs 2x the GPUs meanwhile)")
-    r.add_argument("--ray-auth", choices=["token", "disabled"], default="token")
     r.add_argument("--runtime-env-var", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                    help="an env var for the Serve app's runtime_env")
 
@@ -178,7 +177,7 @@ def render(argv: Sequence[str], base: Path | None = None) -> tuple[Path | None, 
             head_memory=args.head_memory, worker_cpu=args.worker_cpu, worker_ray_cpus=args.worker_ray_cpus,
             worker_memory=args.worker_memory, shm_size=args.shm_size, workers=args.workers,
             min_workers=args.min_workers, max_workers=args.max_workers, node_selector=dict(args.node_selector),
-            upgrade_strategy=args.upgrade_strategy, ray_auth=args.ray_auth,
+            upgrade_strategy=args.upgrade_strategy,
             runtime_env_vars=dict(args.runtime_env_var))
         config, _, opts = resolve_config(base / config_arg, opts)
         objs = [rayservice_manifest(config, opts)]

@@ -261,8 +261,7 @@ def rayservice_manifest(config: AppConfig, opts: RayServiceOptions) -> dict[str,
             "resources": {"requests": {"cpu": "500m", "memory": "512Mi"},
                           "limits": {"cpu": "500m", "memory": "512Mi"}},
         }
-    if opts.ray_auth != "disabled":
-        cluster["authOptions"] = {"mode": opts.ray_auth}
+    cluster["authOptions"] = {"mode": "token"}  # Ray's token authentication, always (KubeRay makes the Secret)
     cluster["headGroupSpec"] = {"rayStartParams": head_params, "template": _pod_template(config, opts, lay, head=True)}
     cluster["workerGroupSpecs"] = [group]
     metadata: dict[str, Any] = {"name": opts.name}

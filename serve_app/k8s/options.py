@@ -70,7 +70,6 @@ class RayServiceOptions:
     max_workers: int | None = None
     node_selector: Mapping[str, str] = field(default_factory=dict)
     upgrade_strategy: str = "NewCluster"
-    ray_auth: str = "token"
     runtime_env_vars: Mapping[str, str] = field(default_factory=dict)
 
 
