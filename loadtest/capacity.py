@@ -20,10 +20,11 @@ Output (``--out``): ``capacity.json`` (every point, the capacity, the commands),
 SLO) and ``steps/qps-Q/`` (raw samples, locust's CSV and log).
 
 ``--serve ARG ...`` starts ``python -m serve_app ARG ... http.port=FREE`` first (its own process
-group, a private RAY_TMPDIR, fresh API keys, Ray token authentication with a token of the launch's
-own), waits for ``/health``, measures, then stops it
-(SIGTERM, wait; SIGKILL of that process group only if it hangs).  Without it, API keys come from
-``--keys`` or the environment (LOADTEST_KEYS='premium=KEY,free=KEY' or TIERED_API_KEYS='KEY:TIER,...').
+group, a closed Ray cluster: every port on 127.0.0.1 (serve_app/ray_loopback.py), a private
+RAY_TMPDIR, fresh API keys, Ray token authentication with a token of the launch's own), waits for
+``/health``, measures, then stops it (SIGTERM, wait; SIGKILL of that process group only if it
+hangs).  Without it, API keys come from ``--keys`` or the environment
+(LOADTEST_KEYS='premium=KEY,free=KEY' or TIERED_API_KEYS='KEY:TIER,...').
 
 This module also holds the pieces the locustfile uses that need no locust (so tests can import
 them without gevent's monkey patching): the arrival schedule, prompt synthesis, key parsing and
@@ -650,8 +651,9 @@ def launch_app(serve_args: Sequence[str], *, port: int | None = None, keys: Mapp
                log_path: Path | None = None, ready_timeout_s: float = 120.0,
                stop_grace_s: float = 60.0) -> Iterator[App]:
     """``python -m serve_app SERVE_ARGS http.host=127.0.0.1 http.port=PORT`` in a session of its
-    own with a private RAY_TMPDIR, the given (or fresh) API keys and Ray token authentication (the
-    launcher generates a private token: serve_app/ray_auth.py); yields an `App` once
+    own with a private RAY_TMPDIR, the given (or fresh) API keys, a closed loopback-only cluster (the
+    launcher sets Ray's local-only switch itself: serve_app/ray_loopback.py) and Ray token authentication
+    (the launcher generates a private token: serve_app/ray_auth.py); yields an `App` once
     ``/health`` answers 200 and one completion went through; stops it on exit."""
     import httpx
 

@@ -5,8 +5,9 @@
 Runs the Serve app in this process on 127.0.0.1 (sim backend with a negligible cost: time_scale
 1e-6, so the engine is not the bottleneck), once per router, and drives each with `concurrency`
 clients sending 1-token completions, in ABBA order (slo, default, default, slo), `seconds` per
-router in all; prints requests/s per run, the means and their ratio as JSON.  Ray's token
-authentication stays on, with a private token for the run (serve_app/ray_auth.py).
+router in all; prints requests/s per run, the means and their ratio as JSON.  The cluster is closed
+(every Ray port on 127.0.0.1: serve_app/ray_loopback.py) and Ray's token authentication stays on,
+with a private token for the run (serve_app/ray_auth.py).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicas", type=int, default=3)
     a = ap.parse_args(argv)
     os.environ["TIERED_API_KEYS"] = f"{KEY}:free"
+    from serve_app.ray_loopback import local_only, require_loopback, runtime_env
+
+    local_only()  # before Ray is imported: a closed, loopback-only cluster (serve_app/ray_loopback.py)
     import ray
     from ray import serve
 
@@ -74,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     # Ray token authentication on, with a token of this run's own (serve_app/ray_auth.py)
     with tempfile.TemporaryDirectory() as tmp, private_token(prefix="router-throughput-auth-"):
         ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, _temp_dir=tmp,
-                 log_to_driver=False, runtime_env={"env_vars": {"TIERED_API_KEYS": os.environ["TIERED_API_KEYS"]}})
+                 log_to_driver=False, runtime_env=runtime_env({"TIERED_API_KEYS": os.environ["TIERED_API_KEYS"]}))
         try:
             require_enabled()
+            require_loopback()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             # ABBA order, so neither router always runs on a colder or warmer cluster
             for policy in ("slo", "serve-default", "serve-default", "slo"):

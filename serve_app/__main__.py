@@ -2,14 +2,24 @@
 
 The arguments are `serve_app.app.build_app`'s, as for ``serve run serve_app.app:build_app``
 (``config=PATH``, dotted overrides such as ``engine.time_scale=0.1``).  Unlike a bare
-``serve run`` (whose local cluster binds the machine's address), this starts Ray with node IP
-127.0.0.1 requested and no dashboard, serves HTTP on the config's ``http.host``/``http.port``
-(default 127.0.0.1:8000), exports Prometheus metrics on port ``TIERED_METRICS_EXPORT_PORT``
+``serve run`` (whose local cluster binds the machine's address), this starts a closed Ray cluster
+and no dashboard, serves HTTP on the config's ``http.host``/``http.port`` (default
+127.0.0.1:8000), exports Prometheus metrics on 127.0.0.1, port ``TIERED_METRICS_EXPORT_PORT``
 (default 8080; docs/metrics.md), blocks until Ctrl-C or SIGTERM, then shuts Serve and Ray down.  On an
 existing Ray cluster use ``serve run serve_app.app:build_app ...`` (or KubeRay's serveConfigV2).
 
-Ray's token authentication stays on (`serve_app.ray_auth`); it matters even here: Ray's GCS,
-raylet, worker and metrics ports listen on every interface whatever the node IP.  With nothing
+The cluster is closed: every port it opens listens on loopback only (`serve_app.ray_loopback`).
+``ray.init(_node_ip_address="127.0.0.1")`` alone does not do it: Ray turns a loopback node IP into
+the machine's reachable address, and then its GCS, raylet, worker and agent gRPC ports and the
+Prometheus exporter listen on every interface.  So, before anything imports Ray, the launcher sets
+Ray's local-only switch ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray reads it once, at import; its
+processes inherit it): the node IP stays 127.0.0.1 and Ray binds 127.0.0.1; the job's setup hook
+keeps the Serve replicas' inter-deployment gRPC servers (hard-coded ``[::]``) on 127.0.0.1 too, and
+the launcher checks the node IP and GCS address once the cluster is up.  There is no separate bind
+address for the metrics exporter in Ray 2.60 (it binds 127.0.0.1 exactly when the node IP is
+loopback), so no ``TIERED_METRICS_EXPORT_HOST``: scrape it from this machine, or use KubeRay.
+
+Ray's token authentication stays on as well (`serve_app.ray_auth`).  With nothing
 configured, each launch generates a token of its own (256 random bits, file mode 0600, in a fresh
 0700 directory under the temp dir, ``serve_app-auth-*``) and passes it to the cluster's processes as
 ``RAY_AUTH_TOKEN_PATH`` (Ray sets ``RAY_AUTH_MODE=token``, its default for a new local cluster, and
@@ -30,9 +40,14 @@ import sys
 import tempfile
 import threading
 
-from serve_app.app import build_app
-from serve_app.config import DEFAULT_CONFIG_PATH, load_config
-from serve_app.ray_auth import existing_token, private_token, require_enabled, require_token_mode
+from serve_app.ray_loopback import is_local_only, local_only, require_loopback, runtime_env
+
+if __name__ == "__main__":  # python -m serve_app: Ray's local-only switch before anything imports Ray
+    local_only()
+
+from serve_app.app import build_app  # noqa: E402 (imports Ray)
+from serve_app.config import DEFAULT_CONFIG_PATH, load_config  # noqa: E402
+from serve_app.ray_auth import existing_token, private_token, require_enabled, require_token_mode  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
@@ -56,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     app = build_app(args)  # validates the config before anything starts
     overrides = {k: v for k, v in args.items() if "." in k}
     http = load_config(args.get("config") or DEFAULT_CONFIG_PATH, overrides=overrides).http
+    if not is_local_only():  # main() called in a process that imported Ray before local_only()
+        raise SystemExit("python -m serve_app: Ray was imported without its local-only switch, so the cluster "
+                         "would listen on every interface (serve_app/ray_loopback.py); run python -m serve_app")
 
     import ray
     from ray import serve
@@ -65,13 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("RAY_TMPDIR"):  # short: Ray's socket paths have a length limit
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="serve_app-", dir="/tmp" if os.path.isdir("/tmp") else None)
     with private_token(keep_existing=True, prefix="serve_app-auth-") as token_path:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, _metrics_export_port=metrics_port)
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, _metrics_export_port=metrics_port,
+                 runtime_env=runtime_env())  # the closed cluster's setup hook (serve_app.ray_loopback)
         try:
             # after ray.init, whose own SIGTERM handler kills the node's processes and exits at once
             # (Serve's shutdown then aborts on a dead cluster, leaving Ray's agents behind)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
             require_enabled()  # Ray turned token authentication on for the cluster
+            require_loopback()  # and the node IP stayed 127.0.0.1
             gcs = ray.get_runtime_context().gcs_address
             print("serve_app: Ray token authentication is on; " + (
                 f"this cluster's token is in {token_path} (removed on exit): Ray's CLI needs it, e.g. "

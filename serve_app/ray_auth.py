@@ -7,9 +7,9 @@ by ``RAY_AUTH_TOKEN_PATH``, else from ``~/.ray/auth_token``; ``ray.init()`` star
 writes a fresh one to ``~/.ray/auth_token`` when it finds none.  The processes a cluster starts
 (GCS, raylet, dashboard agent, workers, so the Serve controller, proxy and replicas) inherit the
 environment of the process that started it, so they all read the same token.  Without it anyone
-who can reach the cluster's ports can run code on it, and some Ray ports listen on every interface
-even with the node IP set to 127.0.0.1: this project never turns it off (`require_token_mode`
-refuses any ``RAY_AUTH_MODE`` but ``token``).
+who can reach the cluster's ports can run code on it; the local clusters started here listen on
+loopback only (`serve_app.ray_loopback`), but every local user and process can reach loopback:
+this project never turns it off (`require_token_mode` refuses any ``RAY_AUTH_MODE`` but ``token``).
 
 Rather than Ray's default file, every run here that starts a local cluster (``python -m
 serve_app``, a test session, `loadtest.router_throughput`) uses `private_token`: 256 random bits

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from serve_app.ray_loopback import LOCAL_ONLY
+
+# Ray's local-only switch, before any test module imports Ray (Ray reads it once, at import): the
+# session's local clusters listen on 127.0.0.1 only (serve_app/ray_loopback.py); `local_serve` checks it.
+os.environ[LOCAL_ONLY] = "0"
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -69,17 +75,21 @@ def check_ray_auth(ray_token):
 def local_serve(request, tmp_path_factory, check_ray_auth):
     """A local Ray cluster and Serve bound to 127.0.0.1 for one test module; yields the HTTP port.
 
-    Ray's token authentication is on, with the session's token (`ray_token`), and checked
+    The cluster is closed (`serve_app.ray_loopback`: node IP 127.0.0.1, every Ray port on loopback,
+    checked) and Ray's token authentication is on, with the session's token (`ray_token`), and checked
     (`check_ray_auth`). A module may set `SERVE_ENV_VARS` (a dict) for the
     cluster's workers. Everything is shut down after the module."""
     ray = pytest.importorskip("ray")
     from ray import serve
 
+    from serve_app.ray_loopback import require_loopback, runtime_env
+
     port = _free_port()
     ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False,
-             runtime_env={"env_vars": dict(getattr(request.module, "SERVE_ENV_VARS", {}))})
+             runtime_env=runtime_env(getattr(request.module, "SERVE_ENV_VARS", {})))
     try:
+        require_loopback()
         check_ray_auth(ray)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield port

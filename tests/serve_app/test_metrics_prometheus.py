@@ -16,6 +16,7 @@ from ray import serve  # noqa: E402
 
 from serve_app import metrics as m  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
+from serve_app.ray_loopback import require_loopback, runtime_env  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -34,7 +35,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def serve_with_metrics(tmp_path_factory, check_ray_auth):
-    """Like conftest's ``local_serve`` (Ray token authentication on, with the session's token), but with
+    """Like conftest's ``local_serve`` (a closed cluster: its Prometheus exporter on 127.0.0.1 too; Ray
+    token authentication on, with the session's token), but with
     a known metrics export port and Ray's metrics reported every second (default: 10 s).  Yields
     (http_port, metrics_port)."""
     env_vars = {"TIERED_API_KEYS": ",".join(f"{k}:{t}" for t, k in KEYS.items())}
@@ -42,9 +44,10 @@ def serve_with_metrics(tmp_path_factory, check_ray_auth):
     ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False,
              _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000},
-             runtime_env={"env_vars": env_vars})
+             runtime_env=runtime_env(env_vars))
     try:
         assert ray._private.worker.global_worker.node.metrics_export_port == metrics_port
+        require_loopback()
         check_ray_auth(ray)
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         serve.run(build_app({"overrides": {"engine.time_scale": 0.05, "replicas.num_replicas": 2,
