@@ -14,10 +14,21 @@ keeps them out of the shell history), so secret files need not hold plaintext ei
 
 A key is a Bearer token (RFC 6750 ``b64token``: letters, digits and ``-._~+/``, then ``=``
 padding).  `KeyStore.tier_for` parses ``Authorization: Bearer KEY`` strictly (scheme
-case-insensitive), hashes the key and compares the digest with **every** stored digest by
-`hmac.compare_digest` (no early exit: the time does not depend on which key matched).  Failures
-are `AuthError` (401, OpenAI error code ``invalid_api_key``), whose messages never contain the key.
-Unsalted SHA-256 is sound here because API keys are long random tokens, not passwords.
+case-insensitive), hashes the key, looks its SHA-256 digest up in a dict (digest -> tier) and
+confirms the entry it found with one `hmac.compare_digest` of the two digests (a miss is compared
+with a fixed dummy digest of the same length): one lookup and one comparison whatever the number of
+keys, so a store of 10,000 keys answers as fast as one of 2.  Failures are `AuthError` (401,
+OpenAI error code ``invalid_api_key``), whose messages never contain the key.
+
+Why a dict lookup does not open a timing side channel: what the lookup hashes and compares (with
+``==``, which may stop at the first differing character) is the SHA-256 digest of the presented
+key, never the key.  An attacker chooses keys, not digests: steering a digest towards a chosen
+stored digest, even one hex digit at a time, is a SHA-256 preimage search (16**k tries for the
+first k digits), and learning a stored digest, even whole, does not give its key (keys are long
+random tokens: the digest's preimage is out of reach).  So the time of a lookup reveals nothing
+that helps forge a key; the `hmac.compare_digest` afterwards makes the final match itself
+constant-time.  Unsalted SHA-256 is sound here for the same reason: API keys are long random
+tokens, not passwords.
 """
 
 from __future__ import annotations
@@ -88,19 +99,27 @@ _MALFORMED = "Malformed Authorization header: expected 'Authorization: Bearer YO
 _UNKNOWN = "Incorrect API key provided."
 
 
+_NO_DIGEST = "0" * 64  # what a miss is compared with (a key with this digest: a SHA-256 preimage search)
+
+
+def _by_digest(hashes: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """``{digest: tier}`` -> ``{digest: (digest, tier)}`` (the stored digest, for `hmac.compare_digest`)."""
+    out: dict[str, tuple[str, str]] = {}
+    for digest, tier in hashes.items():
+        d = digest.lower()
+        if not _HEX64.fullmatch(d):
+            raise KeyConfigError("KeyStore takes SHA-256 hex digests (64 hex digits), not keys")
+        out[d] = (d, tier)
+    return out
+
+
 class KeyStore:
     """SHA-256 digests of API keys -> tier names.  No plaintext key is kept, and ``repr``/``str``
     show only counts."""
 
     def __init__(self, hashes: Mapping[str, str]) -> None:
         """``hashes``: SHA-256 hex digest -> tier name."""
-        tiers: dict[str, str] = {}
-        for digest, tier in hashes.items():
-            d = digest.lower()
-            if not _HEX64.fullmatch(d):
-                raise KeyConfigError("KeyStore takes SHA-256 hex digests (64 hex digits), not keys")
-            tiers[d] = tier
-        self._tiers = tiers
+        self._tiers = _by_digest(hashes)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -147,13 +166,10 @@ class KeyStore:
         if m is None or m.group(1).lower() != "bearer" or not is_valid_key(m.group(2)):
             raise AuthError(_MALFORMED)
         digest = hash_key(m.group(2))
-        found: str | None = None
-        for stored, tier in self._tiers.items():  # every key, no early exit
-            if hmac.compare_digest(digest, stored):
-                found = tier
-        if found is None:
+        stored, tier = self._tiers.get(digest, (_NO_DIGEST, None))  # O(1): module docstring
+        if not hmac.compare_digest(digest, stored) or tier is None:  # one comparison, hit or miss
             raise AuthError(_UNKNOWN)
-        return found
+        return tier
 
     # --- introspection (counts only) ------------------------------------------------------------
     def __len__(self) -> int:
@@ -162,7 +178,7 @@ class KeyStore:
     @property
     def tier_counts(self) -> dict[str, int]:
         """Number of keys per tier."""
-        return dict(Counter(self._tiers.values()))
+        return dict(Counter(tier for _, tier in self._tiers.values()))
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{t}={n}" for t, n in sorted(self.tier_counts.items()))
