@@ -12,6 +12,11 @@ Wherever a key is expected, ``sha256:<64 hex digits>`` may stand instead: the ha
 printed by ``python -m serve_app.auth hash KEY`` (or ``... hash -`` reading keys from stdin, which
 keeps them out of the shell history), so secret files need not hold plaintext either.
 
+A key given in plaintext (``api_keys.env``, ``api_keys.file``) must be at least `MIN_KEY_LENGTH`
+(12) characters long, else `KeyConfigError` naming the source and the entry or line.  A hashed
+entry (``sha256:...`` or ``api_keys.hashes``) cannot be checked, since its length is not in its
+digest: ``python -m serve_app.auth hash`` refuses short keys instead, so hash only keys it accepted.
+
 A key is a Bearer token (RFC 6750 ``b64token``: letters, digits and ``-._~+/``, then ``=``
 padding).  `KeyStore.tier_for` parses ``Authorization: Bearer KEY`` strictly (scheme
 case-insensitive), hashes the key, looks its SHA-256 digest up in a dict (digest -> tier) and
@@ -47,9 +52,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from serve_app.config import AppConfig
 
-__all__ = ["AuthError", "KeyConfigError", "KeyStore", "hash_key", "is_valid_key"]
+__all__ = ["MIN_KEY_LENGTH", "AuthError", "KeyConfigError", "KeyStore", "hash_key", "is_valid_key"]
 
 HASH_PREFIX = "sha256:"
+MIN_KEY_LENGTH = 12  # characters of a plaintext key (the dev keys dev-free-key, dev-premium-key: 12, 15)
+_TOO_SHORT = f"the key is shorter than {MIN_KEY_LENGTH} characters (use long random keys, e.g. 32+)"
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _AUTH_HEADER = re.compile(r"([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*) +(\S+)")
@@ -197,6 +204,8 @@ def _entry(key: str, tier: str, tiers: list[str], where: str) -> tuple[str, str,
     elif not is_valid_key(key):
         raise KeyConfigError(f"{where}: the key has characters a Bearer token cannot carry "
                              "(allowed: letters, digits, -._~+/ and trailing =)")
+    elif len(key) < MIN_KEY_LENGTH:
+        raise KeyConfigError(f"{where}: {_TOO_SHORT}")
     else:
         digest = hash_key(key)
     if tier not in tiers:
@@ -259,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         if not is_valid_key(key):
             print(f"error: key {i} has characters a Bearer token cannot carry "
                   "(allowed: letters, digits, -._~+/ and trailing =)", file=sys.stderr)
+            return 2
+        if len(key) < MIN_KEY_LENGTH:  # a hashed entry cannot be checked later
+            print(f"error: key {i}: {_TOO_SHORT}", file=sys.stderr)
             return 2
         print(hash_key(key))
     return 0

@@ -15,7 +15,7 @@ from serve_app import auth
 from serve_app.auth import AuthError, KeyConfigError, KeyStore, hash_key
 from serve_app.config import AppConfig
 
-KEYS = {"pk-alpha-111": "premium", "fk-beta-222": "free", "fk-gamma-333": "free"}
+KEYS = {"pk-alpha-111": "premium", "fk-beta-2222": "free", "fk-gamma-333": "free"}
 ENV = {"TIERED_API_KEYS": ",".join(f"{k}:{t}" for k, t in KEYS.items())}
 
 
@@ -52,7 +52,7 @@ REJECTED = [
     ("scheme glued", "Bearerpk-alpha-111", "Malformed"),
     ("two tokens", "Bearer pk-alpha-111 extra", "Malformed"),
     ("bad token chars", "Bearer pk-alpha-111\"", "Malformed"),
-    ("comma list", "Bearer pk-alpha-111, Bearer fk-beta-222", "Malformed"),
+    ("comma list", "Bearer pk-alpha-111, Bearer fk-beta-2222", "Malformed"),
     ("unknown key", "Bearer pk-alpha-112", "Incorrect API key"),
     ("key with other case", "Bearer PK-ALPHA-111", "Incorrect API key"),
     ("hash instead of key", f"Bearer {hash_key('pk-alpha-111')}", "Incorrect API key"),
@@ -191,8 +191,8 @@ def test_key_file_formats_and_hashes(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text(
         "# operators' keys\n"
-        "pk-file-1 premium\n"
-        "fk-file-2:free   # trailing comment\n"
+        "pk-file-0001 premium\n"
+        "fk-file-0002:free   # trailing comment\n"
         "\n"
         f"sha256:{hash_key('pk-hashed-3')} premium\n"
         f"SHA256:{hash_key('fk-hashed-4').upper()}:free\n"
@@ -200,27 +200,28 @@ def test_key_file_formats_and_hashes(tmp_path: Path) -> None:
     cfg = AppConfig(api_keys={"env": None, "file": keys, "hashes": {hash_key("pk-inline-5"): "premium"}})
     store = KeyStore.from_config(cfg, environ={})
     assert len(store) == 5
-    for key, tier in [("pk-file-1", "premium"), ("fk-file-2", "free"), ("pk-hashed-3", "premium"),
+    for key, tier in [("pk-file-0001", "premium"), ("fk-file-0002", "free"), ("pk-hashed-3", "premium"),
                       ("fk-hashed-4", "free"), ("pk-inline-5", "premium")]:
         assert store.tier_for(f"Bearer {key}") == tier
 
 
 def test_env_and_file_combine(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
-    keys.write_text("pk-file-1 premium\npk-alpha-111 premium\n")  # same key, same tier: fine
+    keys.write_text("pk-file-0001 premium\npk-alpha-111 premium\n")  # same key, same tier: fine
     cfg = AppConfig(api_keys={"env": "TIERED_API_KEYS", "file": keys})
     store = KeyStore.from_config(cfg, environ=ENV)
-    assert len(store) == 4 and store.tier_for("Bearer pk-file-1") == "premium"
+    assert len(store) == 4 and store.tier_for("Bearer pk-file-0001") == "premium"
     # an unset env var adds nothing when the file has keys
     assert len(KeyStore.from_config(cfg, environ={})) == 2
 
 
 ENV_CASES = [
-    ("unknown tier", "pk-a:premium,pk-b:gold", "entry 2", "unknown tier 'gold'"),
-    ("no tier", "pk-a:premium,pk-b", "entry 2", "expected KEY:TIER"),
+    ("unknown tier", "pk-a-0123456789:premium,pk-b-0123456789:gold", "entry 2", "unknown tier 'gold'"),
+    ("no tier", "pk-a-0123456789:premium,pk-b-0123456789", "entry 2", "expected KEY:TIER"),
     ("empty key", ":premium", "entry 1", "expected KEY:TIER"),
-    ("bad chars", "pk a:premium", "entry 1", "Bearer token"),
-    ("conflict", "pk-a:premium,pk-a:free", "entry 2", "also given for tier 'premium'"),
+    ("bad chars", "pk a-0123456789:premium", "entry 1", "Bearer token"),
+    ("conflict", "pk-a-0123456789:premium,pk-a-0123456789:free", "entry 2", "also given for tier 'premium'"),
+    ("too short", "pk-a-0123456789:premium,pk-b-45678:free", "entry 2", "shorter than 12 characters"),
 ]
 
 
@@ -231,6 +232,31 @@ def test_bad_env_keys_name_the_variable_and_entry(value: str, where: str, fragme
     msg = str(info.value)
     assert f"environment variable TIERED_API_KEYS, {where}" in msg and fragment in msg
     assert "pk-a" not in msg and "pk-b" not in msg
+
+
+@pytest.mark.parametrize("key", ["dev-free-key", "dev-premium-key", "x" * 12, "A" * 200])
+def test_keys_of_12_characters_or_more_are_accepted(key: str) -> None:
+    store = KeyStore.from_config(AppConfig(), environ={"TIERED_API_KEYS": f"{key}:free"})
+    assert store.tier_for(f"Bearer {key}") == "free"
+
+
+def test_a_short_key_in_a_file_names_the_file_and_line_not_the_key(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# ok\npk-file-0001 premium\nshort-key01:free\n")
+    with pytest.raises(KeyConfigError) as info:
+        KeyStore.from_config(AppConfig(api_keys={"env": None, "file": keys}), environ={})
+    msg = str(info.value)
+    assert f"API key file {keys}, line 3" in msg and "shorter than 12 characters" in msg
+    assert "short-key01" not in msg
+
+
+def test_hashed_entries_are_not_length_checked(tmp_path: Path) -> None:
+    """A digest does not tell its key's length: `hash` refuses short keys instead (test_cli_hash)."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"sha256:{hash_key('tiny')} free\n")
+    cfg = AppConfig(api_keys={"env": None, "file": keys, "hashes": {hash_key("tiny2"): "premium"}})
+    store = KeyStore.from_config(cfg, environ={})
+    assert store.tier_for("Bearer tiny") == "free" and store.tier_for("Bearer tiny2") == "premium"
 
 
 def test_no_keys_is_an_error_with_a_dev_hint() -> None:
@@ -259,10 +285,13 @@ def test_cli_hash(capsys: pytest.CaptureFixture[str]) -> None:
     assert auth.main(["hash", "bad key"]) == 2
     err = capsys.readouterr().err
     assert "Bearer token" in err and "bad key" not in err
+    assert auth.main(["hash", "short-key01"]) == 2  # hashed entries cannot be length-checked later
+    captured = capsys.readouterr()
+    assert captured.out == "" and "shorter than 12 characters" in captured.err and "short-key01" not in captured.err
 
 
 def test_cli_module_entry_point_and_stdin() -> None:
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-m", "serve_app.auth", "hash", "-"], input="k1\nk2\n",
+    out = subprocess.run([sys.executable, "-m", "serve_app.auth", "hash", "-"], input="key-one-0001\nkey-two-0002\n",
                          capture_output=True, text=True, cwd=root, check=True).stdout
-    assert out.split() == [hash_key("k1"), hash_key("k2")]
+    assert out.split() == [hash_key("key-one-0001"), hash_key("key-two-0002")]

@@ -259,11 +259,11 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- key files (via KeyStore)
 
 KEY_FILE_CASES = [
-    ("bad tier in key file", "dev-key-1 premium\ndev-key-2 gold\n", "line 2", "unknown tier 'gold'"),
-    ("malformed line", "# comment\n\ndev-key-1 premium extra\n", "line 3", "expected 'KEY TIER'"),
+    ("bad tier in key file", "dev-key-0001 premium\ndev-key-0002 gold\n", "line 2", "unknown tier 'gold'"),
+    ("malformed line", "# comment\n\ndev-key-0001 premium extra\n", "line 3", "expected 'KEY TIER'"),
     ("bad hash", "sha256:abc premium\n", "line 1", "SHA-256 hex digest"),
     ("bad key chars", "dev\"key premium\n", "line 1", "Bearer token"),
-    ("conflicting tiers", "dev-key-1 premium\ndev-key-1:free\n", "line 2", "also given for tier 'premium'"),
+    ("conflicting tiers", "dev-key-0001 premium\ndev-key-0001:free\n", "line 2", "also given for tier 'premium'"),
 ]
 
 
