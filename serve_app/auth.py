@@ -12,6 +12,12 @@ Wherever a key is expected, ``sha256:<64 hex digits>`` may stand instead: the ha
 printed by ``python -m serve_app.auth hash KEY`` (or ``... hash -`` reading keys from stdin, which
 keeps them out of the shell history), so secret files need not hold plaintext either.
 
+The key file is re-read without a restart: `KeyStore.tier_for` checks the file's modification
+time (``os.stat``: mtime, size, inode) at most every `RELOAD_CHECK_S` seconds, on the request path,
+and when it changed, re-reads it and swaps the new keys in (the other sources' keys stay).  A file
+that no longer reads, parses or validates (or leaves no key at all) changes nothing: the old keys
+stay and a warning names the file and the line (never a key); the next change is tried again.
+
 A key given in plaintext (``api_keys.env``, ``api_keys.file``) must be at least `MIN_KEY_LENGTH`
 (12) characters long, else `KeyConfigError` naming the source and the entry or line.  A hashed
 entry (``sha256:...`` or ``api_keys.hashes``) cannot be checked, since its length is not in its
@@ -41,18 +47,25 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import logging
 import os
 import re
 import sys
+import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from serve_app.config import AppConfig
 
-__all__ = ["MIN_KEY_LENGTH", "AuthError", "KeyConfigError", "KeyStore", "hash_key", "is_valid_key"]
+__all__ = ["MIN_KEY_LENGTH", "RELOAD_CHECK_S", "AuthError", "KeyConfigError", "KeyStore", "hash_key",
+           "is_valid_key"]
+
+logger = logging.getLogger(__name__)
+
+RELOAD_CHECK_S = 5.0  # at most one os.stat of api_keys.file per this many seconds (on the request path)
 
 HASH_PREFIX = "sha256:"
 MIN_KEY_LENGTH = 12  # characters of a plaintext key (the dev keys dev-free-key, dev-premium-key: 12, 15)
@@ -120,30 +133,68 @@ def _by_digest(hashes: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     return out
 
 
+def _file_signature(path: Path) -> tuple[int, int, int]:
+    """What says a file changed: (mtime in ns, size, inode) of what ``path`` names now."""
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+class _FileReload:
+    """How a `KeyStore` re-reads its key file: the file, the config's tiers, the other sources'
+    entries (digests only), the file's last signature, when to look next."""
+
+    def __init__(self, path: Path, tiers: list[str], env_entries: list[tuple[str, str, str]],
+                 hash_entries: list[tuple[str, str, str]], signature: tuple[int, int, int] | None,
+                 check_s: float, allow_empty: bool) -> None:
+        self.path, self.tiers, self.check_s, self.allow_empty = path, tiers, check_s, allow_empty
+        self.env_entries, self.hash_entries = env_entries, hash_entries
+        self.signature = signature
+        self.clock: Callable[[], float] = time.monotonic
+        self.next_check = self.clock() + check_s
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "clock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self.clock = time.monotonic
+
+
 class KeyStore:
     """SHA-256 digests of API keys -> tier names.  No plaintext key is kept, and ``repr``/``str``
-    show only counts."""
+    show only counts.  Made by `from_config` with a key file, it re-reads the file when it changes
+    (module docstring)."""
 
     def __init__(self, hashes: Mapping[str, str]) -> None:
         """``hashes``: SHA-256 hex digest -> tier name."""
         self._tiers = _by_digest(hashes)
+        self._reload: _FileReload | None = None
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: AppConfig, environ: Mapping[str, str] | None = None,
-                    *, allow_empty: bool = False) -> KeyStore:
+                    *, allow_empty: bool = False, reload_check_s: float | None = RELOAD_CHECK_S) -> KeyStore:
         """The keys of every source in ``config.api_keys``, each checked against the config's
         tiers.  ``environ`` defaults to ``os.environ``.  An unset environment variable adds no
-        keys; a configured file must exist.  No key at all is an error unless ``allow_empty``."""
+        keys; a configured file must exist.  No key at all is an error unless ``allow_empty``.
+        With a key file, the store re-reads it when it changes, looking at most every
+        ``reload_check_s`` seconds (None: never)."""
         environ = os.environ if environ is None else environ
         src = config.api_keys
         tiers = config.tier_names
-        entries: list[tuple[str, str, str]] = []  # (digest, tier, where)
+        env_entries: list[tuple[str, str, str]] = []  # (digest, tier, where)
         if src.env is not None and environ.get(src.env, "").strip():
-            entries += parse_env_keys(environ[src.env], tiers, f"environment variable {src.env}")
+            env_entries = parse_env_keys(environ[src.env], tiers, f"environment variable {src.env}")
+        file_entries: list[tuple[str, str, str]] = []
+        signature = None
         if src.file is not None:
-            entries += parse_key_file(src.file, tiers)
-        entries += [(d, t, f"config api_keys.hashes[{i}]") for i, (d, t) in enumerate(src.hashes.items())]
+            try:
+                signature = _file_signature(src.file)  # before reading: a change while reading is seen next time
+            except OSError:
+                pass  # parse_key_file says why
+            file_entries = parse_key_file(src.file, tiers)
+        hash_entries = [(d, t, f"config api_keys.hashes[{i}]") for i, (d, t) in enumerate(src.hashes.items())]
+        entries = env_entries + file_entries + hash_entries
         if not entries and not allow_empty:
             hint = ",".join(f"dev-{t}-key:{t}" for t in tiers)
             sources = [f"environment variable {src.env} is unset or empty" if src.env else None,
@@ -151,7 +202,11 @@ class KeyStore:
                        "api_keys.hashes is empty"]
             raise KeyConfigError(f"no API keys: {'; '.join(s for s in sources if s)} "
                                  f"(for local testing: export {src.env or 'TIERED_API_KEYS'}='{hint}')")
-        return cls._from_entries(entries)
+        store = cls._from_entries(entries)
+        if src.file is not None and reload_check_s is not None:
+            store._reload = _FileReload(Path(src.file), list(tiers), env_entries, hash_entries, signature,
+                                        float(reload_check_s), allow_empty)
+        return store
 
     @classmethod
     def _from_entries(cls, entries: Iterable[tuple[str, str, str]]) -> KeyStore:
@@ -163,10 +218,49 @@ class KeyStore:
             seen.setdefault(digest, (tier, where))
         return cls({d: t for d, (t, _) in seen.items()})
 
+    # --- reload ---------------------------------------------------------------------------------
+    def reload_if_changed(self) -> bool:
+        """Re-read the key file if its signature changed since it was last read (at most one
+        ``os.stat`` per check period; `tier_for` calls this).  Returns whether new keys are in.  A
+        file that does not read, parse or validate keeps the old keys (a warning names the file
+        and the line, never a key)."""
+        r = self._reload
+        if r is None:
+            return False
+        now = r.clock()
+        if now < r.next_check:
+            return False
+        r.next_check = now + r.check_s
+        try:
+            signature = _file_signature(r.path)
+        except OSError as e:
+            if r.signature is not None:
+                logger.warning("API key file %s: cannot read it (%s); keeping the %d keys read before",
+                               r.path, e.strerror or type(e).__name__, len(self))
+            r.signature = None
+            return False
+        if signature == r.signature:
+            return False
+        r.signature = signature  # not tried again until it changes again
+        try:
+            entries = r.env_entries + parse_key_file(r.path, r.tiers) + r.hash_entries
+            if not entries and not r.allow_empty:
+                raise KeyConfigError(f"API key file {r.path}: no keys left in any source")
+            new = self._from_entries(entries)
+        except KeyConfigError as e:  # names the file and line, never a key
+            logger.warning("%s; keeping the %d keys read before", e, len(self))
+            return False
+        self._tiers = new._tiers  # one assignment: a lookup sees the old keys or the new, never a mix
+        logger.info("API key file %s re-read: %r", r.path, self)
+        return True
+
     # --- lookup ---------------------------------------------------------------------------------
     def tier_for(self, authorization_header: str | None) -> str:
         """The tier of the key in an ``Authorization: Bearer KEY`` header; `AuthError` (401,
-        ``invalid_api_key``) if the header is missing, malformed, not Bearer, or the key unknown."""
+        ``invalid_api_key``) if the header is missing, malformed, not Bearer, or the key unknown.
+        Looks for a changed key file first (`reload_if_changed`)."""
+        if self._reload is not None:
+            self.reload_if_changed()
         if authorization_header is None or not authorization_header.strip(_OWS):
             raise AuthError(_MISSING)
         m = _AUTH_HEADER.fullmatch(authorization_header.strip(_OWS))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -275,6 +276,143 @@ def test_keystore_takes_digests_not_keys() -> None:
     with pytest.raises(KeyConfigError, match="digests"):
         KeyStore({"pk-alpha-111": "premium"})
     assert KeyStore({hash_key("k").upper(): "free"}).tier_for("Bearer k") == "free"
+
+
+# ------------------------------------------------------------------------------- key file reload
+
+OLD_KEY, NEW_KEY, ENV_KEY = "pk-old-key-000001", "fk-new-key-000002", "pk-env-key-000003"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _write(path: Path, text: str, n: int) -> None:
+    """Write the key file and give it a distinct mtime (n seconds on), whatever the clock's resolution."""
+    path.write_text(text)
+    os.utime(path, ns=(1_700_000_000_000_000_000 + n * 1_000_000_000,) * 2)
+
+
+def _tier(store: KeyStore, key: str) -> str | None:
+    try:
+        return store.tier_for(f"Bearer {key}")
+    except AuthError:
+        return None
+
+
+@pytest.fixture
+def reloading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """(store, key file, clock, stats): a store over a key file holding OLD_KEY, the env's ENV_KEY and
+    a configured hash; its clock is ``clock``; ``stats`` counts the file's os.stat calls."""
+    keys = tmp_path / "keys"
+    _write(keys, f"{OLD_KEY} premium\n", 0)
+    cfg = AppConfig(api_keys={"env": "TIERED_API_KEYS", "file": keys,
+                              "hashes": {hash_key("pk-hash-key-000004"): "free"}})
+    store = KeyStore.from_config(cfg, environ={"TIERED_API_KEYS": f"{ENV_KEY}:premium"})
+    clock = Clock()
+    store._reload.clock = clock
+    store._reload.next_check = clock.t + auth.RELOAD_CHECK_S
+    stats: list[Path] = []
+    real = auth._file_signature
+    monkeypatch.setattr(auth, "_file_signature", lambda path: stats.append(path) or real(path))
+    return store, keys, clock, stats
+
+
+def test_a_changed_key_file_is_re_read_on_the_request_path(reloading) -> None:
+    store, keys, clock, stats = reloading
+    assert _tier(store, OLD_KEY) == "premium" and _tier(store, NEW_KEY) is None
+    _write(keys, f"# rotated\n{NEW_KEY} free\n", 1)
+    assert _tier(store, NEW_KEY) is None  # not looked at before the check period is over
+    clock.t += auth.RELOAD_CHECK_S
+    assert _tier(store, NEW_KEY) == "free"
+    assert _tier(store, OLD_KEY) is None  # removed from the file: gone
+    assert _tier(store, ENV_KEY) == "premium" and _tier(store, "pk-hash-key-000004") == "free"  # the others stay
+    assert len(store) == 3
+
+
+def test_the_file_is_stat_ed_at_most_once_per_check_period(reloading) -> None:
+    store, keys, clock, stats = reloading
+    for _ in range(1000):
+        _tier(store, OLD_KEY)
+    assert stats == []
+    for _ in range(5):
+        clock.t += auth.RELOAD_CHECK_S
+        for _ in range(100):
+            _tier(store, OLD_KEY)
+    assert stats == [keys] * 5  # one cheap os.stat per period, no re-read (unchanged)
+    assert 1 <= auth.RELOAD_CHECK_S <= 10
+
+
+BAD_FILES = [
+    ("short key", f"{NEW_KEY} free\nshortkey-1 premium\n", "line 2", "shorter than 12 characters"),
+    ("unknown tier", f"{NEW_KEY} gold\n", "line 1", "unknown tier 'gold'"),
+    ("malformed", f"{NEW_KEY} free extra\n", "line 1", "expected 'KEY TIER'"),
+    ("conflict with env", f"{ENV_KEY} free\n", "line 1", "also given for tier"),
+    ("not UTF-8", None, "", "cannot read"),
+]
+
+
+@pytest.mark.parametrize("text,line,fragment", [c[1:] for c in BAD_FILES], ids=[c[0] for c in BAD_FILES])
+def test_an_invalid_new_file_keeps_the_old_keys_and_warns_without_a_key(reloading, caplog, text, line,
+                                                                          fragment) -> None:
+    store, keys, clock, _ = reloading
+    if text is None:
+        keys.write_bytes(b"\xff\xfe" + NEW_KEY.encode() + b" free\n")
+        os.utime(keys, ns=(1_700_000_005_000_000_000,) * 2)
+    else:
+        _write(keys, text, 1)
+    clock.t += auth.RELOAD_CHECK_S
+    with caplog.at_level("WARNING", logger="serve_app.auth"):
+        assert _tier(store, OLD_KEY) == "premium" and _tier(store, NEW_KEY) is None
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert f"API key file {keys}" in msg and fragment in msg and "keeping the 3 keys read before" in msg
+    if line:
+        assert f"{keys}, {line}" in msg
+    for key in (OLD_KEY, NEW_KEY, ENV_KEY, "shortkey-1"):
+        assert key not in caplog.text
+    # the same bad file is not tried again; a fixed one is
+    clock.t += auth.RELOAD_CHECK_S
+    caplog.clear()
+    assert _tier(store, NEW_KEY) is None and not caplog.records
+    _write(keys, f"{NEW_KEY} free\n", 2)
+    clock.t += auth.RELOAD_CHECK_S
+    assert _tier(store, NEW_KEY) == "free" and _tier(store, OLD_KEY) is None
+
+
+def test_a_removed_or_emptied_file_keeps_the_old_keys(tmp_path: Path, caplog) -> None:
+    keys = tmp_path / "keys"
+    _write(keys, f"{OLD_KEY} premium\n", 0)
+    store = KeyStore.from_config(AppConfig(api_keys={"env": None, "file": keys}), environ={}, reload_check_s=0)
+    keys.unlink()
+    with caplog.at_level("WARNING", logger="serve_app.auth"):
+        assert _tier(store, OLD_KEY) == "premium"
+        assert _tier(store, OLD_KEY) == "premium"
+    assert len(caplog.records) == 1 and "cannot read it" in caplog.records[0].getMessage()
+    _write(keys, "# nothing\n", 1)  # no key left anywhere: refused like at startup
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="serve_app.auth"):
+        assert _tier(store, OLD_KEY) == "premium"
+    assert "no keys left" in caplog.records[0].getMessage()
+    _write(keys, f"{NEW_KEY} free\n", 2)
+    assert _tier(store, NEW_KEY) == "free" and _tier(store, OLD_KEY) is None
+
+
+def test_reload_survives_pickling_and_can_be_off(tmp_path: Path) -> None:
+    import pickle
+
+    keys = tmp_path / "keys"
+    _write(keys, f"{OLD_KEY} premium\n", 0)
+    cfg = AppConfig(api_keys={"env": None, "file": keys})
+    shipped = pickle.loads(pickle.dumps(KeyStore.from_config(cfg, environ={}, reload_check_s=0)))
+    fixed = KeyStore.from_config(cfg, environ={}, reload_check_s=None)
+    _write(keys, f"{NEW_KEY} free\n", 1)
+    assert _tier(shipped, NEW_KEY) == "free"
+    assert _tier(fixed, NEW_KEY) is None and _tier(fixed, OLD_KEY) == "premium"
 
 
 # ------------------------------------------------------------------------------------------- CLI
