@@ -19,6 +19,14 @@ the launcher checks the node IP and GCS address once the cluster is up.  There i
 address for the metrics exporter in Ray 2.60 (it binds 127.0.0.1 exactly when the node IP is
 loopback), so no ``TIERED_METRICS_EXPORT_HOST``: scrape it from this machine, or use KubeRay.
 
+API keys stay out of the cluster's environments: the launcher reads the variable the config's
+``api_keys.env`` names (``TIERED_API_KEYS``) itself, checks the keys, hands the app only their
+SHA-256 digests (``api_keys.hashes``, with ``api_keys.env`` cleared) and removes the variable from
+its own environment before Ray starts, so no Ray process (GCS, raylet, agents, workers, the Serve
+controller, proxy and replicas) inherits it; the value is blanked in this process's original
+environment block too, which is what ``/proc/PID/environ`` shows (`blank_initial_environ`).  Keys in
+``api_keys.file`` stay in the file (the ingress re-reads it when it changes).
+
 Ray's token authentication stays on as well (`serve_app.ray_auth`).  With nothing
 configured, each launch generates a token of its own (256 random bits, file mode 0600, in a fresh
 0700 directory under the temp dir, ``serve_app-auth-*``) and passes it to the cluster's processes as
@@ -34,11 +42,13 @@ private ``/tmp/serve_app-*`` (kept after exit for its logs, as Ray's own ``/tmp/
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
 import tempfile
 import threading
+from typing import Any
 
 from serve_app.ray_loopback import is_local_only, local_only, require_loopback, runtime_env
 
@@ -46,7 +56,8 @@ if __name__ == "__main__":  # python -m serve_app: Ray's local-only switch befor
     local_only()
 
 from serve_app.app import build_app  # noqa: E402 (imports Ray)
-from serve_app.config import DEFAULT_CONFIG_PATH, load_config  # noqa: E402
+from serve_app.auth import KeyConfigError, hashed_env_keys  # noqa: E402
+from serve_app.config import DEFAULT_CONFIG_PATH, AppConfig, load_config  # noqa: E402
 from serve_app.ray_auth import existing_token, private_token, require_enabled, require_token_mode  # noqa: E402
 
 
@@ -61,6 +72,46 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     return args
 
 
+def blank_initial_environ(name: str) -> bool:
+    """Overwrite the value of ``name`` in this process's original environment block, the one the
+    kernel shows as ``/proc/PID/environ`` (``unsetenv``, i.e. ``os.environ.pop``, only drops libc's
+    pointer to it).  Call it before removing the variable.  Best effort (glibc's ``environ``):
+    returns whether a value was blanked."""
+    try:
+        environ = ctypes.POINTER(ctypes.c_void_p).in_dll(ctypes.CDLL(None), "environ")
+    except (OSError, ValueError, AttributeError):
+        return False
+    prefix, blanked, i = name.encode() + b"=", False, 0
+    while environ[i]:
+        entry = ctypes.string_at(environ[i])
+        if entry.startswith(prefix) and len(entry) > len(prefix):
+            ctypes.memset(environ[i] + len(prefix), ord("*"), len(entry) - len(prefix))
+            blanked = True
+        i += 1
+    return blanked
+
+
+def hash_env_keys(config: AppConfig, environ: Any = None) -> dict[str, Any]:
+    """Build_app overrides that carry the keys of ``config.api_keys.env``'s variable as digests
+    (`serve_app.auth.hashed_env_keys`: ``api_keys.hashes``, ``api_keys.env: null``), ``{}`` when it is
+    unset or empty; removes the variable from ``environ`` (default ``os.environ``, blanked in place first:
+    `blank_initial_environ`).  SystemExit for a bad key (the message names the entry, never a key)."""
+    environ = os.environ if environ is None else environ
+    var = config.api_keys.env
+    if var is None or var not in environ:
+        return {}
+    try:
+        hashes = hashed_env_keys(config, environ)
+    except KeyConfigError as e:
+        raise SystemExit(f"python -m serve_app: {e}") from None
+    if environ is os.environ:
+        blank_initial_environ(var)
+    del environ[var]
+    if not hashes:  # an empty variable: no keys to hand over (the ingress says so if none are left)
+        return {}
+    return {"api_keys.hashes": hashes, "api_keys.env": None}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:  # Ray token authentication stays on (module docstring)
@@ -70,7 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"python -m serve_app: {e}") from None
     app = build_app(args)  # validates the config before anything starts
     overrides = {k: v for k, v in args.items() if "." in k}
-    http = load_config(args.get("config") or DEFAULT_CONFIG_PATH, overrides=overrides).http
+    config = load_config(args.get("config") or DEFAULT_CONFIG_PATH, overrides=overrides)
+    http = config.http
+    key_overrides = hash_env_keys(config)  # the keys' digests only, the variable gone (module docstring)
+    if key_overrides:
+        app = build_app({**args, **key_overrides})
+        print(f"serve_app: the API keys in {config.api_keys.env} go to the app as SHA-256 digests only "
+              f"({len(key_overrides['api_keys.hashes'])} keys with api_keys.hashes); the variable is removed "
+              f"before Ray starts", flush=True)
     if not is_local_only():  # main() called in a process that imported Ray before local_only()
         raise SystemExit("python -m serve_app: Ray was imported without its local-only switch, so the cluster "
                          "would listen on every interface (serve_app/ray_loopback.py); run python -m serve_app")

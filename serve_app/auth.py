@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from serve_app.config import AppConfig
 
 __all__ = ["MIN_KEY_LENGTH", "RELOAD_CHECK_S", "AuthError", "KeyConfigError", "KeyStore", "hash_key",
-           "is_valid_key"]
+           "hashed_env_keys", "is_valid_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +305,21 @@ def _entry(key: str, tier: str, tiers: list[str], where: str) -> tuple[str, str,
     if tier not in tiers:
         raise KeyConfigError(f"{where}: unknown tier {tier!r}; tiers are {', '.join(tiers)}")
     return digest, tier, where
+
+
+def hashed_env_keys(config: AppConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The keys in the environment variable ``config.api_keys.env`` names, as SHA-256 digests, with
+    ``config.api_keys.hashes``: ``{digest: tier}``, checked as `KeyStore.from_config` checks them
+    (tiers, length, one tier per key; `KeyConfigError` naming the entry, never a key).  The
+    launcher hands the app these instead of the variable (``api_keys.hashes``, ``api_keys.env:
+    null``), so no process of the cluster has the keys in its environment."""
+    environ = os.environ if environ is None else environ
+    src = config.api_keys
+    entries: list[tuple[str, str, str]] = []
+    if src.env is not None and environ.get(src.env, "").strip():
+        entries = parse_env_keys(environ[src.env], config.tier_names, f"environment variable {src.env}")
+    entries += [(d, t, f"config api_keys.hashes[{i}]") for i, (d, t) in enumerate(src.hashes.items())]
+    return {digest: tier for digest, (_, tier) in KeyStore._from_entries(entries)._tiers.items()}
 
 
 def parse_env_keys(text: str, tiers: list[str], source: str) -> list[tuple[str, str, str]]:

@@ -1,5 +1,6 @@
 """The cluster is closed: everything ``bash .ci/start`` (``python -m serve_app``) launches listens on
-loopback only, and SIGTERM to the launcher leaves nothing it started behind.
+loopback only, no process of it has the API keys in its environment (the launcher hands the app
+their digests), and SIGTERM to the launcher leaves nothing it started behind.
 
 One launch of the app, as ``.ci/start`` does it (the launcher as a subprocess, its own session, the
 environment without any Ray switch of ours: the launcher must close the cluster itself), waited for
@@ -270,6 +271,33 @@ def test_every_listening_socket_of_the_launch_is_on_loopback(launched):
     ports = {port for _, _, port in listeners}
     assert {launched.http_port, launched.metrics_port, int(gcs.group(1))} <= ports, (listeners, launched.log())
     assert len({pid for pid, _, _ in listeners}) >= 5  # GCS, raylet, agents, controller, proxy, replicas
+
+
+def test_no_process_of_the_launch_has_the_api_key_in_its_environment(launched):
+    procs = launched.tree()
+    key = launched.key.encode()
+    read = 0
+    for pid in procs:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        read += 1
+        assert key not in environ, f"the API key is in the environment of {pid} {_comm(pid)}"
+        assert key not in cmdline, f"the API key is in the command line of {pid} {_comm(pid)}"
+        if b"RAY_AUTH_TOKEN_PATH=" in environ:  # a process of the cluster (not an unrelated one)
+            assert b"TIERED_API_KEYS=" not in environ, f"{pid} {_comm(pid)} still has TIERED_API_KEYS"
+    assert read >= 5 and launched.proc.pid in procs
+
+
+def test_the_app_still_authenticates_with_the_key(launched):
+    httpx = pytest.importorskip("httpx")
+    base = f"http://127.0.0.1:{launched.http_port}"
+    r = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {launched.key}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    r = httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer closed-not-the-key-0123"}, timeout=30)
+    assert r.status_code == 401
 
 
 def test_sigterm_to_the_launcher_leaves_nothing_it_started(launched):

@@ -1,9 +1,16 @@
-"""`python -m serve_app`: argument parsing and Ray token authentication (the launch itself is exercised
-by tests/loadtest/test_locust_smoke.py and loadtest.first_answer)."""
+"""`python -m serve_app`: argument parsing, Ray token authentication and API keys as digests (the
+launch itself is exercised by tests/serve_app/test_closed_cluster.py, tests/loadtest/test_locust_smoke.py
+and loadtest.first_answer)."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from serve_app.__main__ import main, parse_args
+from serve_app.__main__ import blank_initial_environ, hash_env_keys, main, parse_args
+from serve_app.auth import hash_key
+from serve_app.config import AppConfig
 
 
 def test_arguments_are_build_app_key_value_pairs():
@@ -37,3 +44,47 @@ def test_a_ray_token_path_naming_no_token_is_refused_before_anything_starts(monk
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(SystemExit, match="RAY_AUTH_TOKEN_PATH"):
         main(["config=serve_app/configs/sim.yaml"])
+
+
+# ------------------------------------------------------------------------------- API keys as digests
+
+def test_env_keys_become_digests_and_the_variable_goes():
+    environ = {"TIERED_API_KEYS": "pk-launch-key-01:premium,fk-launch-key-02:free", "OTHER": "x"}
+    config = AppConfig(api_keys={"hashes": {hash_key("pk-config-key-03"): "premium"}})
+    overrides = hash_env_keys(config, environ)
+    assert overrides == {"api_keys.env": None, "api_keys.hashes": {
+        hash_key("pk-launch-key-01"): "premium", hash_key("fk-launch-key-02"): "free",
+        hash_key("pk-config-key-03"): "premium"}}
+    assert environ == {"OTHER": "x"}
+    assert "launch-key" not in repr(overrides)
+
+
+def test_the_configured_variable_is_the_one_read():
+    environ = {"MY_KEYS": "pk-launch-key-01:premium", "TIERED_API_KEYS": "fk-launch-key-02:free"}
+    overrides = hash_env_keys(AppConfig(api_keys={"env": "MY_KEYS"}), environ)
+    assert overrides["api_keys.hashes"] == {hash_key("pk-launch-key-01"): "premium"}
+    assert environ == {"TIERED_API_KEYS": "fk-launch-key-02:free"}  # not ours: not touched
+    assert hash_env_keys(AppConfig(), {}) == {}
+    empty = {"TIERED_API_KEYS": " "}
+    assert hash_env_keys(AppConfig(), empty) == {} and empty == {}  # nothing to hand over, still removed
+
+
+def test_a_bad_env_key_stops_the_launcher_without_showing_it():
+    environ = {"TIERED_API_KEYS": "pk-launch-key-01:premium,short-k1:free"}
+    with pytest.raises(SystemExit) as info:
+        hash_env_keys(AppConfig(), environ)
+    assert "entry 2" in str(info.value) and "shorter than 12" in str(info.value)
+    assert "short-k1" not in str(info.value) and "pk-launch-key-01" not in str(info.value)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_blank_initial_environ_clears_what_proc_shows():
+    """/proc/PID/environ shows the environment a process was started with; unsetenv alone leaves it."""
+    code = ("import os, sys; from serve_app.__main__ import blank_initial_environ as b; "
+            "ok = b('SECRET_FOR_TEST'); os.environ.pop('SECRET_FOR_TEST'); "
+            "sys.stdout.write(str(ok) + ' ' + str(b'the-secret-value' in open('/proc/self/environ', 'rb').read()))")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], env={"SECRET_FOR_TEST": "the-secret-value", "PATH": "/usr/bin"},
+                         cwd=root, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out == "True False"
+    assert blank_initial_environ("NO_SUCH_VARIABLE_SET_HERE") is False
