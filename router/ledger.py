@@ -8,7 +8,10 @@ sent) and policies add those entries to the replica's snapshot:
 * `on_snapshot(replica, t)` drops the entries sent before the snapshot's timestamp `t` (minus an
   optional margin): they are already in the snapshot's queue;
 * `on_done(replica, request_id)` drops a finished (or failed) request;
-* `pending(replica)` sums what is left: prefill tokens and, per tier, the decodes they will become.
+* `pending(replica)` sums what is left: prefill tokens and, per tier, the decodes they will become;
+* `retain(replicas)` / `forget(replica)` drop all that is known about replicas that are gone (the
+  Serve router calls them when Serve updates its replica set or reports a replica dead), so the
+  ledger holds only live replicas however many come and go.
 
 Times: `clock` (default `time.time`, the clock replica snapshots are stamped with) is injectable
 for tests and the virtual-time simulator. The two clocks live on different machines: a margin
@@ -102,6 +105,19 @@ class InFlightLedger:
         """The replica is gone: drop all that is known about it."""
         self._entries.pop(replica_id, None)
         self._snapshot_s.pop(replica_id, None)
+
+    def retain(self, replica_ids: Iterable[str]) -> list[str]:
+        """Only ``replica_ids`` are left (the live replica set): forget every other replica.
+        Returns the replicas forgotten."""
+        live = set(replica_ids)
+        gone = [rid for rid in self.known() if rid not in live]
+        for rid in gone:
+            self.forget(rid)
+        return gone
+
+    def known(self) -> set[str]:
+        """Every replica the ledger holds something about (entries or a snapshot time)."""
+        return set(self._entries) | set(self._snapshot_s)
 
     def entries(self, replica_id: str) -> tuple[LedgerEntry, ...]:
         return tuple(self._entries.get(replica_id, {}).values())

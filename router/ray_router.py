@@ -14,6 +14,11 @@ the ingress passes to `generate`, every candidate replica's
 and its own in-flight ledger of what it sent since each snapshot; the policy ranks the replicas
 and Serve tries them in that order (one replica per rank). Requests that carry no routing
 metadata (e.g. `record_routing_stats` probes, health calls) keep Serve's default order.
+
+Replicas come and go (autoscaling, restarts): when Serve hands the router a new replica set
+(`RequestRouter.update_replicas`) or reports a replica's actor dead (`on_replica_actor_died`),
+the router forgets the replicas that are gone: their ledger entries and snapshot times, their
+cached feedback and the in-flight ids routed to them, so none of it grows with the replicas ever seen.
 """
 
 from __future__ import annotations
@@ -52,6 +57,30 @@ class TierAwareRouter(FIFOMixin, RequestRouter):
         self.ledger = InFlightLedger()
         self._feedback: dict[str, tuple[float, ReplicaFeedback]] = {}
         self._ledger_ids: dict[str, tuple[str, str]] = {}  # Serve's internal id -> (replica, ours)
+
+    # --- replicas that are gone ----------------------------------------------------------------
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Serve's new replica set: keep routing state for these replicas only."""
+        super().update_replicas(replicas)
+        self.forget_replicas_except({r.replica_id.unique_id for r in replicas})
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        """Serve found the replica's actor dead: forget it now (the next replica set will not have it)."""
+        super().on_replica_actor_died(replica_id)
+        self.forget_replica(replica_id.unique_id)
+
+    def forget_replicas_except(self, live: set[str]) -> None:
+        """Drop the ledger entries, snapshot times, cached feedback and in-flight ids of every
+        replica not in ``live``."""
+        self.ledger.retain(live)
+        self._feedback = {rid: v for rid, v in self._feedback.items() if rid in live}
+        self._ledger_ids = {k: v for k, v in self._ledger_ids.items() if v[0] in live}
+
+    def forget_replica(self, rid: str) -> None:
+        """Drop what the router holds about one replica."""
+        self.ledger.forget(rid)
+        self._feedback.pop(rid, None)
+        self._ledger_ids = {k: v for k, v in self._ledger_ids.items() if v[0] != rid}
 
     def _latest_feedback(self, replica: RunningReplica) -> ReplicaFeedback | None:
         rid = replica.replica_id.unique_id

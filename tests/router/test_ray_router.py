@@ -78,3 +78,41 @@ def test_a_replica_reporting_overload_receives_no_new_premium_work(routed_handle
     time.sleep(2.0)  # a few feedback periods: every router has both snapshots
     landed = _send(routed_handle, 20, "premium")
     assert all(not c["overloaded"] for c in landed), [c["replica"] for c in landed]
+
+
+# ------------------------------------------------------------------------- replicas that are gone
+
+def _replica(rid: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid))
+
+
+def test_the_router_forgets_replicas_serve_removed_or_reported_dead(monkeypatch):
+    """No Serve needed: Serve's own bookkeeping in the base class is stubbed out; what is checked is
+    that the router drops the ledger, the feedback cache and the in-flight ids of gone replicas."""
+    from ray.serve.request_router import RequestRouter
+
+    from router.ray_router import TierAwareRouter
+    from routing_testkit import req
+
+    calls = []
+    monkeypatch.setattr(RequestRouter, "update_replicas", lambda self, replicas: calls.append(len(replicas)))
+    monkeypatch.setattr(RequestRouter, "on_replica_actor_died", lambda self, replica_id: calls.append(replica_id))
+    router = TierAwareRouter.__new__(TierAwareRouter)
+    router.initialize_state(policy="slo")
+    for i, rid in enumerate(["a", "b", "c"]):
+        router.ledger.record(rid, req("free", 10, f"q{i}"))
+        router.ledger.on_snapshot(rid, 0.5)
+        router._feedback[rid] = (1.0, None)
+        router._ledger_ids[f"internal-{i}"] = (rid, f"q{i}")
+
+    router.update_replicas([_replica("b"), _replica("c"), _replica("d")])  # "a" scaled down, "d" new
+    assert calls == [3]
+    assert router.ledger.known() == {"b", "c"} and set(router._feedback) == {"b", "c"}
+    assert set(router._ledger_ids) == {"internal-1", "internal-2"}
+    router.on_request_completed(None, "internal-0")  # a late completion for a gone replica: harmless
+
+    router.on_replica_actor_died(_replica("c").replica_id)
+    assert router.ledger.known() == {"b"} and set(router._feedback) == {"b"}
+    assert set(router._ledger_ids) == {"internal-1"} and len(calls) == 2

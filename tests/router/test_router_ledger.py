@@ -72,6 +72,30 @@ def test_recording_again_replaces_and_forget_drops_a_replica():
     assert ledger.entries("a") == () and ledger.replica_ids() == ["b"]
 
 
+def test_retain_forgets_every_replica_that_is_gone():
+    ledger, _ = _ledger(SENDS + [(2.0, "c", "r5", "premium", 9)])
+    ledger.on_snapshot("d", 1.5)  # a snapshot time only, no entries
+    assert ledger.known() == {"a", "b", "c", "d"}
+    assert sorted(ledger.retain(["b", "new"])) == ["a", "c", "d"]
+    assert ledger.known() == {"b"} and ledger.replica_ids() == ["b"] and len(ledger) == 1
+    assert ledger.pending("a") == PendingLoad() and ledger.pending("b") == PendingLoad(1, 7, {"free": 1})
+    assert ledger.on_snapshot("d", 1.0) == 0 and ledger.known() == {"b", "d"}  # "d" back: starts afresh
+    assert sorted(ledger.retain([])) == ["b", "d"] and ledger.known() == set()
+
+
+def test_replicas_coming_and_going_do_not_grow_the_ledger():
+    clock = Clock()
+    ledger = InFlightLedger(clock=clock)
+    for gen in range(1000):  # each round: two new replicas replace the last two
+        live = [f"r{gen}-a", f"r{gen}-b"]
+        for rid in live:
+            clock.t += 0.01
+            ledger.record(rid, req("free", 10, f"q{gen}"))
+            ledger.on_snapshot(rid, clock.t - 1)
+        ledger.retain(live)
+    assert ledger.known() == {"r999-a", "r999-b"} and len(ledger) == 2
+
+
 def test_a_negative_margin_is_rejected():
     with pytest.raises(ValueError, match="snapshot_margin_s"):
         InFlightLedger(snapshot_margin_s=-1)
