@@ -16,6 +16,7 @@ import ipaddress
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -257,6 +258,7 @@ def launched(tmp_path_factory):
             except OSError:
                 pass
         proc.stdout.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_every_listening_socket_of_the_launch_is_on_loopback(launched):
