@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 __all__ = ["DEFAULT_TTFT_TARGET_S", "FINISH_REASONS", "GenerateRequest", "SamplingFields", "StreamChunk", "TierFacts",
            "TierMetadataError", "VLLM_SAMPLING_PARAMS"]
@@ -98,10 +98,16 @@ class TierFacts:
 
 # --------------------------------------------------------------------------------------- sampling
 
+# OpenAI allows up to 4 stop sequences; vLLM checks every one on every output step of the replica
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+
+
 class SamplingFields(BaseModel):
     """The OpenAI sampling fields a request may set, with OpenAI's types and ranges (numbers and
-    booleans strict: ``"0.5"`` or ``true`` is no float; floats finite).  None = the engine's
-    default.  The simulated engine has no model: it ignores them."""
+    booleans strict: ``"0.5"`` or ``true`` is no float; floats finite; at most
+    ``MAX_STOP_STRINGS`` stop strings of at most ``MAX_STOP_CHARS`` characters).  None = the
+    engine's default.  The simulated engine has no model: it ignores them."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -112,6 +118,17 @@ class SamplingFields(BaseModel):
     presence_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     ignore_eos: StrictBool | None = None  # vLLM's extension: generate exactly max_tokens tokens
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        strings = [stop] if isinstance(stop, str) else (stop or [])
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences, got {len(strings)}")
+        for s in strings:
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters, got {len(s)}")
+        return stop
 
     @classmethod
     def of(cls, request: BaseModel) -> SamplingFields:

@@ -5,8 +5,11 @@ The arguments are `serve_app.app.build_app`'s, as for ``serve run serve_app.app:
 ``serve run`` (whose local cluster binds the machine's address), this starts a closed Ray cluster
 and no dashboard, serves HTTP on the config's ``http.host``/``http.port`` (default
 127.0.0.1:8000), exports Prometheus metrics on 127.0.0.1, port ``TIERED_METRICS_EXPORT_PORT``
-(default 8080; docs/metrics.md), blocks until Ctrl-C or SIGTERM, then shuts Serve and Ray down.  On an
-existing Ray cluster use ``serve run serve_app.app:build_app ...`` (or KubeRay's serveConfigV2).
+(default 8080; docs/metrics.md), with Serve's ``request_timeout_s`` from ``http.request_timeout_s``,
+blocks until Ctrl-C or SIGTERM, then drains the ingress (`drain`: new requests get 503, streams in
+flight get ``http.drain_timeout_s`` to finish, then an error event and ``[DONE]``) and shuts Serve
+and Ray down.  On an existing Ray cluster use ``serve run serve_app.app:build_app ...`` (or
+KubeRay's serveConfigV2).
 
 The cluster is closed: every port it opens listens on loopback only (`serve_app.ray_loopback`).
 ``ray.init(_node_ip_address="127.0.0.1")`` alone does not do it: Ray turns a loopback node IP into
@@ -112,6 +115,31 @@ def hash_env_keys(config: AppConfig, environ: Any = None) -> dict[str, Any]:
     return {"api_keys.hashes": hashes, "api_keys.env": None}
 
 
+APP_NAME = "default"
+
+
+def drain(timeout_s: float) -> None:
+    """Before Serve shuts down: every ingress replica stops admitting (503) and gives the requests in
+    flight up to ``timeout_s`` to finish, then ends the streams still open with an error event and
+    ``[DONE]`` (`serve_app.ingress.Ingress.drain`).  Best effort: a failure is reported, and the
+    shutdown goes on."""
+    from ray import serve
+
+    print(f"serve_app: draining (new requests get 503; streams in flight have up to {timeout_s:g} s)", flush=True)
+    try:
+        handle = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
+        results = handle.broadcast("drain", timeout_s).results(timeout_s=timeout_s + 10, return_exceptions=True)
+    except Exception as e:  # noqa: BLE001 - the app may be gone already
+        print(f"serve_app: draining failed: {e!r}", flush=True)
+        return
+    for r in results:
+        if isinstance(r, BaseException):
+            print(f"serve_app: an ingress replica did not drain: {r!r}", flush=True)
+        else:
+            print(f"serve_app: drained: {r['finished']} of {r['in_flight']} requests finished, {r['ended']} ended",
+                  flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:  # Ray token authentication stays on (module docstring)
@@ -156,10 +184,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token_path} ray status --address {gcs}" if token_path else
                 f"with the token given in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (GCS at {gcs})")
                 + f"; Ray's logs: {os.environ['RAY_TMPDIR']}", flush=True)
-            serve.start(http_options={"host": http.host, "port": http.port})
-            serve.run(app, name="default", route_prefix="/")
+            serve.start(http_options={"host": http.host, "port": http.port,
+                                      "request_timeout_s": http.request_timeout_s})
+            serve.run(app, name=APP_NAME, route_prefix="/")
             print(f"serve_app: ready on http://{http.host}:{http.port}/ (Ctrl-C stops it)", flush=True)
             stop.wait()
+            drain(http.drain_timeout_s)
         finally:
             print("serve_app: shutting down", flush=True)
             serve.shutdown()

@@ -35,6 +35,10 @@ The rule, for a request of the tier at position k in the shed sequence (0 = shed
 1. in flight: refused when this ingress has ``floor(max_in_flight * (k+1) / n)`` requests (all
    tiers) in flight (trunk reservation: later tiers keep the rest; the last tier alone may reach
    ``max_in_flight``, the hard bound);
+   Fair share inside the tier: from ``fair_share_reserve`` short of that bound on, a key is
+   admitted only while it holds fewer of the tier's requests than the bound over the other keys
+   in flight plus two (itself and the next key to come): a heavy key is stopped first, even alone,
+   and its neighbours keep the reserve;
 2. for k < n-1 only, queue: refused when D > h_k(f) * T_k (a typical new request of a protected
    tier would miss its target now) or D_w > h_k(g) * T_k (queueing has held that share of the
    target for a window: sustained overload), with T_k the tightest TTFT target of the tiers shed
@@ -125,23 +129,47 @@ class _Entry:
     tier: str
     prompt_len: int
     admitted_s: float
+    key_id: str | None = None
     prefilled: bool = False
 
 
 class InFlight:
-    """What this ingress has in flight: admitted requests not finished yet, per tier, and the
-    prompt tokens of those without a first token (admission time on the wall clock, comparable
-    with the snapshots' ``timestamp_s``)."""
+    """What this ingress has in flight: admitted requests not finished yet, per tier and per key,
+    and the prompt tokens of those without a first token (admission time on the wall clock,
+    comparable with the snapshots' ``timestamp_s``).  A request counts from the moment it is
+    admitted, before its body is read (``prompt_len`` 0 until `set_prompt_len`)."""
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
         self._counts: dict[str, int] = {}
+        self._key_counts: dict[tuple[str, str], int] = {}  # (tier, key id) -> in flight
+        self._tier_keys: dict[str, int] = {}  # tier -> keys with a request in flight
 
-    def add(self, request_id: str, tier: str, prompt_len: int, now_s: float | None = None) -> None:
+    def add(self, request_id: str, tier: str, prompt_len: int = 0, now_s: float | None = None,
+            key_id: str | None = None) -> None:
         if request_id in self._entries:
             return
-        self._entries[request_id] = _Entry(tier, int(prompt_len), time.time() if now_s is None else now_s)
+        self._entries[request_id] = _Entry(tier, int(prompt_len), time.time() if now_s is None else now_s, key_id)
         self._counts[tier] = self._counts.get(tier, 0) + 1
+        if key_id is not None:
+            n = self._key_counts.get((tier, key_id), 0)
+            self._key_counts[(tier, key_id)] = n + 1
+            if n == 0:
+                self._tier_keys[tier] = self._tier_keys.get(tier, 0) + 1
+
+    def set_prompt_len(self, request_id: str, prompt_len: int) -> None:
+        """The prompt of an admitted request is tokenized: its length now counts as unreported work."""
+        e = self._entries.get(request_id)
+        if e is not None:
+            e.prompt_len = int(prompt_len)
+
+    def key_count(self, tier: str, key_id: str) -> int:
+        """Requests of key ``key_id`` (in ``tier``) in flight."""
+        return self._key_counts.get((tier, key_id), 0)
+
+    def num_keys(self, tier: str) -> int:
+        """Keys with a request of ``tier`` in flight."""
+        return self._tier_keys.get(tier, 0)
 
     def first_token(self, request_id: str) -> None:
         e = self._entries.get(request_id)
@@ -153,6 +181,12 @@ class InFlight:
         e = self._entries.pop(request_id, None)
         if e is not None:
             self._counts[e.tier] -= 1
+            if e.key_id is not None:
+                k = (e.tier, e.key_id)
+                self._key_counts[k] -= 1
+                if not self._key_counts[k]:
+                    del self._key_counts[k]
+                    self._tier_keys[e.tier] -= 1
 
     def count(self, tier: str | None = None) -> int:
         """In flight in ``tier`` (all tiers when None)."""
@@ -244,6 +278,11 @@ class DelayHistory:
             return None
         return max(0.0, self._sum / len(self._samples))
 
+    def mean_with(self, now_s: float, delay_s: float) -> float:
+        """The mean as it would be with ``delay_s`` added now (nothing is stored)."""
+        self._expire(now_s)
+        return max(0.0, (self._sum + delay_s) / (len(self._samples) + 1))
+
     def __len__(self) -> int:
         return len(self._samples)
 
@@ -261,6 +300,7 @@ class TierRule:
     sustained_delay_bound_s: float | None  # refuse when its recent mean exceeds it (None: never)
     in_flight_bound: int  # refuse at this many requests in flight at the ingress (all tiers)
     sheds_on_health: bool  # refuse when a protected tier is at risk
+    fair_share_from: int = 0  # from this many in flight, only keys below their fair share are admitted
 
 
 @dataclass(frozen=True)
@@ -282,7 +322,7 @@ class ClusterLoad:
 class Decision:
     admit: bool
     tier: str
-    reason: str | None = None  # "in_flight" | "queue" | "tbt" | "kv" when refused
+    reason: str | None = None  # "in_flight" | "fair_share" | "queue" | "tbt" | "kv" when refused
     retry_after_s: int | None = None
     message: str = ""
     queue_delay_s: float = 0.0
@@ -334,8 +374,9 @@ class AdmissionPolicy:
             rules[t.name] = TierRule(
                 name=t.name, position=k, protects=tuple(p.name for p in later), delay_bound_s=delay,
                 sustained_delay_bound_s=sustained,
-                in_flight_bound=max(1, math.floor(self.max_in_flight * (k + 1) / n)),
-                sheds_on_health=k == 0 and bool(later))
+                in_flight_bound=(bound := max(1, math.floor(self.max_in_flight * (k + 1) / n))),
+                sheds_on_health=k == 0 and bool(later),
+                fair_share_from=bound - math.ceil(self.config.fair_share_reserve * bound))
         return rules
 
     @property
@@ -350,10 +391,13 @@ class AdmissionPolicy:
 
     def assess(self, feedback: Iterable[ReplicaFeedback], in_flight: InFlight | None = None, *,
                now_s: float | None = None, history: TBTHistory | None = None,
-               delays: DelayHistory | None = None, num_replicas: int | None = None) -> ClusterLoad:
+               delays: DelayHistory | None = None, num_replicas: int | None = None,
+               record_delay: bool = True) -> ClusterLoad:
         """The cluster's load from the latest snapshots (stale ones ignored), what this ingress
         has in flight, and (optionally) the TBT counters' history and the recent predicted delays
-        (this one is added to them).  ``num_replicas``: how many replicas there are, if known
+        (their mean with this one; ``record_delay``: this one is added to them, else the caller
+        adds it once the request is known to be dispatched, so that requests refused later, e.g.
+        as invalid, do not count).  ``num_replicas``: how many replicas there are, if known
         (those without fresh feedback count at the median rate)."""
         now_s = time.time() if now_s is None else now_s
         fbs = self.fresh(feedback, now_s)
@@ -371,8 +415,11 @@ class AdmissionPolicy:
         delay = (waiting + unreported) / rate
         delay_mean = None
         if delays is not None:
-            delays.add(now_s, delay)
-            delay_mean = delays.mean(now_s)
+            if record_delay:
+                delays.add(now_s, delay)
+                delay_mean = delays.mean(now_s)
+            else:
+                delay_mean = delays.mean_with(now_s, delay)
         kv = statistics.fmean(fb.kv_usage for fb in fbs) if fbs else 0.0
         at_risk: dict[str, str] = {}
         for name, tier in self.tiers.items():
@@ -400,13 +447,28 @@ class AdmissionPolicy:
         return False
 
     # --- the decision --------------------------------------------------------------------------
-    def retry_after_s(self, load: ClusterLoad) -> int:
+    def retry_after_s(self, load: ClusterLoad, jitter: float = 0.0) -> int:
+        """When a refused client may come back: the predicted drain time D, at least
+        ``min_retry_after_s``, spread by ``jitter`` in [0, 1) over [D, 1.5 D] so that the clients
+        shed together do not all come back in the same second; at most ``max_retry_after_s``."""
         cfg = self.config
-        return int(min(cfg.max_retry_after_s, max(cfg.min_retry_after_s, math.ceil(load.queue_delay_s))))
+        base = max(float(cfg.min_retry_after_s), load.queue_delay_s) * (1.0 + 0.5 * jitter)
+        return int(min(cfg.max_retry_after_s, max(cfg.min_retry_after_s, math.ceil(base))))
 
-    def decide(self, tier: str, load: ClusterLoad, in_flight: int | None = None) -> Decision:
+    @staticmethod
+    def fair_share(rule: TierRule, key_in_flight: int, keys_in_flight: int) -> float:
+        """A key's fair share of its tier's bound once the tier is within its reserve: the bound
+        over the other keys in flight plus two (this key, and the next key to arrive: the reserve
+        is kept for it, so a key alone in its tier cannot fill it either)."""
+        others = keys_in_flight - (1 if key_in_flight else 0)
+        return rule.in_flight_bound / (others + 2)
+
+    def decide(self, tier: str, load: ClusterLoad, in_flight: int | None = None, *,
+               key_share: tuple[int, int] | None = None, jitter: float = 0.0) -> Decision:
         """Admit a request of ``tier`` or shed it.  ``in_flight``: requests in flight at this
-        ingress, all tiers (default: ``load.in_flight``)."""
+        ingress, all tiers (default: ``load.in_flight``); ``key_share``: (the requesting key's
+        requests of this tier in flight, the keys with a request of this tier in flight), for the
+        fair share (`fair_share`); ``jitter``: spreads Retry-After (`retry_after_s`)."""
         rule = self.rules.get(tier)
         if rule is None:
             raise KeyError(f"unknown tier {tier!r}; tiers are {', '.join(self.shed_sequence)}")
@@ -417,6 +479,11 @@ class AdmissionPolicy:
         if n >= rule.in_flight_bound:
             reason = "in_flight"
             why = f"{n} requests in flight at the ingress (bound for this tier: {rule.in_flight_bound})"
+        elif key_share is not None and n >= rule.fair_share_from \
+                and key_share[0] >= (fair := self.fair_share(rule, *key_share)):
+            reason = "fair_share"
+            why = (f"the {tier} tier is nearly full ({n} of {rule.in_flight_bound} in flight) and this API key "
+                   f"holds {key_share[0]} of its requests, at or over its fair share ({fair:.1f})")
         elif rule.delay_bound_s is not None and load.queue_delay_s > rule.delay_bound_s:
             reason = "queue"
             why = (f"predicted queueing delay {load.queue_delay_s:.2f} s over this tier's bound "
@@ -435,15 +502,19 @@ class AdmissionPolicy:
                 why = f"tier {hurt[0][0]} at risk ({what})"
         if reason is None:
             return Decision(True, tier, queue_delay_s=load.queue_delay_s)
-        retry = self.retry_after_s(load)
+        retry = self.retry_after_s(load, jitter)
         msg = (f"The server is overloaded and sheds the {tier} tier: {why}. Retry after {retry} s.")
         return Decision(False, tier, reason=reason, retry_after_s=retry, message=msg,
                         queue_delay_s=load.queue_delay_s)
 
     def admit(self, tier: str, feedback: Iterable[ReplicaFeedback], in_flight: InFlight | None = None, *,
               now_s: float | None = None, history: TBTHistory | None = None,
-              delays: DelayHistory | None = None, num_replicas: int | None = None) -> Decision:
-        """`assess` then `decide`."""
+              delays: DelayHistory | None = None, num_replicas: int | None = None, key_id: str | None = None,
+              record_delay: bool = True, jitter: float = 0.0) -> Decision:
+        """`assess` then `decide` (with ``key_id``'s fair share from ``in_flight``)."""
         load = self.assess(feedback, in_flight, now_s=now_s, history=history, delays=delays,
-                           num_replicas=num_replicas)
-        return self.decide(tier, load)
+                           num_replicas=num_replicas, record_delay=record_delay)
+        share = None
+        if key_id is not None and in_flight is not None:
+            share = (in_flight.key_count(tier, key_id), in_flight.num_keys(tier))
+        return self.decide(tier, load, key_share=share, jitter=jitter)

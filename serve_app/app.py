@@ -99,6 +99,12 @@ def router_kwargs(config: AppConfig) -> dict[str, Any]:
     return {"policy": config.router.policy, "context": config.routing_context().as_dict()}
 
 
+def graceful_shutdown_timeout_s(config: AppConfig) -> float:
+    """Serve's graceful shutdown of a replica: the ingress's drain (``http.drain_timeout_s``, in
+    which streams may finish) and 5 s for the last events to go out."""
+    return config.http.drain_timeout_s + 5.0
+
+
 def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None = None,
                           ingress_num_cpus: float = 0.0) -> Application:
     eng = config.engine
@@ -123,6 +129,7 @@ def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None =
         num_replicas=r.num_replicas,
         max_ongoing_requests=r.max_ongoing_requests,
         max_queued_requests=replica_max_queued_requests(config),
+        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s(config),
         ray_actor_options=actor_options,
         **router_options,
     )
@@ -136,5 +143,6 @@ def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None =
     ingress = Ingress.options(max_ongoing_requests=config.http.max_ongoing_requests,
                               max_queued_requests=ingress_max_queued_requests(config),
                               backpressure_config=backpressure,
+                              graceful_shutdown_timeout_s=graceful_shutdown_timeout_s(config),
                               ray_actor_options={"num_cpus": ingress_num_cpus})
     return ingress.bind(replica_app, config.model_dump(mode="json"), max_context_tokens)

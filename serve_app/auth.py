@@ -103,6 +103,15 @@ class KeyConfigError(ValueError):
     entries).  Messages name the source and the line or entry number, never a key."""
 
 
+KEY_ID_HEX_DIGITS = 12
+
+
+def key_id(digest: str) -> str:
+    """A key's id: the first 12 hex digits of its SHA-256 (48 bits: names a key among a deployment's
+    keys, reveals nothing usable about it)."""
+    return digest[:KEY_ID_HEX_DIGITS]
+
+
 def hash_key(key: str) -> str:
     """SHA-256 hex digest of a key (UTF-8)."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
@@ -256,8 +265,13 @@ class KeyStore:
 
     # --- lookup ---------------------------------------------------------------------------------
     def tier_for(self, authorization_header: str | None) -> str:
-        """The tier of the key in an ``Authorization: Bearer KEY`` header; `AuthError` (401,
-        ``invalid_api_key``) if the header is missing, malformed, not Bearer, or the key unknown.
+        """The tier of the key in an ``Authorization: Bearer KEY`` header (`identify`)."""
+        return self.identify(authorization_header)[0]
+
+    def identify(self, authorization_header: str | None) -> tuple[str, str]:
+        """(tier, key id) of the key in an ``Authorization: Bearer KEY`` header; `AuthError`
+        (401, ``invalid_api_key``) if the header is missing, malformed, not Bearer, or the key
+        unknown.  The key id (`key_id`) names the key in logs, limits and metrics, never the key.
         Looks for a changed key file first (`reload_if_changed`)."""
         if self._reload is not None:
             self.reload_if_changed()
@@ -270,7 +284,7 @@ class KeyStore:
         stored, tier = self._tiers.get(digest, (_NO_DIGEST, None))  # O(1): module docstring
         if not hmac.compare_digest(digest, stored) or tier is None:  # one comparison, hit or miss
             raise AuthError(_UNKNOWN)
-        return tier
+        return tier, key_id(digest)
 
     # --- introspection (counts only) ------------------------------------------------------------
     def __len__(self) -> int:
@@ -369,7 +383,8 @@ def parse_key_file(path: str | os.PathLike[str], tiers: list[str]) -> list[tuple
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve_app.auth", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    h = sub.add_parser("hash", help="print the SHA-256 hex digest of a key (use as sha256:DIGEST in key sources)")
+    h = sub.add_parser("hash", help="print the SHA-256 hex digest of a key (use as sha256:DIGEST in key sources; "
+                                   "its first 12 hex digits are the key's id in logs and api_keys.limits)")
     h.add_argument("key", help="the key, or - to read keys from stdin (one per line)")
     args = parser.parse_args(argv)
     keys = [line.strip() for line in sys.stdin if line.strip()] if args.key == "-" else [args.key]

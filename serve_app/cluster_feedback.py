@@ -7,6 +7,11 @@ would reach one replica through the router, and the routers' own copies of the s
 refreshed by the controller only every ``router.feedback_period_s``).  It polls while requests
 arrive or are in flight and stops after ``idle_s`` without one (the next request starts it
 again).  Snapshots older than ``forget_after_s`` are dropped (their replica is gone).
+
+It also says whether any replica can serve (`healthy_replicas`): how many running replicas
+answered the last poll, if that poll is recent; `check_available` polls at once when it is not,
+so an ingress whose replicas are all gone answers 503 at once instead of queueing requests that
+no replica will take.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ class FeedbackPoller:
         self._task: asyncio.Task | None = None
         self._failures = 0
         self._last_request_s = time.monotonic()
+        self.healthy: int | None = None  # replicas that answered the last poll (None: not known)
+        self.polled_s = -float("inf")  # time.monotonic() of the last poll that completed
+        self._poll_lock = asyncio.Lock()
 
     def on_request(self) -> None:
         """A request arrived: keep (or start) polling."""
@@ -59,8 +67,25 @@ class FeedbackPoller:
                     logger.warning("ingress: polling the replicas' feedback failed (%d times): %r", self._failures, e)
             await asyncio.sleep(self.period_s)
 
+    async def healthy_replicas(self, max_age_s: float, timeout_s: float = 1.0) -> int | None:
+        """Replicas that answered a poll no older than ``max_age_s`` (polling now, once for all
+        concurrent callers, if the last one is older); None when it cannot be known (the poll
+        itself failed)."""
+        if time.monotonic() - self.polled_s > max_age_s:
+            async with self._poll_lock:
+                if time.monotonic() - self.polled_s > max_age_s:
+                    try:
+                        await self.poll_once(timeout_s)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - unknown, not unavailable
+                        logger.debug("ingress: health poll failed: %r", e)
+                        return None
+        return self.healthy
+
     async def poll_once(self, timeout_s: float = 5.0) -> list[ReplicaFeedback]:
-        """One poll of every running replica; updates the snapshots and the TBT history."""
+        """One poll of every running replica; updates the snapshots, the TBT history and the
+        count of healthy replicas."""
         results = await self.replicas.broadcast("record_routing_stats").results_async(
             timeout_s=timeout_s, return_exceptions=True)
         fresh = []
@@ -73,6 +98,8 @@ class FeedbackPoller:
                 continue
         if results:
             self.num_replicas = len(results)
+        self.healthy = len(fresh)
+        self.polled_s = time.monotonic()
         for fb in fresh:
             self.feedback[fb.replica_id] = fb
         self.tbt_history.add(fresh)

@@ -67,6 +67,7 @@ __all__ = [
     "ConfigError",
     "EngineConfig",
     "HttpConfig",
+    "KeyLimits",
     "ReplicasConfig",
     "RouterConfig",
     "ServingTier",
@@ -100,9 +101,39 @@ class _Strict(BaseModel):
 
 # ------------------------------------------------------------------------------------------ tiers
 
+class KeyLimits(_Strict):
+    """Limits of one API key (per tier in ``tiers[].key_limits``, per key in ``api_keys.limits``);
+    None: no such limit.  Enforced at the ingress (`serve_app.ratelimit`), reported in OpenAI's
+    ``x-ratelimit-*`` headers."""
+
+    max_concurrent: int | None = Field(default=None, ge=1,
+                                       description="requests of one key in flight at one ingress")
+    requests_per_minute: int | None = Field(default=None, ge=1, description="requests per minute (token bucket)")
+    tokens_per_minute: int | None = Field(default=None, ge=1,
+                                          description="prompt + max_tokens per minute, charged at admission; "
+                                                      "completion tokens not produced are refunded")
+
+    def merged(self, override: KeyLimits | None) -> KeyLimits:
+        """These limits with ``override``'s set fields taking their place."""
+        if override is None:
+            return self
+        return self.model_copy(update=override.model_dump(exclude_none=True))
+
+
 class ServingTier(_Strict):
     """One service tier as served.  Same fields and constraints as `replica.tiers.TierSpec`
-    (``share`` optional), plus ``shed_order``; `to_spec()` gives the `TierSpec`."""
+    (``share`` optional), plus ``shed_order``, what a request of the tier may ask for
+    (``max_tokens``, ``allow_ignore_eos``), its deadlines and its per-key limits; `to_spec()`
+    gives the `TierSpec`.
+
+    Deadlines (`serve_app.ingress`): a replica that produces no first chunk within
+    ``first_token_timeout_s`` is taken for hung: the request is retried on another replica, else
+    answered 504; a stream whose replica goes silent for ``idle_timeout_s`` (default: 20 TBT SLOs,
+    at least 10 s; a healthy engine's longest gaps are preemption stalls of a few iterations) ends
+    with an error event (a non-streaming request starts over on another replica, else 504).
+    ``first_token_timeout_s`` defaults to 60 s: under shortest-prompt-first a long prompt may
+    legitimately wait tens of seconds (docs/BENCHMARKS.md: P99 TTFT of prompts over 4k tokens up
+    to ~22 s near capacity)."""
 
     name: str = Field(pattern=TIER_NAME_PATTERN, max_length=64)
     tbt_slo_s: float = Field(gt=0, description="time-between-tokens SLO (s)")
@@ -111,6 +142,23 @@ class ServingTier(_Strict):
     shed_order: int | None = Field(default=None, ge=0, description="shed in increasing order under overload")
     share: float | None = Field(default=None, gt=0, le=1,
                                 description="expected traffic share: simulations/load tests only")
+    max_tokens: int | None = Field(default=None, ge=1,
+                                   description="the most completion tokens a request may ask for (None: the context)")
+    allow_ignore_eos: bool = Field(default=False,
+                                   description="whether a request may set vLLM's ignore_eos (generate exactly "
+                                               "max_tokens, whatever the model says)")
+    first_token_timeout_s: float = Field(default=60.0, gt=0,
+                                         description="no first chunk from the replica in this time: retry elsewhere, "
+                                                     "else 504")
+    idle_timeout_s: float | None = Field(default=None, gt=0,
+                                         description="no chunk for this long mid-stream: end it with an error "
+                                                     "(default: max(10 s, 20 x tbt_slo_s))")
+    key_limits: KeyLimits = Field(default_factory=KeyLimits, description="each key's limits (api_keys.limits "
+                                                                          "overrides them per key)")
+
+    @property
+    def stream_idle_timeout_s(self) -> float:
+        return self.idle_timeout_s if self.idle_timeout_s is not None else max(10.0, 20 * self.tbt_slo_s)
 
     def to_spec(self, share: float | None = None) -> TierSpec:
         """This tier as a `TierSpec` with ``share`` (default: its own share; 1.0 if it has none)."""
@@ -142,6 +190,18 @@ class ApiKeysConfig(_Strict):
     file: Path | None = Field(default=None, description="secret file: 'KEY TIER' or 'KEY:TIER' per line, # comments")
     hashes: dict[str, str] = Field(default_factory=dict,
                                    description="SHA-256 hex digest of a key -> tier (python -m serve_app.auth hash KEY)")
+    limits: dict[str, KeyLimits] = Field(default_factory=dict,
+                                         description="key id (the first 12 hex digits of the key's SHA-256, as "
+                                                     "`python -m serve_app.auth hash KEY` prints it and the logs "
+                                                     "show it) -> limits that replace its tier's key_limits")
+
+    @field_validator("limits")
+    @classmethod
+    def _check_key_ids(cls, limits: dict[str, KeyLimits]) -> dict[str, KeyLimits]:
+        for key_id in limits:
+            if not re.fullmatch(r"[0-9a-f]{12}", key_id):
+                raise ValueError(f"keys of api_keys.limits are key ids (12 hex digits), got {key_id[:4]}...")
+        return limits
 
     @model_validator(mode="before")
     @classmethod
@@ -284,9 +344,19 @@ class RouterConfig(_Strict):
 
 
 class HttpConfig(_Strict):
+    """HTTP front door: where it listens, and the deadlines no client can stretch."""
+
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=8000, ge=0, le=65535)
     max_ongoing_requests: int = Field(default=256, ge=1, description="of the ingress deployment")
+    body_timeout_s: float = Field(default=10.0, gt=0,
+                                  description="the whole request body must arrive within this (else 408)")
+    request_timeout_s: float = Field(default=3600.0, gt=0,
+                                     description="Serve's request_timeout_s: a backstop for any request, "
+                                                 "streams included (the per-tier deadlines act first)")
+    drain_timeout_s: float = Field(default=30.0, gt=0,
+                                   description="on shutdown: new requests get 503, streams in flight may "
+                                               "finish for this long, then end with an error event")
 
 
 # ------------------------------------------------------------------------------------- admission
@@ -327,8 +397,14 @@ class AdmissionConfig(_Strict):
     * the replicas' snapshots are polled every ``feedback_period_s`` while requests arrive
       (default: the tightest TTFT target / 2, so the queue estimate is refreshed twice within the
       delay it controls); a snapshot older than ``max_feedback_age_s`` is ignored.
+    * fairness inside a tier: once a tier's in-flight count is within ``fair_share_reserve`` of
+      its bound, a key is admitted only while it holds less than its fair share (the bound over
+      the other keys in flight plus two: itself, and the next key to come): a heavy key is
+      stopped before its neighbours, even when it is alone, and they keep that reserve.  0.1: one
+      request in ten of a full tier stays open to light keys.
 
-    ``enabled: false`` turns the ingress's shedding off (Serve's queue bounds still apply).
+    ``enabled: false`` turns the ingress's shedding off (Serve's queue bounds and the per-key
+    limits still apply).
     """
 
     enabled: bool = Field(default=True, description="shed tiers under overload at the ingress")
@@ -344,6 +420,9 @@ class AdmissionConfig(_Strict):
     tbt_quantile: float = Field(default=0.99, gt=0, lt=1, description="the quantile the TBT SLOs are on")
     tbt_window_s: float = Field(default=10.0, gt=0, description="how far back the recent TBT miss fraction looks (s)")
     kv_limit: float = Field(default=0.96, gt=0, le=1, description="cluster KV use that sheds the first tier")
+    fair_share_reserve: float = Field(default=0.1, ge=0, lt=1,
+                                      description="share of a tier's in-flight bound kept for keys below "
+                                                  "their fair share")
     max_in_flight: int | None = Field(default=None, ge=1,
                                       description="requests in flight at one ingress (default: the replicas' "
                                                   "total max_ongoing_requests, at most http.max_ongoing_requests)")

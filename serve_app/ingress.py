@@ -6,27 +6,38 @@ HTTP -> Ingress -> DeploymentHandle -> `replica.deployment.LLMReplica` (routed b
 hop).
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming SSE or one JSON with
-``usage``), ``GET /v1/models``, ``GET /health``.
+``usage``), ``GET /v1/models``, ``GET /health`` (503 when no replica can serve or while draining).
+No OpenAPI document or docs pages are served.
 
-One request, by job:
+One request, by job; every step has a bound and a deadline:
 
 1. auth: the tier comes only from the API key (``Authorization: Bearer KEY`` ->
-   `serve_app.auth.KeyStore`; 401 otherwise); body fields such as ``priority``, ``vllm_xargs``,
-   ``user`` or ``tier`` are accepted and ignored, so a client can never choose its tier.  The
-   resolved tier is returned in the ``x-tier`` header.
-2. admission (`serve_app.admission`): from the replicas' latest snapshots (`FeedbackPoller`) and
-   what this ingress has in flight, admit or shed: 429, OpenAI error JSON with type
-   ``server_overloaded`` and code ``overloaded``, a ``Retry-After`` header, counted as a rejection
-   with reason ``overload``.
-3. parse (`serve_app.openai_api`): body, validation, the prompt tokenized once (its length
-   routes the request, its token ids go to the engine); 4xx with OpenAI's error JSON.
-4. serve: a `GenerateRequest` to a replica; the replica stream is opened by reading its first
-   chunk (`serve_app.stream`): Serve's backpressure (``BackPressureError`` when more than
-   ``max_queued_requests`` requests wait for a replica slot) becomes a 429, never a 500, and a
-   request whose replica died before its first token is retried on another replica; the
-   response headers of a stream therefore go out with its first token.
-5. render (`serve_app.render`): SSE events or one JSON body.  A client that disconnects has its
+   `serve_app.auth.KeyStore`, which also gives the key's id, a digest prefix used in logs and
+   limits; 401 otherwise); body fields such as ``priority``, ``vllm_xargs``, ``user`` or ``tier``
+   are accepted and ignored, so a client can never choose its tier.  The resolved tier is
+   returned in the ``x-tier`` header.
+2. availability: while draining (shutdown) or when no replica answered the last health poll
+   (`serve_app.cluster_feedback`), 503 with ``Retry-After`` at once.
+3. admission, in one step with no await, before the body is read: the tier's admission
+   (`serve_app.admission`: overload shedding, the in-flight bound, the fair share between a
+   tier's keys) and the key's own limits (`serve_app.ratelimit`: concurrency, requests per
+   minute); the request counts as in flight from here, so slow bodies count against their tier.
+   429 with OpenAI's error JSON and ``Retry-After``; OpenAI's ``x-ratelimit-*`` headers on every
+   response of a key with limits.
+4. parse (`serve_app.openai_api`): the body within ``http.body_timeout_s`` (408), validation,
+   the tier's caps, a cheap length check, the prompt tokenized once (off the event loop when
+   long); then the key's tokens per minute are charged (prompt + max_tokens; unused refunded).
+5. serve: a `GenerateRequest` to a replica; the stream is opened by reading its first chunk
+   (`serve_app.stream`): Serve's backpressure becomes a 429, a replica that died or sent no first
+   chunk within the tier's ``first_token_timeout_s`` is retried on another replica, else 504;
+   a stream silent for the tier's ``idle_timeout_s`` ends with an error event (a non-streaming
+   request starts over elsewhere, else 504).
+6. render (`serve_app.render`): SSE events or one JSON body.  A client that disconnects has its
    replica stream cancelled, which aborts the engine request.
+
+Shutdown (`drain`, called by the launcher on SIGTERM): new requests get 503; streams in flight may
+finish for ``http.drain_timeout_s``, then end with an error event (code ``server_shutdown``) and
+``[DONE]``; non-streaming ones get a 503.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,11 +61,13 @@ from router.feedback import ReplicaFeedback
 from serve_app.admission import AdmissionPolicy, Decision, DelayHistory, InFlight
 from serve_app.auth import AuthError, KeyStore
 from serve_app.cluster_feedback import FeedbackPoller
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, ServingTier
 from serve_app.metrics import IngressMetrics, RequestTimer, tier_slos
 from serve_app.openai_api import ParsedRequest, RequestError, RequestParser, overload_error
+from serve_app.ratelimit import KeyLimiter, LimitRefusal
 from serve_app.render import DONE_EVENT, Renderer
-from serve_app.stream import DEFAULT_RETRIES, ReplicaStream, is_replica_death, open_replica_stream, retry_request_id
+from serve_app.stream import (DEFAULT_RETRIES, ReplicaHung, ReplicaStream, is_replica_failure, open_replica_stream,
+                              retry_request_id)
 from serve_app.tokenizer import Tokenizer, tokenizer_for
 
 __all__ = ["DEFAULT_MAX_CONTEXT_TOKENS", "Ingress", "app"]
@@ -73,8 +87,28 @@ class EngineAbort(Exception):
         return RequestError(500, f"the engine aborted the request: {self}", type="server_error", code="engine_abort")
 
 
+class ShuttingDown(Exception):
+    """The ingress is draining and the request's time ran out."""
+
+    def to_request_error(self) -> RequestError:
+        return RequestError(503, "the server is shutting down; retry the request", type="server_error",
+                            code="server_shutdown")
+
+
 def _replica_failed() -> RequestError:
     return RequestError(500, "the replica failed to serve the request", type="server_error", code="internal_error")
+
+
+def _replica_timeout(e: ReplicaHung) -> RequestError:
+    return RequestError(504, f"no replica answered in time: {e}", type="server_error", code="timeout")
+
+
+def _stream_error(e: BaseException) -> RequestError:
+    if isinstance(e, (EngineAbort, ShuttingDown)):
+        return e.to_request_error()
+    if isinstance(e, ReplicaHung):
+        return _replica_timeout(e)
+    return _replica_failed()
 
 
 class _SSEResponse(StreamingResponse):
@@ -109,9 +143,33 @@ def _error_response(err: RequestError | AuthError, headers: dict[str, str] | Non
     return JSONResponse(err.to_openai(), status_code=err.status_code, headers=h)
 
 
+class _Ticket:
+    """An admitted request's hold on the ingress's bounds: its in-flight entry and its key's
+    slot and tokens.  `release` gives them back exactly once, however the request ends."""
+
+    __slots__ = ("ingress", "request_id", "key_id", "queue_delay_s", "max_tokens", "charged", "released")
+
+    def __init__(self, ingress: Ingress, request_id: str, key_id: str, queue_delay_s: float | None) -> None:
+        self.ingress, self.request_id, self.key_id = ingress, request_id, key_id
+        self.queue_delay_s = queue_delay_s  # admission's predicted queueing delay (None: admission off)
+        self.max_tokens = 0
+        self.charged = False
+        self.released = False
+
+    def release(self, completion_tokens: int = 0) -> None:
+        if self.released:
+            return
+        self.released = True
+        ing = self.ingress
+        ing.in_flight.done(self.request_id)
+        ing.active.pop(self.request_id, None)
+        refund = max(0, self.max_tokens - completion_tokens) if self.charged else 0
+        ing.limiter.release(self.key_id, refund)
+
+
 # ------------------------------------------------------------------------------------------ app
 
-app = FastAPI(title="tiered-llm-serve", docs_url=None, redoc_url=None)
+app = FastAPI(title="tiered-llm-serve", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @serve.deployment
@@ -129,19 +187,26 @@ class Ingress:
         self.max_context_tokens = int(max_context_tokens)
         self.model_name = str(self.config.model_name)
         self.created = int(time.time())
+        http = self.config.http
         self.parser = RequestParser(tokenizer=self.tokenizer, model_name=self.model_name,
                                     max_context_tokens=self.max_context_tokens,
                                     max_request_bytes=self.config.max_request_bytes,
-                                    default_max_tokens=self.config.default_max_tokens)
+                                    default_max_tokens=self.config.default_max_tokens,
+                                    body_timeout_s=http.body_timeout_s)
         self.renderers = {chat: Renderer(self.model_name, self.tokenizer, chat=chat) for chat in (False, True)}
+        self.tier_configs: dict[str, ServingTier] = {t.name: t for t in self.config.tiers}
         self.tiers = {t.name: t.facts() for t in self.config.tiers}
         # Prometheus metrics (serve_app.metrics): None when TIERED_METRICS=0
         self.metrics: IngressMetrics | None = IngressMetrics.create(tier_slos(self.config.tiers))
         # Overload control (serve_app.admission): None when admission.enabled is false
         self.admission: AdmissionPolicy | None = (AdmissionPolicy.from_app_config(self.config)
                                                   if self.config.admission.enabled else None)
+        self.limiter = KeyLimiter({t.name: t.key_limits for t in self.config.tiers}, self.config.api_keys.limits)
         self.in_flight = InFlight()
+        self.active: dict[str, ReplicaStream] = {}  # request id -> its open replica stream
         self.delay_history = DelayHistory(self.config.admission.delay_window_s)
+        self.draining_until: float | None = None  # time.monotonic() deadline once draining
+        self._rng = random.Random()
         adm = self.config.admission
         self.poller = FeedbackPoller(
             replicas, period_s=self.admission.feedback_period_s if self.admission else 1.0,
@@ -153,13 +218,19 @@ class Ingress:
 
     # --- plain endpoints ------------------------------------------------------------------------
     @app.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+    async def health(self) -> JSONResponse:
+        """200 while this ingress can serve; 503 while it drains or when no replica answers."""
+        if self.draining_until is not None:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        healthy = await self.poller.healthy_replicas(self.config.admission.max_feedback_age_s)
+        if healthy == 0:
+            return JSONResponse({"status": "unavailable", "replicas": 0}, status_code=503)
+        return JSONResponse({"status": "ok", "replicas": healthy})
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         try:
-            self.keys.tier_for(_authorization(request))
+            self.keys.identify(_authorization(request))
         except AuthError as e:
             return _error_response(e)
         return JSONResponse({"object": "list", "data": [
@@ -182,22 +253,71 @@ class Ingress:
             self.metrics.rejected(tier, err.status_code, err.code)
         return _error_response(err, headers)
 
-    # --- overload control -----------------------------------------------------------------------
-    def _admit(self, tier: str) -> Decision | None:
-        """The admission decision for a request of ``tier`` (None: admission is off)."""
-        if self.admission is None:
-            return None
-        self.poller.on_request()
-        p = self.poller
-        return self.admission.admit(tier, p.feedback.values(), self.in_flight, history=p.tbt_history,
-                                    delays=self.delay_history, num_replicas=p.num_replicas)
+    # --- availability and shutdown --------------------------------------------------------------
+    async def _unavailable(self, tier: str, headers: dict[str, str]) -> JSONResponse | None:
+        """A 503 while draining, or when no replica answered the latest health poll."""
+        cfg = self.config.admission
+        if self.draining_until is not None:
+            err = RequestError(503, "the server is shutting down; retry the request", type="server_error",
+                               code="server_shutdown")
+            return self._reject(err, tier, {**headers, "retry-after": str(cfg.min_retry_after_s)})
+        healthy = await self.poller.healthy_replicas(cfg.max_feedback_age_s)
+        if healthy == 0:
+            retry = self._rng.randint(cfg.min_retry_after_s, max(cfg.min_retry_after_s, 2 * cfg.min_retry_after_s))
+            err = RequestError(503, "no replica can serve the request now (all are down or starting); retry "
+                               f"after {retry} s", type="server_error", code="service_unavailable")
+            return self._reject(err, tier, {**headers, "retry-after": str(retry)})
+        return None
 
     async def poll_feedback_once(self, timeout_s: float = 5.0) -> list[ReplicaFeedback]:
         """One poll of every running replica (`FeedbackPoller.poll_once`); tests and operators."""
         return await self.poller.poll_once(timeout_s)
 
+    async def drain(self, timeout_s: float | None = None) -> dict[str, int]:
+        """Stop admitting (503) and wait for the requests in flight to finish, at most
+        ``timeout_s`` (default ``http.drain_timeout_s``); then end the streams still open with an
+        error event.  Returns how many finished and how many were ended."""
+        timeout_s = self.config.http.drain_timeout_s if timeout_s is None else float(timeout_s)
+        self.draining_until = time.monotonic() + timeout_s
+        before = len(self.in_flight)
+        while len(self.in_flight) and time.monotonic() < self.draining_until:
+            await asyncio.sleep(0.05)
+        ended = 0
+        for stream in list(self.active.values()):
+            stream.end(ShuttingDown())
+            ended += 1
+        logger.info("ingress drained: %d of %d requests finished in time, %d ended", before - ended, before, ended)
+        return {"in_flight": before, "finished": before - ended, "ended": ended}
+
+    # --- admission ------------------------------------------------------------------------------
+    def _admit(self, tier: str, key_id: str, rid: str, headers: dict[str, str]) -> JSONResponse | _Ticket:
+        """The tier's admission and the key's limits, then the in-flight entry: one step, no
+        await in between (so concurrent arrivals cannot all pass a bound)."""
+        decision: Decision | None = None
+        if self.admission is not None:
+            self.poller.on_request()
+            p = self.poller
+            decision = self.admission.admit(tier, p.feedback.values(), self.in_flight, history=p.tbt_history,
+                                            delays=self.delay_history, num_replicas=p.num_replicas, key_id=key_id,
+                                            record_delay=False, jitter=self._rng.random())
+            if not decision.admit:
+                return self._shed(tier, decision.message, decision.retry_after_s or 1, headers)
+        refusal = self.limiter.acquire(key_id, tier)
+        if refusal is not None:
+            return self._rate_limited(tier, refusal, headers)
+        self.in_flight.add(rid, tier, 0, key_id=key_id)
+        return _Ticket(self, rid, key_id, decision.queue_delay_s if decision is not None else None)
+
     def _shed(self, tier: str, message: str, retry_after_s: int, headers: dict[str, str]) -> JSONResponse:
         return self._reject(overload_error(message), tier, {**headers, "retry-after": str(int(retry_after_s))})
+
+    def _rate_limited(self, tier: str, refusal: LimitRefusal, headers: dict[str, str]) -> JSONResponse:
+        err = RequestError(429, refusal.message, type="requests" if refusal.kind != "tokens" else "tokens",
+                           code="rate_limit_exceeded")
+        h = dict(headers)
+        if refusal.retry_after_s is not None:
+            h["retry-after"] = str(max(1, math.ceil(refusal.retry_after_s)))
+        return self._reject(err, tier, h)
 
     def _backpressure_retry_s(self, e: BackPressureError) -> int:
         cfg = self.config.admission
@@ -206,25 +326,44 @@ class Ingress:
         if self.admission is not None:
             p = self.poller
             return self.admission.retry_after_s(self.admission.assess(
-                p.feedback.values(), self.in_flight, history=p.tbt_history, num_replicas=p.num_replicas))
+                p.feedback.values(), self.in_flight, history=p.tbt_history, num_replicas=p.num_replicas),
+                self._rng.random())
         return cfg.min_retry_after_s
 
     # --- one request ----------------------------------------------------------------------------
     async def _serve(self, request: Request, *, chat: bool):
         start = time.perf_counter()  # the request's arrival, for its TTFT
         try:
-            tier = self.keys.tier_for(_authorization(request))
+            tier, key_id = self.keys.identify(_authorization(request))
         except AuthError as e:
             return self._reject(e, None)
         headers = {"x-tier": tier}
-        decision = self._admit(tier)
-        if decision is not None and not decision.admit:
-            return self._shed(tier, decision.message, decision.retry_after_s or 1, headers)
-        try:
-            parsed = self.parser.parse(await self.parser.read(request), chat=chat)
-        except RequestError as e:
-            return self._reject(e, tier, headers)
+        unavailable = await self._unavailable(tier, headers)
+        if unavailable is not None:
+            return unavailable
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        ticket = self._admit(tier, key_id, rid, headers)
+        if isinstance(ticket, JSONResponse):
+            return ticket
+        tier_cfg = self.tier_configs[tier]
+        try:
+            parsed = await self.parser.parse(await self.parser.read(request), chat=chat, tier=tier_cfg)
+        except RequestError as e:
+            ticket.release()
+            return self._reject(e, tier, {**headers, **self.limiter.headers(key_id, tier)})
+        except BaseException:
+            ticket.release()
+            raise
+        refusal = self.limiter.charge(key_id, tier, parsed.prompt_len + parsed.max_tokens)
+        if refusal is not None:
+            ticket.release()
+            return self._rate_limited(tier, refusal, {**headers, **self.limiter.headers(key_id, tier)})
+        ticket.charged, ticket.max_tokens = True, parsed.max_tokens
+        headers.update(self.limiter.headers(key_id, tier))
+        self.in_flight.set_prompt_len(rid, parsed.prompt_len)
+        if ticket.queue_delay_s is not None:  # only requests dispatched count in the recent delays
+            self.delay_history.add(time.time(), ticket.queue_delay_s)
+        logger.debug("request %s: key %s, tier %s, %d prompt tokens", rid, key_id, tier, parsed.prompt_len)
         gen_request = GenerateRequest(request_id=rid, prompt_token_ids=parsed.prompt_token_ids,
                                       max_tokens=parsed.max_tokens, tier=self.tiers[tier],
                                       sampling=parsed.body.sampling)
@@ -234,16 +373,26 @@ class Ingress:
             req = gen_request if attempt == 0 else gen_request.with_request_id(retry_request_id(rid, attempt))
             return handle.generate.remote(req)
 
-        self.in_flight.add(rid, tier, parsed.prompt_len)
+        async def open_stream(first_attempt: int = 0, retries: int = DEFAULT_RETRIES) -> ReplicaStream:
+            stream = await open_replica_stream(lambda a: call_replica(first_attempt + a), retries=retries,
+                                               request_id=rid, first_timeout_s=tier_cfg.first_token_timeout_s,
+                                               idle_timeout_s=tier_cfg.stream_idle_timeout_s)
+            stream.attempts += first_attempt
+            self.active[rid] = stream
+            return stream
+
         try:
-            stream = await open_replica_stream(call_replica, request_id=rid)
+            stream = await open_stream()
         except BackPressureError as e:
-            self.in_flight.done(rid)
+            ticket.release()
             logger.info("request %s shed by Serve's backpressure: %s", rid, e)
             return self._shed(tier, f"The server is overloaded: {e}", self._backpressure_retry_s(e), headers)
         except asyncio.CancelledError:  # client gone: open_replica_stream cancelled the replica stream
-            self.in_flight.done(rid)
+            ticket.release()
             self._timer(tier, start).finish("cancelled")
+            raise
+        except BaseException:
+            ticket.release()
             raise
         t_first = time.perf_counter()
         timer = self._timer(tier, start)
@@ -252,27 +401,29 @@ class Ingress:
             timer.tokens(stream.first.num_tokens, t_first)
         if parsed.body.stream:
             def release() -> None:  # what _sse's `finally` does (idempotent), for a body never iterated
-                self.in_flight.done(rid)
+                ticket.release(timer.n)
                 if not timer.finished:
                     stream.cancel()  # client gone: abort the engine request
                     timer.finish("cancelled")
 
+            if stream.error is not None and stream.first is None:  # failed before any token: a plain error
+                release()
+                timer.finish("error")
+                err = _stream_error(stream.error)
+                return _error_response(err, headers)
             include_usage = bool((parsed.body.stream_options or {}).get("include_usage"))
-            return _SSEResponse(self._sse(stream, rid, parsed, include_usage, timer), on_close=release,
+            return _SSEResponse(self._sse(stream, rid, parsed, include_usage, timer, ticket), on_close=release,
                                 media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 
         async def restart(attempts_used: int) -> ReplicaStream:
-            # a non-streaming request whose replica died mid-generation: nothing reached its client
-            # yet, so it starts over (a new request id) on another replica, within the retry budget
-            again = await open_replica_stream(lambda a: call_replica(attempts_used + a),
-                                              retries=max(0, DEFAULT_RETRIES - attempts_used), request_id=rid)
-            again.attempts += attempts_used
-            return again
+            # a non-streaming request whose replica died or hung mid-generation: nothing reached
+            # its client yet, so it starts over (a new request id) elsewhere, within the retry budget
+            return await open_stream(attempts_used, max(0, DEFAULT_RETRIES - attempts_used))
 
         try:
             return await self._complete(stream, rid, parsed, timer, headers, restart=restart)
         finally:
-            self.in_flight.done(rid)
+            ticket.release(timer.n)
 
     def _timer(self, tier: str, start: float) -> RequestTimer:
         return self.metrics.admitted(tier, start) if self.metrics is not None else RequestTimer(None, start)
@@ -280,12 +431,12 @@ class Ingress:
     async def _complete(self, stream: ReplicaStream, rid: str, parsed: ParsedRequest, timer: RequestTimer,
                         headers: dict[str, str], *,
                         restart: Callable[[int], Awaitable[ReplicaStream]] | None = None) -> JSONResponse:
-        """The non-streaming response: every chunk read, one JSON body.  If the replica dies
-        mid-generation and ``restart`` is given, the request starts over on another replica while
-        the retry budget lasts (`serve_app.stream`; the client has received nothing yet)."""
+        """The non-streaming response: every chunk read, one JSON body.  If the replica dies or
+        hangs mid-generation and ``restart`` is given, the request starts over on another replica
+        while the retry budget lasts (`serve_app.stream`; the client has received nothing yet)."""
         renderer = self.renderers[parsed.chat]
         while True:
-            died: BaseException | None = None
+            failed: BaseException | None = None
             try:
                 n = 0
                 parts = []
@@ -303,21 +454,22 @@ class Ingress:
                 stream.cancel()  # client gone: abort the engine request
                 timer.finish("cancelled")
                 raise
-            except EngineAbort as e:
-                logger.warning("request %s aborted by the engine: %s", rid, e)
-                timer.finish("aborted")
+            except (EngineAbort, ShuttingDown) as e:
+                logger.warning("request %s ended: %s", rid, e)
+                timer.finish("aborted" if isinstance(e, EngineAbort) else "error")
                 return _error_response(e.to_request_error(), headers)
             except Exception as e:  # noqa: BLE001
                 stream.cancel()
-                if restart is None or stream.attempts > DEFAULT_RETRIES or not is_replica_death(e):
+                if restart is None or stream.attempts > DEFAULT_RETRIES or not is_replica_failure(e) \
+                        or self.draining_until is not None:
                     logger.warning("request %s failed: %r", rid, e)
                     timer.finish("error")
-                    return _error_response(_replica_failed(), headers)
-                died = e
-            if died is None:
+                    return _error_response(_stream_error(e), headers)
+                failed = e
+            if failed is None:
                 break
-            logger.warning("request %s: its replica died after %d tokens (%s); starting over on another "
-                           "replica", rid, n, type(died).__name__)
+            logger.warning("request %s: its replica failed after %d tokens (%s); starting over on another "
+                           "replica", rid, n, type(failed).__name__)
             try:
                 stream = await restart(stream.attempts)
             except asyncio.CancelledError:
@@ -332,7 +484,7 @@ class Ingress:
         return JSONResponse(body, headers=headers)
 
     async def _sse(self, stream: ReplicaStream, rid: str, parsed: ParsedRequest, include_usage: bool,
-                   timer: RequestTimer) -> AsyncIterator[str]:
+                   timer: RequestTimer, ticket: _Ticket) -> AsyncIterator[str]:
         renderer = self.renderers[parsed.chat]
         chat = parsed.chat
         created = int(time.time())
@@ -361,13 +513,13 @@ class Ingress:
             raise
         except Exception as e:  # noqa: BLE001
             logger.warning("stream %s failed: %r", rid, e)
+            stream.cancel()
             timer.finish("aborted" if isinstance(e, EngineAbort) else "error")
-            err = e.to_request_error() if isinstance(e, EngineAbort) else _replica_failed()
-            yield renderer.error_event(err)
+            yield renderer.error_event(_stream_error(e))
             yield DONE_EVENT
             done = True
         finally:
-            self.in_flight.done(rid)
+            ticket.release(n)
             if not done:
                 stream.cancel()  # client disconnected mid-stream: abort the engine request
                 timer.finish("cancelled")  # (a no-op if the stream had already finished)

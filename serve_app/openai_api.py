@@ -1,17 +1,26 @@
 """The OpenAI request side of the ingress: request schemas, errors, and parsing a body into what a
 replica needs (pure: no Ray).
 
-`RequestParser.read(request)` reads a body under ``max_request_bytes`` (413 past it);
-`RequestParser.parse(body, chat=...)` decodes and validates it and tokenizes the prompt once:
-a `ParsedRequest` (the validated request, the prompt's token ids, the resolved ``max_tokens``), or
-a `RequestError` rendered as OpenAI's error JSON:
+`RequestParser.read(request)` reads a body under ``max_request_bytes`` (413 past it) within
+``body_timeout_s`` (408 past it: a client that trickles its body holds an ingress slot no longer);
+`RequestParser.parse(body, chat=..., tier=...)` decodes and validates it and tokenizes the prompt
+once: a `ParsedRequest` (the validated request, the prompt's token ids, the resolved
+``max_tokens``), or a `RequestError` rendered as OpenAI's error JSON:
 
 400 invalid JSON (also nested too deeply, or a string holding a lone UTF-16 surrogate); wrong
 types, checked strictly as OpenAI does (``"8"``, ``true`` or ``8.0`` is no integer); out-of-range
-or non-finite numbers; ``max_tokens`` <= 0; ``n`` != 1; several prompts; token ids outside the
-vocabulary; an empty prompt; prompt + ``max_tokens`` over the context (without ``max_tokens`` a
-request gets ``default_max_tokens`` or what the context leaves).  404 unknown model.  413 a body
-over ``max_request_bytes``.
+or non-finite numbers; more than 4 stop strings, or one over 256 characters (OpenAI's limit: each
+is checked on every output step); ``max_tokens`` <= 0 or over the tier's ``max_tokens``;
+``ignore_eos`` where the tier does not allow it; ``n`` != 1; several prompts; token ids outside
+the vocabulary; an empty prompt; prompt + ``max_tokens`` over the context (without ``max_tokens``
+a request gets ``default_max_tokens``, the tier's cap or what the context leaves, whichever is
+least).  404 unknown model.  408 a body slower than ``body_timeout_s``.  413 a body over
+``max_request_bytes``.
+
+Cheap refusal before work: a prompt whose UTF-8 length alone proves it longer than the context
+(`serve_app.tokenizer.Tokenizer.min_tokens`) is refused without tokenizing it; a prompt is
+tokenized on the event loop only when short (``INLINE_TOKENIZE_BYTES``), else in a thread of its
+tier's own (one per tier: a flood of long free prompts does not delay a premium one).
 
 The sampling fields are `replica.contract.SamplingFields`, which the request models inherit:
 adding one there adds it here.
@@ -19,8 +28,10 @@ adding one there adds it here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +39,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from starlette.requests import Request
 
 from replica.contract import SamplingFields
+from serve_app.config import ServingTier
 from serve_app.tokenizer import Tokenizer
+
+INLINE_TOKENIZE_BYTES = 16 * 1024  # shorter prompts are tokenized on the event loop (well under 10 ms)
 
 __all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "ParsedRequest", "RequestError",
            "RequestParser", "overload_error"]
@@ -112,27 +126,35 @@ class ParsedRequest:
 
 class RequestParser:
     def __init__(self, *, tokenizer: Tokenizer, model_name: str, max_context_tokens: int, max_request_bytes: int,
-                 default_max_tokens: int) -> None:
+                 default_max_tokens: int, body_timeout_s: float = 10.0) -> None:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_context_tokens = int(max_context_tokens)
         self.max_request_bytes = int(max_request_bytes)
         self.default_max_tokens = int(default_max_tokens)
+        self.body_timeout_s = float(body_timeout_s)
+        self._executors: dict[str, ThreadPoolExecutor] = {}
 
     async def read(self, request: Request) -> bytes:
-        """The request body; 413 as soon as it (or its declared length) passes the limit."""
+        """The request body; 413 as soon as it (or its declared length) passes the limit, 408 when
+        it has not all arrived within ``body_timeout_s``."""
         limit = self.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(413, f"request body larger than {limit} bytes", code="request_too_large")
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise RequestError(413, f"request body larger than {limit} bytes", code="request_too_large")
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                async for part in request.stream():
+                    body += part
+                    if len(body) > limit:
+                        raise RequestError(413, f"request body larger than {limit} bytes", code="request_too_large")
+        except TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {self.body_timeout_s:g} s",
+                               code="request_timeout") from None
         return bytes(body)
 
-    def parse(self, body: bytes, *, chat: bool) -> ParsedRequest:
+    async def parse(self, body: bytes, *, chat: bool, tier: ServingTier) -> ParsedRequest:
         try:
             text = _decode_body(body)
             data = json.loads(text)
@@ -165,18 +187,35 @@ class RequestParser:
         if max_tokens is not None and max_tokens <= 0:
             raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens",
                                code="invalid_value")
-        prompt_ids = self._prompt_ids(req)
-        prompt_len = len(prompt_ids)
+        if max_tokens is not None and tier.max_tokens is not None and max_tokens > tier.max_tokens:
+            raise RequestError(400, f"max_tokens {max_tokens} is over the {tier.name} tier's limit of "
+                               f"{tier.max_tokens}", param="max_tokens", code="invalid_value")
+        if req.ignore_eos and not tier.allow_ignore_eos:
+            raise RequestError(400, f"ignore_eos is not allowed for the {tier.name} tier", param="ignore_eos",
+                               code="invalid_value")
         param = "messages" if chat else "prompt"
+        ctx = self.max_context_tokens
+        prompt = self._prompt(req)
+        if isinstance(prompt, str):
+            num_bytes = len(prompt.encode("utf-8"))
+            at_least = self.tokenizer.min_tokens(num_bytes)
+            if at_least >= ctx:  # refused before any tokenizing: the length alone proves it
+                raise RequestError(400, f"This model's maximum context length is {ctx} tokens; the prompt has at "
+                                   f"least {at_least} tokens ({num_bytes} bytes), which leaves no room for a "
+                                   "completion", param=param, code="context_length_exceeded")
+            prompt_ids = await self._encode(prompt, tier.name, num_bytes)
+        else:
+            prompt_ids = prompt
+        prompt_len = len(prompt_ids)
         if prompt_len == 0:
             raise RequestError(400, "the prompt is empty", param=param, code="invalid_value")
-        ctx = self.max_context_tokens
         if prompt_len >= ctx:
             raise RequestError(400, f"This model's maximum context length is {ctx} tokens; the prompt has "
                                f"{prompt_len} tokens, which leaves no room for a completion", param=param,
                                code="context_length_exceeded")
         if max_tokens is None:
-            max_tokens = min(self.default_max_tokens, ctx - prompt_len)
+            caps = (self.default_max_tokens, ctx - prompt_len, tier.max_tokens or self.default_max_tokens)
+            max_tokens = min(caps)
         elif prompt_len + max_tokens > ctx:
             raise RequestError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {param}, {max_tokens} in the "
@@ -184,9 +223,18 @@ class RequestParser:
                                param="max_tokens", code="context_length_exceeded")
         return ParsedRequest(req, chat, prompt_ids, int(max_tokens))
 
-    def _prompt_ids(self, req: CompletionRequest | ChatCompletionRequest) -> list[int]:
+    async def _encode(self, text: str, tier: str, num_bytes: int) -> list[int]:
+        if num_bytes <= INLINE_TOKENIZE_BYTES:
+            return self.tokenizer.encode(text)
+        pool = self._executors.get(tier)
+        if pool is None:
+            pool = self._executors[tier] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{tier}")
+        return await asyncio.get_running_loop().run_in_executor(pool, self.tokenizer.encode, text)
+
+    def _prompt(self, req: CompletionRequest | ChatCompletionRequest) -> str | list[int]:
+        """The prompt as text to tokenize, or as the token ids the client sent (checked)."""
         if isinstance(req, ChatCompletionRequest):
-            return self.tokenizer.encode(chat_prompt(req.messages))
+            return chat_prompt(req.messages)
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             if len(prompt) != 1:
@@ -194,7 +242,7 @@ class RequestParser:
                                    param="prompt", code="invalid_value")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return prompt
         ids = [int(t) for t in prompt]
         vocab = self.tokenizer.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)

@@ -29,6 +29,14 @@ within the same budget of ``DEFAULT_RETRIES`` extra attempts).
 
 ``BackPressureError`` and ``asyncio.CancelledError`` propagate (the stream is cancelled on the
 latter: the client is gone), as they did from the first ``__anext__``.
+
+Deadlines: a replica that hangs without dying is no better than a dead one.  No first chunk within
+``first_timeout_s`` counts as a failure of that replica (`ReplicaHung`): the stream is cancelled
+and opened again on another replica while the retry budget lasts (Serve's router skips a replica
+that does not answer its queue-length probe).  Once open, a gap of more than ``idle_timeout_s``
+between chunks raises `ReplicaHung` from the iteration.  `ReplicaStream.end(error)` ends a stream
+from outside (the ingress draining at shutdown): the underlying stream is cancelled and the
+iteration raises ``error``.
 """
 
 from __future__ import annotations
@@ -40,11 +48,16 @@ from typing import Any
 
 from replica.contract import StreamChunk
 
-__all__ = ["DEFAULT_RETRIES", "ReplicaStream", "is_replica_death", "open_replica_stream", "retry_request_id"]
+__all__ = ["DEFAULT_RETRIES", "ReplicaHung", "ReplicaStream", "is_replica_death", "is_replica_failure",
+           "open_replica_stream", "retry_request_id"]
 
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_RETRIES = 1
+
+
+class ReplicaHung(TimeoutError):
+    """The replica sent no chunk within the deadline (it may be alive, but it is not serving)."""
 
 
 def _actor_error_types() -> tuple[type[BaseException], ...]:
@@ -76,6 +89,12 @@ def is_replica_death(error: BaseException | None) -> bool:
     return False
 
 
+def is_replica_failure(error: BaseException | None) -> bool:
+    """Whether ``error`` is the replica's fault (it died or it hung): the request may be run
+    again elsewhere if its client has received nothing yet."""
+    return isinstance(error, ReplicaHung) or is_replica_death(error)
+
+
 def retry_request_id(request_id: str, attempt: int) -> str:
     """The engine request id of attempt ``attempt`` (0: the first): distinct per attempt, so a
     replica that was only unreachable, still running the first attempt, never sees a duplicate."""
@@ -86,20 +105,25 @@ class ReplicaStream:
     """A replica stream whose first chunk was read when it was opened (`open_replica_stream`):
     ``stream`` (the underlying one), ``first`` (that chunk; None when the stream ended before
     one), ``error`` (what reading it raised, after the retries; iterating raises it),
-    ``attempts`` (streams opened).  Iterates ``first``, then the rest; `cancel` cancels the
-    underlying stream (which aborts the engine request)."""
+    ``attempts`` (streams opened).  Iterates ``first``, then the rest, each within
+    ``idle_timeout_s`` of the one before (`ReplicaHung`); `cancel` cancels the underlying stream
+    (which aborts the engine request); `end` does too, and makes the iteration raise."""
 
-    __slots__ = ("stream", "first", "error", "attempts", "_pending")
+    __slots__ = ("stream", "first", "error", "attempts", "idle_timeout_s", "_pending", "_ended")
 
     def __init__(self, stream: Any, first: StreamChunk | None = None, error: BaseException | None = None,
-                 attempts: int = 1) -> None:
+                 attempts: int = 1, idle_timeout_s: float | None = None) -> None:
         self.stream, self.first, self.error, self.attempts = stream, first, error, attempts
+        self.idle_timeout_s = idle_timeout_s
         self._pending = True
+        self._ended: BaseException | None = None
 
     def __aiter__(self) -> ReplicaStream:
         return self
 
     async def __anext__(self) -> StreamChunk:
+        if self._ended is not None:
+            raise self._ended
         if self._pending:
             self._pending = False
             if self.error is not None:
@@ -109,42 +133,73 @@ class ReplicaStream:
             return self.first
         if self.first is None or self.error is not None:
             raise StopAsyncIteration
-        return await self.stream.__anext__()
+        try:
+            if self.idle_timeout_s is None:
+                return await self.stream.__anext__()
+            async with asyncio.timeout(self.idle_timeout_s):
+                return await self.stream.__anext__()
+        except TimeoutError:
+            if self._ended is not None:
+                raise self._ended from None
+            raise ReplicaHung(f"the replica sent nothing for {self.idle_timeout_s:g} s") from None
+        except StopAsyncIteration:
+            raise
+        except Exception:
+            if self._ended is not None:  # ended from outside: what the underlying stream raised is ours
+                raise self._ended from None
+            raise
 
     def cancel(self) -> None:
         _cancel(self.stream)
 
+    def end(self, error: BaseException) -> None:
+        """End the stream from outside: cancel it; the iteration raises ``error`` from now on
+        (also a wait already in progress, once the cancelled stream gives up)."""
+        self._ended = error
+        _cancel(self.stream)
+
 
 async def open_replica_stream(start: Callable[[int], Any], *, retries: int = DEFAULT_RETRIES,
-                              request_id: str = "") -> ReplicaStream:
+                              request_id: str = "", first_timeout_s: float | None = None,
+                              idle_timeout_s: float | None = None) -> ReplicaStream:
     """Starts a replica stream with ``start(attempt)`` (attempt 0, 1, ...) and reads its first
-    chunk; when that read fails because the replica died (`is_replica_death`), starts it again,
-    at most ``retries`` more times.  Other errors are returned in `ReplicaStream.error` (no
-    retry); ``BackPressureError`` and ``CancelledError`` propagate (the latter after cancelling
-    the stream)."""
+    chunk; when that read fails because the replica died (`is_replica_death`) or sent nothing
+    within ``first_timeout_s`` (`ReplicaHung`), starts it again, at most ``retries`` more times.
+    Other errors are returned in `ReplicaStream.error` (no retry); ``BackPressureError`` and
+    ``CancelledError`` propagate (the latter after cancelling the stream)."""
     from ray.serve.exceptions import BackPressureError
 
     attempt = 0
     while True:
         stream = start(attempt)
         try:
-            first = await stream.__anext__()
+            if first_timeout_s is None:
+                first = await stream.__anext__()
+            else:
+                try:
+                    async with asyncio.timeout(first_timeout_s):
+                        first = await stream.__anext__()
+                except TimeoutError:
+                    raise ReplicaHung(f"the replica sent no first chunk within {first_timeout_s:g} s") from None
         except StopAsyncIteration:
-            return ReplicaStream(stream, None, None, attempt + 1)
+            return ReplicaStream(stream, None, None, attempt + 1, idle_timeout_s)
         except BackPressureError:
             raise
         except asyncio.CancelledError:
             _cancel(stream)  # client gone: abort the engine request
             raise
         except Exception as e:  # noqa: BLE001 - returned to the caller, which reports it
-            if attempt < retries and is_replica_death(e):
+            if attempt < retries and is_replica_failure(e):
                 attempt += 1
-                logger.warning("request %s: its replica died before the first token (%s); retrying "
-                               "(attempt %d of %d)", request_id, type(e).__name__, attempt + 1, retries + 1)
+                logger.warning("request %s: its replica %s before the first token (%s); retrying "
+                               "(attempt %d of %d)", request_id, "hung" if isinstance(e, ReplicaHung) else "died",
+                               type(e).__name__, attempt + 1, retries + 1)
                 _cancel(stream)
                 continue
-            return ReplicaStream(stream, None, e, attempt + 1)
-        return ReplicaStream(stream, first, None, attempt + 1)
+            if isinstance(e, ReplicaHung):
+                _cancel(stream)
+            return ReplicaStream(stream, None, e, attempt + 1, idle_timeout_s)
+        return ReplicaStream(stream, first, None, attempt + 1, idle_timeout_s)
 
 
 def _cancel(stream: Any) -> None:

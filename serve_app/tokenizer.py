@@ -34,6 +34,16 @@ class Tokenizer:
         self._tok = tok
         self.source = source
         self.vocab_size = tok.get_vocab_size()
+        # An upper bound on the UTF-8 bytes of text one token stands for: a token's string has c
+        # characters, and covers at most c bytes (byte-level BPE: one character per byte) or c
+        # characters of at most 4 bytes each (SentencePiece-style vocabularies).  So a text of B
+        # bytes has at least B / max_token_bytes tokens: a cheap lower bound (`min_tokens`).
+        longest = max((len(t) for t in tok.get_vocab(with_added_tokens=True)), default=1)
+        self.max_token_bytes = 4 * max(1, longest)
+
+    def min_tokens(self, num_bytes: int) -> int:
+        """At least this many tokens encode a text of ``num_bytes`` UTF-8 bytes (no tokenizing)."""
+        return num_bytes // self.max_token_bytes
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)

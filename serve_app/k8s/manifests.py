@@ -52,6 +52,14 @@ APP_LABEL_VALUE = "tiered-llm-serve"
 
 # ------------------------------------------------------------------------------- serveConfigV2
 
+def termination_grace_period_s(config: AppConfig) -> int:
+    """Kubernetes' grace period for a pod: Serve's graceful shutdown of the replicas
+    (`serve_app.app.graceful_shutdown_timeout_s`) and 15 s more for Ray to stop."""
+    from serve_app.app import graceful_shutdown_timeout_s
+
+    return math.ceil(graceful_shutdown_timeout_s(config) + 15)
+
+
 def serve_config(config: AppConfig, runtime_env: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The Serve config (``serveConfigV2``) for ``config``; validated with Ray's schema."""
     from ray.serve._private.build_app import build_app as build_serve_app
@@ -73,7 +81,8 @@ def serve_config(config: AppConfig, runtime_env: Mapping[str, Any] | None = None
     app["deployments"] = deployments
     out = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": config.http.host, "port": config.http.port},
+        "http_options": {"host": config.http.host, "port": config.http.port,
+                         "request_timeout_s": config.http.request_timeout_s},
         "applications": [app],
     }
     ServeDeploySchema.model_validate(out)
@@ -212,6 +221,8 @@ def _pod_template(config: AppConfig, opts: RayServiceOptions, lay: _Layout, *, h
     if init:
         spec["initContainers"] = init
     spec["containers"] = [container]
+    # the pod outlives the ingress's drain and Serve's graceful shutdown (serve_app.app)
+    spec["terminationGracePeriodSeconds"] = termination_grace_period_s(config)
     if volumes:
         spec["volumes"] = volumes
     if lay.gpu and not head:

@@ -2,9 +2,14 @@
 security, fuzz and retry tests.
 
 * `FakeStream`: a replica stream as the sim backend yields it (one chunk per token, no text);
-  ``fail`` raises at once, ``die_after=k`` raises Ray's ``ActorDiedError`` after k chunks;
+  ``fail`` raises at once, ``die_after=k`` raises Ray's ``ActorDiedError`` after k chunks,
+  ``hang_after=k`` sends k chunks and then nothing, ever (a hung replica; cancelling it ends the
+  wait with Serve's ``RequestCancelledError``), ``delay_s`` waits that long before each chunk;
 * `FakeReplicas`: stands in for the LLMReplica DeploymentHandle, records every request
-  (`replica.contract.GenerateRequest`) in ``payloads``;
+  (`replica.contract.GenerateRequest`) in ``payloads``; per call, in order, ``die_after``,
+  ``hang_after`` and ``delay_s`` lists; ``snapshots`` (a list of feedback snapshot dicts, or None:
+  a broadcast fails, so health is unknown) answers ``broadcast("record_routing_stats")``;
+  ``backpressure`` raises Serve's ``BackPressureError`` on the next calls;
   ``die_after`` lists, per call in order, after how many chunks that call's replica dies;
 * `make_ingress(api_keys, overrides, max_context_tokens)`: the Ingress (not Serve's wrapper) on
   the default config with ``overrides``, keys from ``api_keys`` (the ``TIERED_API_KEYS`` format), metrics and
@@ -27,28 +32,52 @@ from serve_app.ingress import Ingress
 
 
 class FakeStream:
-    def __init__(self, n: int, fail: bool = False, die_after: int | None = None) -> None:
+    def __init__(self, n: int, fail: bool = False, die_after: int | None = None, hang_after: int | None = None,
+                 delay_s: float = 0.0) -> None:
         self._chunks = [StreamChunk(num_tokens=i, finish_reason="length" if i == n else None)
                         for i in range(1, n + 1)]
-        self._n, self._fail, self._die_after = n, fail, die_after
+        self._n, self._fail, self._die_after, self._hang_after, self._delay_s = n, fail, die_after, hang_after, delay_s
         self.cancelled = False
+        self._cancel_event: asyncio.Event | None = None
 
     def __aiter__(self) -> FakeStream:
         return self
 
     async def __anext__(self) -> StreamChunk:
+        sent = self._n - len(self._chunks)
         if self._fail:
             raise RuntimeError("replica died")
-        if self._die_after is not None and self._n - len(self._chunks) >= self._die_after:
+        if self._die_after is not None and sent >= self._die_after:
             from ray.exceptions import ActorDiedError
 
             raise ActorDiedError()  # the replica actor died after that many chunks
+        if self._hang_after is not None and sent >= self._hang_after or self.cancelled:
+            from ray.serve.exceptions import RequestCancelledError
+
+            if not self.cancelled:
+                self._cancel_event = asyncio.Event()
+                await self._cancel_event.wait()  # until cancelled: a replica that never answers
+            raise RequestCancelledError("fake")
+        if self._delay_s:
+            await asyncio.sleep(self._delay_s)
         if not self._chunks:
             raise StopAsyncIteration
         return self._chunks.pop(0)
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self._cancel_event is not None:
+            self._cancel_event.set()
+
+
+class _Broadcast:
+    def __init__(self, snapshots: list[dict[str, Any]] | None) -> None:
+        self.snapshots = snapshots
+
+    async def results_async(self, timeout_s: float = 0.0, return_exceptions: bool = False) -> list[Any]:
+        if self.snapshots is None:
+            raise RuntimeError("no broadcast in this fake")
+        return list(self.snapshots)
 
 
 class FakeReplicas:
@@ -56,6 +85,11 @@ class FakeReplicas:
         self.payloads: list[GenerateRequest] = []
         self.fail = False
         self.die_after: list[int | None] = []
+        self.hang_after: list[int | None] = []
+        self.delay_s: list[float] = []
+        self.snapshots: list[dict[str, Any]] | None = None
+        self.backpressure = False
+        self.streams: list[FakeStream] = []
 
     def options(self, **_: Any) -> FakeReplicas:
         return self
@@ -64,19 +98,39 @@ class FakeReplicas:
     def generate(self) -> FakeReplicas:
         return self
 
+    def broadcast(self, method: str) -> _Broadcast:
+        assert method == "record_routing_stats"
+        return _Broadcast(self.snapshots)
+
     def remote(self, payload: GenerateRequest) -> FakeStream:
         assert isinstance(payload, GenerateRequest), payload
+        if self.backpressure:
+            from ray.serve.exceptions import BackPressureError
+
+            raise BackPressureError(num_queued_requests=9, max_queued_requests=8, status_code=503, retry_after_s=2.5)
         self.payloads.append(payload)
-        return FakeStream(payload.max_tokens, self.fail, self.die_after.pop(0) if self.die_after else None)
+        stream = FakeStream(payload.max_tokens, self.fail, self.die_after.pop(0) if self.die_after else None,
+                            self.hang_after.pop(0) if self.hang_after else None,
+                            self.delay_s.pop(0) if self.delay_s else 0.0)
+        self.streams.append(stream)
+        return stream
+
+
+def snapshot(replica_id: str = "r0") -> dict[str, Any]:
+    """A fresh, idle replica's feedback snapshot."""
+    import time
+
+    return {"version": 1, "replica_id": replica_id, "timestamp_s": time.time(), "num_waiting": 0, "num_running": 0,
+            "waiting_prefill_tokens": 0, "kv_usage": 0.0, "mean_batch_time_s": 0.03, "tiers": {}}
 
 
 def make_ingress(api_keys: str, overrides: dict[str, Any] | None = None,
-                 max_context_tokens: int = 256) -> tuple[Any, FakeReplicas]:
+                 max_context_tokens: int = 256, admission: bool = False) -> tuple[Any, FakeReplicas]:
     env = {"TIERED_METRICS": "0", "TIERED_API_KEYS": api_keys}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        config = load_config(DEFAULT_CONFIG_PATH, overrides={**(overrides or {}), "admission.enabled": False})
+        config = load_config(DEFAULT_CONFIG_PATH, overrides={"admission.enabled": admission, **(overrides or {})})
         replicas = FakeReplicas()
         ingress = Ingress.func_or_class.__bases__[0](replicas, config, max_context_tokens)
     finally:
@@ -85,19 +139,23 @@ def make_ingress(api_keys: str, overrides: dict[str, Any] | None = None,
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    assert ingress.metrics is None and ingress.admission is None
+    assert ingress.metrics is None and (ingress.admission is None) != admission
     return ingress, replicas
 
 
-def make_request(raw: bytes, headers: list[tuple[str, str]], chat: bool, query: str = "") -> Request:
-    sent = False
+def make_request(raw: bytes, headers: list[tuple[str, str]], chat: bool, query: str = "",
+                 trickle_s: float | None = None) -> Request:
+    """A POST request with body ``raw``; ``trickle_s``: the first byte comes at once, the rest
+    after that many seconds (a slow client)."""
+    parts = [raw] if trickle_s is None else [raw[:1], raw[1:]]
 
     async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
+        if not parts:
             return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": raw, "more_body": False}
+        if len(parts) == 1 and trickle_s is not None:
+            await asyncio.sleep(trickle_s)
+        body = parts.pop(0)
+        return {"type": "http.request", "body": body, "more_body": bool(parts)}
 
     hdrs = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
     hdrs += [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
@@ -106,14 +164,17 @@ def make_request(raw: bytes, headers: list[tuple[str, str]], chat: bool, query: 
                     "query_string": query.encode()}, receive)
 
 
+async def call_async(ingress: Any, raw: bytes, headers: list[tuple[str, str]], *, chat: bool = False,
+                     query: str = "", trickle_s: float | None = None) -> tuple[int, dict[str, str], bytes]:
+    """`Ingress._serve` on one request in the running event loop, its whole body read."""
+    resp = await ingress._serve(make_request(raw, headers, chat, query, trickle_s), chat=chat)
+    if hasattr(resp, "body_iterator"):
+        content = b"".join([c.encode() if isinstance(c, str) else c async for c in resp.body_iterator])
+    else:
+        content = resp.body
+    return resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, content
+
+
 def call_inprocess(ingress: Any, raw: bytes, headers: list[tuple[str, str]], *, chat: bool = False,
                    query: str = "") -> tuple[int, dict[str, str], bytes]:
-    async def go() -> tuple[int, dict[str, str], bytes]:
-        resp = await ingress._serve(make_request(raw, headers, chat, query), chat=chat)
-        if hasattr(resp, "body_iterator"):
-            content = b"".join([c.encode() if isinstance(c, str) else c async for c in resp.body_iterator])
-        else:
-            content = resp.body
-        return resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, content
-
-    return asyncio.run(go())
+    return asyncio.run(call_async(ingress, raw, headers, chat=chat, query=query))

@@ -296,3 +296,70 @@ def test_dotted_overrides_reach_a_section_missing_from_the_file(tmp_path):
     path.write_text("model_name: m\n")
     cfg = load_config(path, overrides={"admission.enabled": False, "admission.max_in_flight": 5})
     assert not cfg.admission.enabled and cfg.admission.max_in_flight == 5
+
+
+# --- fairness between the keys of one tier ----------------------------------------------------------
+
+
+def _fill(in_flight: InFlight, tier: str, key: str, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        in_flight.add(f"{key}-{i}", tier, 0, now_s=NOW, key_id=key)
+
+
+def test_a_heavy_key_is_stopped_before_the_tier_is_full_and_its_neighbours_keep_the_reserve():
+    p = policy()  # free's bound 50, the last 10 % (5) kept for keys under their fair share
+    assert p.rules["free"].fair_share_from == 45
+    fl = InFlight()
+    _fill(fl, "free", "heavy", 45)
+    heavy = p.admit("free", [snap()], fl, now_s=NOW, key_id="heavy")
+    assert not heavy.admit and heavy.reason == "fair_share" and "fair share" in heavy.message
+    light = p.admit("free", [snap()], fl, now_s=NOW, key_id="light")
+    assert light.admit  # a second key of the tier is served: 0 < 50 / 2
+    _fill(fl, "free", "light", 5)
+    assert not p.admit("free", [snap()], fl, now_s=NOW, key_id="third").admit  # the bound itself still holds
+
+
+def test_below_the_reserve_a_key_may_use_most_of_the_tier():
+    p = policy()
+    fl = InFlight()
+    _fill(fl, "free", "only", 44)
+    assert p.admit("free", [snap()], fl, now_s=NOW, key_id="only").admit
+
+
+def test_in_the_reserve_only_keys_under_the_bound_over_the_others_plus_two_get_in():
+    p = policy()
+    fl = InFlight()
+    _fill(fl, "free", "a", 30)
+    _fill(fl, "free", "b", 15)  # 45 in flight: the reserve is in force; fair share 50 / (1 + 2)
+    assert p.fair_share(p.rules["free"], 15, 2) == pytest.approx(50 / 3)
+    assert p.admit("free", [snap()], fl, now_s=NOW, key_id="b").admit  # 15 < 16.7
+    assert p.admit("free", [snap()], fl, now_s=NOW, key_id="a").reason == "fair_share"  # 30 >= 16.7
+    assert p.admit("free", [snap()], fl, now_s=NOW, key_id="c").admit  # a new key: 0 < 50 / 4
+
+
+def test_in_flight_counts_keys_per_tier_and_forgets_them():
+    fl = InFlight()
+    fl.add("r1", "free", 0, now_s=NOW, key_id="a")
+    fl.add("r2", "free", 0, now_s=NOW, key_id="a")
+    fl.add("r3", "premium", 0, now_s=NOW, key_id="a")
+    assert (fl.key_count("free", "a"), fl.num_keys("free"), fl.num_keys("premium")) == (2, 1, 1)
+    fl.set_prompt_len("r1", 300)
+    assert fl.unreported_prefill_tokens(None) == 300
+    for r in ("r1", "r2", "r3", "r3"):
+        fl.done(r)
+    assert (fl.key_count("free", "a"), fl.num_keys("free"), len(fl)) == (0, 0, 0)
+
+
+def test_retry_after_is_spread_by_jitter():
+    p = policy(min_retry_after_s=2)
+    load = p.assess([snap()], InFlight(), now_s=NOW)
+    assert p.retry_after_s(load, 0.0) == 2 and p.retry_after_s(load, 0.99) == 3
+
+
+def test_a_decision_can_leave_the_delay_history_to_the_caller():
+    p = policy()
+    hist = DelayHistory(10.0)
+    p.admit("free", [snap("a", waiting=int(0.4 * RATE))], InFlight(), now_s=NOW, delays=hist, record_delay=False)
+    assert len(hist) == 0  # a request refused later (invalid) never counts
+    p.admit("free", [snap("a", waiting=int(0.4 * RATE))], InFlight(), now_s=NOW, delays=hist)
+    assert len(hist) == 1
