@@ -648,25 +648,30 @@ class App:
 
 @contextlib.contextmanager
 def launch_app(serve_args: Sequence[str], *, port: int | None = None, keys: Mapping[str, str] | None = None,
-               log_path: Path | None = None, ready_timeout_s: float = 120.0,
-               stop_grace_s: float = 60.0) -> Iterator[App]:
+               extra_keys: Sequence[tuple[str, str]] = (), log_path: Path | None = None,
+               ready_timeout_s: float = 120.0, stop_grace_s: float = 60.0,
+               app_dir: Path | None = None) -> Iterator[App]:
     """``python -m serve_app SERVE_ARGS http.host=127.0.0.1 http.port=PORT`` in a session of its
     own with a private RAY_TMPDIR, the given (or fresh) API keys, a closed loopback-only cluster (the
     launcher sets Ray's local-only switch itself: serve_app/ray_loopback.py) and Ray token authentication
     (the launcher generates a private token: serve_app/ray_auth.py); yields an `App` once
-    ``/health`` answers 200 and one completion went through; stops it on exit."""
+    ``/health`` answers 200 and one completion went through; stops it on exit.  ``extra_keys``:
+    more (key, tier) pairs; ``app_dir``: start the app from that checkout (default this one)."""
     import httpx
 
     port = port or free_port()
     keys = dict(keys or {"premium": "lt-premium-" + secrets.token_hex(8), "free": "lt-free-" + secrets.token_hex(8)})
     ray_tmp = tempfile.mkdtemp(prefix="ltray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token",
-           "TIERED_API_KEYS": ",".join(f"{k}:{t}" for t, k in keys.items())}
+           "TIERED_API_KEYS": ",".join([f"{k}:{t}" for t, k in keys.items()] + [f"{k}:{t}" for k, t in extra_keys])}
     for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # the launcher makes a private token
         env.pop(var, None)
     cmd = [sys.executable, "-m", "serve_app", *serve_args, "http.host=127.0.0.1", f"http.port={port}"]
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    if app_dir is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(app_dir), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.Popen(cmd, cwd=app_dir or ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_timeout_s

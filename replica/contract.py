@@ -203,7 +203,8 @@ class StreamChunk:
     simulated engine, whose tokens have no text); ``finish_reason``: None until the last chunk,
     then ``"length"`` (max_tokens reached), ``"stop"`` (EOS or a stop string) or ``"abort"``
     (the engine gave up on the request, e.g. its scheduler rejected it; ``stop_reason`` says
-    why); ``stop_reason``: the stop string that ended it, or the abort reason."""
+    why); ``stop_reason``: the stop string that ended it, or the abort reason.  Before the first
+    token a replica sends heartbeats (`heartbeat`: no tokens)."""
 
     num_tokens: int
     text: str | None = None
@@ -213,3 +214,13 @@ class StreamChunk:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @classmethod
+    def heartbeat(cls) -> StreamChunk:
+        """A chunk with no token: the replica has the request and is alive (it sends one at once
+        and then regularly until the first token); a receiver skips it."""
+        return cls(num_tokens=0)
+
+    @property
+    def is_heartbeat(self) -> bool:
+        return self.num_tokens == 0 and self.finish_reason is None

@@ -37,6 +37,8 @@ from replica.tiers import paper_tiers
 
 logger = logging.getLogger("ray.serve")
 
+HEARTBEAT_S = 1.0  # a request waiting for its first token: a heartbeat chunk this often
+
 
 class LLMReplica:
     def __init__(
@@ -76,10 +78,32 @@ class LLMReplica:
         self._metrics_task: asyncio.Task | None = None
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """The backend's chunks, preceded by heartbeats (`StreamChunk.heartbeat`): one at once (the
+        replica took the request) and one every `HEARTBEAT_S` until the first token, so that the
+        ingress tells a replica that queues a request from one that hangs (its deadline for a sign
+        of life is short, its deadline for the first token long)."""
         if self._metrics_task is None and self._metrics is not None:
             self._start_metrics_task()
-        async for chunk in self.backend.generate(request):
-            yield chunk
+        yield StreamChunk.heartbeat()
+        chunks = aiter(self.backend.generate(request))
+        pending = asyncio.ensure_future(anext(chunks))
+        try:
+            while True:  # until the first real chunk: heartbeats while the engine queues the request
+                done, _ = await asyncio.wait({pending}, timeout=HEARTBEAT_S)
+                if done:
+                    break
+                yield StreamChunk.heartbeat()
+            try:
+                first = pending.result()
+            except StopAsyncIteration:
+                return
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            if not pending.done():
+                pending.cancel()
+            await chunks.aclose()  # the client is gone (or the stream ended): the engine request is aborted
 
     async def record_routing_stats(self) -> dict[str, Any]:
         snap = await self.backend.snapshot()
@@ -120,7 +144,8 @@ class LLMReplica:
         """This replica's engine load and its Serve identity (tests and operators; not on the
         request path): ``num_unfinished`` (requests the engine still holds), ``num_waiting``,
         ``num_running``, ``kv_usage`` (from the feedback snapshot), ``replica_id`` (the one in the
-        snapshots), ``actor_name`` (Serve's replica actor, namespace ``serve``; None outside Serve)."""
+        snapshots), ``actor_name`` (Serve's replica actor, namespace ``serve``; None outside Serve),
+        ``pid`` (its process)."""
         snap = await self.backend.snapshot()
         actor_name = None
         try:
@@ -129,7 +154,7 @@ class LLMReplica:
             actor_name = serve.get_replica_context().replica_id.to_full_id_str()
         except Exception:  # noqa: BLE001 - not running inside a Serve replica
             pass
-        return {"replica_id": self.replica_id, "actor_name": actor_name,
+        return {"replica_id": self.replica_id, "actor_name": actor_name, "pid": os.getpid(),
                 "num_unfinished": int(self.backend.num_unfinished), "num_waiting": int(snap.get("num_waiting", 0)),
                 "num_running": int(snap.get("num_running", 0)), "kv_usage": float(snap.get("kv_usage", 0.0))}
 

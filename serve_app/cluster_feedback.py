@@ -25,9 +25,28 @@ from typing import Any
 from router.feedback import FeedbackError, ReplicaFeedback
 from serve_app.admission import TBTHistory
 
-__all__ = ["FeedbackPoller"]
+__all__ = ["FeedbackPoller", "broadcast_each"]
 
 logger = logging.getLogger("ray.serve")
+
+
+async def broadcast_each(handle: Any, method: str, timeout_s: float) -> list[Any]:
+    """``method`` called on every running replica of ``handle``'s deployment: each replica's
+    result, or the exception it raised, or a ``TimeoutError`` if it did not answer within
+    ``timeout_s`` (no result at all when Serve found no running replica within ``timeout_s``).  Ray's ``DeploymentBroadcastResponse.results_async(timeout_s=...)`` is all or
+    nothing: one replica that hangs (alive, not answering) makes it raise and hides every other
+    replica's answer, which would blind admission exactly when a replica misbehaves; so each
+    replica gets its own deadline here (through the response's per-replica results: Ray is pinned
+    to 2.60, and the live hung-replica test runs this path)."""
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    response = handle.broadcast(method)
+    try:
+        replica_results = await asyncio.wait_for(response._fetch_replica_results_async(), timeout_s)
+    except (DeploymentUnavailableError, TimeoutError):  # Serve has no running replica to call: none can serve
+        return []
+    return list(await asyncio.gather(*(asyncio.wait_for(rr.get_async(), timeout_s) for rr in replica_results),
+                                     return_exceptions=True))
 
 
 class FeedbackPoller:
@@ -80,14 +99,18 @@ class FeedbackPoller:
                         raise
                     except Exception as e:  # noqa: BLE001 - unknown, not unavailable
                         logger.debug("ingress: health poll failed: %r", e)
-                        return None
         return self.healthy
 
     async def poll_once(self, timeout_s: float = 5.0) -> list[ReplicaFeedback]:
         """One poll of every running replica; updates the snapshots, the TBT history and the
         count of healthy replicas."""
-        results = await self.replicas.broadcast("record_routing_stats").results_async(
-            timeout_s=timeout_s, return_exceptions=True)
+        try:
+            results = await broadcast_each(self.replicas, "record_routing_stats", timeout_s)
+        except Exception:
+            self.healthy = None  # unknown, not unavailable
+            raise
+        finally:  # a failed poll counts as one: requests do not poll again before max_age_s
+            self.polled_s = time.monotonic()
         fresh = []
         for r in results:
             if isinstance(r, BaseException) or not r:
@@ -99,7 +122,6 @@ class FeedbackPoller:
         if results:
             self.num_replicas = len(results)
         self.healthy = len(fresh)
-        self.polled_s = time.monotonic()
         for fb in fresh:
             self.feedback[fb.replica_id] = fb
         self.tbt_history.add(fresh)

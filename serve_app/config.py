@@ -68,6 +68,7 @@ __all__ = [
     "EngineConfig",
     "HttpConfig",
     "KeyLimits",
+    "MetricsConfig",
     "ReplicasConfig",
     "RouterConfig",
     "ServingTier",
@@ -359,6 +360,15 @@ class HttpConfig(_Strict):
                                                "finish for this long, then end with an error event")
 
 
+class MetricsConfig(_Strict):
+    """Optional metrics (`serve_app.metrics`; the per-tier ones are always on unless
+    ``TIERED_METRICS=0``)."""
+
+    per_key_max_keys: int = Field(default=0, ge=0, le=10_000,
+                                  description="tokens per API key id (tiered_key_tokens_total) for at most this "
+                                              "many key ids, the others as key=other; 0: off")
+
+
 # ------------------------------------------------------------------------------------- admission
 
 class AdmissionConfig(_Strict):
@@ -464,6 +474,7 @@ class AppConfig(_Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     model_name: str | None = Field(default=None, min_length=1, description="served model id (/v1/models)")
     max_request_bytes: int = Field(default=1 << 20, gt=0, description="largest accepted request body")
     default_max_tokens: int = Field(default=256, gt=0, description="max_tokens when a request gives none")
@@ -548,8 +559,10 @@ class AppConfig(_Strict):
         return self.engine.max_num_batched_tokens if isinstance(self.engine, VLLMEngineConfig) else None
 
     def routing_context(self) -> RoutingContext:
-        """What a router may know of this deployment (`router.policies.RoutingContext`)."""
-        return RoutingContext(tier_tbt_slo_s={t.name: t.tbt_slo_s for t in self.tiers}, token_budget=self.token_budget)
+        """What a router may know of this deployment (`router.policies.RoutingContext`): a
+        replica whose feedback is 5 polls old has stopped answering (it may hang)."""
+        return RoutingContext(tier_tbt_slo_s={t.name: t.tbt_slo_s for t in self.tiers}, token_budget=self.token_budget,
+                              stale_feedback_s=5 * self.router.feedback_period_s)
 
     @property
     def strictest(self) -> ServingTier:

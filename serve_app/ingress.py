@@ -147,12 +147,13 @@ class _Ticket:
     """An admitted request's hold on the ingress's bounds: its in-flight entry and its key's
     slot and tokens.  `release` gives them back exactly once, however the request ends."""
 
-    __slots__ = ("ingress", "request_id", "key_id", "queue_delay_s", "max_tokens", "charged", "released")
+    __slots__ = ("ingress", "request_id", "key_id", "queue_delay_s", "prompt_tokens", "max_tokens", "charged",
+                 "released")
 
     def __init__(self, ingress: Ingress, request_id: str, key_id: str, queue_delay_s: float | None) -> None:
         self.ingress, self.request_id, self.key_id = ingress, request_id, key_id
         self.queue_delay_s = queue_delay_s  # admission's predicted queueing delay (None: admission off)
-        self.max_tokens = 0
+        self.prompt_tokens = self.max_tokens = 0
         self.charged = False
         self.released = False
 
@@ -165,6 +166,8 @@ class _Ticket:
         ing.active.pop(self.request_id, None)
         refund = max(0, self.max_tokens - completion_tokens) if self.charged else 0
         ing.limiter.release(self.key_id, refund)
+        if ing.metrics is not None and self.charged:
+            ing.metrics.key_usage(self.key_id, self.prompt_tokens, completion_tokens)
 
 
 # ------------------------------------------------------------------------------------------ app
@@ -197,7 +200,8 @@ class Ingress:
         self.tier_configs: dict[str, ServingTier] = {t.name: t for t in self.config.tiers}
         self.tiers = {t.name: t.facts() for t in self.config.tiers}
         # Prometheus metrics (serve_app.metrics): None when TIERED_METRICS=0
-        self.metrics: IngressMetrics | None = IngressMetrics.create(tier_slos(self.config.tiers))
+        self.metrics: IngressMetrics | None = IngressMetrics.create(
+            tier_slos(self.config.tiers), per_key_max_keys=self.config.metrics.per_key_max_keys)
         # Overload control (serve_app.admission): None when admission.enabled is false
         self.admission: AdmissionPolicy | None = (AdmissionPolicy.from_app_config(self.config)
                                                   if self.config.admission.enabled else None)
@@ -268,6 +272,12 @@ class Ingress:
                                f"after {retry} s", type="server_error", code="service_unavailable")
             return self._reject(err, tier, {**headers, "retry-after": str(retry)})
         return None
+
+    def state(self) -> dict[str, int]:
+        """What this ingress holds now (tests and operators, through a DeploymentHandle; not an
+        HTTP route): requests in flight, open replica streams, key slots held."""
+        return {"in_flight": len(self.in_flight), "active_streams": len(self.active),
+                "key_slots": self.limiter.total_in_flight()}
 
     async def poll_feedback_once(self, timeout_s: float = 5.0) -> list[ReplicaFeedback]:
         """One poll of every running replica (`FeedbackPoller.poll_once`); tests and operators."""
@@ -358,7 +368,7 @@ class Ingress:
         if refusal is not None:
             ticket.release()
             return self._rate_limited(tier, refusal, {**headers, **self.limiter.headers(key_id, tier)})
-        ticket.charged, ticket.max_tokens = True, parsed.max_tokens
+        ticket.charged, ticket.prompt_tokens, ticket.max_tokens = True, parsed.prompt_len, parsed.max_tokens
         headers.update(self.limiter.headers(key_id, tier))
         self.in_flight.set_prompt_len(rid, parsed.prompt_len)
         if ticket.queue_delay_s is not None:  # only requests dispatched count in the recent delays

@@ -36,6 +36,11 @@ tiered_goodput_requests_total          counter    tier                1        c
                                                                                tier's SLOs (TTFT within target, no
                                                                                TBT gap over the SLO); ingress
 tiered_generated_tokens_total          counter    tier                tokens   completion tokens streamed; ingress
+tiered_key_tokens_total                counter    key, kind           tokens   per API key id (a digest prefix,
+                                                                               never the key): kind=prompt or
+                                                                               completion; opt-in
+                                                                               (metrics.per_key_max_keys keys,
+                                                                               the rest as key="other"); ingress
 tiered_replica_waiting_prefill_tokens  gauge      (Serve's)           tokens   prompt tokens not yet prefilled
                                                                                (waiting + partly prefilled);
                                                                                replica feedback snapshot
@@ -126,7 +131,11 @@ GOODPUT = metric_spec("tiered_goodput_requests_total", "counter",
                 ("tier",))
 TOKENS = metric_spec("tiered_generated_tokens_total", "counter", "Completion tokens streamed to clients.",
                ("tier",), "tokens")
-INGRESS_METRICS: tuple[MetricSpec, ...] = (TTFT, TBT, SLO_MISSES, REQUESTS, REJECTIONS, FINISHED, GOODPUT, TOKENS)
+KEY_TOKENS = metric_spec("tiered_key_tokens_total", "counter",
+                         "Tokens per API key id (kind=prompt or completion); opt-in, at most metrics.per_key_max_keys "
+                         "key ids, the others counted as key=\"other\".", ("key", "kind"), "tokens")
+INGRESS_METRICS: tuple[MetricSpec, ...] = (TTFT, TBT, SLO_MISSES, REQUESTS, REJECTIONS, FINISHED, GOODPUT, TOKENS,
+                                           KEY_TOKENS)
 METRICS: tuple[MetricSpec, ...] = INGRESS_METRICS + REPLICA_METRICS  # every metric of the app
 METRICS_BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
 
@@ -289,7 +298,11 @@ class IngressMetrics:
     `create` (Ray Serve metrics, or a no-op recorder when disabled or unavailable); tests may
     pass their own ``factory``."""
 
-    def __init__(self, tiers: Mapping[str, tuple[float | None, float | None]], factory: Factory = ray_factory) -> None:
+    def __init__(self, tiers: Mapping[str, tuple[float | None, float | None]], factory: Factory = ray_factory,
+                 per_key_max_keys: int = 0) -> None:
+        self.key_tokens = factory(KEY_TOKENS) if per_key_max_keys > 0 else None
+        self.per_key_max_keys = per_key_max_keys
+        self._key_labels: set[str] = set()
         self.ttft = factory(TTFT)
         self.tbt = factory(TBT)
         self.slo_misses = factory(SLO_MISSES)
@@ -304,13 +317,13 @@ class IngressMetrics:
 
     @classmethod
     def create(cls, tiers: Mapping[str, tuple[float | None, float | None]],
-               factory: Factory | None = None) -> IngressMetrics | None:
+               factory: Factory | None = None, per_key_max_keys: int = 0) -> IngressMetrics | None:
         """The recorder, or None (recording off) if ``TIERED_METRICS=0`` or the metrics cannot be
         built (logged once: serving goes on without them)."""
         if factory is None and not metrics_enabled():
             return None
         try:
-            return cls(tiers, factory or ray_factory)
+            return cls(tiers, factory or ray_factory, per_key_max_keys)
         except Exception as e:  # noqa: BLE001
             logger.warning("ingress metrics are off: %r", e)
             return None
@@ -336,6 +349,24 @@ class IngressMetrics:
             self.rejections.inc(1, tags={"tier": tier, "reason": reason})
         except Exception:  # noqa: BLE001
             self.failed("rejected")
+
+    def key_usage(self, key_id: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """A finished request's tokens under its key id (opt-in; the first ``per_key_max_keys`` ids
+        seen get a label of their own, later ones share ``other``: the series stay bounded)."""
+        if self.key_tokens is None:
+            return
+        if key_id not in self._key_labels:
+            if len(self._key_labels) >= self.per_key_max_keys:
+                key_id = "other"
+            else:
+                self._key_labels.add(key_id)
+        try:
+            if prompt_tokens:
+                self.key_tokens.inc(prompt_tokens, tags={"key": key_id, "kind": "prompt"})
+            if completion_tokens:
+                self.key_tokens.inc(completion_tokens, tags={"key": key_id, "kind": "completion"})
+        except Exception:  # noqa: BLE001
+            self.failed("key_usage")
 
     def admitted(self, tier: str, start: float) -> RequestTimer:
         """A request sent to a replica; ``start``: its arrival (``time.perf_counter()``)."""

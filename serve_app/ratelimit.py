@@ -118,6 +118,10 @@ class KeyLimiter:
         st = self._state.get(key_id)
         return st.in_flight if st is not None else 0
 
+    def total_in_flight(self) -> int:
+        """Request slots held, all keys."""
+        return sum(st.in_flight for st in self._state.values())
+
     def acquire(self, key_id: str, tier: str) -> LimitRefusal | None:
         """Take a request slot (concurrency, one request of the per-minute rate), or say why not."""
         lim, st = self._key(key_id, tier)

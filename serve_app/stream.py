@@ -30,8 +30,11 @@ within the same budget of ``DEFAULT_RETRIES`` extra attempts).
 ``BackPressureError`` and ``asyncio.CancelledError`` propagate (the stream is cancelled on the
 latter: the client is gone), as they did from the first ``__anext__``.
 
-Deadlines: a replica that hangs without dying is no better than a dead one.  No first chunk within
-``first_timeout_s`` counts as a failure of that replica (`ReplicaHung`): the stream is cancelled
+Deadlines: a replica that hangs without dying is no better than a dead one.  A replica sends a
+heartbeat chunk when it takes a request and every second until the first token
+(`replica.contract.StreamChunk.heartbeat`; skipped here), so two deadlines tell queueing from
+hanging: nothing at all, heartbeat or token, for ``idle_timeout_s``, or no first token within
+``first_timeout_s``, counts as a failure of that replica (`ReplicaHung`): the stream is cancelled
 and opened again on another replica while the retry budget lasts (Serve's router skips a replica
 that does not answer its queue-length probe).  Once open, a gap of more than ``idle_timeout_s``
 between chunks raises `ReplicaHung` from the iteration.  `ReplicaStream.end(error)` ends a stream
@@ -173,14 +176,7 @@ async def open_replica_stream(start: Callable[[int], Any], *, retries: int = DEF
     while True:
         stream = start(attempt)
         try:
-            if first_timeout_s is None:
-                first = await stream.__anext__()
-            else:
-                try:
-                    async with asyncio.timeout(first_timeout_s):
-                        first = await stream.__anext__()
-                except TimeoutError:
-                    raise ReplicaHung(f"the replica sent no first chunk within {first_timeout_s:g} s") from None
+            first = await _first_chunk(stream, first_timeout_s, idle_timeout_s)
         except StopAsyncIteration:
             return ReplicaStream(stream, None, None, attempt + 1, idle_timeout_s)
         except BackPressureError:
@@ -200,6 +196,30 @@ async def open_replica_stream(start: Callable[[int], Any], *, retries: int = DEF
                 _cancel(stream)
             return ReplicaStream(stream, None, e, attempt + 1, idle_timeout_s)
         return ReplicaStream(stream, first, None, attempt + 1, idle_timeout_s)
+
+
+async def _first_chunk(stream: Any, first_timeout_s: float | None, idle_timeout_s: float | None) -> StreamChunk:
+    """The stream's first chunk with a token (or its last chunk), heartbeats skipped; `ReplicaHung`
+    when nothing comes for ``idle_timeout_s`` or no token within ``first_timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = None if first_timeout_s is None else loop.time() + first_timeout_s
+    while True:
+        timeout = idle_timeout_s
+        if deadline is not None:
+            left = deadline - loop.time()
+            timeout = left if timeout is None else min(timeout, left)
+        try:
+            if timeout is None:
+                chunk = await stream.__anext__()
+            else:
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    chunk = await stream.__anext__()
+        except TimeoutError:
+            if deadline is not None and loop.time() >= deadline:
+                raise ReplicaHung(f"no first token within {first_timeout_s:g} s") from None
+            raise ReplicaHung(f"the replica gave no sign of life for {idle_timeout_s:g} s") from None
+        if not chunk.is_heartbeat:
+            return chunk
 
 
 def _cancel(stream: Any) -> None:

@@ -55,12 +55,14 @@ class RoutingRequest:
 @dataclass(frozen=True, slots=True)
 class RoutingContext:
     """What a router may know of the deployment it routes for (None / empty: unknown, the
-    policy's default stands): each tier's TBT SLO, the replicas' token budget per iteration,
-    and a seed for randomised policies.  JSON-ready as `as_dict()` (Serve's router kwargs)."""
+    policy's default stands): each tier's TBT SLO, the replicas' token budget per iteration, a
+    seed for randomised policies, and how old a replica's feedback may get before the replica is
+    taken for unresponsive.  JSON-ready as `as_dict()` (Serve's router kwargs)."""
 
     tier_tbt_slo_s: Mapping[str, float] = field(default_factory=dict)
     token_budget: int | None = None
     seed: int | None = None
+    stale_feedback_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The fields that are known (``RoutingContext(**as_dict())`` rebuilds it)."""
@@ -69,6 +71,8 @@ class RoutingContext:
             out["token_budget"] = self.token_budget
         if self.seed is not None:
             out["seed"] = self.seed
+        if self.stale_feedback_s is not None:
+            out["stale_feedback_s"] = self.stale_feedback_s
         return out
 
 

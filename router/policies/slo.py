@@ -30,6 +30,11 @@ A replica without feedback yet (or with feedback older than max_feedback_age_s, 
 as empty but for its ledger entries, at the median prefill rate of the replicas with feedback
 (token_budget / default_batch_time_s if none), and feasible: so such replicas rank by ledger load.
 Ties: fewer ledger entries, then replica id.
+
+A replica whose snapshot is older than ``stale_feedback_s`` (if set) has stopped answering the
+controller's polls (it may hang without dying): it is infeasible (reason "stale"), ranked after
+every replica that answers, so requests go elsewhere while it is silent.  The Serve app sets it to
+5 feedback periods (`RoutingContext.stale_feedback_s`); the cluster simulator leaves it off.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class SLOPolicyConfig(BaseModel):
     max_strict_decodes: int = Field(128, gt=0, description="decodes of tiers at least as strict, per replica")
     risk_weight_s: float = Field(0.1, ge=0, description="seconds of predicted TTFT a full strict-tier risk costs")
     max_feedback_age_s: float | None = Field(None, gt=0, description="older feedback is ignored (None: never)")
+    stale_feedback_s: float | None = Field(None, gt=0, description="older feedback marks the replica unresponsive: "
+                                                                   "ranked last (None: never)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +74,7 @@ class ReplicaEstimate:
     prefill_rate_tps: float
     tokens_ahead: float  # including this prompt
     feasible: bool
-    reasons: tuple[str, ...]  # why infeasible ("tbt_p99", "batch_time", "kv", "strict_decodes")
+    reasons: tuple[str, ...]  # why infeasible ("tbt_p99", "batch_time", "kv", "strict_decodes", "stale")
     risk: float
     cost: float
     num_in_flight: int
@@ -87,6 +94,8 @@ class SLOPolicy(RoutingPolicy):
     def context_options(cls, context: RoutingContext) -> dict[str, Any]:
         """Each tier's TBT SLO (for its decode-share model) and the replicas' token budget."""
         out: dict[str, Any] = {}
+        if context.stale_feedback_s is not None:
+            out["stale_feedback_s"] = context.stale_feedback_s
         if context.tier_tbt_slo_s:
             out["tier_tbt_slo_s"] = dict(context.tier_tbt_slo_s)
         if context.token_budget is not None:
@@ -165,6 +174,9 @@ class SLOPolicy(RoutingPolicy):
                     risks.append(fb.kv_usage / cfg.kv_limit)
                     if fb.kv_usage >= cfg.kv_limit:
                         reasons.append("kv")
+            if cfg.stale_feedback_s is not None and v.feedback_age_s is not None \
+                    and v.feedback_age_s > cfg.stale_feedback_s:
+                reasons.append("stale")
             if strict:
                 competing = self._competing_decodes(request, decodes)
                 risks.append(competing / cfg.max_strict_decodes)

@@ -179,6 +179,17 @@ def test_stale_feedback_can_be_ignored():
     assert SLOPolicy(max_feedback_age_s=30).rank(req(), views)[0] == "a"
 
 
+def test_a_replica_that_stopped_reporting_ranks_after_every_replica_that_reports():
+    # a's snapshot is 8 s old (it stopped answering polls), and shows it idle; b is busy but reports
+    views = [view("a", now=8.0), view("b", now=8.0, waiting=[400] * 20, t=7.5), view("c", no_feedback=True)]
+    trusting = SLOPolicy().rank(req("premium"), views)
+    assert trusting.index("a") < trusting.index("b")  # without a limit the idle-looking one is preferred
+    policy = SLOPolicy(stale_feedback_s=5.0)
+    ranked = policy.rank(req("premium"), views)
+    assert ranked[-1] == "a" and set(ranked[:2]) == {"b", "c"}  # a new replica (no feedback yet) is not stale
+    assert "stale" in next(e for e in policy.estimate(req(), views) if e.replica_id == "a").reasons
+
+
 @pytest.mark.parametrize("policy_name, tier", [("slo", "premium"), ("slo", "free"), ("pow2", "free")])
 def test_the_ledger_prevents_herding_on_stale_identical_snapshots(policy_name, tier):
     snapshots = {rid: ReplicaFeedback.from_snapshot(snap(rid, t=0.0, waiting=[400] * 5, decodes={"free": 10}))

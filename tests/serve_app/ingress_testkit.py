@@ -70,14 +70,24 @@ class FakeStream:
             self._cancel_event.set()
 
 
+class _ReplicaResult:
+    def __init__(self, snapshot: dict[str, Any]) -> None:
+        self.snapshot = snapshot
+
+    async def get_async(self) -> dict[str, Any]:
+        return self.snapshot
+
+
 class _Broadcast:
+    """Serve's broadcast response as `serve_app.cluster_feedback.broadcast_each` reads it."""
+
     def __init__(self, snapshots: list[dict[str, Any]] | None) -> None:
         self.snapshots = snapshots
 
-    async def results_async(self, timeout_s: float = 0.0, return_exceptions: bool = False) -> list[Any]:
+    async def _fetch_replica_results_async(self) -> list[_ReplicaResult]:
         if self.snapshots is None:
             raise RuntimeError("no broadcast in this fake")
-        return list(self.snapshots)
+        return [_ReplicaResult(s) for s in self.snapshots]
 
 
 class FakeReplicas:

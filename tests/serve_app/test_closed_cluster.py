@@ -230,7 +230,7 @@ def launched(tmp_path_factory):
     env.update({"RAY_TMPDIR": ray_tmp, "TIERED_API_KEYS": f"{key}:premium",
                 "TIERED_METRICS_EXPORT_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1"})
     cmd = [sys.executable, "-m", "serve_app", "config=serve_app/configs/sim.yaml", "http.host=127.0.0.1",
-           f"http.port={http_port}", "replicas.num_replicas=1", "engine.time_scale=0.05"]
+           f"http.port={http_port}", "replicas.num_replicas=1", "engine.time_scale=0.05", "http.drain_timeout_s=2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     launch = Launch(proc, http_port, metrics_port, key)
@@ -302,15 +302,39 @@ def test_the_app_still_authenticates_with_the_key(launched):
     assert r.status_code == 401
 
 
-def test_sigterm_to_the_launcher_leaves_nothing_it_started(launched):
+def test_sigterm_to_the_launcher_drains_the_streams_and_leaves_nothing_it_started(launched):
+    import threading
+
+    httpx = pytest.importorskip("httpx")
     procs = launched.tree()
     assert len(procs) >= 5, procs
+    base = f"http://127.0.0.1:{launched.http_port}"
+    model = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {launched.key}"},
+                      timeout=30).json()["data"][0]["id"]
+    streams: list[tuple[int, str]] = []
+
+    def stream() -> None:  # ~10 s of tokens at time_scale 0.05: longer than the 2 s drain
+        body = {"model": model, "prompt": "a long stream", "max_tokens": 6000, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {launched.key}"}) as r:
+            streams.append((r.status_code, r.read().decode()))
+
+    threads = [threading.Thread(target=stream) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)  # streaming
     launched.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    assert len(streams) == 3, streams
+    for status, text in streams:  # cut at the drain deadline, with an error event and [DONE]
+        assert status == 200 and text.endswith("data: [DONE]\n\n") and "server_shutdown" in text, text[-300:]
     try:
         code = launched.proc.wait(STOP_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the launcher did not exit within {STOP_S:.0f} s of SIGTERM:\n{launched.log()}")
     assert code == 0, launched.log()
+    assert "serve_app: drained: 0 of 3 requests finished, 3 ended" in launched.log(80), launched.log(80)
     deadline = time.monotonic() + GONE_S
     while (left := _alive(launched.started) | _alive(_tree(launched.proc.pid))) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -43,8 +43,7 @@ def _ingress(**overrides):
 
 
 def _released(ingress) -> bool:
-    return len(ingress.in_flight) == 0 and not ingress.active and all(
-        st.in_flight == 0 for st in ingress.limiter._state.values())
+    return ingress.state() == {"in_flight": 0, "active_streams": 0, "key_slots": 0}
 
 
 # --- replicas that hang ---------------------------------------------------------------------------

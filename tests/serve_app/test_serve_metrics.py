@@ -266,3 +266,16 @@ def test_docs_metrics_md_lists_every_metric_with_its_labels():
         assert s.kind in row and s.unit in row
         for k in s.tag_keys:
             assert f"`{k}`" in row, (s.name, k)
+
+
+def test_per_key_tokens_are_opt_in_and_bounded_in_cardinality(fakes):
+    factory, made = fakes
+    off = m.IngressMetrics(TIERS, factory=factory)
+    off.key_usage("aaaaaaaaaaaa", 10, 5)
+    assert "tiered_key_tokens_total" not in made  # off by default: not even defined
+    on = m.IngressMetrics(TIERS, factory=factory, per_key_max_keys=2)
+    for key in ("k1", "k2", "k3", "k4", "k1"):
+        on.key_usage(key, 100, 10)
+    keys = made["tiered_key_tokens_total"]
+    assert {t["key"] for _, t in keys.calls} == {"k1", "k2", "other"}
+    assert keys.total(key="k1", kind="prompt") == 200 and keys.total(key="other", kind="completion") == 20

@@ -12,7 +12,8 @@ pytest.importorskip("ray")
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError  # noqa: E402
 from ray.serve.exceptions import BackPressureError  # noqa: E402
 
-from serve_app.stream import is_replica_death, open_replica_stream, retry_request_id  # noqa: E402
+from replica.contract import StreamChunk  # noqa: E402
+from serve_app.stream import ReplicaHung, is_replica_death, open_replica_stream, retry_request_id  # noqa: E402
 
 
 class FakeStream:
@@ -32,6 +33,8 @@ class FakeStream:
             raise self.error
         if not self.chunks:
             raise StopAsyncIteration
+        if self.chunks[0] is None:  # a replica that stops answering
+            await asyncio.Event().wait()
         return self.chunks.pop(0)
 
     def cancel(self) -> None:
@@ -77,11 +80,11 @@ def test_is_replica_death_follows_causes():
 
 
 def test_a_replica_death_before_the_first_chunk_is_retried_once_on_a_fresh_call():
-    dead, live = FakeStream(error=ActorDiedError()), FakeStream(chunks=[{"index": 1}, {"index": 2}])
+    dead, live = FakeStream(error=ActorDiedError()), FakeStream(chunks=[StreamChunk(1), StreamChunk(2)])
     start, calls = _starter(dead, live)
     opened = asyncio.run(open_replica_stream(start, request_id="cmpl-1"))
     assert calls == [0, 1] and opened.attempts == 2
-    assert opened.stream is live and opened.first == {"index": 1} and opened.error is None
+    assert opened.stream is live and opened.first == StreamChunk(1) and opened.error is None
     assert dead.cancelled and not live.cancelled
 
 
@@ -98,15 +101,15 @@ def test_at_most_retries_more_attempts_then_the_error_is_returned():
 
 
 def test_other_errors_are_not_retried():
-    start, calls = _starter(FakeStream(error=RuntimeError("engine exploded")), FakeStream(chunks=[1]))
+    start, calls = _starter(FakeStream(error=RuntimeError("engine exploded")), FakeStream(chunks=[StreamChunk(1)]))
     opened = asyncio.run(open_replica_stream(start))
     assert calls == [0] and isinstance(opened.error, RuntimeError) and opened.attempts == 1
 
 
 def test_first_chunk_and_an_empty_stream():
-    start, _ = _starter(FakeStream(chunks=[{"index": 1}]))
+    start, _ = _starter(FakeStream(chunks=[StreamChunk(1)]))
     opened = asyncio.run(open_replica_stream(start))
-    assert opened.first == {"index": 1} and opened.error is None and opened.attempts == 1
+    assert opened.first == StreamChunk(1) and opened.error is None and opened.attempts == 1
     start, _ = _starter(FakeStream())
     opened = asyncio.run(open_replica_stream(start))
     assert opened.first is None and opened.error is None
@@ -120,7 +123,7 @@ def test_backpressure_propagates_without_retry():
 
 
 def test_a_cancelled_client_cancels_the_stream():
-    stream = FakeStream(chunks=[1], delay_s=10)
+    stream = FakeStream(chunks=[StreamChunk(1)], delay_s=10)
     start, _ = _starter(stream)
 
     async def main():
@@ -166,3 +169,24 @@ def test_a_second_death_mid_generation_is_a_500_with_openai_error_json():
     assert status == 500 and set(body["error"]) == {"message", "type", "param", "code"}, body
     assert len(payloads) == 2 and len(ingress.in_flight) == 0
 
+
+
+def test_heartbeats_are_skipped_and_a_replica_that_stops_beating_is_given_up():
+    hb = StreamChunk.heartbeat()
+    start, calls = _starter(FakeStream(chunks=[hb, hb, StreamChunk(1)]))
+    opened = asyncio.run(open_replica_stream(start, idle_timeout_s=1.0))
+    assert opened.first == StreamChunk(1) and opened.attempts == 1
+    # a replica that took the request (one heartbeat) and then went silent: retried
+    silent = FakeStream(chunks=[hb], delay_s=0.0)
+    silent.chunks.append(None)  # then hangs (see FakeStream: None = wait forever)
+    start, calls = _starter(silent, FakeStream(chunks=[StreamChunk(1)]))
+    opened = asyncio.run(open_replica_stream(start, idle_timeout_s=0.1))
+    assert calls == [0, 1] and opened.first == StreamChunk(1) and silent.cancelled
+
+
+def test_heartbeats_do_not_extend_the_first_token_deadline():
+    hb = StreamChunk.heartbeat()
+    beating = FakeStream(chunks=[hb] * 50, delay_s=0.02)  # alive, but no token for 1 s
+    start, calls = _starter(beating)
+    opened = asyncio.run(open_replica_stream(start, retries=0, first_timeout_s=0.3, idle_timeout_s=5.0))
+    assert isinstance(opened.error, ReplicaHung) and "first token" in str(opened.error)
