@@ -272,6 +272,15 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited child not reaped yet is a zombie: not running)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def replica_pids(launcher_pid: int) -> list[int]:
     """The LLMReplica actor processes of the app this tool launched."""
     pids = []
@@ -354,7 +363,7 @@ async def case_sigterm(t: Target) -> dict[str, Any]:
     results = await asyncio.gather(*tasks)
     exited = None
     while time.perf_counter() - t0 < 120:
-        if not _tree(t.launcher_pid) or not os.path.exists(f"/proc/{t.launcher_pid}"):
+        if not _running(t.launcher_pid):
             exited = round(time.perf_counter() - t0, 1)
             break
         await asyncio.sleep(0.5)
@@ -400,11 +409,12 @@ def markdown(results: list[dict[str, Any]], ttft_target_s: float, tbt_slo_s: flo
         p = r["premium"]
         ok = (p["ttft_max_s"] is not None and p["ttft_max_s"] <= ttft_target_s and (p["max_gap_s"] or 0) <= tbt_slo_s
               and set(p["statuses"]) == {200})
+        verdict = "n/a (the app shuts down)" if r["case"] == "sigterm" else "yes" if ok else "NO"
         fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         rows.append(f"| {r['case']} | {json.dumps(r['attack'], sort_keys=True)} | {p['requests']} "
                     f"({', '.join(f'{k}: {v}' for k, v in sorted(p['statuses'].items()))}) | "
                     f"{fmt(p['ttft_p50_s'])} / {fmt(p['ttft_max_s'])} | {fmt(p['max_gap_s'])} | "
-                    f"{'yes' if ok else 'NO'} |")
+                    f"{verdict} |")
     return "\n".join(rows) + "\n"
 
 
