@@ -1,6 +1,7 @@
 """The replica deployment on a real (local, loopback-only) Ray Serve, sim backend."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -35,7 +36,9 @@ def test_a_replica_streams_every_token_of_a_request(replica_handle):
             chunks.append(c)
         return chunks
 
-    chunks = asyncio.run(main())
+    everything = asyncio.run(main())
+    assert everything[0].is_heartbeat  # the replica took the request (StreamChunk.heartbeat)
+    chunks = [c for c in everything if not c.is_heartbeat]
     assert [c.num_tokens for c in chunks] == list(range(1, 10))
     assert chunks[-1].finished and not any(c.finished for c in chunks[:-1])
     assert chunks[-1].finish_reason == "length" and all(c.text is None for c in chunks)
@@ -44,16 +47,38 @@ def test_a_replica_streams_every_token_of_a_request(replica_handle):
 def test_concurrent_requests_over_two_replicas_all_complete(replica_handle):
     async def one(i):
         n = 0
-        async for _ in replica_handle.options(stream=True).generate.remote(
+        async for c in replica_handle.options(stream=True).generate.remote(
             _request(f"c{i}", prompt_len=100 + 50 * i, max_tokens=5 + i % 3, tier="premium" if i % 5 == 0 else "free")
         ):
-            n += 1
+            n += not c.is_heartbeat
         return n
 
     async def main():
         return await asyncio.gather(*(one(i) for i in range(16)))
 
     assert asyncio.run(main()) == [5 + i % 3 for i in range(16)]
+
+
+def test_a_replica_sends_heartbeats_while_a_request_waits_for_its_first_token(replica_handle):
+    from replica.deployment import HEARTBEAT_S
+
+    async def main():  # at time_scale 0.25 a long prompt behind others waits seconds for its first token
+        blockers = [asyncio.create_task(_collect(_request(f"hb-block{i}", prompt_len=6000, max_tokens=2)))
+                    for i in range(4)]
+        waited = await _collect(_request("hb-waits", prompt_len=6000, max_tokens=2))
+        await asyncio.gather(*blockers)
+        return waited
+
+    async def _collect(req):
+        out = []
+        async for c in replica_handle.options(stream=True).generate.remote(req):
+            out.append((time.monotonic(), c))
+        return out
+
+    chunks = asyncio.run(main())
+    beats = [t for t, c in chunks if c.is_heartbeat]
+    signs = beats + [next(t for t, c in chunks if not c.is_heartbeat)]  # heartbeats, then the first token
+    assert beats and max(b - a for a, b in zip(signs, signs[1:])) <= HEARTBEAT_S + 0.5, signs
 
 
 def test_replica_reports_its_feedback_snapshot(replica_handle):
