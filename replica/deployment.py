@@ -52,10 +52,12 @@ class LLMReplica:
         kv_blocks: int = PAPER_KV_BLOCKS,
         time_scale: float = 1.0,
         engine_kwargs: dict[str, Any] | None = None,
+        log_engine_metrics: bool = True,
     ) -> None:
         """``scheduler``: a preset of `replica.policy` (None: the sim backend's default, or the
         vLLM scheduler class's own preset); ``cost_profile``, ``kv_blocks``, ``time_scale``: the
-        sim backend's; ``engine_kwargs``: the vLLM backend's."""
+        sim backend's; ``engine_kwargs``, ``log_engine_metrics`` (vLLM's own metrics through Ray):
+        the vLLM backend's."""
         facts = list(tiers) if tiers is not None else [t.facts() for t in paper_tiers().tiers]
         self.replica_id = replica_id or os.environ.get("REPLICA_ID") or f"replica-{uuid.uuid4().hex[:8]}"
         self.backend: ReplicaBackend
@@ -71,7 +73,7 @@ class LLMReplica:
             from replica.vllm_backend import VLLMBackend
 
             self.backend = VLLMBackend(dict(engine_kwargs), tiers=facts, scheduler=scheduler,
-                                       replica_id=self.replica_id)
+                                       replica_id=self.replica_id, log_engine_metrics=log_engine_metrics)
         else:
             raise ValueError(f"unknown backend {backend!r}: expected 'sim' or 'vllm'")
         self._metrics = ReplicaMetrics.create()  # None when TIERED_METRICS=0

@@ -29,7 +29,10 @@ from replica.vllm_scheduler import FEEDBACK_UTILITY, REPLICA_CONFIG_KEY, replica
 
 class VLLMBackend(ReplicaBackend):
     def __init__(self, engine_kwargs: dict[str, Any], *, tiers: Sequence[TierFacts], scheduler: str | None,
-                 replica_id: str) -> None:
+                 replica_id: str, log_engine_metrics: bool = True) -> None:
+        """``log_engine_metrics``: vLLM's own metrics (``vllm:*``) through Ray's metrics agent, as
+        ``ray_vllm_*`` with a ``ReplicaId`` tag (vLLM's `RayPrometheusStatLogger`, as Ray Serve LLM
+        does; a custom stat logger keeps the engine's stats on even with ``disable_log_stats``)."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -37,8 +40,14 @@ class VLLMBackend(ReplicaBackend):
         additional = dict(kwargs.pop("additional_config", None) or {})
         additional[REPLICA_CONFIG_KEY] = replica_engine_config(scheduler=scheduler, replica_id=replica_id,
                                                                tiers=tiers)
+        stat_loggers = None
+        if log_engine_metrics:
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+            stat_loggers = [RayPrometheusStatLogger]
         self.replica_id = replica_id
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, additional_config=additional))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, additional_config=additional),
+                                                stat_loggers=stat_loggers)
         self.max_model_len = int(self.engine.model_config.max_model_len)
         self._num_unfinished = 0
 

@@ -136,7 +136,7 @@ def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None =
     tiers = [t.facts() for t in config.tiers]
     if isinstance(eng, VLLMEngineConfig):
         replica_app = replicas.bind(backend="vllm", scheduler=eng.scheduler, tiers=tiers,
-                                    engine_kwargs=eng.engine_kwargs())
+                                    engine_kwargs=eng.engine_kwargs(), log_engine_metrics=eng.log_engine_metrics)
     else:
         replica_app = replicas.bind(backend="sim", scheduler=eng.scheduler, cost_profile=eng.cost_profile,
                                     kv_blocks=eng.kv_blocks, time_scale=eng.time_scale, tiers=tiers)

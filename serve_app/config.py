@@ -298,6 +298,10 @@ class VLLMEngineConfig(_Strict):
     scheduler: str | None = Field(default=None,
                                   description="the preset PolicyScheduler/PolicyAsyncScheduler run (a scheduler "
                                               "class with its own preset, like SLAIScheduler, refuses another)")
+    log_engine_metrics: bool = Field(
+        default=True, description="export vLLM's own metrics (ray_vllm_*: TTFT, inter-token latency, queues, "
+                                  "KV cache, tokens) through Ray's metrics agent with vLLM's Ray stat logger, "
+                                  "as Ray Serve LLM does (docs/metrics.md)")
 
     @field_validator("scheduler")
     @classmethod
@@ -306,8 +310,9 @@ class VLLMEngineConfig(_Strict):
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for vLLM's engine args (the ones set; ``scheduler`` excluded: the
-        replica's vLLM backend passes it in vLLM's ``additional_config``, `replica.vllm_backend`)."""
-        return self.model_dump(exclude={"backend", "scheduler"}, exclude_none=True)
+        replica's vLLM backend passes it in vLLM's ``additional_config``, `replica.vllm_backend`;
+        ``log_engine_metrics``: it picks the engine's stat loggers, the backend's own argument)."""
+        return self.model_dump(exclude={"backend", "scheduler", "log_engine_metrics"}, exclude_none=True)
 
 
 def _engine_tag(value: Any) -> str:

@@ -68,6 +68,7 @@ def test_vllm_cpu_tiny_takes_the_model_from_env_or_override() -> None:
     assert cfg.engine.scheduler_cls == "replica.vllm_scheduler.SLAIScheduler"
     kwargs = cfg.engine.engine_kwargs()
     assert kwargs["model"] == "/models/tiny" and "backend" not in kwargs and "tokenizer" not in kwargs
+    assert cfg.engine.log_engine_metrics and "log_engine_metrics" not in kwargs  # a stat logger, not an engine arg
     cfg = load_config(path, overrides={"engine.model": "/cli/model"}, environ={})
     assert cfg.engine.model == "/cli/model"
     with pytest.raises(ConfigError, match=r"vllm-cpu-tiny\.yaml, line \d+: engine\.model: environment "

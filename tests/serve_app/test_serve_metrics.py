@@ -2,6 +2,7 @@
 gauges from a feedback snapshot, the Grafana dashboard and docs/metrics.md against the
 definitions."""
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -216,6 +217,61 @@ def test_replica_gauges_follow_the_snapshot(fakes):
     assert made["tiered_replica_mean_batch_time_seconds"].calls[-1][0] == 0.0
 
 
+# --------------------------------------------------------------------------- vLLM's own metrics
+
+# vLLM's own series from the vllm replicas (engine.log_engine_metrics: vLLM's RayPrometheusStatLogger,
+# replica/vllm_backend.py; docs/metrics.md) that the dashboard and the docs may use: vLLM's name -> kind.
+VLLM_SERIES = {
+    "vllm:time_to_first_token_seconds": "histogram",
+    "vllm:inter_token_latency_seconds": "histogram",
+    "vllm:num_requests_running": "gauge",
+    "vllm:num_requests_waiting": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:prompt_tokens": "counter",
+    "vllm:generation_tokens": "counter",
+}
+VLLM_ROW = "vLLM engine"  # the dashboard row (title prefix) of the vLLM panels
+VLLM_SELECTOR = 'model_name=~"$vllm_model"'
+
+
+def vllm_exported(name: str) -> str:
+    """Ray's name for a vLLM metric: the Ray wrapper makes it an OpenTelemetry name (":" -> "_"),
+    Ray's exporter prefixes ``ray_`` and adds ``_total`` to counters."""
+    base = "ray_" + re.sub(r"[^a-zA-Z0-9_]", "_", name)
+    return base + "_total" if VLLM_SERIES[name] == "counter" else base
+
+
+def vllm_series_names() -> set[str]:
+    """The Prometheus series of `VLLM_SERIES` (histograms: _bucket, _count, _sum)."""
+    out = set()
+    for name, kind in VLLM_SERIES.items():
+        base = vllm_exported(name)
+        out |= {base + s for s in ("_bucket", "_count", "_sum")} if kind == "histogram" else {base}
+    return out
+
+
+def test_the_vllm_series_are_the_ones_vllms_ray_stat_logger_defines():
+    """`VLLM_SERIES` against vLLM's source (read, not imported): vLLM's Prometheus logger defines each
+    with that kind, and the Ray stat logger the backend plugs in is that logger on Ray's metric classes
+    with names sanitized the way `vllm_exported` assumes (the live names: test_vllm_replica_e2e)."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        pytest.skip("vLLM is not installed (install the cpu or gpu extra)")
+    root = Path(spec.origin).parent / "v1" / "metrics"
+    wrappers, loggers = (root / "ray_wrappers.py").read_text(), (root / "loggers.py").read_text()
+    assert re.search(r"^class RayPrometheusStatLogger\(PrometheusStatLogger\):", wrappers, re.M)
+    for kind in ("Gauge", "Counter", "Histogram"):
+        assert re.search(rf"^    _{kind.lower()}_cls = Ray{kind}Wrapper$", wrappers, re.M), kind
+    assert 're.sub(r"[^a-zA-Z0-9_]", "_", name)' in wrappers
+    defined = {name: kind for kind, name in
+               re.findall(r'self\._(gauge|counter|histogram)_cls\(\s*name="(vllm:\w+)"', loggers)}
+    assert len(defined) > len(VLLM_SERIES)
+    for name, kind in VLLM_SERIES.items():
+        assert defined.get(name) == kind, (name, kind, defined.get(name))
+    backend = (ROOT / "replica" / "vllm_backend.py").read_text()
+    assert "from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger" in backend
+
+
 # --------------------------------------------------------------------------- dashboard and docs
 
 def _dashboard_panels(dash):
@@ -229,15 +285,21 @@ def test_the_grafana_dashboard_queries_only_defined_metrics():
     assert dash["title"] and dash["uid"] and isinstance(dash["schemaVersion"], int)
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    defined = m.exported_series_names()
+    defined, vllm_defined = m.exported_series_names(), vllm_series_names()
+    assert not defined & vllm_defined
+    assert set(re.findall(r"\b(ray_\w+)", variables["vllm_model"]["query"]["query"])) <= vllm_defined
     used: set[str] = set()
+    vllm_used: set[str] = set()
     ids = []
     graphs = [p for p in _dashboard_panels(dash) if p["type"] != "row"]
     assert len(graphs) >= 8
+    row = ""
+    our_titles = []  # of the panels of our metrics
     for p in _dashboard_panels(dash):
         ids.append(p["id"])
         assert {"x", "y", "w", "h"} <= set(p["gridPos"])
         if p["type"] == "row":
+            row = p["title"]
             continue
         assert p["datasource"]["uid"] == "${datasource}", p["title"]
         assert p["targets"], p["title"]
@@ -245,17 +307,26 @@ def test_the_grafana_dashboard_queries_only_defined_metrics():
             expr = t["expr"]
             names = set(re.findall(r"\b(ray_[A-Za-z0-9_]+)", expr))
             assert names, f"{p['title']}: no metric in {expr!r}"
-            assert names <= defined, f"{p['title']}: undefined {names - defined}"
+            if row.startswith(VLLM_ROW):  # vLLM's series only, of the picked vLLM models
+                assert names <= vllm_defined, f"{p['title']}: not a known vLLM series: {names - vllm_defined}"
+                assert expr.count(VLLM_SELECTOR) == len(re.findall(r"\bray_\w+\{", expr)) >= 1, expr
+                vllm_used |= names
+            else:
+                assert names <= defined, f"{p['title']}: undefined {names - defined}"
+                used |= names
             assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
-            used |= names
             if "histogram_quantile" in expr:
                 assert re.search(r"rate\(ray_\w+_bucket\{", expr) and "le" in expr
+        if not row.startswith(VLLM_ROW):
+            our_titles.append(p["title"].lower())
     assert len(ids) == len(set(ids))
-    titles = " ".join(p["title"].lower() for p in graphs)
+    titles = " ".join(our_titles)
     for words in ("ttft", "tbt", "miss", "outcome", "prefill", "kv", "batch"):
         assert words in titles, words
     unused = {s.name for s in m.METRICS if not any(u.startswith(s.exported) for u in used)}
     assert not unused, f"metrics on no panel: {unused}"
+    vllm_unused = {n for n in VLLM_SERIES if not any(u.startswith(vllm_exported(n)) for u in vllm_used)}
+    assert not vllm_unused, f"vLLM series on no panel: {vllm_unused}"
 
 
 def test_docs_metrics_md_lists_every_metric_with_its_labels():
@@ -266,6 +337,10 @@ def test_docs_metrics_md_lists_every_metric_with_its_labels():
         assert s.kind in row and s.unit in row
         for k in s.tag_keys:
             assert f"`{k}`" in row, (s.name, k)
+    for name, kind in VLLM_SERIES.items():
+        row = next((line for line in text.splitlines() if f"`{vllm_exported(name)}`" in line
+                    and line.startswith("|")), None)
+        assert row and kind in row and f"`{name}`" in row, f"{name} missing from docs/metrics.md's vLLM table"
 
 
 def test_per_key_tokens_are_opt_in_and_bounded_in_cardinality(fakes):

@@ -4,7 +4,10 @@ on a local loopback Ray Serve.  Skipped without vLLM (no ``cpu``/``gpu`` extra).
 
 import importlib.util
 import json
+import re
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +120,56 @@ def test_a_client_disconnect_aborts_the_vllm_request(app):
             break
         time.sleep(0.05)
     assert snap["num_running"] == 0 and snap["num_waiting"] == 0, snap
+
+
+# --------------------------------------------------------------------------- vLLM's own metrics
+
+APP = "vllm"  # the Serve application name of the `app` fixture
+DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "grafana" / "tiered-llm-dashboard.json"
+
+
+def _scrape(metrics_port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """{sample name: [(labels, value)]} of the node's Prometheus endpoint (Ray's metrics agent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    out: dict[str, list] = defaultdict(list)
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[s.name].append((s.labels, s.value))
+    return out
+
+
+def _dashboard_vllm_series() -> set[str]:
+    exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"]
+             for q in (p, *p.get("panels", [])) for t in q.get("targets", [])]
+    return {name for e in exprs for name in re.findall(r"\b(ray_vllm_\w+)", e)}
+
+
+def test_vllms_own_metrics_reach_rays_prometheus_endpoint_beside_ours(app):
+    """vLLM's Ray stat logger (engine.log_engine_metrics, on by default): after a completion the
+    node's /metrics has vLLM's TTFT histogram (ray_vllm_*, tagged with the Serve replica's id) next
+    to the ingress's ray_tiered_ttft_seconds, and every vLLM series the Grafana dashboard queries."""
+    url, model, _ = app
+    metrics_port = ray._private.worker.global_worker.node.metrics_export_port
+    r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "metrics please", "max_tokens": 4},
+                   headers=_auth("premium"), timeout=120)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 30  # Ray's workers report every 10 s by default (measured: 2-3 s here)
+    while True:
+        series = _scrape(metrics_port)
+        vllm_ttft = sum(v for _, v in series.get("ray_vllm_time_to_first_token_seconds_count", []))
+        ours = sum(v for lab, v in series.get("ray_tiered_ttft_seconds_count", []) if lab.get("application") == APP)
+        replicas = {lab.get("replica") for lab, _ in series.get("ray_tiered_replica_running_requests", [])
+                    if lab.get("application") == APP}
+        if vllm_ttft > 0 and ours > 0 and replicas:
+            break
+        assert time.monotonic() < deadline, (vllm_ttft, ours, sorted(n for n in series if "vllm" in n))
+        time.sleep(1.0)
+    buckets = series["ray_vllm_time_to_first_token_seconds_bucket"]
+    assert max(v for lab, v in buckets if lab["le"] == "+Inf") >= 1
+    # tagged like our replica gauges: vLLM's ReplicaId is the Serve replica's id (our `replica` tag)
+    assert {lab["ReplicaId"] for lab, _ in buckets} <= replicas
+    assert all(lab.get("model_name") for lab, _ in buckets)
+    missing = _dashboard_vllm_series() - set(series)
+    assert not missing, f"the dashboard queries vLLM series the engine does not export: {missing}"
