@@ -1,7 +1,9 @@
 """Run the app on a local, loopback-only Ray cluster: ``python -m serve_app [ARG=VALUE ...]``.
 
 The arguments are `serve_app.app.build_app`'s, as for ``serve run serve_app.app:build_app``
-(``config=PATH``, dotted overrides such as ``engine.time_scale=0.1``).  Unlike a bare
+(``config=PATH``, dotted overrides such as ``engine.time_scale=0.1``); ``python -m serve_app --help``
+prints them and every config key with its type, default and description (`usage`; no Ray is
+imported for it).  Unlike a bare
 ``serve run`` (whose local cluster binds the machine's address), this starts a closed Ray cluster
 and no dashboard, serves HTTP on the config's ``http.host``/``http.port`` (default
 127.0.0.1:8000), exports Prometheus metrics on 127.0.0.1, port ``TIERED_METRICS_EXPORT_PORT``
@@ -55,8 +57,71 @@ from typing import Any
 
 from serve_app.ray_loopback import is_local_only, local_only, require_loopback, runtime_env
 
-if __name__ == "__main__":  # python -m serve_app: Ray's local-only switch before anything imports Ray
-    local_only()
+HELP_FLAGS = ("-h", "--help")
+
+USAGE = """\
+usage: python -m serve_app [config=PATH] [DOTTED.KEY=VALUE ...]
+                           [max_context_tokens=N] [ingress_num_cpus=X]
+       python -m serve_app --help
+
+Runs the tier-aware, OpenAI-compatible app (serve_app.app:build_app) on a closed local Ray cluster:
+every Ray port on 127.0.0.1, Ray token authentication on (a private token, removed on exit), no
+dashboard.  HTTP on the config's http.host:http.port (default 127.0.0.1:8000), Prometheus metrics on
+127.0.0.1:$TIERED_METRICS_EXPORT_PORT (default 8080).  Runs until Ctrl-C or SIGTERM, then drains
+(new requests 503, streams in flight get http.drain_timeout_s) and stops Serve and Ray.  On an
+existing Ray cluster: serve run serve_app.app:build_app [the same ARG=VALUE ...], or KubeRay.
+
+Arguments are ARG=VALUE pairs, as for serve run:
+  config=PATH           the app config YAML (default {default_config}; the others in
+                        {configs_dir}: {configs})
+  DOTTED.KEY=VALUE      sets one config key below, before validation; VALUE is read as YAML
+                        (engine.time_scale=0.1  replicas.num_replicas=2  tiers.0.tbt_slo_s=0.2
+                        'tiers.1.key_limits={{requests_per_minute: 60}}'); tiers.N is the config's
+                        N-th tier (from 0, an existing one), KEY a mapping key
+  max_context_tokens=N  prompt + completion tokens the ingress accepts per request (default: vllm's
+                        engine.max_model_len, else the model's max_position_embeddings, else 8192)
+  ingress_num_cpus=X    Ray CPUs reserved for the ingress (default 0)
+
+API keys (never in the config): TIERED_API_KEYS='KEY:TIER,KEY:TIER' (the variable api_keys.env
+names; the launcher hands the app their SHA-256 digests only), api_keys.file or api_keys.hashes.
+Clients send "Authorization: Bearer KEY"; the key picks the tier.
+
+Config keys (serve_app.config.AppConfig: type, default, constraints, description).  The defaults
+are the schema's; a config file's values replace them (the default config, {default_name}, sets
+most sections).  The engine section is one of two variants, chosen by engine.backend (sim: the
+simulated engine; vllm: vLLM with the SLAI scheduler).
+"""
+
+
+def usage() -> str:
+    """``python -m serve_app --help``: what the launcher does, its ARG=VALUE syntax and every
+    config key (`serve_app.field_help`, from the pydantic models).  Imports no Ray."""
+    from serve_app.config import CONFIGS_DIR, DEFAULT_CONFIG_PATH, AppConfig
+    from serve_app.field_help import field_help
+
+    def rel(p: Any) -> str:
+        try:
+            return str(p.relative_to(os.getcwd()))
+        except ValueError:
+            return str(p)
+
+    head = USAGE.format(default_config=rel(DEFAULT_CONFIG_PATH), configs_dir=rel(CONFIGS_DIR),
+                        configs=", ".join(sorted(p.name for p in CONFIGS_DIR.glob("*.yaml")
+                                              if p != DEFAULT_CONFIG_PATH)),
+                        default_name=DEFAULT_CONFIG_PATH.name)
+    keys = field_help(AppConfig, list_item=".N", mapping_key=".KEY", factory_defaults=True)
+    return head + "\n" + "\n".join(keys) + "\n"
+
+
+def wants_help(argv: list[str]) -> bool:
+    return any(a in HELP_FLAGS for a in argv)
+
+
+if __name__ == "__main__":  # python -m serve_app
+    if wants_help(sys.argv[1:]):  # the usage only: Ray is not even imported
+        sys.stdout.write(usage())
+        sys.exit(0)
+    local_only()  # Ray's local-only switch before anything imports Ray
 
 from serve_app.app import build_app  # noqa: E402 (imports Ray)
 from serve_app.auth import KeyConfigError, hashed_env_keys  # noqa: E402
@@ -70,7 +135,7 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         key, sep, value = a.partition("=")
         if not sep or not key:
             raise SystemExit(f"python -m serve_app: expected ARG=VALUE, got {a!r} (e.g. config=serve_app/configs/sim.yaml "
-                             f"or engine.time_scale=0.1)")
+                             f"or engine.time_scale=0.1; python -m serve_app --help lists them)")
         args[key] = value
     return args
 
@@ -141,7 +206,11 @@ def drain(timeout_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        sys.stdout.write(usage())
+        return 0
+    args = parse_args(argv)
     try:  # Ray token authentication stays on (module docstring)
         require_token_mode()
         existing_token()  # a RAY_AUTH_TOKEN_PATH that names no token is refused

@@ -7,9 +7,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import textwrap
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,6 +19,7 @@ from replica.cost.profile import DEFAULT_COST_PROFILE, CostProfile, load_profile
 from replica.sim.engine import PAPER_KV_BLOCKS
 from replica.tiers import TierMix, TierSpec, paper_tiers
 from replica.traces import Trace, load_trace
+from serve_app.field_help import field_help as render_field_help
 from serve_app.yaml_source import FieldError, YAMLReadError, echo_ok, read_yaml, yaml_line
 
 __all__ = ["Lengths", "LognormalTokens", "PlanError", "SearchSettings", "UniformTokens", "Workload",
@@ -315,52 +313,8 @@ def lengths_trace(lengths: Lengths, num_requests: int, seed: int) -> Trace:
 
 # ------------------------------------------------------------------------------- field reference
 
-def _type_name(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _type_name(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return " | ".join(dict.fromkeys(_type_name(a) for a in args))
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(annotation))
-    if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(annotation))
-        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "mapping"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for a in typing.get_args(annotation) for m in _models_in(a)]
-
-
 def field_help(model: type[BaseModel] = Workload, prefix: str = "") -> list[str]:
     """One line per field (nested models and list items included), from the models' own types,
-    defaults, constraints and Field descriptions."""
-    lines = []
-    for name, f in model.model_fields.items():
-        path = prefix + name
-        default = "required" if f.is_required() else (
-            "optional" if f.default is None else f"default {f.default!r}")
-        if f.default_factory is not None:
-            default = "default: see the description"
-        limits = [f"{attr} {getattr(m, attr)}" for m in f.metadata
-                  for attr in ("gt", "ge", "lt", "le", "min_length", "max_length") if hasattr(m, attr)]
-        desc = f.description or ""
-        extra = f"; {', '.join(limits)}" if limits else ""
-        lines.append(f"  {path}  ({_type_name(f.annotation)}, {default}{extra})")
-        if desc:
-            lines.append(textwrap.fill(desc, width=100, initial_indent=" " * 6, subsequent_indent=" " * 6))
-        models = _models_in(f.annotation)
-        is_list = typing.get_origin(f.annotation) is list
-        for m in models:
-            tag = m.model_fields.get("distribution")
-            sub = f"{path}[]." if is_list else f"{path}."
-            if tag is not None and len(models) > 1:
-                lines.append(f"  {path} as {{distribution: {typing.get_args(tag.annotation)[0]}, ...}}:")
-            lines += field_help(m, sub)
-    return lines
+    defaults, constraints and Field descriptions (`serve_app.field_help`, the renderer the app's
+    ``python -m serve_app --help`` uses too)."""
+    return render_field_help(model, prefix)

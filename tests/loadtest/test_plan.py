@@ -17,7 +17,6 @@ import pytest
 
 import loadtest.plan as plan_mod
 import loadtest.plan.stacks as stacks_mod
-import loadtest.plan.workload as workload_mod
 from loadtest.metrics import summarize
 from loadtest.plan import (
     DAYS_PER_MONTH,
@@ -39,6 +38,7 @@ from loadtest.simulate.cluster import ClusterConfig, run_cluster
 from loadtest.simulate.replica import Workload as SimWorkload
 from replica.traces import load_trace
 from replica.tiers import paper_tiers
+from serve_app import field_help as field_help_mod
 
 WORKLOADS = Path(__file__).resolve().parents[2] / "loadtest" / "workloads"
 
@@ -153,7 +153,7 @@ def test_help_explains_every_workload_field_and_the_stacks(capsys):
     def leaves(model, prefix=""):
         for name, f in model.model_fields.items():
             yield prefix + name
-            for m in workload_mod._models_in(f.annotation):
+            for m in field_help_mod._models_in(f.annotation):
                 sub = f"{prefix}{name}[]." if f.annotation is not None and "list" in str(f.annotation) else f"{prefix}{name}."
                 yield from leaves(m, sub)
 

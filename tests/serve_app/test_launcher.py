@@ -2,6 +2,8 @@
 launch itself is exercised by tests/serve_app/test_closed_cluster.py, tests/loadtest/test_locust_smoke.py
 and loadtest.first_answer)."""
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 
 from serve_app.__main__ import blank_initial_environ, hash_env_keys, main, parse_args
 from serve_app.auth import hash_key
-from serve_app.config import AppConfig
+from serve_app.config import AdmissionConfig, AppConfig, KeyLimits, ServingTier, SimEngineConfig, VLLMEngineConfig
 
 
 def test_arguments_are_build_app_key_value_pairs():
@@ -22,6 +24,49 @@ def test_arguments_are_build_app_key_value_pairs():
 def test_an_argument_without_a_key_is_refused_with_an_example(arg):
     with pytest.raises(SystemExit, match="expected ARG=VALUE"):
         parse_args([arg])
+
+
+# ------------------------------------------------------------------------------------------ --help
+
+def _described(out: str, path: str, description: str) -> bool:
+    """``path`` has its entry (``  path  (TYPE, ...)``) in ``out``, its description below it."""
+    m = re.search(rf"^  {re.escape(path)}  \((.*)\n((?:      .*\n)*)", out, re.M)
+    return m is not None and " ".join(description.split()) in " ".join(m.group(2).split())
+
+
+def test_help_prints_the_usage_and_every_config_key_without_importing_ray():
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "serve_app", "--help"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    assert out.startswith("usage: python -m serve_app [config=PATH]") and "ARG=VALUE" in out
+    assert "config=PATH" in out and "serve_app/configs/sim.yaml" in out and "engine.time_scale=0.1" in out
+    for path, model, name in (("engine.time_scale", SimEngineConfig, "time_scale"),
+                              ("admission.fair_share_reserve", AdmissionConfig, "fair_share_reserve"),
+                              ("tiers.N.tbt_slo_s", ServingTier, "tbt_slo_s"),
+                              ("tiers.N.key_limits.requests_per_minute", KeyLimits, "requests_per_minute"),
+                              ("api_keys.limits.KEY.tokens_per_minute", KeyLimits, "tokens_per_minute"),
+                              ("engine.kv_cache_memory_bytes", VLLMEngineConfig, "kv_cache_memory_bytes")):
+        assert _described(out, path, model.model_fields[name].description), path
+    assert "  engine.time_scale  (float, default 1.0; gt 0)" in out
+    assert "  admission.fair_share_reserve  (float, default 0.1; ge 0, lt 1)" in out
+    # both engine variants, each with its fields
+    sim, vllm = out.index("  engine as {backend: sim, ...}:"), out.index("  engine as {backend: vllm, ...}:")
+    assert sim < out.index("  engine.cost_profile  (") < vllm < out.index("  engine.model  (")
+    # every field of every model, at its dotted path
+    leaves = re.findall(r"^  ([\w.]+)  \(", out, re.M)
+    assert len(leaves) >= 60 and "http.drain_timeout_s" in leaves and "metrics.per_key_max_keys" in leaves
+    # no Ray: not imported, so no cluster (python -X importtime lists every module imported)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "serve_app.config" in imported and not {m for m in imported if m == "ray" or m.startswith("ray.")}
+
+
+def test_help_from_main_returns_before_anything_starts(nothing_starts, capsys):
+    assert main(["engine.time_scale=0.1", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m serve_app") and "  engine.time_scale  (" in out
 
 
 @pytest.fixture
