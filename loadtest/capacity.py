@@ -241,8 +241,10 @@ class PromptSynth:
 class StreamRecorder:
     """Times one streamed completion from its SSE lines, fed one line at a time as read.
 
-    ``t0`` is the send time; ``feed(line, t)`` with the read time.  Every event with a choice and
-    no ``finish_reason`` is a token (the ingress sends one per engine chunk); TTFT is the first
+    ``t0`` is the send time; ``feed(line, t)`` with the read time.  Every event with a choice is a
+    token arrival (the ingress sends one per engine chunk; the last one also carries the
+    ``finish_reason``, as vLLM's server sends it), but a chat stream's opening role event and a
+    text-less finish-only event; TTFT is the first
     one's time minus ``t0`` and the TBT gaps are the times between consecutive ones.  An event
     with an ``error`` object, malformed JSON or a missing ``[DONE]`` is an error."""
 
@@ -280,9 +282,10 @@ class StreamRecorder:
             delta = choice.get("delta")
             if isinstance(delta, dict) and not delta.get("content") and "role" in delta:
                 continue  # a chat stream's opening role-only event is no token
-            if choice.get("finish_reason") is None:
+            text = choice.get("text") if "text" in choice else (delta or {}).get("content")
+            if choice.get("finish_reason") is None or text:
                 self.token_times.append(t)
-            else:
+            if choice.get("finish_reason") is not None:
                 self.finish_reason = choice["finish_reason"]
 
     def ttft_s(self) -> float | None:

@@ -45,3 +45,27 @@ class ReplicaBackend(ABC):
     def shutdown(self) -> None:
         """Release the engine (processes, GPU memory); called when the replica goes away.
         Default: nothing to release."""
+
+
+# What each backend cannot honour, by `replica.contract` field (`SamplingFields` and `EngineOptions`
+# names): field -> why.  The ingress refuses a request that sets one with a 400 naming its API
+# parameter (`serve_app.openai_api`), so nothing a client asks for is silently dropped.  The vLLM
+# backend honours every field.  The simulated engine has no model: its tokens are a fixed
+# sequence (one token with probability 1 at each step), so the fields that reshape a distribution
+# (temperature, top_p, top_k, min_p, seed, the penalties) leave them unchanged as they would for
+# such a model, it never emits EOS (ignore_eos, min_tokens hold), and its tokens are plain text
+# (the detokenizer flags hold); what needs a model's distribution or its text is refused.
+_SIM_NO_MODEL = "the simulated engine has no model"
+BACKEND_REFUSES: dict[str, dict[str, str]] = {
+    "sim": {
+        "n": f"{_SIM_NO_MODEL}: it generates one choice per request",
+        "logprobs": f"{_SIM_NO_MODEL}, so no logprobs",
+        "prompt_logprobs": f"{_SIM_NO_MODEL}, so no prompt logprobs",
+        "logit_bias": f"{_SIM_NO_MODEL} whose logits a bias could change",
+        "json_object": f"{_SIM_NO_MODEL}: structured outputs need one",
+        "json_schema": f"{_SIM_NO_MODEL}: structured outputs need one",
+        "stop": f"{_SIM_NO_MODEL}: its output does not stop at strings",
+        "stop_token_ids": f"{_SIM_NO_MODEL}: its output does not stop at tokens",
+    },
+    "vllm": {},
+}

@@ -3,17 +3,21 @@
 Every layer a request crosses uses these types and nothing else; every default is written here
 (or in `replica.tiers` for the tier model):
 
-    ingress (serve_app)  builds a GenerateRequest: token ids, max_tokens, the key's tier facts,
-                         the sampling fields it validated
+    ingress (serve_app)  builds a GenerateRequest: token ids, max_tokens (per choice), the tier
+                         facts of the tier that serves it, the sampling fields it validated, the
+                         output options (`EngineOptions`: n, logprobs, logit_bias, structured
+                         outputs)
     router (router.ray_router)
                          reads its routing facts (`router.policies.base.RoutingRequest.of`)
     replica deployment   hands it to its backend (`replica.backend.ReplicaBackend`)
       sim backend        prompt length, max_tokens and tier facts drive the simulated engine
-      vLLM backend       token ids; `SamplingFields.to_vllm()` -> vLLM's SamplingParams kwargs;
-                         `TierFacts.to_extra_args()` -> SamplingParams.extra_args, which the
-                         policy scheduler (`replica.vllm_scheduler`) reads back with
-                         `TierFacts.from_extra_args`
-    backends stream      StreamChunk (cumulative completion tokens, new text, finish reason)
+      vLLM backend       token ids; `SamplingFields.to_vllm()` and `EngineOptions.to_vllm()` ->
+                         vLLM's SamplingParams kwargs; `TierFacts.to_extra_args()` ->
+                         SamplingParams.extra_args, which the policy scheduler
+                         (`replica.vllm_scheduler`) reads back with `TierFacts.from_extra_args`
+    backends stream      StreamChunk per choice (cumulative completion tokens, new text, token
+                         ids, logprobs, finish reason); `EngineRejected` for a request the engine
+                         finds invalid (the ingress's 400)
 
 Adding an OpenAI sampling field: one field on `SamplingFields` (with OpenAI's constraints; the
 ingress's request models inherit it) and one entry in `VLLM_SAMPLING_PARAMS` (its SamplingParams
@@ -27,12 +31,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
-__all__ = ["DEFAULT_TTFT_TARGET_S", "FINISH_REASONS", "GenerateRequest", "SamplingFields", "StreamChunk", "TierFacts",
-           "TierMetadataError", "VLLM_SAMPLING_PARAMS"]
+__all__ = ["DEFAULT_TTFT_TARGET_S", "FINISH_REASONS", "EngineOptions", "EngineRejected", "GenerateRequest",
+           "SamplingFields", "StreamChunk", "TierFacts", "TierMetadataError", "TokenLogprob", "VLLM_SAMPLING_PARAMS"]
 
 
 # ------------------------------------------------------------------------------------------- tier
@@ -43,6 +47,19 @@ DEFAULT_TTFT_TARGET_S = 0.5
 
 class TierMetadataError(ValueError):
     """A request's tier metadata (in vLLM's ``extra_args``) is unknown or invalid."""
+
+
+class EngineRejected(ValueError):
+    """The engine refused a request as invalid (e.g. vLLM's validation of a JSON schema for
+    structured outputs): the client's fault, which the ingress answers with a 400 naming
+    ``param`` (the API parameter, when known)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses Ray (pickled) with its param
+        return (type(self), (str(self), self.param))
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,21 +120,39 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 
 
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit (vLLM's default max_logprobs is 20 too)
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+MAX_N = 8  # choices per request (each one is a sequence the engine decodes)
+
+
 class SamplingFields(BaseModel):
-    """The OpenAI sampling fields a request may set, with OpenAI's types and ranges (numbers and
-    booleans strict: ``"0.5"`` or ``true`` is no float; floats finite; at most
-    ``MAX_STOP_STRINGS`` stop strings of at most ``MAX_STOP_CHARS`` characters).  None = the
-    engine's default.  The simulated engine has no model: it ignores them."""
+    """The sampling fields a request may set that mean the same at the API (OpenAI's, and vLLM's
+    documented extensions) and in vLLM's ``SamplingParams``: the ingress's request models
+    inherit them.  OpenAI's types and ranges (numbers and booleans strict: ``"0.5"`` or ``true``
+    is no float; floats finite; at most ``MAX_STOP_STRINGS`` stop strings of at most
+    ``MAX_STOP_CHARS`` characters).  None = the engine's default.  The simulated engine has no
+    model: its tokens do not depend on them."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    temperature: StrictFloat | None = Field(default=None, ge=0.0, allow_inf_nan=False)
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**63)
     presence_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     ignore_eos: StrictBool | None = None  # vLLM's extension: generate exactly max_tokens tokens
+    # vLLM's documented extensions (its OpenAI server takes them too)
+    top_k: StrictInt | None = Field(default=None, ge=-1, description="-1 or 0: all tokens")
+    min_p: StrictFloat | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    repetition_penalty: StrictFloat | None = Field(default=None, gt=0.0, le=10.0, allow_inf_nan=False)
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(default=None,
+                                                                           max_length=MAX_STOP_TOKEN_IDS)
+    min_tokens: StrictInt | None = Field(default=None, ge=0)
+    skip_special_tokens: StrictBool | None = None
+    spaces_between_special_tokens: StrictBool | None = None
+    include_stop_str_in_output: StrictBool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -126,6 +161,8 @@ class SamplingFields(BaseModel):
         if len(strings) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences, got {len(strings)}")
         for s in strings:
+            if not s:
+                raise ValueError("a stop sequence cannot be empty")
             if len(s) > MAX_STOP_CHARS:
                 raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters, got {len(s)}")
         return stop
@@ -155,7 +192,67 @@ VLLM_SAMPLING_PARAMS: dict[str, str] = {
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
     "ignore_eos": "ignore_eos",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "stop_token_ids": "stop_token_ids",
+    "min_tokens": "min_tokens",
+    "skip_special_tokens": "skip_special_tokens",
+    "spaces_between_special_tokens": "spaces_between_special_tokens",
+    "include_stop_str_in_output": "include_stop_str_in_output",
 }
+
+
+class EngineOptions(BaseModel):
+    """What a request asks of the engine's output, in vLLM's terms (the ingress maps each
+    endpoint's own fields onto these: ``n``; completions' ``logprobs`` and chat's ``logprobs`` +
+    ``top_logprobs``; ``echo`` with logprobs; ``logit_bias`` keyed by token id strings;
+    ``response_format``).  A backend that cannot honour one refuses the request
+    (`replica.backend.BACKEND_OPTIONS`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n: int = Field(default=1, ge=1, le=MAX_N, description="completions (choices) to generate")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                 description="per generated token: the sampled token's logprob and this many top ones")
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                        description="the same for every prompt token")
+    logit_bias: dict[int, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS,
+                                                description="token id -> bias added to its logit, in [-100, 100]")
+    json_object: bool = Field(default=False, description="the output is a JSON object")
+    json_schema: dict[str, Any] | None = Field(default=None, description="the output follows this JSON schema")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, bias: dict[int, float] | None) -> dict[int, float] | None:
+        for token, value in (bias or {}).items():
+            if token < 0 or not -100.0 <= value <= 100.0 or not math.isfinite(value):
+                raise ValueError(f"logit_bias: token ids >= 0 and biases in [-100, 100], got {token}: {value}")
+        return bias
+
+    @property
+    def asked(self) -> set[str]:
+        """The options set to other than their defaults (what a backend must support)."""
+        fields = type(self).model_fields
+        return {name for name in self.model_fields_set if getattr(self, name) != fields[name].default}
+
+    def to_vllm(self) -> dict[str, Any]:
+        """vLLM ``SamplingParams`` keyword arguments, but for structured outputs: ``json_object``
+        and ``json_schema`` are given back under ``"structured_outputs"`` as the keyword
+        arguments of vLLM's ``StructuredOutputsParams`` (the backend builds it: this module
+        imports no vLLM)."""
+        out: dict[str, Any] = {"n": self.n}
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self.prompt_logprobs
+        if self.logit_bias:
+            out["logit_bias"] = dict(self.logit_bias)
+        if self.json_schema is not None:
+            out["structured_outputs"] = {"json": self.json_schema}
+        elif self.json_object:
+            out["structured_outputs"] = {"json_object": True}
+        return out
 
 
 # ---------------------------------------------------------------------------------------- request
@@ -164,13 +261,14 @@ VLLM_SAMPLING_PARAMS: dict[str, str] = {
 class GenerateRequest:
     """One generation request as the ingress sends it to a replica (through a DeploymentHandle,
     so the router sees it): the prompt as token ids (tokenized once, at the ingress), the
-    completion limit, the tier, the sampling fields."""
+    completion limit (per choice), the tier, the sampling fields, the output options."""
 
     request_id: str
     prompt_token_ids: list[int]
     max_tokens: int
     tier: TierFacts
     sampling: SamplingFields = field(default_factory=SamplingFields)
+    options: EngineOptions = field(default_factory=EngineOptions)
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -195,21 +293,41 @@ FINISH_REASONS = ("length", "stop", "abort")
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One token's logprob as the engine gives it: its id, its text (None: the engine did not
+    detokenize it; the receiver decodes the id), its logprob, and ``top``: the candidates the engine
+    reports at that position, in its order (the sampled token first when it is not among the top
+    ones, as vLLM orders them), each (id, text or None, logprob)."""
+
+    token_id: int
+    token: str | None
+    logprob: float
+    top: tuple[tuple[int, str | None, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class StreamChunk:
     """What a replica stream yields as tokens are produced.
 
-    ``num_tokens``: completion tokens produced so far (cumulative; a chunk may carry several);
-    ``text``: the text of the new tokens (None from a backend without a detokenizer, the
-    simulated engine, whose tokens have no text); ``finish_reason``: None until the last chunk,
-    then ``"length"`` (max_tokens reached), ``"stop"`` (EOS or a stop string) or ``"abort"``
-    (the engine gave up on the request, e.g. its scheduler rejected it; ``stop_reason`` says
-    why); ``stop_reason``: the stop string that ended it, or the abort reason.  Before the first
-    token a replica sends heartbeats (`heartbeat`: no tokens)."""
+    ``num_tokens``: completion tokens produced so far for this choice (cumulative; a chunk may
+    carry several); ``index``: the choice (0 .. n-1); ``text``: the text of the new tokens (None
+    from a backend without a detokenizer, the simulated engine, whose tokens have no text);
+    ``token_ids``: their ids (empty when the backend has none); ``logprobs``: one `TokenLogprob` per
+    new token when asked for; ``prompt_logprobs``: one per prompt token (the first None), on the
+    first chunk of a request that asked for them; ``finish_reason``: None until the last chunk of
+    the choice, then ``"length"`` (max_tokens reached), ``"stop"`` (EOS or a stop string) or
+    ``"abort"`` (the engine gave up on the request, e.g. its scheduler rejected it; ``stop_reason``
+    says why); ``stop_reason``: the stop string that ended it, or the abort reason.  Before the
+    first token a replica sends heartbeats (`heartbeat`: no tokens)."""
 
     num_tokens: int
     text: str | None = None
     finish_reason: str | None = None
     stop_reason: str | None = None
+    index: int = 0
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -223,4 +341,4 @@ class StreamChunk:
 
     @property
     def is_heartbeat(self) -> bool:
-        return self.num_tokens == 0 and self.finish_reason is None
+        return self.num_tokens == 0 and self.finish_reason is None and self.prompt_logprobs is None

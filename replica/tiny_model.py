@@ -13,6 +13,13 @@ import random
 from pathlib import Path
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+# The tiny model's chat template (Zephyr's layout): BOS once, each message as "<|role|>\n" + its
+# content + EOS, then "<|assistant|>\n" when a generation prompt is asked for.  Only BOS and EOS
+# are special tokens; the role markers are plain text.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 SPECIAL_TOKENS = [UNK, BOS, EOS, PAD]  # ids 0, 1, 2, 3
 TOKENIZER_VOCAB = 2000  # the BPE trainer's target; the config's vocab_size is the tokenizer's size
 SEED = 0
@@ -58,8 +65,9 @@ def train_tokenizer():
     return tok
 
 
-def build_tokenizer(folder: Path):
-    """Train the byte-level BPE (`train_tokenizer`), add BOS on encode, save it as a fast tokenizer."""
+def build_tokenizer(folder: Path, chat_template: str | None = TINY_CHAT_TEMPLATE):
+    """Train the byte-level BPE (`train_tokenizer`), add BOS on encode, save it as a fast tokenizer
+    with ``chat_template`` (None: none; chat requests to a server of this model are then refused)."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
@@ -76,19 +84,21 @@ def build_tokenizer(folder: Path):
         pad_token=PAD,
         model_max_length=2048,
         clean_up_tokenization_spaces=False,
+        chat_template=chat_template,
     )
     fast.save_pretrained(folder)
     return fast
 
 
-def build_tiny_model(folder: Path) -> Path:
-    """Write the tiny model and tokenizer into `folder` (created if needed); return `folder`."""
+def build_tiny_model(folder: Path, chat_template: str | None = TINY_CHAT_TEMPLATE) -> Path:
+    """Write the tiny model and tokenizer (with ``chat_template``) into `folder` (created if
+    needed); return `folder`."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(folder)
+    tokenizer = build_tokenizer(folder, chat_template)
     # vocab_size == the tokenizer's size: the random model can only emit ids the tokenizer decodes.
     vocab_size = len(tokenizer)
     assert 1000 <= vocab_size <= TOKENIZER_VOCAB, vocab_size

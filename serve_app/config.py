@@ -71,6 +71,7 @@ __all__ = [
     "MetricsConfig",
     "ReplicasConfig",
     "RouterConfig",
+    "ServiceTierMap",
     "ServingTier",
     "SimEngineConfig",
     "VLLMEngineConfig",
@@ -261,6 +262,10 @@ class SimEngineConfig(_Strict):
     tokenizer: str | None = Field(default=None, min_length=1,
                                   description="tokenizer.json (or a folder with one) for the ingress; "
                                               "default: a built-in byte-level BPE")
+    chat_template: str | None = Field(default=None, min_length=1,
+                                      description="a Jinja chat template (a .jinja file, or the template "
+                                                  "itself) instead of the tokenizer's (built-in: 'role: content' "
+                                                  "lines, then 'assistant:')")
 
     @field_validator("scheduler")
     @classmethod
@@ -284,6 +289,10 @@ class VLLMEngineConfig(_Strict):
     backend: Literal["vllm"]
     model: str | None = Field(default=None, min_length=1, description="model folder or hub id (required)")
     tokenizer: str | None = Field(default=None, min_length=1, description="default: the model's")
+    chat_template: str | None = Field(default=None, min_length=1,
+                                      description="a Jinja chat template (a .jinja file, or the template itself) "
+                                                  "instead of the tokenizer config's: the ingress renders chat "
+                                                  "requests with it")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_model_len: int | None = Field(default=None, gt=0)
     kv_cache_memory_bytes: int | None = Field(default=None, gt=0, description="required on CPU")
@@ -312,7 +321,8 @@ class VLLMEngineConfig(_Strict):
         """Keyword arguments for vLLM's engine args (the ones set; ``scheduler`` excluded: the
         replica's vLLM backend passes it in vLLM's ``additional_config``, `replica.vllm_backend`;
         ``log_engine_metrics``: it picks the engine's stat loggers, the backend's own argument)."""
-        return self.model_dump(exclude={"backend", "scheduler", "log_engine_metrics"}, exclude_none=True)
+        return self.model_dump(exclude={"backend", "scheduler", "log_engine_metrics", "chat_template"},
+                               exclude_none=True)
 
 
 def _engine_tag(value: Any) -> str:
@@ -363,6 +373,18 @@ class HttpConfig(_Strict):
     drain_timeout_s: float = Field(default=30.0, gt=0,
                                    description="on shutdown: new requests get 503, streams in flight may "
                                                "finish for this long, then end with an error event")
+
+
+class ServiceTierMap(_Strict):
+    """Which configured tier each of OpenAI's ``service_tier`` values asks for (`serve_app.service_tier`;
+    unset: priority -> the tier shed last, flex -> the tier shed first, default -> the tier shed
+    first among two tiers, the second shed among three or more).  A request is never served above
+    its API key's tier; ``auto`` (or no field) is the key's tier."""
+
+    priority: str | None = Field(default=None, description="the tier of service_tier 'priority' (default: shed last)")
+    default: str | None = Field(default=None, description="the tier of service_tier 'default' (default: shed first "
+                                                          "of two tiers, second of three or more)")
+    flex: str | None = Field(default=None, description="the tier of service_tier 'flex' (default: shed first)")
 
 
 class MetricsConfig(_Strict):
@@ -480,6 +502,8 @@ class AppConfig(_Strict):
     http: HttpConfig = Field(default_factory=HttpConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    service_tiers: ServiceTierMap = Field(default_factory=ServiceTierMap,
+                                          description="OpenAI's service_tier values -> tiers")
     model_name: str | None = Field(default=None, min_length=1, description="served model id (/v1/models)")
     max_request_bytes: int = Field(default=1 << 20, gt=0, description="largest accepted request body")
     default_max_tokens: int = Field(default=256, gt=0, description="max_tokens when a request gives none")
@@ -503,6 +527,11 @@ class AppConfig(_Strict):
                 if not eng.enforce_eager:
                     raise FieldError(("engine", "enforce_eager"),
                                       "must be true for vllm on CPU (replicas.gpus_per_replica: 0)")
+        for value in ("priority", "default", "flex"):
+            tier = getattr(self.service_tiers, value)
+            if tier is not None and tier not in self.tier_names:
+                raise FieldError(("service_tiers", value),
+                                 f"unknown tier {tier!r}; tiers are {', '.join(self.tier_names)}")
         cap = self.admission.max_in_flight
         if cap is not None and cap > self.http.max_ongoing_requests:
             raise FieldError(("admission", "max_in_flight"),
@@ -577,6 +606,13 @@ class AppConfig(_Strict):
     def shed_sequence(self) -> list[str]:
         """Tier names in the order they are shed under overload (first shed first)."""
         return [t.name for t in sorted(self.tiers, key=lambda t: t.shed_order or 0)]
+
+    def service_tier_map(self) -> dict[str, str]:
+        """OpenAI's service_tier values -> tier names (`ServiceTierMap` with its defaults filled in)."""
+        from serve_app.service_tier import default_service_tier_map
+
+        given = {k: v for k, v in self.service_tiers.model_dump().items() if v is not None}
+        return {**default_service_tier_map(self.shed_sequence), **given}
 
     def tier_mix(self, shares: Mapping[str, float] | None = None) -> TierMix:
         """The tiers as a `replica.tiers.TierMix` (for simulations and load tests, which draw
@@ -658,6 +694,10 @@ def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
             cp = eng["cost_profile"]
             if _is_path(cp) and not Path(cp).is_absolute():
                 eng["cost_profile"] = str(base / cp)
+        if isinstance(eng, dict) and isinstance(eng.get("chat_template"), str):
+            ct = eng["chat_template"]  # a template file, relative to the config (inline templates have "{")
+            if "{" not in ct and not Path(ct).is_absolute():
+                eng["chat_template"] = str(base / ct)
     except AttributeError:
         pass  # malformed sections: validation below reports them
 

@@ -11,11 +11,13 @@ No OpenAPI document or docs pages are served.
 
 One request, by job; every step has a bound and a deadline:
 
-1. auth: the tier comes only from the API key (``Authorization: Bearer KEY`` ->
+1. auth: the tier comes from the API key (``Authorization: Bearer KEY`` ->
    `serve_app.auth.KeyStore`, which also gives the key's id, a digest prefix used in logs and
-   limits; 401 otherwise); body fields such as ``priority``, ``vllm_xargs``, ``user`` or ``tier``
-   are accepted and ignored, so a client can never choose its tier.  The resolved tier is
-   returned in the ``x-tier`` header.
+   limits; 401 otherwise); body fields such as ``priority``, ``vllm_xargs`` or ``tier`` are
+   refused (400), and OpenAI's ``service_tier`` may only ask for a cheaper tier
+   (`serve_app.service_tier`: the key's tier is the ceiling), so a client can never raise its
+   tier.  The tier that serves the request is returned in the ``x-tier`` header and, as a
+   ``service_tier`` value, in every response and stream chunk.
 2. availability: while draining (shutdown) or when no replica answered the last health poll
    (`serve_app.cluster_feedback`), 503 with ``Retry-After`` at once.
 3. admission, in one step with no await, before the body is read: the tier's admission
@@ -24,15 +26,19 @@ One request, by job; every step has a bound and a deadline:
    minute); the request counts as in flight from here, so slow bodies count against their tier.
    429 with OpenAI's error JSON and ``Retry-After``; OpenAI's ``x-ratelimit-*`` headers on every
    response of a key with limits.
-4. parse (`serve_app.openai_api`): the body within ``http.body_timeout_s`` (408), validation,
-   the tier's caps, a cheap length check, the prompt tokenized once (off the event loop when
-   long); then the key's tokens per minute are charged (prompt + max_tokens; unused refunded).
+4. parse (`serve_app.openai_api`): the body within ``http.body_timeout_s`` (408), validation
+   (every field honoured or refused); the service tier: a request its body moves to a cheaper
+   tier is admitted again as that tier (a ``flex`` request is shed first); the served tier's
+   caps, the backend's abilities, a cheap length check, the prompt rendered (chat template) and
+   tokenized once (off the event loop when long); then the key's tokens per minute are charged
+   (prompt + n x max_tokens; unused refunded; limits are the key's, whatever tier serves).
 5. serve: a `GenerateRequest` to a replica; the stream is opened by reading its first chunk
    (`serve_app.stream`): Serve's backpressure becomes a 429, a replica that died or sent no first
    chunk within the tier's ``first_token_timeout_s`` is retried on another replica, else 504;
    a stream silent for the tier's ``idle_timeout_s`` ends with an error event (a non-streaming
    request starts over elsewhere, else 504).
-6. render (`serve_app.render`): SSE events or one JSON body.  A client that disconnects has its
+6. render (`serve_app.render`): SSE events or one JSON body (choices by index, logprobs,
+   echo; a request the engine refuses as invalid, `replica.contract.EngineRejected`, is a 400).  A client that disconnects has its
    replica stream cancelled, which aborts the engine request.
 
 Shutdown (`drain`, called by the launcher on SIGTERM): new requests get 503; streams in flight may
@@ -56,6 +62,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from replica.backend import BACKEND_REFUSES
 from replica.contract import GenerateRequest, StreamChunk
 from router.feedback import ReplicaFeedback
 from serve_app.admission import AdmissionPolicy, Decision, DelayHistory, InFlight
@@ -65,9 +72,10 @@ from serve_app.config import AppConfig, ServingTier
 from serve_app.metrics import IngressMetrics, RequestTimer, tier_slos
 from serve_app.openai_api import ParsedRequest, RequestError, RequestParser, overload_error
 from serve_app.ratelimit import KeyLimiter, LimitRefusal
-from serve_app.render import DONE_EVENT, Renderer
-from serve_app.stream import (DEFAULT_RETRIES, ReplicaHung, ReplicaStream, is_replica_failure, open_replica_stream,
-                              retry_request_id)
+from serve_app.service_tier import ServiceTiers
+from serve_app.render import DONE_EVENT, Choice, Renderer, usage
+from serve_app.stream import (DEFAULT_RETRIES, ReplicaHung, ReplicaStream, engine_rejection, is_replica_failure,
+                              open_replica_stream, retry_request_id)
 from serve_app.tokenizer import Tokenizer, tokenizer_for
 
 __all__ = ["DEFAULT_MAX_CONTEXT_TOKENS", "Ingress", "app"]
@@ -106,6 +114,10 @@ def _replica_timeout(e: ReplicaHung) -> RequestError:
 def _stream_error(e: BaseException) -> RequestError:
     if isinstance(e, (EngineAbort, ShuttingDown)):
         return e.to_request_error()
+    rejected = engine_rejection(e)
+    if rejected is not None:  # the engine found the request invalid: the client's 400
+        return RequestError(400, f"the engine refused the request: {rejected}", param=rejected.param,
+                            code="invalid_value")
     if isinstance(e, ReplicaHung):
         return _replica_timeout(e)
     return _replica_failed()
@@ -195,7 +207,9 @@ class Ingress:
                                     max_context_tokens=self.max_context_tokens,
                                     max_request_bytes=self.config.max_request_bytes,
                                     default_max_tokens=self.config.default_max_tokens,
-                                    body_timeout_s=http.body_timeout_s)
+                                    body_timeout_s=http.body_timeout_s,
+                                    refuses=BACKEND_REFUSES[self.config.engine.backend])
+        self.service_tiers = ServiceTiers(self.config.service_tier_map(), self.config.shed_sequence)
         self.renderers = {chat: Renderer(self.model_name, self.tokenizer, chat=chat) for chat in (False, True)}
         self.tier_configs: dict[str, ServingTier] = {t.name: t for t in self.config.tiers}
         self.tiers = {t.name: t.facts() for t in self.config.tiers}
@@ -239,7 +253,7 @@ class Ingress:
             return _error_response(e)
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "tiered-llm-serve",
-             "max_model_len": self.max_context_tokens}]})
+             "root": self.model_name, "parent": None, "max_model_len": self.max_context_tokens}]})
 
     # --- generation -----------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -300,23 +314,42 @@ class Ingress:
         return {"in_flight": before, "finished": before - ended, "ended": ended}
 
     # --- admission ------------------------------------------------------------------------------
+    def _decide(self, tier: str, key_id: str) -> Decision | None:
+        """The tier's admission decision for a request of ``key_id`` now (None: admission off)."""
+        if self.admission is None:
+            return None
+        p = self.poller
+        return self.admission.admit(tier, p.feedback.values(), self.in_flight, history=p.tbt_history,
+                                    delays=self.delay_history, num_replicas=p.num_replicas, key_id=key_id,
+                                    record_delay=False, jitter=self._rng.random())
+
     def _admit(self, tier: str, key_id: str, rid: str, headers: dict[str, str]) -> JSONResponse | _Ticket:
         """The tier's admission and the key's limits, then the in-flight entry: one step, no
         await in between (so concurrent arrivals cannot all pass a bound)."""
-        decision: Decision | None = None
         if self.admission is not None:
             self.poller.on_request()
-            p = self.poller
-            decision = self.admission.admit(tier, p.feedback.values(), self.in_flight, history=p.tbt_history,
-                                            delays=self.delay_history, num_replicas=p.num_replicas, key_id=key_id,
-                                            record_delay=False, jitter=self._rng.random())
-            if not decision.admit:
-                return self._shed(tier, decision.message, decision.retry_after_s or 1, headers)
+        decision = self._decide(tier, key_id)
+        if decision is not None and not decision.admit:
+            return self._shed(tier, decision.message, decision.retry_after_s or 1, headers)
         refusal = self.limiter.acquire(key_id, tier)
         if refusal is not None:
             return self._rate_limited(tier, refusal, headers)
         self.in_flight.add(rid, tier, 0, key_id=key_id)
         return _Ticket(self, rid, key_id, decision.queue_delay_s if decision is not None else None)
+
+    def _readmit(self, ticket: _Ticket, tier: str, headers: dict[str, str]) -> JSONResponse | None:
+        """Move an admitted request to ``tier`` (a cheaper service tier than its key's, which its
+        body asked for): the tier's admission decides again, as for a request of that tier (a
+        ``flex`` request is shed first).  The shed response, or None once moved."""
+        rid, key_id = ticket.request_id, ticket.key_id
+        self.in_flight.done(rid)
+        decision = self._decide(tier, key_id)
+        if decision is not None:
+            if not decision.admit:
+                return self._shed(tier, decision.message, decision.retry_after_s or 1, headers)
+            ticket.queue_delay_s = decision.queue_delay_s
+        self.in_flight.add(rid, tier, 0, key_id=key_id)
+        return None
 
     def _shed(self, tier: str, message: str, retry_after_s: int, headers: dict[str, str]) -> JSONResponse:
         return self._reject(overload_error(message), tier, {**headers, "retry-after": str(int(retry_after_s))})
@@ -344,9 +377,10 @@ class Ingress:
     async def _serve(self, request: Request, *, chat: bool):
         start = time.perf_counter()  # the request's arrival, for its TTFT
         try:
-            tier, key_id = self.keys.identify(_authorization(request))
+            key_tier, key_id = self.keys.identify(_authorization(request))
         except AuthError as e:
             return self._reject(e, None)
+        tier = key_tier  # until the body says which service tier it asks for
         headers = {"x-tier": tier}
         unavailable = await self._unavailable(tier, headers)
         if unavailable is not None:
@@ -355,28 +389,40 @@ class Ingress:
         ticket = self._admit(tier, key_id, rid, headers)
         if isinstance(ticket, JSONResponse):
             return ticket
-        tier_cfg = self.tier_configs[tier]
         try:
-            parsed = await self.parser.parse(await self.parser.read(request), chat=chat, tier=tier_cfg)
+            body = self.parser.validate(await self.parser.read(request), chat=chat)
+            served = self.service_tiers.serve(key_tier, body.service_tier)
+            if served.tier != tier:  # cheaper service than the key's: admitted (or shed) as that tier
+                tier = served.tier
+                headers["x-tier"] = tier
+                shed = self._readmit(ticket, tier, {**headers, **self.limiter.headers(key_id, key_tier)})
+                if shed is not None:
+                    ticket.release()
+                    return shed
+            parsed = await self.parser.prepare(body, tier=self.tier_configs[tier])
         except RequestError as e:
             ticket.release()
-            return self._reject(e, tier, {**headers, **self.limiter.headers(key_id, tier)})
+            return self._reject(e, tier, {**headers, **self.limiter.headers(key_id, key_tier)})
         except BaseException:
             ticket.release()
             raise
-        refusal = self.limiter.charge(key_id, tier, parsed.prompt_len + parsed.max_tokens)
+        tier_cfg = self.tier_configs[tier]
+        refusal = self.limiter.charge(key_id, key_tier, parsed.prompt_len + parsed.max_completion_tokens)
         if refusal is not None:
             ticket.release()
-            return self._rate_limited(tier, refusal, {**headers, **self.limiter.headers(key_id, tier)})
-        ticket.charged, ticket.prompt_tokens, ticket.max_tokens = True, parsed.prompt_len, parsed.max_tokens
-        headers.update(self.limiter.headers(key_id, tier))
+            return self._rate_limited(tier, refusal, {**headers, **self.limiter.headers(key_id, key_tier)})
+        ticket.charged, ticket.prompt_tokens = True, parsed.prompt_len
+        ticket.max_tokens = parsed.max_completion_tokens
+        headers.update(self.limiter.headers(key_id, key_tier))
         self.in_flight.set_prompt_len(rid, parsed.prompt_len)
         if ticket.queue_delay_s is not None:  # only requests dispatched count in the recent delays
             self.delay_history.add(time.time(), ticket.queue_delay_s)
-        logger.debug("request %s: key %s, tier %s, %d prompt tokens", rid, key_id, tier, parsed.prompt_len)
+        logger.debug("request %s: key %s (%s), served as %s, %d prompt tokens", rid, key_id, key_tier, tier,
+                     parsed.prompt_len)
         gen_request = GenerateRequest(request_id=rid, prompt_token_ids=parsed.prompt_token_ids,
                                       max_tokens=parsed.max_tokens, tier=self.tiers[tier],
-                                      sampling=parsed.body.sampling)
+                                      sampling=parsed.body.sampling, options=parsed.options)
+        service_tier = served.service_tier
         handle = self.replicas.options(stream=True)
 
         def call_replica(attempt: int) -> Any:
@@ -421,8 +467,9 @@ class Ingress:
                 timer.finish("error")
                 err = _stream_error(stream.error)
                 return _error_response(err, headers)
-            include_usage = bool((parsed.body.stream_options or {}).get("include_usage"))
-            return _SSEResponse(self._sse(stream, rid, parsed, include_usage, timer, ticket), on_close=release,
+            include_usage = parsed.body.stream_options is not None and bool(parsed.body.stream_options.include_usage)
+            return _SSEResponse(self._sse(stream, rid, parsed, include_usage, timer, ticket, service_tier),
+                                on_close=release,
                                 media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 
         async def restart(attempts_used: int) -> ReplicaStream:
@@ -431,15 +478,42 @@ class Ingress:
             return await open_stream(attempts_used, max(0, DEFAULT_RETRIES - attempts_used))
 
         try:
-            return await self._complete(stream, rid, parsed, timer, headers, restart=restart)
+            return await self._complete(stream, rid, parsed, timer, headers, service_tier, restart=restart)
         finally:
             ticket.release(timer.n)
 
     def _timer(self, tier: str, start: float) -> RequestTimer:
         return self.metrics.admitted(tier, start) if self.metrics is not None else RequestTimer(None, start)
 
+    def _take(self, choices: list[Choice], chunk: StreamChunk, parsed: ParsedRequest, total: int) -> tuple[str, int]:
+        """Add ``chunk`` to its choice: its new text, and the request's completion tokens so far
+        (all choices).  `EngineAbort` when the engine gave up on the request."""
+        if not 0 <= chunk.index < len(choices):
+            raise RuntimeError(f"the replica sent choice {chunk.index} of a request for {len(choices)}")
+        c = choices[chunk.index]
+        text = self.renderers[parsed.chat].text(chunk, c.num_tokens)
+        total += chunk.num_tokens - c.num_tokens
+        c.num_tokens = chunk.num_tokens
+        if chunk.finish_reason == "abort":
+            raise EngineAbort(chunk.stop_reason)
+        if chunk.finish_reason is not None:
+            c.finish_reason, c.stop_reason = chunk.finish_reason, chunk.stop_reason
+        if parsed.top_logprobs is not None:
+            if chunk.prompt_logprobs is not None and not c.entries and self._echo_logprobs(parsed):
+                c.token_ids.extend(parsed.prompt_token_ids)
+                c.entries.extend(chunk.prompt_logprobs)
+            c.token_ids.extend(chunk.token_ids)
+            c.entries.extend(chunk.logprobs or [None] * len(chunk.token_ids))
+        c.parts.append(text)
+        return text, total
+
+    @staticmethod
+    def _echo_logprobs(parsed: ParsedRequest) -> bool:
+        """Whether the choice's logprobs start with the prompt's (completions' echo with logprobs)."""
+        return not parsed.chat and parsed.options.prompt_logprobs is not None
+
     async def _complete(self, stream: ReplicaStream, rid: str, parsed: ParsedRequest, timer: RequestTimer,
-                        headers: dict[str, str], *,
+                        headers: dict[str, str], service_tier: str, *,
                         restart: Callable[[int], Awaitable[ReplicaStream]] | None = None) -> JSONResponse:
         """The non-streaming response: every chunk read, one JSON body.  If the replica dies or
         hangs mid-generation and ``restart`` is given, the request starts over on another replica
@@ -447,24 +521,18 @@ class Ingress:
         renderer = self.renderers[parsed.chat]
         while True:
             failed: BaseException | None = None
+            choices = [Choice(i) for i in range(parsed.n)]
+            total = 0
             try:
-                n = 0
-                parts = []
-                finish = "length"
-                last: StreamChunk | None = None
                 async for chunk in stream:
-                    parts.append(renderer.text(chunk, n))
-                    n = chunk.num_tokens
-                    timer.tokens(n)  # a restarted request counts only tokens past the ones already seen
-                    finish = chunk.finish_reason or finish
-                    last = chunk
-                if finish == "abort":
-                    raise EngineAbort(last.stop_reason if last is not None else None)
+                    _, total = self._take(choices, chunk, parsed, total)
+                    timer.tokens(total)  # a restarted request counts only tokens past the ones already seen
             except asyncio.CancelledError:
                 stream.cancel()  # client gone: abort the engine request
                 timer.finish("cancelled")
                 raise
             except (EngineAbort, ShuttingDown) as e:
+                stream.cancel()
                 logger.warning("request %s ended: %s", rid, e)
                 timer.finish("aborted" if isinstance(e, EngineAbort) else "error")
                 return _error_response(e.to_request_error(), headers)
@@ -479,7 +547,7 @@ class Ingress:
             if failed is None:
                 break
             logger.warning("request %s: its replica failed after %d tokens (%s); starting over on another "
-                           "replica", rid, n, type(failed).__name__)
+                           "replica", rid, total, type(failed).__name__)
             try:
                 stream = await restart(stream.attempts)
             except asyncio.CancelledError:
@@ -490,32 +558,60 @@ class Ingress:
                 timer.finish("error")
                 return _error_response(_replica_failed(), headers)
         timer.finish("completed")
-        body = renderer.response(rid, "".join(parts), finish, parsed.prompt_len, n)
+        for c in choices:
+            c.finish_reason = c.finish_reason or "length"
+        logprobs = None
+        if parsed.top_logprobs is not None:
+            logprobs = [renderer.logprobs(c.token_ids, c.entries, parsed.top_logprobs) for c in choices]
+        body = renderer.response(rid, choices, parsed.prompt_len, service_tier=service_tier,
+                                 echo_text=parsed.echo_text, logprobs=logprobs)
         return JSONResponse(body, headers=headers)
 
     async def _sse(self, stream: ReplicaStream, rid: str, parsed: ParsedRequest, include_usage: bool,
-                   timer: RequestTimer, ticket: _Ticket) -> AsyncIterator[str]:
+                   timer: RequestTimer, ticket: _Ticket, service_tier: str) -> AsyncIterator[str]:
         renderer = self.renderers[parsed.chat]
         chat = parsed.chat
         created = int(time.time())
-        n = 0
+        choices = [Choice(i) for i in range(parsed.n)]
+        total = 0
         done = False
+        options = parsed.body.stream_options
+        continuous_usage = options is not None and bool(options.continuous_usage_stats)
+
+        def event(text: str | None, finish: str | None, index: int, **kw: Any) -> str:
+            return renderer.chunk_event(rid, created, text, finish, index=index, service_tier=service_tier, **kw)
+
         try:
             if chat:
-                yield renderer.chunk_event(rid, created, "", None, first=True)
-            finish = "length"
-            async for c in stream:
-                text = renderer.text(c, n)
-                n = c.num_tokens
-                timer.tokens(n)
-                finish = c.finish_reason or finish
-                if finish == "abort":
-                    raise EngineAbort(c.stop_reason)
-                if text or not c.finished:
-                    yield renderer.chunk_event(rid, created, text, None)
-            yield renderer.chunk_event(rid, created, None if chat else "", finish)
+                for c in choices:
+                    yield event("", None, c.index, first=True)
+                    if parsed.echo_text:
+                        yield event(parsed.echo_text, None, c.index)
+            async for chunk in stream:
+                c = choices[chunk.index] if 0 <= chunk.index < len(choices) else None
+                seen = len(c.entries) if c is not None else 0
+                text, total = self._take(choices, chunk, parsed, total)
+                timer.tokens(total)
+                assert c is not None  # _take raised otherwise
+                logprobs = None
+                if parsed.top_logprobs is not None:
+                    logprobs = renderer.logprobs(c.token_ids[seen:], c.entries[seen:], parsed.top_logprobs,
+                                                 c.text_offset)
+                    if not chat and logprobs["tokens"]:
+                        c.text_offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                if not chat and parsed.echo_text and not c.started:
+                    text = parsed.echo_text + text
+                c.started = True
+                # the finish reason rides on the choice's last tokens, as vLLM sends it
+                usage_now = usage(parsed.prompt_len, total) if continuous_usage else None
+                yield event(text if text or not chunk.finished or not chat else None, c.finish_reason, c.index,
+                            logprobs=logprobs, usage=usage_now)
+            for c in choices:
+                if c.finish_reason is None:  # the stream ended without the choice's last chunk
+                    c.finish_reason = "length"
+                    yield event(None if chat else "", "length", c.index)
             if include_usage:
-                yield renderer.usage_event(rid, created, parsed.prompt_len, n)
+                yield renderer.usage_event(rid, created, parsed.prompt_len, total, service_tier=service_tier)
             timer.finish("completed")
             yield DONE_EVENT
             done = True
@@ -529,7 +625,7 @@ class Ingress:
             yield DONE_EVENT
             done = True
         finally:
-            ticket.release(n)
+            ticket.release(total)
             if not done:
                 stream.cancel()  # client disconnected mid-stream: abort the engine request
                 timer.finish("cancelled")  # (a no-op if the stream had already finished)

@@ -46,13 +46,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from replica.contract import StreamChunk
+from replica.contract import EngineRejected, StreamChunk
 
-__all__ = ["DEFAULT_RETRIES", "ReplicaHung", "ReplicaStream", "is_replica_death", "is_replica_failure",
-           "open_replica_stream", "retry_request_id"]
+__all__ = ["DEFAULT_RETRIES", "ReplicaHung", "ReplicaStream", "engine_rejection", "is_replica_death",
+           "is_replica_failure", "open_replica_stream", "retry_request_id"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -71,13 +71,9 @@ def _actor_error_types() -> tuple[type[BaseException], ...]:
     return (RayActorError,)  # ActorDiedError and ActorUnavailableError are subclasses
 
 
-def is_replica_death(error: BaseException | None) -> bool:
-    """Whether ``error`` says the replica actor serving the request died or is unreachable:
-    a `RayActorError` (``ActorDiedError``, ``ActorUnavailableError``), or an error caused by one
-    (``RayTaskError.cause``, ``__cause__``/``__context__``; followed a few levels deep)."""
-    types = _actor_error_types()
-    if not types:
-        return False
+def _causes(error: BaseException | None) -> Iterator[BaseException]:
+    """``error`` and what caused it (``RayTaskError.cause``, ``__cause__``/``__context__``),
+    followed a few levels deep."""
     seen: set[int] = set()
     todo = [error]
     while todo:
@@ -85,11 +81,22 @@ def is_replica_death(error: BaseException | None) -> bool:
         if e is None or id(e) in seen or len(seen) > 8:
             continue
         seen.add(id(e))
-        if isinstance(e, types):
-            return True
+        yield e
         cause = getattr(e, "cause", None)
         todo.extend(c for c in (cause, e.__cause__, e.__context__) if isinstance(c, BaseException))
-    return False
+
+
+def is_replica_death(error: BaseException | None) -> bool:
+    """Whether ``error`` says the replica actor serving the request died or is unreachable:
+    a `RayActorError` (``ActorDiedError``, ``ActorUnavailableError``), or an error caused by one."""
+    types = _actor_error_types()
+    return bool(types) and any(isinstance(e, types) for e in _causes(error))
+
+
+def engine_rejection(error: BaseException | None) -> EngineRejected | None:
+    """The `replica.contract.EngineRejected` that ``error`` is or wraps (Ray's ``RayTaskError``
+    carries the original as ``cause``), or None."""
+    return next((e for e in _causes(error) if type(e) is EngineRejected), None)
 
 
 def is_replica_failure(error: BaseException | None) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from replica.backend import ReplicaBackend
+from replica.backend import BACKEND_REFUSES, ReplicaBackend
 from replica.contract import GenerateRequest, StreamChunk, TierFacts
 from replica.cost.profile import DEFAULT_COST_PROFILE, load_profile
 from replica.policy import DEFAULT_SCHEDULER, EngineLimits, make_policy
@@ -31,6 +31,11 @@ class SimBackend(ReplicaBackend):
         self.engine = RealtimeSimEngine(policy, profile, num_kv_blocks=kv_blocks, time_scale=time_scale, slo=slo)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        asked = request.options.asked | {f for f, v in request.sampling if v not in (None, [], "")}
+        refused = sorted(asked & BACKEND_REFUSES["sim"].keys())
+        if refused:  # the ingress refuses these with a 400; another caller learns it here
+            raise ValueError(f"{request.request_id}: the simulated engine cannot honour {', '.join(refused)}: "
+                             + "; ".join(BACKEND_REFUSES["sim"][f] for f in refused))
         max_tokens = request.max_tokens
         async for n in self.engine.generate(request):
             yield StreamChunk(num_tokens=n, finish_reason="length" if n >= max_tokens else None)

@@ -185,6 +185,15 @@ def test_recorder_times_ttft_and_every_gap():
     assert "expected 4" in rec.check(4)
 
 
+def test_recorder_counts_the_last_token_that_carries_the_finish_reason():
+    """vLLM's server (and this app's ingress) sends the finish reason on the last token's event."""
+    rec = StreamRecorder(0.0)
+    rec.feed('data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}', 0.1)
+    rec.feed('data: {"choices":[{"index":0,"text":"b","finish_reason":"stop"}]}', 0.3)
+    rec.feed("data: [DONE]", 0.4)
+    assert rec.gaps_s() == pytest.approx([0.2]) and rec.finish_reason == "stop" and rec.completion_tokens() == 2
+
+
 def test_recorder_failures():
     rec = StreamRecorder(0.0)
     for line in _completion_stream(2)[:-2]:  # no [DONE]

@@ -6,7 +6,8 @@ security, fuzz and retry tests.
   ``hang_after=k`` sends k chunks and then nothing, ever (a hung replica; cancelling it ends the
   wait with Serve's ``RequestCancelledError``), ``delay_s`` waits that long before each chunk;
 * `FakeReplicas`: stands in for the LLMReplica DeploymentHandle, records every request
-  (`replica.contract.GenerateRequest`) in ``payloads``; per call, in order, ``die_after``,
+  (`replica.contract.GenerateRequest`) in ``payloads``; ``script`` (request -> chunks) answers
+  with a `ScriptedStream` of those chunks instead; per call, in order, ``die_after``,
   ``hang_after`` and ``delay_s`` lists; ``snapshots`` (a list of feedback snapshot dicts, or None:
   a broadcast fails, so health is unknown) answers ``broadcast("record_routing_stats")``;
   ``backpressure`` raises Serve's ``BackPressureError`` on the next calls;
@@ -70,6 +71,26 @@ class FakeStream:
             self._cancel_event.set()
 
 
+class ScriptedStream:
+    """A replica stream that yields the given chunks (as a vLLM backend would: several choices,
+    token ids, logprobs), then ends."""
+
+    def __init__(self, chunks: list[StreamChunk]) -> None:
+        self._chunks = list(chunks)
+        self.cancelled = False
+
+    def __aiter__(self) -> ScriptedStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        if not self._chunks:
+            raise StopAsyncIteration
+        return self._chunks.pop(0)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class _ReplicaResult:
     def __init__(self, snapshot: dict[str, Any]) -> None:
         self.snapshot = snapshot
@@ -100,6 +121,7 @@ class FakeReplicas:
         self.snapshots: list[dict[str, Any]] | None = None
         self.backpressure = False
         self.streams: list[FakeStream] = []
+        self.script: Any = None  # GenerateRequest -> list of StreamChunk: a ScriptedStream instead
 
     def options(self, **_: Any) -> FakeReplicas:
         return self
@@ -119,6 +141,8 @@ class FakeReplicas:
 
             raise BackPressureError(num_queued_requests=9, max_queued_requests=8, status_code=503, retry_after_s=2.5)
         self.payloads.append(payload)
+        if self.script is not None:
+            return ScriptedStream(self.script(payload))
         stream = FakeStream(payload.max_tokens, self.fail, self.die_after.pop(0) if self.die_after else None,
                             self.hang_after.pop(0) if self.hang_after else None,
                             self.delay_s.pop(0) if self.delay_s else 0.0)

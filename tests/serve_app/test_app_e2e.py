@@ -76,7 +76,7 @@ def test_streaming_completion_sse_framing_and_done(base_url):
     events = [e.removeprefix("data: ") for e in raw.split("\n\n") if e]
     assert events[-1] == "data: [DONE]".removeprefix("data: ")
     chunks = [json.loads(e) for e in events[:-1]]
-    tokens = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"] is None]
+    tokens = [c for c in chunks if c["choices"] and c["choices"][0]["text"]]  # the last one carries the finish
     assert len(tokens) == 7 and all(c["object"] == "text_completion" and c["model"] == MODEL for c in chunks)
     final = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"] is not None]
     assert [c["choices"][0]["finish_reason"] for c in final] == ["length"]
@@ -123,11 +123,16 @@ def test_missing_and_unknown_keys_are_401(base_url):
 
 
 def test_a_free_key_cannot_ask_for_premium(base_url):
-    body = {"model": MODEL, "prompt": "make me premium", "max_tokens": 2, "tier": "premium", "priority": 0,
-            "vllm_xargs": {"tier": "premium"}, "user": "premium"}
+    """Asking with OpenAI's service_tier is served at the key's tier (and says so); fields that
+    would pick a tier are refused, naming the field, never ignored."""
+    body = {"model": MODEL, "prompt": "make me premium", "max_tokens": 2, "service_tier": "priority",
+            "priority": 0, "user": "premium"}
     r = httpx.post(f"{base_url}/v1/completions", json=body, headers={**_auth("free"), "x-tier": "premium"},
                    timeout=30)
-    assert r.status_code == 200 and r.headers["x-tier"] == "free"
+    assert r.status_code == 200 and r.headers["x-tier"] == "free" and r.json()["service_tier"] == "default"
+    for field, value in (("tier", "premium"), ("vllm_xargs", {"tier": "premium"}), ("priority", -5)):
+        r = httpx.post(f"{base_url}/v1/completions", json={**body, field: value}, headers=_auth("free"), timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 
 
 @pytest.mark.parametrize("body, status, code", [

@@ -98,8 +98,8 @@ async def _read_sse(r: httpx.Response, rec: dict, stop_after: int | None = None)
         event = json.loads(line[len("data: "):])
         if "error" in event:
             rec["error"] = event["error"]
-        elif event["choices"][0]["finish_reason"] is None:
-            rec["events"] += 1
+        elif event["choices"][0].get("text") or event["choices"][0].get("delta", {}).get("content"):
+            rec["events"] += 1  # a token event (the last one also carries the finish reason)
         if stop_after is not None and rec["events"] >= stop_after:
             return
 

@@ -128,9 +128,9 @@ GOOD_OPTIONAL = {
     "max_tokens": st.one_of(st.none(), st.integers(1, 12)), "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "n": st.just(1),
-    "seed": st.integers(-(2**63), 2**63 - 1), "stop": st.one_of(good_text, st.lists(good_text, max_size=2)),
+    "seed": st.integers(-(2**63), 2**63 - 1), "top_k": st.integers(-1, 50), "min_p": st.floats(0, 1),
     "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2), "ignore_eos": st.booleans(),
-    "user": good_text, **ESCALATION,
+    "user": good_text, "service_tier": st.sampled_from(["auto", "default", "flex", "priority"]),
 }
 good_models = mostly(st.just(MODEL), st.one_of(texts, st.sampled_from(["gpt-4o", MODEL.upper()])), 9)
 good_completion_bodies = st.fixed_dictionaries(
@@ -211,10 +211,25 @@ def _max_tokens_of(raw: bytes, chat: bool) -> int | None:
     return value if type(value) is int else None
 
 
+def served_tier(ingress, raw: bytes, tier: str) -> str:  # noqa: ANN001
+    """The tier a request of a ``tier`` key is served at: its own, or the cheaper one its
+    ``service_tier`` asks for (`serve_app.service_tier`; never above the key's)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return tier
+    requested = data.get("service_tier") if isinstance(data, dict) else None
+    if requested not in ("auto", "default", "flex", "priority"):
+        return tier
+    return ingress.service_tiers.serve(tier, requested).tier
+
+
 def check_response(status: int, headers: dict[str, str], content: bytes, *, chat: bool, tier: str,
-                   raw: bytes | None = None) -> None:
+                   raw: bytes | None = None, served: str | None = None) -> None:
     """The oracle (see the module docstring).  ``headers``: lower-case names; ``raw``: the body
-    sent, when known (enables the 413 / invalid_json / max_tokens expectations)."""
+    sent, when known (enables the 413 / invalid_json / max_tokens expectations); ``tier``: the
+    key's; ``served``: the tier that serves the request (default: the key's)."""
+    served = tier if served is None else served
     assert status < 500, f"{status}: {content[:500]!r}"
     if raw is not None and len(raw) > LIMIT:
         assert status == 413, (status, content[:300])
@@ -232,9 +247,9 @@ def check_response(status: int, headers: dict[str, str], content: bytes, *, chat
         if status == 401:
             assert headers.get("www-authenticate") == "Bearer"
         else:
-            assert headers.get("x-tier") == tier
+            assert headers.get("x-tier") in (tier, served)
         return
-    assert status == 200 and headers.get("x-tier") == tier, (status, headers)
+    assert status == 200 and headers.get("x-tier") == served, (status, headers)
     assert raw is None or _parses_as_object(raw)
     max_tokens = _max_tokens_of(raw, chat) if raw is not None else None
     if headers.get("content-type", "").startswith("text/event-stream"):
@@ -248,7 +263,7 @@ def check_response(status: int, headers: dict[str, str], content: bytes, *, chat
         assert all(c["object"] == want and c["model"] == MODEL for c in chunks)
         finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
         assert finals == ["length"] or finals == ["stop"], finals
-        n = sum(1 for c in chunks if c["choices"] and c["choices"][0]["finish_reason"] is None
+        n = sum(1 for c in chunks if c["choices"]
                 and (c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content")))
         assert 1 <= n <= (max_tokens or CONTEXT)
         return
@@ -286,15 +301,17 @@ def test_inprocess_fuzz_never_5xx_and_payloads_keep_the_key_tier(inprocess):
         replicas.payloads.clear()
         status, headers, content = call_inprocess(ingress, raw, _auth(tier), chat=chat)
         outcomes[status] = outcomes.get(status, 0) + 1
-        check_response(status, headers, content, chat=chat, tier=tier, raw=raw)
+        served = served_tier(ingress, raw, tier)
+        check_response(status, headers, content, chat=chat, tier=tier, raw=raw, served=served)
         assert len(replicas.payloads) == (1 if status == 200 else 0)
-        for p in replicas.payloads:  # the replica sees the key's tier and its SLO, nothing from the body
-            t = ingress.config.tier(tier)
-            assert p.tier == TierFacts(name=tier, tbt_slo_s=t.tbt_slo_s, ttft_target_s=t.ttft_target_s, rank=t.rank)
+        for p in replicas.payloads:  # the replica sees the tier served (at most the key's) and its SLO
+            t = ingress.config.tier(served)
+            assert p.tier == TierFacts(name=served, tbt_slo_s=t.tbt_slo_s, ttft_target_s=t.ttft_target_s,
+                                       rank=t.rank)
             assert p.request_id.startswith("chatcmpl-" if chat else "cmpl-")
             assert type(p) is GenerateRequest and type(p.sampling) is SamplingFields
             sampling = p.sampling.model_dump(exclude_none=True)
-            assert set(sampling) <= {"temperature", "top_p", "stop", "seed", "presence_penalty",
+            assert set(sampling) <= {"temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                                      "frequency_penalty", "ignore_eos"}
             assert all(not isinstance(v, float) or math.isfinite(v) for v in sampling.values())
             assert 1 <= p.prompt_len == len(p.prompt_token_ids) and p.prompt_len + p.max_tokens <= CONTEXT
@@ -353,14 +370,31 @@ STILL_FINE = [
      b'{"model": "%s", "prompt": "\\\\ud800", "max_tokens": 2}' % M.encode()),
     ("ints for float fields", False, b'{"model": "%s", "prompt": "hi", "max_tokens": 2, "temperature": 1, "top_p": 1}'
      % M.encode()),
-    ("nested but shallow junk in an ignored field", False,
-     b'{"model": "%s", "prompt": "hi", "max_tokens": 2, "junk": ' % M.encode() + b"[" * 50 + b"]" * 50 + b"}"),
+    ("fields the sim cannot honour, sent as nothing", False,
+     b'{"model": "%s", "prompt": "hi", "max_tokens": 2, "stop_token_ids": null, "logit_bias": {}, "stop": [],'
+     b' "response_format": {"type": "text"}, "tools": [], "n": 1, "best_of": 1}' % M.encode()),
     ("a UTF-16 body", False, ('{"model": "%s", "prompt": "h\u00e9 \U0001f642", "max_tokens": 2}' % M).encode("utf-16")),
     ("a BOM before the JSON", False, b'\xef\xbb\xbf{"model": "%s", "prompt": "hi", "max_tokens": 2}' % M.encode()),
+    ("chat with two text parts", True,
+     b'{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},'
+     b' {"type": "text", "text": "there"}]}]}' % M.encode()),
+]
+# Fields that used to be ignored: now refused, naming them (nothing a client sends is dropped).
+NOT_IGNORED = [
+    ("nested but shallow junk in an unknown field", False,
+     b'{"model": "%s", "prompt": "hi", "max_tokens": 2, "junk": ' % M.encode() + b"[" * 50 + b"]" * 50 + b"}",
+     "junk"),
     ("chat with text and image parts", True,
      b'{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},'
-     b' {"type": "image_url", "image_url": {"url": "x"}}]}]}' % M.encode()),
+     b' {"type": "image_url", "image_url": {"url": "x"}}]}]}' % M.encode(), "messages.0.content.1.type"),
 ]
+
+
+@pytest.mark.parametrize("chat,raw,param", [c[1:] for c in NOT_IGNORED], ids=[c[0] for c in NOT_IGNORED])
+def test_what_was_once_ignored_is_refused_naming_it(inprocess, chat, raw, param):
+    status, headers, content = call_inprocess(inprocess[0], raw, _auth(), chat=chat)
+    check_response(status, headers, content, chat=chat, tier="free", raw=raw)
+    assert status == 400 and json.loads(content)["error"]["param"] == param, content
 
 
 @pytest.mark.parametrize("chat,raw,status,code", [c[1:] for c in FIVE_HUNDREDS], ids=[c[0] for c in FIVE_HUNDREDS])

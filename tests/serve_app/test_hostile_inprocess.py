@@ -120,9 +120,9 @@ def test_long_prompts_are_tokenized_off_the_event_loop():
     threads = []
     encode = ingress.tokenizer.encode
 
-    def spy(text):
+    def spy(text, add_special_tokens=False):
         threads.append(threading.current_thread().name)
-        return encode(text)
+        return encode(text, add_special_tokens)
 
     ingress.tokenizer.encode = spy
     assert call_inprocess(ingress, _body(ingress, prompt="hi " * 7000), _auth())[0] == 200  # 21 kB

@@ -79,7 +79,8 @@ async def _one(client: httpx.AsyncClient, url: str, tier: str, prompt_len: int, 
                 if "error" in event:
                     rec["stream_error"] = event["error"]
                     continue
-                if event["choices"] and event["choices"][0]["finish_reason"] is None:
+                if event["choices"] and (event["choices"][0].get("text")
+                                         or event["choices"][0].get("delta", {}).get("content")):
                     rec["times"].append(time.perf_counter() - t0)
                     rec["tokens"] += 1
             rec["done"] = True

@@ -184,6 +184,33 @@ ESCALATIONS: list[tuple[str, list[tuple[str, str]], dict[str, Any], str]] = [
      {"tier": "premium", "priority": -100, "vllm_xargs": {"tier": "premium"}, "service_tier": "priority",
       "stream": True, "stream_options": {"include_usage": True, "tier": "premium"}}, "tier=premium"),
 ]
+
+
+def _refused_fields(body: dict[str, Any]) -> set[str]:
+    """The body fields an escalation attempt sets that the server does not take: it must refuse
+    the request (400 naming one), never ignore them (and never serve it above the key's tier)."""
+    from serve_app.openai_api import REFUSED, CompletionRequest
+
+    bad = {k for k, v in body.items() if k not in CompletionRequest.model_fields and not (k in REFUSED and v is None)}
+    if set(body.get("stream_options") or {}) - {"include_usage"}:
+        bad.add("stream_options." + next(iter(set(body["stream_options"]) - {"include_usage"})))
+    return bad
+
+
+def _refused_or_served_free(status: int, h: Any, content: bytes | str, body: dict[str, Any]) -> str | None:
+    """None when the response is what an escalation attempt may get: a 400 naming one of the
+    fields it set that the server does not take, or (none set) a 200 served as free."""
+    bad = _refused_fields(body)
+    if bad:
+        if status != 400:
+            return f"expected a 400 naming one of {sorted(bad)}, got {status}"
+        err = json.loads(content)["error"]
+        return None if err["param"] in bad else f"the 400 names {err['param']!r}, not one of {sorted(bad)}"
+    if status != 200 or h.get("x-tier") != "free":
+        return f"expected 200 as free, got {status} as {h.get('x-tier')}"
+    return None
+
+
 # Authorization variants with the free key (header lists replace the Bearer header): tier or 401
 AUTH_VARIANTS: list[tuple[str, list[tuple[str, str]], str | None]] = [
     ("lower-case scheme", [("Authorization", f"bearer {FREE_KEY}")], "free"),
@@ -218,7 +245,11 @@ def test_no_escalation_inprocess_payload_is_free(inprocess, headers, body, query
     ingress, replicas = inprocess
     replicas.payloads.clear()
     status, h, content = serve_inprocess(ingress, {**BASE, **body}, _bearer(FREE_KEY) + headers, query=query)
-    assert status == 200 and h["x-tier"] == "free", content
+    problem = _refused_or_served_free(status, h, content, body)
+    assert problem is None, (problem, content)
+    if status == 400:
+        assert not replicas.payloads  # refused before any work
+        return
     free = ingress.config.tier("free")
     [p] = replicas.payloads
     assert (p.tier.name, p.tier.rank, p.tier.tbt_slo_s) == ("free", free.rank, free.tbt_slo_s)
@@ -303,10 +334,11 @@ def test_no_escalation_live_tier_header_and_replica_token_counts(live) -> None:
         for name, headers, body, query in ESCALATIONS:
             r = client.post("/v1/completions" + (f"?{query}" if query else ""), json={**BASE, **body},
                             headers=_bearer(FREE_KEY) + headers)
-            if r.status_code != 200 or r.headers.get("x-tier") != "free":
-                failures.append((name, r.status_code, r.headers.get("x-tier"), r.text[:200]))
-                continue
-            served += _completion_tokens(r)
+            problem = _refused_or_served_free(r.status_code, r.headers, r.text, body)
+            if problem is not None:
+                failures.append((name, problem, r.text[:200]))
+            elif r.status_code == 200:
+                served += _completion_tokens(r)
         for name, headers, tier in AUTH_VARIANTS:
             r = client.post("/v1/completions", json=BASE, headers=headers)
             if tier is None:
@@ -316,7 +348,7 @@ def test_no_escalation_live_tier_header_and_replica_token_counts(live) -> None:
                 failures.append((name, r.status_code, r.headers.get("x-tier")))
             else:
                 served += _completion_tokens(r)
-        r = client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 3, "tier": "premium",
+        r = client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 3, "service_tier": "priority",
                                                       "messages": [{"role": "user", "content": "premium please"}]},
                         headers=_bearer(FREE_KEY) + [("x-tier", "premium")])
         assert r.status_code == 200 and r.headers["x-tier"] == "free", r.text
