@@ -83,10 +83,14 @@ def scraped(serve_with_metrics):
     auth = {t: {"Authorization": f"Bearer {k}"} for t, k in KEYS.items()}
     body = {"model": MODEL, "prompt": "Hello there, how are you today?", "max_tokens": MAX_TOKENS}
     with httpx.Client(base_url=base, timeout=60) as c:
-        for tier, stream in (("premium", True), ("premium", False), ("free", True), ("free", False), ("free", True)):
+        # the last one: a premium key's request served as free (service_tier flex) counts as free
+        for tier, stream, extra in (("premium", True, {}), ("premium", False, {}), ("free", True, {}),
+                                    ("free", False, {}), ("premium", True, {"service_tier": "flex"})):
             if stream:
-                with c.stream("POST", "/v1/completions", json={**body, "stream": True}, headers=auth[tier]) as r:
+                with c.stream("POST", "/v1/completions", json={**body, "stream": True, **extra},
+                              headers=auth[tier]) as r:
                     assert r.status_code == 200 and r.read().decode().endswith("data: [DONE]\n\n")
+                    assert r.headers["x-tier"] == ("free" if extra else tier)
             else:
                 r = c.post("/v1/chat/completions", headers=auth[tier],
                            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
