@@ -22,9 +22,10 @@ __all__ = ["MANIFESTS", "REPO_ROOT", "TOKENIZER_FILES", "fetch_model", "main", "
 
 DESCRIPTION = "Kubernetes manifests for the app, rendered from the same pydantic config the app runs with."
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# Files the ingress (tokenizer) and build_app (max_position_embeddings) read from a model folder.
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
-                   "generation_config.json"]
+# Files the ingress (tokenizer and chat template) and build_app (max_position_embeddings) read from a
+# model folder; newer Hub repos keep the chat template in a file of its own.
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "config.json", "generation_config.json"]
 
 # Every manifest committed in k8s/ and the command that renders it (paths relative to the repo
 # root).  `render-all` re-renders them; tests/k8s checks the files are up to date.
