@@ -42,6 +42,13 @@ class ReplicaBackend(ABC):
     async def check_health(self) -> None:
         """Raise if the engine can no longer serve (Serve then replaces the replica)."""
 
+    async def tbt_gaps_since(self, since_s: float | None, max_samples_per_tier: int) -> dict[str, Any]:
+        """For benchmarks (not the request path): ``{"clock_s": now}`` on the clock of the engine's
+        SLO tracker, and with a ``since_s`` from an earlier call also ``"tiers"``: the TBT gaps the
+        engine produced since then, per tier (`replica.slo.SLOTracker.tbt_gaps_since`).  Default:
+        not available (NotImplementedError)."""
+        raise NotImplementedError(f"{type(self).__name__} does not give its TBT gaps")
+
     def shutdown(self) -> None:
         """Release the engine (processes, GPU memory); called when the replica goes away.
         Default: nothing to release."""

@@ -160,6 +160,19 @@ class LLMReplica:
                 "num_unfinished": int(self.backend.num_unfinished), "num_waiting": int(snap.get("num_waiting", 0)),
                 "num_running": int(snap.get("num_running", 0)), "kv_usage": float(snap.get("kv_usage", 0.0))}
 
+    async def tbt_gaps_since(self, marks: dict[str, float] | None = None,
+                             max_samples_per_tier: int = 200_000) -> dict[str, Any]:
+        """For benchmarks (`loadtest.stream_path`; not on the request path, no per-token work): the
+        TBT gaps this replica's engine produced per tier since a mark.  Called without ``marks``
+        (e.g. through ``DeploymentHandle.broadcast``), it returns this replica's mark:
+        ``{"replica_id", "clock_s"}`` (on its engine's clock).  Called with the marks collected
+        then (``{replica_id: clock_s}``), it also returns ``"tiers"``: per tier ``gaps_s`` (at most
+        ``max_samples_per_tier``, evenly strided beyond), ``num_gaps``, ``sampled``, ``complete``
+        (`replica.slo.SLOTracker.tbt_gaps_since`); a replica absent from ``marks`` (started since)
+        returns its mark only.  Raises NotImplementedError where the backend cannot tell."""
+        since_s = None if marks is None else marks.get(self.replica_id)
+        return {"replica_id": self.replica_id, **await self.backend.tbt_gaps_since(since_s, max_samples_per_tier)}
+
     async def check_health(self) -> None:
         await self.backend.check_health()
 

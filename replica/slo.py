@@ -121,6 +121,28 @@ class SLOTracker:
             }
         return out
 
+    def tbt_gaps_since(self, since_s: float, now: float, max_samples_per_tier: int) -> dict[str, dict]:
+        """For benchmarks (not the request path): per tier, the TBT gaps recorded at token times in
+        [``since_s``, ``now``] (the tracker's clock), read from the window's arrays without touching
+        them: ``gaps_s`` (float64 array: all of them, or ``max_samples_per_tier`` evenly strided
+        ones when there are more), ``num_gaps`` (all of them), ``sampled`` (whether strided),
+        ``complete`` (False when ``since_s`` is older than the window: samples may have been
+        trimmed)."""
+        if max_samples_per_tier < 1:
+            raise ValueError(f"max_samples_per_tier must be >= 1, got {max_samples_per_tier}")
+        complete = now - since_s <= self.window_s
+        out = {}
+        for name, w in self.tiers.items():
+            s = w.tbt
+            lo = bisect.bisect_left(s.times, since_s)
+            hi = bisect.bisect_right(s.times, now, lo=lo)
+            n = hi - lo
+            gaps = np.array(s.values[lo:hi], dtype=np.float64)
+            if n > max_samples_per_tier:
+                gaps = gaps[np.linspace(0, n - 1, max_samples_per_tier).round().astype(np.int64)]
+            out[name] = {"gaps_s": gaps, "num_gaps": n, "sampled": n > max_samples_per_tier, "complete": complete}
+        return out
+
     def snapshot(self, replica_id: str, state: EngineState, mean_batch_time_s: float,
                  now: float | None = None, timestamp_s: float | None = None) -> dict:
         """The feedback snapshot a replica reports (JSON-ready, small). `now` is on the clock the

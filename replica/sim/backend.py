@@ -43,6 +43,12 @@ class SimBackend(ReplicaBackend):
     async def snapshot(self) -> dict[str, Any]:
         return self.engine.snapshot(self.replica_id)
 
+    async def tbt_gaps_since(self, since_s: float | None, max_samples_per_tier: int) -> dict[str, Any]:
+        now = self.engine.clock()
+        if since_s is None:
+            return {"clock_s": now}
+        return {"clock_s": now, "tiers": self.engine.slo.tbt_gaps_since(since_s, now, max_samples_per_tier)}
+
     @property
     def num_unfinished(self) -> int:
         return self.engine.num_unfinished

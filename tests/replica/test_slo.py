@@ -56,3 +56,28 @@ def test_snapshot_reports_queue_decodes_per_tier_and_kv():
     assert snap["waiting_prompt_histogram"]["counts"] == [1, 1, 0, 0, 1, 0]
     assert snap["running_decodes_by_tier"] == {"premium": 1, "free": 1}
     assert snap["kv_usage"] == 0.25 and snap["mean_batch_time_s"] == 0.04
+
+
+def test_tbt_gaps_since_returns_the_gaps_recorded_since_a_mark_per_tier():
+    tr = SLOTracker({"premium": 0.1, "free": 0.5}, window_s=10.0)
+    p, f = _req("p", "premium", 0.1), _req("f", "free", 0.5)
+    for t in (1.0, 1.1, 1.3, 1.6):  # premium gaps 0.1, 0.2, 0.3 at 1.1, 1.3, 1.6
+        _emit(tr, [p], t)
+    for t in (1.0, 2.0, 2.5):  # free gaps 1.0 at 2.0, 0.5 at 2.5
+        _emit(tr, [f], t)
+    got = tr.tbt_gaps_since(1.3, now=2.2, max_samples_per_tier=100)
+    assert got["premium"]["gaps_s"].tolist() == pytest.approx([0.2, 0.3]) and got["premium"]["num_gaps"] == 2
+    assert got["free"]["gaps_s"].tolist() == pytest.approx([1.0])  # 2.5 is after `now`
+    assert got["free"]["complete"] and not got["free"]["sampled"]
+    assert not tr.tbt_gaps_since(0.0, now=20.0, max_samples_per_tier=100)["free"]["complete"]  # older than the window
+
+
+def test_tbt_gaps_since_strides_evenly_over_the_bound():
+    tr = SLOTracker({"free": 0.5})
+    r = _req("f", "free", 0.5)
+    for k in range(101):
+        _emit(tr, [r], k * 0.01 + k * k * 1e-5)  # gap k: 0.01 + (2k - 1) 1e-5, increasing
+    got = tr.tbt_gaps_since(0.0, now=5.0, max_samples_per_tier=11)["free"]
+    assert got["num_gaps"] == 100 and got["sampled"] and len(got["gaps_s"]) == 11
+    assert got["gaps_s"][0] == pytest.approx(0.01 + 1e-5) and got["gaps_s"][-1] == pytest.approx(0.01 + 199e-5)
+    assert list(got["gaps_s"]) == sorted(got["gaps_s"])
