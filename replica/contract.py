@@ -29,14 +29,15 @@ Nothing here imports vLLM or Ray.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
-__all__ = ["DEFAULT_TTFT_TARGET_S", "FINISH_REASONS", "EngineOptions", "EngineRejected", "GenerateRequest",
-           "SamplingFields", "StreamChunk", "TierFacts", "TierMetadataError", "TokenLogprob", "VLLM_SAMPLING_PARAMS"]
+__all__ = ["DEFAULT_TTFT_TARGET_S", "FINISH_REASONS", "STREAM_INTERVAL_SLO_FRACTION", "EngineOptions",
+           "EngineRejected", "GenerateRequest", "SamplingFields", "StreamChunk", "TierFacts", "TierMetadataError",
+           "TokenLogprob", "VLLM_SAMPLING_PARAMS", "default_stream_interval_s"]
 
 
 # ------------------------------------------------------------------------------------------- tier
@@ -62,16 +63,34 @@ class EngineRejected(ValueError):
         return (type(self), (str(self), self.param))
 
 
+# A stream's tokens after the first are sent together at most every stream interval (the replica
+# coalesces them, `replica.streaming`).  The gap a client sees is then at most max(interval, the
+# engine's own gap): coalescing alone never makes a gap longer than the interval, and a token
+# that comes after a longer engine gap goes at once.  A quarter of the tier's TBT SLO keeps what
+# coalescing adds to any token's delivery (at most the interval) well inside the SLO and leaves
+# three quarters of it to the engine's own gaps and the path, while a stream of the lenient tier
+# (500 ms) is sent in ~125 ms batches: several tokens per message at GPU pace.
+STREAM_INTERVAL_SLO_FRACTION = 0.25
+
+
+def default_stream_interval_s(tbt_slo_s: float) -> float:
+    """A tier's stream interval unless its config sets one: `STREAM_INTERVAL_SLO_FRACTION` of its
+    TBT SLO."""
+    return STREAM_INTERVAL_SLO_FRACTION * tbt_slo_s
+
+
 @dataclass(frozen=True, slots=True)
 class TierFacts:
-    """What the engine needs to know of a request's tier: its name, TBT SLO (s), TTFT target (s)
-    and scheduling rank (0 = strictest).  Built from the serving tier config (the key's tier);
-    a client never sets it."""
+    """What the engine needs to know of a request's tier: its name, TBT SLO (s), TTFT target (s),
+    scheduling rank (0 = strictest) and stream interval (s: the replica sends a stream's tokens
+    after the first together at most this often; 0: each engine output at once).  Built from the
+    serving tier config (the tier that serves the request); a client never sets it."""
 
     name: str
     tbt_slo_s: float
     ttft_target_s: float
     rank: int
+    stream_interval_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -80,6 +99,9 @@ class TierFacts:
             v = getattr(self, what)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"tier {self.name!r}: {what} must be a positive number of seconds, got {v!r}")
+        v = self.stream_interval_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"tier {self.name!r}: stream_interval_s must be >= 0 seconds, got {v!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
             raise ValueError(f"tier {self.name!r}: rank must be an integer >= 0, got {self.rank!r}")
 
@@ -332,6 +354,27 @@ class StreamChunk:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @classmethod
+    def merge(cls, chunks: Sequence[StreamChunk]) -> StreamChunk:
+        """One chunk for consecutive ``chunks`` of one choice (what a client would have read from
+        them, in one message): the last one's count and finish, the texts, token ids and logprobs
+        joined, the first one's prompt logprobs."""
+        if not chunks:
+            raise ValueError("nothing to merge")
+        if len(chunks) == 1:
+            return chunks[0]
+        first, last = chunks[0], chunks[-1]
+        if any(c.index != first.index for c in chunks):
+            raise ValueError("chunks of different choices do not merge")
+        texts = [c.text for c in chunks]
+        logprobs = [c.logprobs for c in chunks]
+        joined_logprobs = None if all(lp is None for lp in logprobs) else tuple(e for lp in logprobs for e in lp or ())
+        return cls(num_tokens=last.num_tokens,
+                   text=None if all(t is None for t in texts) else "".join(t or "" for t in texts),
+                   finish_reason=last.finish_reason, stop_reason=last.stop_reason, index=first.index,
+                   token_ids=tuple(t for c in chunks for t in c.token_ids), logprobs=joined_logprobs,
+                   prompt_logprobs=next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None))
 
     @classmethod
     def heartbeat(cls) -> StreamChunk:

@@ -33,6 +33,7 @@ from replica.contract import GenerateRequest, StreamChunk, TierFacts
 from replica.cost.profile import DEFAULT_COST_PROFILE
 from replica.metrics import REPLICA_METRICS_PERIOD_S, ReplicaMetrics
 from replica.sim.engine import PAPER_KV_BLOCKS
+from replica.streaming import cancel_read, coalesce
 from replica.tiers import paper_tiers
 
 logger = logging.getLogger("ray.serve")
@@ -83,12 +84,14 @@ class LLMReplica:
         """The backend's chunks, preceded by heartbeats (`StreamChunk.heartbeat`): one at once (the
         replica took the request) and one every `HEARTBEAT_S` until the first token, so that the
         ingress tells a replica that queues a request from one that hangs (its deadline for a sign
-        of life is short, its deadline for the first token long)."""
+        of life is short, its deadline for the first token long).  The first token goes at once;
+        the rest are coalesced to at most one message per the tier's stream interval
+        (`replica.streaming.coalesce`, ``request.tier.stream_interval_s``)."""
         if self._metrics_task is None and self._metrics is not None:
             self._start_metrics_task()
         yield StreamChunk.heartbeat()
         chunks = aiter(self.backend.generate(request))
-        pending = asyncio.ensure_future(anext(chunks))
+        pending: asyncio.Future[StreamChunk] | None = asyncio.ensure_future(anext(chunks))
         try:
             while True:  # until the first real chunk: heartbeats while the engine queues the request
                 done, _ = await asyncio.wait({pending}, timeout=HEARTBEAT_S)
@@ -99,12 +102,17 @@ class LLMReplica:
                 first = pending.result()
             except StopAsyncIteration:
                 return
+            finally:
+                pending = None
             yield first
-            async for chunk in chunks:
-                yield chunk
+            rest = coalesce(chunks, request.tier.stream_interval_s)
+            try:
+                async for chunk in rest:
+                    yield chunk
+            finally:
+                await rest.aclose()
         finally:
-            if not pending.done():
-                pending.cancel()
+            await cancel_read(pending)
             await chunks.aclose()  # the client is gone (or the stream ended): the engine request is aborted
 
     async def record_routing_stats(self) -> dict[str, Any]:

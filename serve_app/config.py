@@ -32,6 +32,7 @@ the config file's directory.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -50,7 +51,7 @@ from pydantic import (
     model_validator,
 )
 
-from replica.contract import DEFAULT_TTFT_TARGET_S, TierFacts
+from replica.contract import DEFAULT_TTFT_TARGET_S, TierFacts, default_stream_interval_s
 from replica.cost import DEFAULT_COST_PROFILE, available_profiles
 from replica.policy import DEFAULT_SCHEDULER, available_schedulers
 from replica.sim.engine import PAPER_KV_BLOCKS
@@ -73,6 +74,7 @@ __all__ = [
     "RouterConfig",
     "ServiceTierMap",
     "ServingTier",
+    "StreamingConfig",
     "SimEngineConfig",
     "VLLMEngineConfig",
     "default_config",
@@ -157,6 +159,11 @@ class ServingTier(_Strict):
                                                      "(default: max(10 s, 20 x tbt_slo_s))")
     key_limits: KeyLimits = Field(default_factory=KeyLimits, description="each key's limits (api_keys.limits "
                                                                           "overrides them per key)")
+    stream_interval_s: float | None = Field(default=None, ge=0,
+                                            description="the replica sends a stream's tokens after the first "
+                                                        "together at most this often (0: each engine output at "
+                                                        "once; default: a quarter of tbt_slo_s, 0 when "
+                                                        "streaming.coalesce is false)")
 
     @property
     def stream_idle_timeout_s(self) -> float:
@@ -170,8 +177,8 @@ class ServingTier(_Strict):
 
     def facts(self) -> TierFacts:
         """This tier as every request of it carries it to the engine (`replica.contract`); the
-        rank is set once `AppConfig` has validated."""
-        return self.to_spec().facts()
+        rank and the stream interval are set once `AppConfig` has validated."""
+        return dataclasses.replace(self.to_spec().facts(), stream_interval_s=self.stream_interval_s or 0.0)
 
 
 def _paper_serving_tiers() -> list[ServingTier]:
@@ -375,6 +382,14 @@ class HttpConfig(_Strict):
                                                "finish for this long, then end with an error event")
 
 
+class StreamingConfig(_Strict):
+    """How replicas stream tokens to the ingress (`replica.streaming`)."""
+
+    coalesce: bool = Field(default=True,
+                           description="send a stream's tokens after the first together, at most every tier's "
+                                       "stream_interval_s (false: every engine output as its own message)")
+
+
 class ServiceTierMap(_Strict):
     """Which configured tier each of OpenAI's ``service_tier`` values asks for (`serve_app.service_tier`;
     unset: priority -> the tier shed last, flex -> the tier shed first, default -> the tier shed
@@ -504,6 +519,8 @@ class AppConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     service_tiers: ServiceTierMap = Field(default_factory=ServiceTierMap,
                                           description="OpenAI's service_tier values -> tiers")
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig,
+                                       description="how replicas stream tokens to the ingress")
     model_name: str | None = Field(default=None, min_length=1, description="served model id (/v1/models)")
     max_request_bytes: int = Field(default=1 << 20, gt=0, description="largest accepted request body")
     default_max_tokens: int = Field(default=256, gt=0, description="max_tokens when a request gives none")
@@ -572,6 +589,11 @@ class AppConfig(_Strict):
             order = sorted(range(len(tiers)), key=lambda i: -(tiers[i].rank or 0))
             shed = {i: k for k, i in enumerate(order)}
             tiers = [t.model_copy(update={"shed_order": shed[i]}) for i, t in enumerate(tiers)]
+        # stream intervals: the tier's own, else the rule of replica.contract; none without coalescing
+        tiers = [t.model_copy(update={"stream_interval_s": (
+            0.0 if not self.streaming.coalesce
+            else t.stream_interval_s if t.stream_interval_s is not None else default_stream_interval_s(t.tbt_slo_s))})
+            for t in tiers]
         object.__setattr__(self, "tiers", tiers)
 
     # --- tier helpers ---------------------------------------------------------------------------

@@ -578,8 +578,14 @@ class Ingress:
         options = parsed.body.stream_options
         continuous_usage = options is not None and bool(options.continuous_usage_stats)
 
-        def event(text: str | None, finish: str | None, index: int, **kw: Any) -> str:
-            return renderer.chunk_event(rid, created, text, finish, index=index, service_tier=service_tier, **kw)
+        fast = renderer.stream_events(rid, created, service_tier)
+
+        def event(text: str | None, finish: str | None, index: int, *, logprobs: dict[str, Any] | None = None,
+                  usage: dict[str, int] | None = None, first: bool = False) -> str:
+            if logprobs is None and usage is None and not first:  # the common case, preformatted
+                return fast.text(index, text, finish)
+            return renderer.chunk_event(rid, created, text, finish, index=index, service_tier=service_tier,
+                                        logprobs=logprobs, usage=usage, first=first)
 
         try:
             if chat:

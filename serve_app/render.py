@@ -29,13 +29,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from json.encoder import encode_basestring_ascii as _encode_str  # json.dumps's own string encoder (C)
 from typing import Any
 
 from replica.contract import StreamChunk, TokenLogprob
 from serve_app.openai_api import RequestError
 from serve_app.tokenizer import Tokenizer
 
-__all__ = ["DONE_EVENT", "LOGPROB_FLOOR", "Choice", "Renderer", "usage"]
+__all__ = ["DONE_EVENT", "LOGPROB_FLOOR", "Choice", "Renderer", "StreamEvents", "usage"]
 
 DONE_EVENT = "data: [DONE]\n\n"
 LOGPROB_FLOOR = -9999.0  # what vLLM and OpenAI send for -inf
@@ -89,7 +90,7 @@ class Renderer:
         """The new text of ``chunk`` (tokens ``previous_tokens + 1 .. chunk.num_tokens``)."""
         if chunk.text is not None:
             return chunk.text
-        return "".join(self.tokenizer.sim_token_text(n) for n in range(previous_tokens + 1, chunk.num_tokens + 1))
+        return self.tokenizer.sim_text(previous_tokens + 1, chunk.num_tokens)
 
     def _token(self, token_id: int, text: str | None) -> str:
         return text if text is not None else self.tokenizer.hf.decode([token_id])
@@ -195,7 +196,35 @@ class Renderer:
         return sse({**self._base(request_id, created, service_tier, stream=True), "choices": [],
                     "usage": usage(prompt_tokens, completion_tokens)})
 
+    def stream_events(self, request_id: str, created: int, service_tier: str | None = None) -> StreamEvents:
+        """The events of one stream with neither logprobs nor usage in them, preformatted (the
+        common case, one per chunk): `StreamEvents.text` writes only the choice's index, text and
+        finish reason into the stream's fixed head; the same JSON as `chunk_event`."""
+        head = json.dumps(self._base(request_id, created, service_tier, stream=True))[:-1]
+        return StreamEvents(f'data: {head}, "choices": [{{"index": ', chat=self.chat)
+
     @staticmethod
     def error_event(err: RequestError) -> str:
         """An error inside a stream that already answered 200: OpenAI's error JSON as an event."""
         return sse(err.to_openai())
+
+
+_FINISH = {None: "null", "length": '"length"', "stop": '"stop"', "abort": '"abort"'}
+
+
+class StreamEvents:
+    """A stream's text events from a preformatted head (`Renderer.stream_events`): per chunk one
+    string escape (the C encoder `json.dumps` uses) and a join, no dict and no generic dumps."""
+
+    __slots__ = ("head", "chat")
+
+    def __init__(self, head: str, *, chat: bool) -> None:
+        self.head, self.chat = head, chat
+
+    def text(self, index: int, text: str | None, finish_reason: str | None) -> str:
+        finish = _FINISH.get(finish_reason) or _encode_str(finish_reason)
+        if self.chat:
+            delta = "{}" if text is None else f'{{"content": {_encode_str(text)}}}'
+            return f'{self.head}{index}, "delta": {delta}, "logprobs": null, "finish_reason": {finish}}}]}}\n\n'
+        return (f'{self.head}{index}, "text": {_encode_str(text or "")}, "logprobs": null, '
+                f'"finish_reason": {finish}}}]}}\n\n')

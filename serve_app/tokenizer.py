@@ -67,6 +67,7 @@ class Tokenizer:
         # bytes has at least B / max_token_bytes tokens: a cheap lower bound (`min_tokens`).
         longest = max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
         self.max_token_bytes = 4 * max(1, longest)
+        self._sim_texts: list[str] | None = None
 
     @property
     def has_chat_template(self) -> bool:
@@ -103,7 +104,15 @@ class Tokenizer:
         return (SIM_TOKEN_BASE + n % SIM_TOKEN_SPAN) % max(self.vocab_size, 1)
 
     def sim_token_text(self, n: int) -> str:
-        return self.decode([self.sim_token_id(n)])
+        """The text of the simulated engine's n-th token (decoded once per id: a table)."""
+        table = self._sim_texts
+        if table is None:
+            table = self._sim_texts = [self.decode([self.sim_token_id(k)]) for k in range(SIM_TOKEN_SPAN)]
+        return table[n % SIM_TOKEN_SPAN]
+
+    def sim_text(self, first: int, last: int) -> str:
+        """The text of the simulated engine's tokens ``first`` .. ``last`` (inclusive)."""
+        return "".join(self.sim_token_text(n) for n in range(first, last + 1))
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.source}, vocab={self.vocab_size}, chat template: {self.has_chat_template})"

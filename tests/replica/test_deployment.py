@@ -1,6 +1,7 @@
 """The replica deployment on a real (local, loopback-only) Ray Serve, sim backend."""
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -79,6 +80,23 @@ def test_a_replica_sends_heartbeats_while_a_request_waits_for_its_first_token(re
     beats = [t for t, c in chunks if c.is_heartbeat]
     signs = beats + [next(t for t, c in chunks if not c.is_heartbeat)]  # heartbeats, then the first token
     assert beats and max(b - a for a, b in zip(signs, signs[1:])) <= HEARTBEAT_S + 0.5, signs
+
+
+def test_a_replica_sends_the_first_token_at_once_and_coalesces_the_rest_by_its_tiers_interval(replica_handle):
+    """At time_scale 0.25 the simulated GPU makes a token every ~6-10 ms: with the free tier's
+    interval at 0.2 s, the stream is its first token alone, then batches of several tokens, every
+    token counted once, the finish on the last."""
+    tier = dataclasses.replace(TIERS["free"], stream_interval_s=0.2)
+    req = GenerateRequest(request_id="coalesced", prompt_token_ids=[5] * 300, max_tokens=60, tier=tier)
+
+    async def main():
+        return [c async for c in replica_handle.options(stream=True).generate.remote(req)]
+
+    chunks = [c for c in asyncio.run(main()) if not c.is_heartbeat]
+    assert chunks[0].num_tokens == 1  # the first token alone, at once
+    steps = [b.num_tokens - a.num_tokens for a, b in zip(chunks, chunks[1:])]
+    assert sum(steps) == 59 and max(steps) > 1 and len(chunks) < 30, [c.num_tokens for c in chunks]
+    assert chunks[-1].finished and not any(c.finished for c in chunks[:-1])
 
 
 def test_replica_reports_its_feedback_snapshot(replica_handle):

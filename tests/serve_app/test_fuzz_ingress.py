@@ -307,7 +307,7 @@ def test_inprocess_fuzz_never_5xx_and_payloads_keep_the_key_tier(inprocess):
         for p in replicas.payloads:  # the replica sees the tier served (at most the key's) and its SLO
             t = ingress.config.tier(served)
             assert p.tier == TierFacts(name=served, tbt_slo_s=t.tbt_slo_s, ttft_target_s=t.ttft_target_s,
-                                       rank=t.rank)
+                                       rank=t.rank, stream_interval_s=t.stream_interval_s) == t.facts()
             assert p.request_id.startswith("chatcmpl-" if chat else "cmpl-")
             assert type(p) is GenerateRequest and type(p.sampling) is SamplingFields
             sampling = p.sampling.model_dump(exclude_none=True)
