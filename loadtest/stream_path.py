@@ -34,7 +34,10 @@ length (``max_tokens`` = ``--output-tokens`` with ``ignore_eos``).  Each stream'
 shorter (``output_tokens * (i + 1) / N`` for stream i) so the streams do not end in lockstep.
 After ``--warmup-s`` the measuring window of ``--measure-s`` starts: only what happens inside it
 counts; then the streams are cancelled (the engines abort them) and the next N starts once the
-engines hold no request.  Every phase is bounded; ``--timeout-s`` bounds the whole run.
+engines hold no request.  Every phase is bounded; ``--timeout-s`` bounds the whole run.  An app
+that does not start is started once more (Ray's node start times out on an overloaded machine);
+a variant whose app still does not start is reported as not measured, the others still run, and
+the exit status is 1.
 
 Measured in the window:
 
@@ -98,6 +101,7 @@ __all__ = ["GapSamples", "ServeProcesses", "StreamTokens", "Variant", "main", "p
 
 DEFAULT_STREAMS = (8, 16, 32, 64, 128, 256)
 DEFAULT_TODAY_OVERRIDES = {"streaming.coalesce": "false", "ingress.num_replicas": "1"}  # today's path
+LAUNCH_ATTEMPTS = 2  # per variant
 FAILURE_PAUSE_S = 0.5  # a stream whose request failed waits this long before its next one
 IDLE_TIMEOUT_S = 60.0  # after an N: wait at most this long for the engines to drop every request
 PROBE_START_TIMEOUT_S = 90.0
@@ -688,7 +692,17 @@ async def run_variant(variant: Variant, serve_args: Sequence[str], streams: Sequ
     log_path = vdir / "serve_app.log"
     first = {t: ks[0] for t, ks in keys.items()}
     extra = [(k, t) for t, ks in keys.items() for k in ks[1:]]
-    with launch_app(serve_args, keys=first, extra_keys=extra, log_path=log_path, app_dir=variant.app_dir) as app:
+    with contextlib.ExitStack() as stack:
+        for attempt in range(1, LAUNCH_ATTEMPTS + 1):  # Ray's node start times out on an overloaded machine
+            try:
+                app = stack.enter_context(launch_app(serve_args, keys=first, extra_keys=extra, log_path=log_path,
+                                                     app_dir=variant.app_dir))
+                break
+            except RuntimeError as e:
+                if attempt == LAUNCH_ATTEMPTS:
+                    raise
+                log_path.replace(vdir / f"serve_app.failed-{attempt}.log")
+                print(f"[{variant.name}] {e}; starting it again", file=sys.stderr, flush=True)
         import httpx
 
         entry["launcher_pid"] = app.pid
@@ -768,7 +782,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         where = f" from {v['app_dir']}" if v.get("app_dir") else ""
         lines.append(f"- **{v['name']}**{where}: `python -m serve_app {' '.join(v['serve_args'])}`"
                      + (f" (engine gaps unavailable: {v['engine_gaps_unavailable']})"
-                        if v.get("engine_gaps_unavailable") else ""))
+                        if v.get("engine_gaps_unavailable") else "")
+                     + (f" **not measured**: {v['error']}" if v.get("error") else ""))
     lines += ["", ("Throughput and CPU seconds per 1,000 delivered tokens (serve = proxy + ingress + replicas; "
                    "total adds the Serve controller, Ray's daemons and the client):"), ""]
     head = ["N", "streams", "variant", "tokens/s", "proxy", "ingress", "replicas", "serve", "controller + daemons",
@@ -894,7 +909,11 @@ async def _run(variants: Sequence[Variant], streams: Sequence[int], settings: Ru
         loop.add_signal_handler(signal.SIGTERM, task.cancel)  # type: ignore[union-attr] # stop what was started
     async with asyncio.timeout(timeout_s):
         for v in variants:
-            await run_variant(v, [*common, *v.overrides], streams, settings, out, report)
+            try:
+                await run_variant(v, [*common, *v.overrides], streams, settings, out, report)
+            except RuntimeError as e:  # its app did not start: the next variants still run
+                report["variants"][-1]["error"] = str(e)
+                print(f"[{v.name}] {e}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -923,8 +942,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (asyncio.CancelledError, KeyboardInterrupt):
         report["error"] = "stopped (SIGTERM or Ctrl-C): the report holds what was measured"
         status = 130
-    except RuntimeError as e:  # the app did not start
-        report["error"] = str(e)
+    failed = [f"{v['name']}: {v['error']}" for v in report["variants"] if v.get("error")]
+    if failed and "error" not in report:
+        report["error"] = "; ".join(failed)
         status = 1
     report["wall_s"] = round(time.monotonic() - t_start, 1)
     write_report(a.out, report)
