@@ -242,9 +242,10 @@ class StreamRecorder:
     """Times one streamed completion from its SSE lines, fed one line at a time as read.
 
     ``t0`` is the send time; ``feed(line, t)`` with the read time.  Every event with a choice is a
-    token arrival (the ingress sends one per engine chunk; the last one also carries the
+    token arrival (the ingress sends one per replica message; the last one also carries the
     ``finish_reason``, as vLLM's server sends it), but a chat stream's opening role event and a
-    text-less finish-only event; TTFT is the first
+    text-less finish-only event; an event that carries k tokens (its ``usage``, with
+    ``continuous_usage_stats``, says how many) counts k arrivals at once; TTFT is the first
     one's time minus ``t0`` and the TBT gaps are the times between consecutive ones.  An event
     with an ``error`` object, malformed JSON or a missing ``[DONE]`` is an error."""
 
@@ -276,15 +277,21 @@ class StreamRecorder:
             err = obj["error"]
             self.error = self.error or f"error event: {err.get('message') if isinstance(err, dict) else err}"
             return
-        if obj.get("usage"):
-            self.usage = obj["usage"]
+        usage = obj.get("usage")
+        before = self.usage.get("completion_tokens") if isinstance(self.usage, dict) else None
+        if usage:
+            self.usage = usage
         for choice in obj.get("choices") or []:
             delta = choice.get("delta")
             if isinstance(delta, dict) and not delta.get("content") and "role" in delta:
                 continue  # a chat stream's opening role-only event is no token
             text = choice.get("text") if "text" in choice else (delta or {}).get("content")
             if choice.get("finish_reason") is None or text:
-                self.token_times.append(t)
+                # an event carrying k tokens (continuous usage says k): they arrive together, one gap
+                # and k - 1 gaps of 0, as the client sees them
+                now = usage.get("completion_tokens") if isinstance(usage, dict) else None
+                k = now - (before or 0) if isinstance(now, int) and now > (before or 0) else 1
+                self.token_times.extend([t] * k)
             if choice.get("finish_reason") is not None:
                 self.finish_reason = choice["finish_reason"]
 

@@ -24,7 +24,8 @@ ends the run when every request has finished, or ``--drain-seconds`` after the l
 (requests still open are then recorded as unfinished).
 
 **Each request**: ``POST /v1/completions`` with ``stream: true``, ``max_tokens`` = the trace's output
-length, ``ignore_eos: true``, ``stream_options.include_usage``, a prompt synthesised (before the run,
+length, ``ignore_eos: true``, ``stream_options.include_usage`` and ``continuous_usage_stats`` (the
+tokens each event carries), a prompt synthesised (before the run,
 so that no tokenizing stalls the greenlets that time streams) to exactly the trace's prompt length
 with the ingress's tokenizer (the sim backend's built-in one, or ``--tokenizer tokenizer.json``;
 `loadtest.capacity.PromptSynth`), and the tier's API key (env LOADTEST_KEYS='premium=KEY,free=KEY'
@@ -253,7 +254,9 @@ class TieredUser(User):
         p = PLAN
         assert p.origin is not None
         body = {"model": p.model, "prompt": p.prompts[a.index], "max_tokens": a.max_tokens,
-                "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+                "stream": True, "ignore_eos": True,
+                # continuous usage: each event says how many tokens it carries (the replica coalesces them)
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
         headers = {"Authorization": f"Bearer {p.keys[a.tier]}"}
         t0 = time.perf_counter()
         rec = StreamRecorder(t0)

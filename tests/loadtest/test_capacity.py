@@ -194,6 +194,17 @@ def test_recorder_counts_the_last_token_that_carries_the_finish_reason():
     assert rec.gaps_s() == pytest.approx([0.2]) and rec.finish_reason == "stop" and rec.completion_tokens() == 2
 
 
+def test_recorder_counts_every_token_of_a_coalesced_event_with_continuous_usage():
+    """An event carrying 3 tokens (its usage says 1 -> 4): 3 arrivals at once, one gap and two 0s."""
+    rec = StreamRecorder(0.0)
+    rec.feed('data: {"choices":[{"index":0,"text":"a","finish_reason":null}],"usage":{"completion_tokens":1}}', 0.1)
+    rec.feed('data: {"choices":[{"index":0,"text":"bcd","finish_reason":null}],"usage":{"completion_tokens":4}}', 0.3)
+    rec.feed('data: {"choices":[{"index":0,"text":"e","finish_reason":"length"}],"usage":{"completion_tokens":5}}',
+             0.4)
+    rec.feed("data: [DONE]", 0.5)
+    assert rec.gaps_s() == pytest.approx([0.2, 0.0, 0.0, 0.1]) and rec.completion_tokens() == 5
+
+
 def test_recorder_failures():
     rec = StreamRecorder(0.0)
     for line in _completion_stream(2)[:-2]:  # no [DONE]

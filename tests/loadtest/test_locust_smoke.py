@@ -15,6 +15,7 @@ import pytest
 from loadtest.capacity import launch_app, load_samples, locust_command, run_locust, session_pids, step_points
 from replica.cost.profile import load_profile
 from replica.cost.shape import BatchShape
+from serve_app.config import default_config
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("locust") is None,
                                  reason="locust is not installed (pip install -e '.[loadtest]')"),
@@ -68,7 +69,12 @@ def test_locust_smoke(app, tmp_path):
     chunk_s = profile.iteration_time_s(BatchShape.of(prefill_chunks=[(512, 1536)], decode_ctxs=[2048] * 8))
     gaps = np.concatenate([r["tbt_s"] for r in recs])
     assert len(gaps) == sum(r["completion_tokens"] - 1 for r in recs)
-    assert 0.8 * floor_s < np.median(gaps) < 2.0 * chunk_s, (np.median(gaps), floor_s, chunk_s)
+    # the replicas coalesce a stream's tokens after the first (at most one message per tier's stream
+    # interval): the gaps between messages are at the GPU's pace, or the interval, whichever is longer
+    message_gaps = gaps[gaps > 0]
+    longest_interval_s = max(t.stream_interval_s for t in default_config().tiers)
+    assert 0.8 * floor_s < np.median(message_gaps) < longest_interval_s + 2.0 * chunk_s, \
+        (np.median(message_gaps), floor_s, chunk_s, longest_interval_s)
     lag = np.array([r["lag_s"] for r in recs])
     assert np.quantile(lag, 0.99) < 0.5  # open loop: sent on schedule
 

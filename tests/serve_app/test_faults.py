@@ -69,8 +69,11 @@ def _engine_states(app_name: str) -> list[dict]:
 
 
 def _body(prompt_len: int, max_tokens: int, stream: bool = True) -> dict:
-    return {"model": MODEL, "prompt": [1 + j % 200 for j in range(prompt_len)], "max_tokens": max_tokens,
+    body = {"model": MODEL, "prompt": [1 + j % 200 for j in range(prompt_len)], "max_tokens": max_tokens,
             "stream": stream}
+    if stream:  # each event's usage says the tokens so far (the replica coalesces them)
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    return body
 
 
 # ------------------------------------------------------------------------------------ disconnects
@@ -87,8 +90,9 @@ def disc(local_serve):
 
 
 async def _read_sse(r: httpx.Response, rec: dict, stop_after: int | None = None) -> None:
-    """Reads an SSE completion stream into ``rec``: ``events`` (token events), ``error`` (an error
-    event), ``done`` ([DONE] seen); returns once ``stop_after`` token events were read, if given."""
+    """Reads an SSE completion stream into ``rec``: ``events`` (token events), ``tokens`` (the
+    tokens they carried, from their continuous usage), ``error`` (an error event), ``done`` ([DONE]
+    seen); returns once ``stop_after`` token events were read, if given."""
     async for line in r.aiter_lines():
         if not line.startswith("data: "):
             continue
@@ -98,8 +102,10 @@ async def _read_sse(r: httpx.Response, rec: dict, stop_after: int | None = None)
         event = json.loads(line[len("data: "):])
         if "error" in event:
             rec["error"] = event["error"]
-        elif event["choices"][0].get("text") or event["choices"][0].get("delta", {}).get("content"):
+        elif event["choices"] and (event["choices"][0].get("text")
+                                   or event["choices"][0].get("delta", {}).get("content")):
             rec["events"] += 1  # a token event (the last one also carries the finish reason)
+            rec["tokens"] = event["usage"]["completion_tokens"]
         if stop_after is not None and rec["events"] >= stop_after:
             return
 
@@ -110,7 +116,7 @@ async def _disconnecting_client(client: httpx.AsyncClient, url: str, rng: random
     mode = rng.choices(["pre_headers", "after_k", "complete"], weights=[0.2, 0.65, 0.15])[0]
     max_tokens = rng.randint(5, 30) if mode == "complete" else LONG
     k = 0 if rng.random() < 0.2 else rng.randint(1, 40)
-    rec = {"mode": mode, "events": 0, "done": False, "status": None, "max_tokens": max_tokens}
+    rec = {"mode": mode, "events": 0, "tokens": 0, "done": False, "status": None, "max_tokens": max_tokens}
 
     async def run() -> None:
         async with client.stream("POST", f"{url}/v1/completions", headers=AUTH,
@@ -152,7 +158,7 @@ def test_random_client_disconnects_leave_no_request_in_any_engine(disc):
     assert all(r["status"] in (None, 200) for r in recs), Counter(r["status"] for r in recs)
     for r in recs:
         if r["mode"] == "complete":
-            assert r["done"] and r["events"] == r["max_tokens"] and "error" not in r, r
+            assert r["done"] and r["tokens"] == r["max_tokens"] and "error" not in r, r
         if r["mode"] == "after_k":
             assert not r.get("timed_out") and "error" not in r, r
     assert modes["pre_headers"] and modes["complete"] and modes["after_k"]
@@ -195,7 +201,7 @@ async def _request(client: httpx.AsyncClient, url: str, rng: random.Random) -> d
     stream = rng.random() < 0.7
     max_tokens = rng.randint(20, 60)
     rec = {"stream": stream, "max_tokens": max_tokens, "t_send": time.monotonic(), "t_headers": None,
-           "events": 0, "done": False, "status": None}
+           "events": 0, "tokens": 0, "done": False, "status": None}
 
     async def run() -> None:
         body = _body(rng.randint(800, 3000), max_tokens, stream)
@@ -225,7 +231,7 @@ def _succeeded(r: dict) -> bool:
     if r.get("hung") or r.get("transport_error") or r["status"] != 200:
         return False
     if r["stream"]:
-        return r["done"] and "error" not in r and r["events"] == r["max_tokens"]
+        return r["done"] and "error" not in r and r["tokens"] == r["max_tokens"]
     return r["body"]["usage"]["completion_tokens"] == r["max_tokens"]
 
 

@@ -115,9 +115,10 @@ def test_vllm_bench_serve_runs_against_the_sim_app(app, tmp_path):
     # prompts re-encode to a token more, and the client warns about it.)
     lens = result["input_lens"]
     assert statistics.median(lens) == INPUT_LEN and all(INPUT_LEN - 2 <= n <= INPUT_LEN + 2 for n in lens), lens
-    # every token streamed on its own (the client counts each chunk with choices: the tokens, and the
-    # app's finish_reason chunk if it sends one apart from the last token)
-    assert all(OUTPUT_LEN - 1 <= len(itl) <= OUTPUT_LEN for itl in result["itls"]), [len(i) for i in result["itls"]]
+    # the client counts each chunk with choices as a token arrival: the first token alone, then the
+    # replica's coalesced batches (at most one message per free's stream interval), never more chunks
+    # than tokens
+    assert all(1 <= len(itl) <= OUTPUT_LEN - 1 for itl in result["itls"]), [len(i) for i in result["itls"]]
 
     # the app's per-tier counters moved by exactly the benchmark's requests and tokens, all free
     deadline = time.monotonic() + 45  # Ray exports every second here; the agent may take a few
