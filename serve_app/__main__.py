@@ -20,7 +20,10 @@ Prometheus exporter listen on every interface.  So, before anything imports Ray,
 Ray's local-only switch ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray reads it once, at import; its
 processes inherit it): the node IP stays 127.0.0.1 and Ray binds 127.0.0.1; the job's setup hook
 keeps the Serve replicas' inter-deployment gRPC servers (hard-coded ``[::]``) on 127.0.0.1 too, and
-the launcher checks the node IP and GCS address once the cluster is up.  There is no separate bind
+the launcher checks the node IP and GCS address once the cluster is up.  With ``ingress.haproxy``
+the cluster starts with Ray's ``RAY_SERVE_ENABLE_HA_PROXY=1`` (HAProxy in place of Serve's Python
+HTTP proxy), its files in a private folder and its stats and Prometheus ports on 127.0.0.1 too
+(`serve_app.ray_loopback.haproxy_env`).  There is no separate bind
 address for the metrics exporter in Ray 2.60 (it binds 127.0.0.1 exactly when the node IP is
 loopback), so no ``TIERED_METRICS_EXPORT_HOST``: scrape it from this machine, or use KubeRay.
 
@@ -49,13 +52,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import threading
 from typing import Any
 
-from serve_app.ray_loopback import is_local_only, local_only, require_loopback, runtime_env
+from serve_app.ray_loopback import haproxy_env, is_local_only, local_only, require_loopback, runtime_env
 
 HELP_FLAGS = ("-h", "--help")
 
@@ -80,7 +84,7 @@ Arguments are ARG=VALUE pairs, as for serve run:
                         N-th tier (from 0, an existing one), KEY a mapping key
   max_context_tokens=N  prompt + completion tokens the ingress accepts per request (default: vllm's
                         engine.max_model_len, else the model's max_position_embeddings, else 8192)
-  ingress_num_cpus=X    Ray CPUs reserved for the ingress (default 0)
+  ingress_num_cpus=X    the same as ingress.num_cpus=X: Ray CPUs each ingress replica reserves
 
 API keys (never in the config): TIERED_API_KEYS='KEY:TIER,KEY:TIER' (the variable api_keys.env
 names; the launcher hands the app their SHA-256 digests only), api_keys.file or api_keys.hashes.
@@ -237,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     metrics_port = int(os.environ.get("TIERED_METRICS_EXPORT_PORT", "8080"))  # Prometheus scrapes /metrics here
     if not os.environ.get("RAY_TMPDIR"):  # short: Ray's socket paths have a length limit
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="serve_app-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    haproxy_dir = None
+    if config.ingress.haproxy:  # Ray's processes read it at import: before the cluster starts
+        # short: HAProxy adds the node id (56 characters) to the path, and its sockets' paths have 97 at most
+        haproxy_dir = tempfile.mkdtemp(prefix="hap-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        os.environ.update(haproxy_env(haproxy_dir))
+        print(f"serve_app: ingress.haproxy: HAProxy replaces Serve's Python HTTP proxy (RAY_SERVE_ENABLE_HA_PROXY=1; "
+              f"its files in {haproxy_dir}, removed on exit)", flush=True)
     with private_token(keep_existing=True, prefix="serve_app-auth-") as token_path:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, _metrics_export_port=metrics_port,
                  runtime_env=runtime_env())  # the closed cluster's setup hook (serve_app.ray_loopback)
@@ -263,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             print("serve_app: shutting down", flush=True)
             serve.shutdown()
             ray.shutdown()
+            if haproxy_dir is not None:
+                shutil.rmtree(haproxy_dir, ignore_errors=True)
     return 0
 
 

@@ -32,9 +32,10 @@ The cluster's state (`AdmissionPolicy.assess` -> `ClusterLoad`):
 
 The rule, for a request of the tier at position k in the shed sequence (0 = shed first) of n:
 
-1. in flight: refused when this ingress has ``floor(max_in_flight * (k+1) / n)`` requests (all
-   tiers) in flight (trunk reservation: later tiers keep the rest; the last tier alone may reach
-   ``max_in_flight``, the hard bound);
+1. in flight: refused when this ingress has ``floor(B * (k+1) / n)`` requests (all tiers) in
+   flight, B being this ingress's share of ``max_in_flight`` (below; B = ``max_in_flight`` with
+   one ingress replica) (trunk reservation: later tiers keep the rest; the last tier alone may
+   reach B, the hard bound);
    Fair share inside the tier: from ``fair_share_reserve`` short of that bound on, a key is
    admitted only while it holds fewer of the tier's requests than the bound over the other keys
    in flight plus two (itself and the next key to come): a heavy key is stopped first, even alone,
@@ -56,6 +57,32 @@ The rule, for a request of the tier at position k in the shed sequence (0 = shed
 A refused request gets Retry-After = ceil(D) seconds (the predicted drain time), clamped to
 [``min_retry_after_s``, ``max_retry_after_s``].  With ``enabled: false`` every request is admitted
 (Serve's queue bounds still apply).
+
+Several ingress replicas (``ingress.num_replicas`` > 1, or autoscaling).  Each ingress replica
+decides alone, on what it has in flight and on the replicas' snapshots (which every ingress
+polls), so a cluster-wide bound is shared, not counted: with k ingress replicas running each
+enforces its share `ingress_share` = ceil(bound / k) of ``max_in_flight`` (and `serve_app.ratelimit`
+the same share of every per-key limit).  k is the configured count (``ingress.num_replicas``) until
+a busy ingress has counted the running ingress replicas (`AdmissionPolicy.set_ingress_replicas`,
+every ``ingress.count_period_s``).  What that leaves, for k ingresses:
+
+* the ingresses admit at most k * ceil(bound / k) < bound + k requests together: the bound holds
+  up to rounding;
+* the proxy spreads requests by the ingresses' queue lengths, not by tier or key, so the shares
+  are full together only under even load: a tier is refused at its bound on one ingress while
+  another has room, i.e. it may be refused with as few as ceil(bound / k) * (position + 1) / n
+  requests in flight in the cluster when all of them reached the same ingress (under balanced
+  load, within a few requests of the single-ingress bound); the fair share between a tier's keys
+  is among the keys at the same ingress;
+* the queue estimate D counts the snapshots' waiting work and this ingress's own unreported
+  prompts: the prompts the other k - 1 ingresses admitted since the last snapshot are missing
+  for up to one feedback period (they show in the next snapshot), so D is low by about k - 1
+  times one ingress's admissions of one period; the recent mean D_w is over this ingress's own
+  decisions (the same arrivals, 1/k of them); the health signals are the same on every ingress;
+* while the count is stale (up to ``ingress.count_period_s`` after Serve starts or stops an
+  ingress replica; a new replica starts from the configured count) the shares are those of the
+  old count: after a scale-up the ingresses admit up to k_new / k_old of the bound, after a
+  scale-down only k_new / k_old of it.
 """
 
 from __future__ import annotations
@@ -82,6 +109,7 @@ __all__ = [
     "TierRule",
     "default_feedback_period_s",
     "default_max_in_flight",
+    "ingress_share",
 ]
 
 
@@ -89,12 +117,22 @@ __all__ = [
 # ---------------------------------------------------------------------------------- derived defaults
 
 def default_max_in_flight(app: AppConfig) -> int:
-    """The replicas' total ``max_ongoing_requests`` (more would wait at the handle), at most the
-    ingress's own ``http.max_ongoing_requests`` (more never reach the ingress at once)."""
+    """The bound on requests in flight at all the ingress replicas together: the replicas' total
+    ``max_ongoing_requests`` (more would wait at the handles), at most what the ingresses take at
+    once (``http.max_ongoing_requests`` each, times the most ingress replicas)."""
     if app.admission.max_in_flight is not None:
         return app.admission.max_in_flight
     return max(1, min(app.replicas.num_replicas * app.replicas.max_ongoing_requests,
-                      app.http.max_ongoing_requests))
+                      app.http.max_ongoing_requests * app.ingress.max_count))
+
+
+def ingress_share(bound: int, ingress_replicas: int) -> int:
+    """One ingress replica's share of a cluster-wide ``bound`` when ``ingress_replicas`` share it:
+    ceil(bound / ingress_replicas), at least 1 (rounded up, so that a small bound never locks
+    anyone out; together the ingresses may then exceed it by less than ``ingress_replicas``)."""
+    if ingress_replicas < 1:
+        raise ValueError(f"ingress_replicas must be >= 1, got {ingress_replicas}")
+    return max(1, -(-int(bound) // int(ingress_replicas)))
 
 
 def default_feedback_period_s(app: AppConfig) -> float:
@@ -298,7 +336,7 @@ class TierRule:
     protects: tuple[str, ...]  # tiers shed after it
     delay_bound_s: float | None  # refuse when the predicted queueing delay exceeds it (None: never)
     sustained_delay_bound_s: float | None  # refuse when its recent mean exceeds it (None: never)
-    in_flight_bound: int  # refuse at this many requests in flight at the ingress (all tiers)
+    in_flight_bound: int  # refuse at this many requests in flight at this ingress (all tiers; its share)
     sheds_on_health: bool  # refuse when a protected tier is at risk
     fair_share_from: int = 0  # from this many in flight, only keys below their fair share are admitted
 
@@ -332,11 +370,13 @@ class Decision:
 
 class AdmissionPolicy:
     """The rule of the module docstring over ``tiers`` (each with ``shed_order`` and
-    ``ttft_target_s``, as `serve_app.config.AppConfig` resolves them)."""
+    ``ttft_target_s``, as `serve_app.config.AppConfig` resolves them).  ``max_in_flight``: the
+    bound of all the ingress replicas together; ``ingress_replicas``: how many share it (this
+    ingress enforces `ingress_share` of it; `set_ingress_replicas` when the count changes)."""
 
     def __init__(self, tiers: Sequence[ServingTier], config: AdmissionConfig | None = None, *,
                  max_in_flight: int, token_budget: int | None = None,
-                 feedback_period_s: float = 0.25, feedback_timeout_s: float = 1.0) -> None:
+                 feedback_period_s: float = 0.25, feedback_timeout_s: float = 1.0, ingress_replicas: int = 1) -> None:
         if not tiers:
             raise ValueError("admission needs at least one tier")
         if max_in_flight < 1:
@@ -346,18 +386,27 @@ class AdmissionPolicy:
         self.feedback_period_s = float(feedback_period_s)
         self.feedback_timeout_s = float(feedback_timeout_s)
         ordered = sorted(tiers, key=lambda t: (t.shed_order if t.shed_order is not None else -(t.rank or 0)))
+        self._ordered = ordered
         self.tiers = {t.name: t for t in ordered}
         self.shed_sequence = [t.name for t in ordered]
-        self.rules = self._rules(ordered)
+        self.set_ingress_replicas(ingress_replicas)
         # the prefill-rate model of the slo router, built as a router builds it
         context = RoutingContext(tier_tbt_slo_s={t.name: t.tbt_slo_s for t in ordered}, token_budget=token_budget)
         self._rates = SLOPolicy(**SLOPolicy.context_options(context))
 
     @classmethod
     def from_app_config(cls, app: AppConfig) -> AdmissionPolicy:
+        """The policy of ``app``'s config, for one of ``ingress.num_replicas`` ingress replicas."""
         return cls(app.tiers, app.admission, max_in_flight=default_max_in_flight(app), token_budget=app.token_budget,
                    feedback_period_s=default_feedback_period_s(app),
-                   feedback_timeout_s=default_feedback_timeout_s(app))
+                   feedback_timeout_s=default_feedback_timeout_s(app), ingress_replicas=app.ingress.num_replicas)
+
+    def set_ingress_replicas(self, ingress_replicas: int) -> None:
+        """``ingress_replicas`` share ``max_in_flight`` now: this ingress's bounds become its share
+        (`ingress_share`)."""
+        self.ingress_replicas = int(ingress_replicas)
+        self.ingress_max_in_flight = ingress_share(self.max_in_flight, self.ingress_replicas)
+        self.rules = self._rules(self._ordered)
 
     def _rules(self, ordered: Sequence[ServingTier]) -> dict[str, TierRule]:
         n = len(ordered)
@@ -374,7 +423,7 @@ class AdmissionPolicy:
             rules[t.name] = TierRule(
                 name=t.name, position=k, protects=tuple(p.name for p in later), delay_bound_s=delay,
                 sustained_delay_bound_s=sustained,
-                in_flight_bound=(bound := max(1, math.floor(self.max_in_flight * (k + 1) / n))),
+                in_flight_bound=(bound := max(1, math.floor(self.ingress_max_in_flight * (k + 1) / n))),
                 sheds_on_health=k == 0 and bool(later),
                 fair_share_from=bound - math.ceil(self.config.fair_share_reserve * bound))
         return rules
@@ -479,6 +528,9 @@ class AdmissionPolicy:
         if n >= rule.in_flight_bound:
             reason = "in_flight"
             why = f"{n} requests in flight at the ingress (bound for this tier: {rule.in_flight_bound})"
+            if self.ingress_replicas > 1:
+                why += (f", this ingress's share of {self.max_in_flight} over {self.ingress_replicas} "
+                        "ingress replicas")
         elif key_share is not None and n >= rule.fair_share_from \
                 and key_share[0] >= (fair := self.fair_share(rule, *key_share)):
             reason = "fair_share"

@@ -7,8 +7,11 @@ from Python), and binds:
 - ``LLMReplica`` (`replica.deployment`) with the config's replica options and the tier-aware
   router (`router.ray_router.TierAwareRouter`, the config's policy and feedback period);
 - ``Ingress`` (`serve_app.ingress`), the OpenAI-compatible HTTP front door, holding a handle to
-  the replicas.  API keys are read at ingress start (`KeyStore.from_config`; by default the
-  environment variable ``TIERED_API_KEYS``).
+  the replicas: ``ingress.num_replicas`` replicas of it, or Serve's autoscaling between
+  ``ingress.min_replicas`` and ``ingress.max_replicas`` (the config's ``ingress`` section; each
+  ingress enforces its share of the admission bounds, `serve_app.admission`).  API keys are read
+  at ingress start (`KeyStore.from_config`; by default the environment variable
+  ``TIERED_API_KEYS``).
 
 Bounded queues (the config's ``admission`` section, `serve_app.admission`): the replica
 deployment's ``max_queued_requests`` bounds the requests waiting at the ingress's handle for a
@@ -17,7 +20,8 @@ deployment's bounds the requests the HTTP proxy holds for a busy ingress (Serve 
 ``Retry-After`` itself); the ingress's own admission policy sheds tiers before either fills.
 
 Other args: ``max_context_tokens`` (prompt + completion limit the ingress enforces; default
-`model_context_tokens`: vllm's ``max_model_len``, else the model's, else 8192) and ``ingress_num_cpus`` (default 0: the ingress is light).
+`model_context_tokens`: vllm's ``max_model_len``, else the model's, else 8192) and ``ingress_num_cpus``
+(the same as the override ``ingress.num_cpus``, which the config holds; default 0).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from serve_app.config import (DEFAULT_CONFIG_PATH, SERVE_DEFAULT_ROUTER, AppConf
                               VLLMEngineConfig, load_config)
 from serve_app.ingress import DEFAULT_MAX_CONTEXT_TOKENS, Ingress
 
-__all__ = ["build_app", "build_app_from_config"]
+__all__ = ["build_app", "build_app_from_config", "ingress_replica_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +69,12 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
         raise ValueError(f"unknown build_app argument(s) {', '.join(unknown)}; use "
                          f"{', '.join(sorted(_ARGS))} or dotted config overrides like engine.time_scale=0.05")
     overrides = dict(args.get("overrides") or {})
+    if "ingress_num_cpus" in args:  # the older spelling of ingress.num_cpus
+        overrides["ingress.num_cpus"] = _cli_value(args["ingress_num_cpus"])
     overrides.update({k: _cli_value(v) for k, v in args.items() if "." in k})
     config = load_config(args.get("config") or DEFAULT_CONFIG_PATH, overrides=overrides)
     ctx = args.get("max_context_tokens")
-    return build_app_from_config(config, max_context_tokens=int(ctx) if ctx is not None else None,
-                                 ingress_num_cpus=float(args.get("ingress_num_cpus", 0)))
+    return build_app_from_config(config, max_context_tokens=int(ctx) if ctx is not None else None)
 
 
 def model_context_tokens(engine: SimEngineConfig | VLLMEngineConfig) -> int:
@@ -105,8 +110,16 @@ def graceful_shutdown_timeout_s(config: AppConfig) -> float:
     return config.http.drain_timeout_s + 5.0
 
 
-def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None = None,
-                          ingress_num_cpus: float = 0.0) -> Application:
+def ingress_replica_options(config: AppConfig) -> dict[str, Any]:
+    """The Ingress deployment's replica count: ``num_replicas``, or Serve's ``autoscaling_config``
+    (the config's ``ingress`` section)."""
+    autoscaling = config.ingress.autoscaling_config(config.http.max_ongoing_requests)
+    if autoscaling is not None:
+        return {"autoscaling_config": autoscaling}
+    return {"num_replicas": config.ingress.num_replicas}
+
+
+def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None = None) -> Application:
     eng = config.engine
     if max_context_tokens is None:
         max_context_tokens = model_context_tokens(eng)
@@ -144,5 +157,6 @@ def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None =
                               max_queued_requests=ingress_max_queued_requests(config),
                               backpressure_config=backpressure,
                               graceful_shutdown_timeout_s=graceful_shutdown_timeout_s(config),
-                              ray_actor_options={"num_cpus": ingress_num_cpus})
+                              ray_actor_options={"num_cpus": config.ingress.num_cpus},
+                              **ingress_replica_options(config))
     return ingress.bind(replica_app, config.model_dump(mode="json"), max_context_tokens)

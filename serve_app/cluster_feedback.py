@@ -12,6 +12,11 @@ It also says whether any replica can serve (`healthy_replicas`): how many runnin
 answered the last poll, if that poll is recent; `check_available` polls at once when it is not,
 so an ingress whose replicas are all gone answers 503 at once instead of queueing requests that
 no replica will take.
+
+And, given a handle to the ingress deployment itself (``peers``), it counts the running ingress
+replicas every ``peers_period_s`` while it polls (`count_peers`: a broadcast of their ``state``),
+and hands the count to ``on_peers``: the ingress's share of the admission bounds follows it
+(`serve_app.admission.ingress_share`).
 """
 
 from __future__ import annotations
@@ -51,11 +56,18 @@ async def broadcast_each(handle: Any, method: str, timeout_s: float) -> list[Any
 
 class FeedbackPoller:
     def __init__(self, replicas: Any, *, period_s: float, timeout_s: float, idle_s: float, forget_after_s: float,
-                 tbt_window_s: float, num_replicas: int, busy: Callable[[], bool] = lambda: False) -> None:
+                 tbt_window_s: float, num_replicas: int, busy: Callable[[], bool] = lambda: False,
+                 peers: Callable[[], Any] | None = None, peers_period_s: float = 5.0,
+                 on_peers: Callable[[int], None] | None = None) -> None:
         """``replicas``: the replica deployment's handle; ``busy()``: whether requests are in
         flight (polling goes on while they are); ``num_replicas``: the configured count, until a
-        poll finds how many run."""
+        poll finds how many run; ``peers()``: a handle to the ingress deployment (made on first
+        use), whose running replicas are counted every ``peers_period_s`` and handed to
+        ``on_peers``."""
         self.replicas = replicas
+        self.peers, self.peers_period_s, self.on_peers = peers, peers_period_s, on_peers
+        self._peers_handle: Any = None
+        self.peers_counted_s = -float("inf")  # time.monotonic() of the last count
         self.period_s, self.timeout_s, self.idle_s, self.forget_after_s = period_s, timeout_s, idle_s, forget_after_s
         self.busy = busy
         self.feedback: dict[str, ReplicaFeedback] = {}  # replica id -> its latest snapshot
@@ -84,7 +96,36 @@ class FeedbackPoller:
                 self._failures += 1
                 if self._failures in (1, 10, 100) or self._failures % 1000 == 0:
                     logger.warning("ingress: polling the replicas' feedback failed (%d times): %r", self._failures, e)
+            if self.peers is not None and time.monotonic() - self.peers_counted_s >= self.peers_period_s:
+                try:
+                    await self.count_peers(self.timeout_s)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the shares stay those of the last count
+                    logger.warning("ingress: counting the ingress replicas failed: %r", e)
             await asyncio.sleep(self.period_s)
+
+    async def count_peers(self, timeout_s: float = 5.0) -> int | None:
+        """How many ingress replicas run now (this one included): Serve's running replicas of the
+        ingress deployment, each asked for its ``state``; one that does not answer in time counts
+        (it still holds its requests), one that died does not.  Hands the count to ``on_peers``;
+        None (and nothing handed) when Serve lists none."""
+        from ray.exceptions import RayActorError
+
+        if self.peers is None:
+            return None
+        if self._peers_handle is None:
+            self._peers_handle = self.peers()
+        try:
+            results = await broadcast_each(self._peers_handle, "state", timeout_s)
+        finally:
+            self.peers_counted_s = time.monotonic()
+        count = sum(1 for r in results if not isinstance(r, RayActorError))
+        if count == 0:
+            return None
+        if self.on_peers is not None:
+            self.on_peers(count)
+        return count
 
     async def healthy_replicas(self, max_age_s: float, timeout_s: float = 1.0) -> int | None:
         """Replicas that answered a poll no older than ``max_age_s`` (polling now, once for all

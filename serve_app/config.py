@@ -68,6 +68,7 @@ __all__ = [
     "ConfigError",
     "EngineConfig",
     "HttpConfig",
+    "IngressConfig",
     "KeyLimits",
     "MetricsConfig",
     "ReplicasConfig",
@@ -111,7 +112,8 @@ class KeyLimits(_Strict):
     ``x-ratelimit-*`` headers."""
 
     max_concurrent: int | None = Field(default=None, ge=1,
-                                       description="requests of one key in flight at one ingress")
+                                       description="requests of one key in flight (with k ingress replicas each "
+                                                   "enforces ceil(limit / k), as for the per-minute limits)")
     requests_per_minute: int | None = Field(default=None, ge=1, description="requests per minute (token bucket)")
     tokens_per_minute: int | None = Field(default=None, ge=1,
                                           description="prompt + max_tokens per minute, charged at admission; "
@@ -411,6 +413,96 @@ class MetricsConfig(_Strict):
                                               "many key ids, the others as key=other; 0: off")
 
 
+# --------------------------------------------------------------------------------------- ingress
+
+class IngressConfig(_Strict):
+    """The ingress deployment (`serve_app.ingress`): how many replicas of it run, what each
+    reserves, and whether HAProxy replaces Serve's Python HTTP proxy.
+
+    Every streamed token costs CPU in Serve's HTTP proxy, in an ingress replica and in an engine
+    replica; more ingress replicas spread the ingress's part (Ray Serve LLM runs two per model
+    replica).  Serve's proxy spreads requests over them (power of two choices on their queue
+    lengths; HAProxy: least connections).  Each ingress replica counts only what it has in flight,
+    so the cluster-wide bounds are shared (`serve_app.admission.ingress_share`): with k ingress
+    replicas running, each enforces ceil(bound / k) of ``admission.max_in_flight`` and of every
+    key limit (``tiers[].key_limits``, ``api_keys.limits``); k is the configured count until a
+    busy ingress has counted the running ones (every ``count_period_s``).
+
+    Autoscaling: set ``max_replicas`` (and ``min_replicas``, default 1); Serve then scales the
+    ingress between them on ``target_ongoing_requests`` (Ray Serve's ``autoscaling_config``),
+    starting from ``num_replicas``.
+
+    ``haproxy``: Ray 2.60 replaces its Python HTTP proxy with HAProxy when the Ray processes have
+    ``RAY_SERVE_ENABLE_HA_PROXY=1`` (``ray.serve._private.constants``; it implies direct ingress:
+    each ingress replica listens on a port of its own and HAProxy forwards to it).  It is a
+    cluster setting, so this key acts where the cluster is started: ``python -m serve_app`` sets
+    the variable for the cluster it starts, and ``python -m serve_app.k8s render`` on the head's
+    and the workers' containers; on a cluster of your own, start Ray with it."""
+
+    num_replicas: int = Field(default=1, ge=1,
+                              description="ingress replicas (with autoscaling: how many Serve starts)")
+    min_replicas: int | None = Field(default=None, ge=1,
+                                     description="autoscaling: the fewest ingress replicas (default 1; needs "
+                                                 "max_replicas)")
+    max_replicas: int | None = Field(default=None, ge=1,
+                                     description="autoscaling: the most ingress replicas; set it to let Serve scale "
+                                                 "the ingress (none: always num_replicas)")
+    target_ongoing_requests: float | None = Field(
+        default=None, gt=0, description="autoscaling: requests in flight per ingress replica Serve scales towards "
+                                        "(default: half of http.max_ongoing_requests)")
+    num_cpus: float = Field(default=0.0, ge=0,
+                            description="Ray CPUs each ingress replica reserves (0: it fits anywhere, the head "
+                                        "included)")
+    haproxy: bool = Field(default=False,
+                          description="HAProxy instead of Serve's Python HTTP proxy (Ray 2.60's "
+                                      "RAY_SERVE_ENABLE_HA_PROXY=1 on every Ray node: set by python -m serve_app "
+                                      "and by the KubeRay render)")
+    count_period_s: float = Field(default=5.0, gt=0,
+                                  description="how often a busy ingress counts the running ingress replicas "
+                                              "(its share of the bounds follows the count)")
+
+    @model_validator(mode="after")
+    def _check(self) -> IngressConfig:
+        if self.max_replicas is None:
+            for name in ("min_replicas", "target_ongoing_requests"):
+                if getattr(self, name) is not None:
+                    raise FieldError((name,), "is an autoscaling setting: set ingress.max_replicas too (or leave "
+                                              f"{name} out for a fixed ingress.num_replicas)")
+            return self
+        lo, hi = self.min_count, self.max_replicas
+        if lo > hi:
+            raise FieldError(("min_replicas",), f"{lo} is over max_replicas ({hi})")
+        if not lo <= self.num_replicas <= hi:
+            raise FieldError(("num_replicas",), f"{self.num_replicas} is outside the autoscaling bounds: "
+                                                f"min_replicas ({lo}) <= num_replicas <= max_replicas ({hi})")
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas is not None
+
+    @property
+    def min_count(self) -> int:
+        """The fewest ingress replicas that run (``num_replicas`` without autoscaling)."""
+        if not self.autoscaling:
+            return self.num_replicas
+        return self.min_replicas if self.min_replicas is not None else 1
+
+    @property
+    def max_count(self) -> int:
+        """The most ingress replicas that run (``num_replicas`` without autoscaling)."""
+        return self.max_replicas if self.max_replicas is not None else self.num_replicas
+
+    def autoscaling_config(self, http_max_ongoing_requests: int) -> dict[str, Any] | None:
+        """Ray Serve's ``autoscaling_config`` for the ingress deployment (None: a fixed
+        ``num_replicas``)."""
+        if not self.autoscaling:
+            return None
+        target = self.target_ongoing_requests
+        return {"min_replicas": self.min_count, "max_replicas": self.max_count, "initial_replicas": self.num_replicas,
+                "target_ongoing_requests": target if target is not None else max(1.0, http_max_ongoing_requests / 2)}
+
+
 # ------------------------------------------------------------------------------------- admission
 
 class AdmissionConfig(_Strict):
@@ -438,9 +530,11 @@ class AdmissionConfig(_Strict):
       offset switches and preemptions start; the SLO router's feasibility bound), sheds the first
       tier in shed order.
     * in-flight bound ``max_in_flight`` (default: the replicas' total ``max_ongoing_requests``,
-      at most ``http.max_ongoing_requests``): the tier at shed position k of n is refused at
-      ``max_in_flight * (k+1)/n`` requests in flight at this ingress (trunk reservation: the last
-      tier alone may use the whole bound, and is refused only there).
+      at most ``http.max_ongoing_requests`` times the most ingress replicas): shared by the ingress
+      replicas, each enforcing its share B = ceil(max_in_flight / replicas running) of it
+      (`serve_app.admission.ingress_share`); the tier at shed position k of n is refused at
+      ``B * (k+1)/n`` requests in flight at this ingress (trunk reservation: the last tier alone
+      may use the whole share, and is refused only there).
     * Serve's own queues: ``replica_max_queued_requests`` bounds the requests waiting at the
       ingress's handle for a replica slot (default one replica's ``max_ongoing_requests``; Serve's
       BackPressureError there becomes a 429); ``ingress_max_queued_requests`` bounds the requests
@@ -476,8 +570,10 @@ class AdmissionConfig(_Strict):
                                       description="share of a tier's in-flight bound kept for keys below "
                                                   "their fair share")
     max_in_flight: int | None = Field(default=None, ge=1,
-                                      description="requests in flight at one ingress (default: the replicas' "
-                                                  "total max_ongoing_requests, at most http.max_ongoing_requests)")
+                                      description="requests in flight at the ingresses, all together (each of k "
+                                                  "ingress replicas enforces ceil(max_in_flight / k); default: the "
+                                                  "replicas' total max_ongoing_requests, at most "
+                                                  "http.max_ongoing_requests x ingress.max_replicas or num_replicas)")
     feedback_period_s: float | None = Field(default=None, gt=0,
                                             description="replica snapshot poll period "
                                                         "(default: tightest TTFT target / 2)")
@@ -515,6 +611,8 @@ class AppConfig(_Strict):
     engine: EngineConfig = Field(default_factory=SimEngineConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig,
+                                   description="the ingress deployment: replicas, autoscaling, HAProxy")
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     service_tiers: ServiceTierMap = Field(default_factory=ServiceTierMap,
@@ -549,11 +647,12 @@ class AppConfig(_Strict):
             if tier is not None and tier not in self.tier_names:
                 raise FieldError(("service_tiers", value),
                                  f"unknown tier {tier!r}; tiers are {', '.join(self.tier_names)}")
-        cap = self.admission.max_in_flight
-        if cap is not None and cap > self.http.max_ongoing_requests:
+        cap, most = self.admission.max_in_flight, self.ingress.max_count
+        if cap is not None and cap > self.http.max_ongoing_requests * most:
             raise FieldError(("admission", "max_in_flight"),
-                              f"{cap} is over http.max_ongoing_requests ({self.http.max_ongoing_requests}): "
-                              "the ingress never holds more requests than that, so the bound would never act")
+                              f"{cap} is over http.max_ongoing_requests ({self.http.max_ongoing_requests}) x "
+                              f"the most ingress replicas ({most}): the ingresses never hold more requests than "
+                              "that, so the bound would never act")
         if self.model_name is None:
             # vLLM's convention: the served name is the model argument as given
             name = eng.model if isinstance(eng, VLLMEngineConfig) else f"sim-{Path(eng.cost_profile).stem}"

@@ -182,6 +182,19 @@ class _Ticket:
             ing.metrics.key_usage(self.key_id, self.prompt_tokens, completion_tokens)
 
 
+def _own_deployment() -> Any:
+    """A handle to the deployment this replica belongs to (the ingress's peers)."""
+    ctx = serve.get_replica_context()
+    return serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+
+
+def _replica_tag() -> str | None:
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:  # noqa: BLE001 - outside a Serve replica (unit tests)
+        return None
+
+
 # ------------------------------------------------------------------------------------------ app
 
 app = FastAPI(title="tiered-llm-serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -219,7 +232,8 @@ class Ingress:
         # Overload control (serve_app.admission): None when admission.enabled is false
         self.admission: AdmissionPolicy | None = (AdmissionPolicy.from_app_config(self.config)
                                                   if self.config.admission.enabled else None)
-        self.limiter = KeyLimiter({t.name: t.key_limits for t in self.config.tiers}, self.config.api_keys.limits)
+        self.limiter = KeyLimiter({t.name: t.key_limits for t in self.config.tiers}, self.config.api_keys.limits,
+                                  ingress_replicas=self.config.ingress.num_replicas)
         self.in_flight = InFlight()
         self.active: dict[str, ReplicaStream] = {}  # request id -> its open replica stream
         self.delay_history = DelayHistory(self.config.admission.delay_window_s)
@@ -230,7 +244,10 @@ class Ingress:
             replicas, period_s=self.admission.feedback_period_s if self.admission else 1.0,
             timeout_s=self.admission.feedback_timeout_s if self.admission else 5.0,
             idle_s=adm.max_feedback_age_s, forget_after_s=2 * adm.max_feedback_age_s, tbt_window_s=adm.tbt_window_s,
-            num_replicas=self.config.replicas.num_replicas, busy=lambda: len(self.in_flight) > 0)
+            num_replicas=self.config.replicas.num_replicas, busy=lambda: len(self.in_flight) > 0,
+            # several ingress replicas share the bounds: count them (serve_app.admission.ingress_share)
+            peers=_own_deployment if self.config.ingress.max_count > 1 else None,
+            peers_period_s=self.config.ingress.count_period_s, on_peers=self._share_bounds)
         logger.info("ingress: model %s, %r, %r, context %d", self.model_name, self.keys, self.tokenizer,
                     self.max_context_tokens)
 
@@ -292,6 +309,27 @@ class Ingress:
         HTTP route): requests in flight, open replica streams, key slots held."""
         return {"in_flight": len(self.in_flight), "active_streams": len(self.active),
                 "key_slots": self.limiter.total_in_flight()}
+
+    def sharing(self) -> dict[str, Any]:
+        """How this ingress shares the bounds (tests and operators, like `state`): its Serve
+        replica id, how many ingress replicas it counts, its share of ``admission.max_in_flight``
+        (None: admission off) and the bound they share."""
+        return {"replica": _replica_tag(), "ingress_replicas": self.limiter.ingress_replicas,
+                "in_flight_share": self.admission.ingress_max_in_flight if self.admission is not None else None,
+                "max_in_flight": self.admission.max_in_flight if self.admission is not None else None}
+
+    def _share_bounds(self, ingress_replicas: int) -> None:
+        """``ingress_replicas`` run now: this ingress's share of the bounds follows."""
+        if ingress_replicas != self.limiter.ingress_replicas:
+            logger.info("ingress: %d ingress replicas share the admission bounds and key limits", ingress_replicas)
+        if self.admission is not None:
+            self.admission.set_ingress_replicas(ingress_replicas)
+        self.limiter.set_ingress_replicas(ingress_replicas)
+
+    async def count_ingress_replicas(self, timeout_s: float = 5.0) -> int | None:
+        """Count the running ingress replicas now and share the bounds by the count
+        (`FeedbackPoller.count_peers`; None with one configured ingress); tests and operators."""
+        return await self.poller.count_peers(timeout_s)
 
     async def poll_feedback_once(self, timeout_s: float = 5.0) -> list[ReplicaFeedback]:
         """One poll of every running replica (`FeedbackPoller.poll_once`); tests and operators."""

@@ -26,6 +26,15 @@ local-only cluster it makes that helper bind a wildcard address (``[::]``, ``0.0
 ``127.0.0.1`` instead (the replica's callers dial ``NODE_IP:PORT``, i.e. 127.0.0.1); anywhere else
 (a KubeRay cluster) it changes nothing.
 
+HAProxy (``ingress.haproxy``; Ray 2.60's ``RAY_SERVE_ENABLE_HA_PROXY=1``) adds listeners that
+ignore the node IP too: its config template (``ray.serve._private.haproxy_templates``) binds the
+Prometheus exporter (``bind :9101``) and the stats page (``bind *:8404``) on every interface, and
+keeps its files, among them an admin socket of mode 666, in the shared ``/tmp/haproxy-serve``.
+`haproxy_env` moves the files into a private 0700 folder; the setup hook, where that variable is
+set, rewrites those two binds to 127.0.0.1 (in the HAProxy manager, a worker of the job, before
+it renders the config).  The HTTP frontend binds ``http.host`` (127.0.0.1), and so do the ingress
+replicas' direct-ingress ports and the fallback Python proxy.
+
 `require_loopback` checks, once the cluster is up, that the node IP and the GCS address are
 loopback; ``tests/serve_app/test_closed_cluster.py`` checks every listening socket of a launch.
 """
@@ -38,6 +47,10 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+HAPROXY = "RAY_SERVE_ENABLE_HA_PROXY"  # Ray 2.60: HAProxy instead of Serve's Python HTTP proxy
+# Ray 2.60's HAProxy config template binds these on every interface (ray.serve._private.haproxy_templates)
+_HAPROXY_WILDCARD_BINDS = {"bind :{{ config.metrics_port }}": "bind 127.0.0.1:{{ config.metrics_port }}",
+                           "bind *:{{ config.stats_port }}": "bind 127.0.0.1:{{ config.stats_port }}"}
 SETUP_HOOK = "serve_app.ray_loopback.bind_wildcards_to_loopback"
 LOOPBACK_V4 = "127.0.0.1"
 _WILDCARD_HOSTS = ("[::]", "0.0.0.0", "[::0]", "")
@@ -69,6 +82,32 @@ def runtime_env(env_vars: Mapping[str, str] | None = None) -> dict[str, Any]:
     return {"env_vars": dict(env_vars or {}), "worker_process_setup_hook": SETUP_HOOK}
 
 
+def haproxy_env(private_dir: str) -> dict[str, str]:
+    """The environment that turns HAProxy on for a cluster started here (Ray reads it at import,
+    so set it before ``ray.init``; its processes inherit it), with HAProxy's files (config, admin
+    socket, server state, metrics socket) in ``private_dir`` (a 0700 folder of this launch)."""
+    return {HAPROXY: "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(private_dir, "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(private_dir, "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": private_dir,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(private_dir, "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(private_dir, "metrics.sock")}
+
+
+def bind_haproxy_to_loopback() -> None:
+    """Rewrite Ray's HAProxy config template so that its Prometheus exporter and stats page bind
+    127.0.0.1 (module docstring); RuntimeError if the template no longer has those binds."""
+    from ray.serve._private import haproxy
+
+    template = haproxy.HAPROXY_CONFIG_TEMPLATE
+    for wildcard, loopback in _HAPROXY_WILDCARD_BINDS.items():
+        if wildcard not in template and loopback not in template:
+            raise RuntimeError(f"Ray's HAProxy config template has no {wildcard!r}: the closed cluster cannot keep "
+                               "HAProxy on loopback (serve_app/ray_loopback.py)")
+        template = template.replace(wildcard, loopback)
+    haproxy.HAPROXY_CONFIG_TEMPLATE = template
+
+
 def _loopback_address(address: str) -> str:
     """``[::]:PORT`` / ``0.0.0.0:PORT`` -> ``127.0.0.1:PORT``; any other address unchanged."""
     host, sep, port = address.rpartition(":")
@@ -82,6 +121,8 @@ def bind_wildcards_to_loopback() -> None:
     inter-deployment gRPC server); elsewhere do nothing."""
     if not is_local_only():
         return
+    if os.environ.get(HAPROXY) == "1":
+        bind_haproxy_to_loopback()
     from ray._common import tls_utils
 
     real = tls_utils.add_port_to_grpc_server

@@ -21,6 +21,10 @@
   which is enabled when they differ.  Ray's metrics export port (8080, docs/metrics.md) is set and
   exposed as the container port ``metrics`` on every Ray pod (what the PodMonitor scrapes).
   Ray token authentication is on (``authOptions.mode: token``: KubeRay makes the token Secret).
+- The ingress: ``ingress.num_replicas`` replicas, or Serve's ``autoscaling_config`` from
+  ``ingress.min_replicas``/``max_replicas`` (in ``deployments``, as above); ``--set
+  ingress.haproxy=true`` puts Ray 2.60's ``RAY_SERVE_ENABLE_HA_PROXY=1`` on the head's and the
+  workers' Ray containers, so HAProxy serves port 8000 on every pod instead of Serve's Python proxy.
 - API keys: ``TIERED_API_KEYS`` from a Secret (``--api-keys env``, default) or the Secret
   mounted as the key file (``--api-keys file``: ``api_keys.file`` points at it).
 - Model weights (vllm backend): from a PersistentVolumeClaim mounted at ``/models``
@@ -53,6 +57,7 @@ from serve_app.k8s.manifests import (
     APP_LABEL,
     APP_LABEL_VALUE,
     APP_NAME,
+    HAPROXY_ENV,
     KUBERAY_VERSION,
     METRICS_PORT,
     RAY_VERSION,

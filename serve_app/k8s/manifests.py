@@ -30,6 +30,7 @@ __all__ = [
     "APP_LABEL",
     "APP_LABEL_VALUE",
     "APP_NAME",
+    "HAPROXY_ENV",
     "KUBERAY_VERSION",
     "METRICS_PORT",
     "RAY_VERSION",
@@ -47,6 +48,7 @@ APP_IMPORT_PATH = "serve_app.app:build_app"
 APP_NAME = "default"            # as `python -m serve_app` names it
 METRICS_PORT = 8080             # Ray's metrics export port (docs/metrics.md)
 APP_LABEL = "app.kubernetes.io/name"
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # Ray 2.60: HAProxy instead of Serve's Python HTTP proxy (ingress.haproxy)
 APP_LABEL_VALUE = "tiered-llm-serve"
 
 
@@ -182,6 +184,8 @@ def _pod_template(config: AppConfig, opts: RayServiceOptions, lay: _Layout, *, h
         for part in ("requests", "limits"):
             resources[part]["nvidia.com/gpu"] = str(lay.gpus_per_pod)
     env: list[dict[str, Any]] = []
+    if config.ingress.haproxy:  # Ray 2.60 reads it in every Ray process of every node (serve_app.config.IngressConfig)
+        env.append({"name": HAPROXY_ENV, "value": "1"})
     if opts.api_keys == "env":
         env.append(_secret_env(config.api_keys.env, opts.api_keys_secret, opts.api_keys_secret_key))  # type: ignore[arg-type]
     mounts: list[dict[str, Any]] = []

@@ -216,6 +216,12 @@ def test_deployments_are_what_build_app_sets(path):
     assert replica["request_router_config"]["request_router_kwargs"]["policy"] == config.router.policy
     assert replica["request_router_config"]["request_routing_stats_period_s"] == config.router.feedback_period_s
     assert ingress["max_ongoing_requests"] == config.http.max_ongoing_requests
+    assert ingress["ray_actor_options"]["num_cpus"] == config.ingress.num_cpus
+    if config.ingress.autoscaling:
+        assert "num_replicas" not in ingress
+        assert ingress["autoscaling_config"] == config.ingress.autoscaling_config(config.http.max_ongoing_requests)
+    else:
+        assert ingress["num_replicas"] == config.ingress.num_replicas and "autoscaling_config" not in ingress
 
 
 # --------------------------------------------------------------------------- the Ray cluster
@@ -366,6 +372,29 @@ def test_render_cli_writes_a_valid_manifest(tmp_path, capsys):
     deps = {d["name"]: d for d in _serve(obj)["applications"][0]["deployments"]}
     assert deps["LLMReplica"]["num_replicas"] == 3
     assert "--out" not in out.read_text().splitlines()[1], "the header shows the command without --out"
+
+
+@pytest.mark.parametrize("sets,replicas,haproxy", [
+    ([], {"num_replicas": 1}, False),
+    (["ingress.num_replicas=2", "ingress.haproxy=true"], {"num_replicas": 2}, True),
+    (["ingress.min_replicas=2", "ingress.max_replicas=6", "ingress.num_replicas=2",
+      "ingress.target_ongoing_requests=32"],
+     {"autoscaling_config": {"min_replicas": 2, "max_replicas": 6, "initial_replicas": 2,
+                             "target_ongoing_requests": 32.0}}, False),
+])
+def test_the_ingress_section_renders_its_replicas_and_haproxy(sets, replicas, haproxy):
+    argv = ["render", "--config", "serve_app/configs/vllm-gpu.yaml", "--image", "img:1", "--hf-token-secret", "hf"]
+    _, text = k8s.render(argv + [a for kv in sets for a in ("--set", kv)], base=REPO)
+    [obj] = [d for d in yaml.safe_load_all(text) if d]
+    assert ks.validate_any(obj) == []
+    serve = _serve(obj)
+    deps = {d["name"]: d for d in serve["applications"][0]["deployments"]}
+    assert {k: deps["Ingress"][k] for k in ("num_replicas", "autoscaling_config") if k in deps["Ingress"]} == replicas
+    for role, _, container in _ray_containers(obj):  # the head and every worker: every Ray process reads it
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert (env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1") == haproxy, (role, env)
+        assert "TIERED_API_KEYS" in env
+    assert serve["http_options"]["host"] == "0.0.0.0"  # HAProxy on other pods reaches the ingress ports
 
 
 def test_render_a_vllm_cpu_config_with_an_unset_model_variable():

@@ -8,7 +8,8 @@ import pytest
 
 from router.feedback import ReplicaFeedback
 from serve_app.admission import (AdmissionPolicy, DelayHistory, InFlight, TBTHistory, default_feedback_period_s,
-                                 default_max_in_flight, ingress_max_queued_requests, replica_max_queued_requests)
+                                 default_max_in_flight, ingress_max_queued_requests, ingress_share,
+                                 replica_max_queued_requests)
 from serve_app.config import AdmissionConfig, AppConfig, ConfigError, ServingTier, load_config
 
 NOW = 1_000_000.0
@@ -363,3 +364,81 @@ def test_a_decision_can_leave_the_delay_history_to_the_caller():
     assert len(hist) == 0  # a request refused later (invalid) never counts
     p.admit("free", [snap("a", waiting=int(0.4 * RATE))], InFlight(), now_s=NOW, delays=hist)
     assert len(hist) == 1
+
+
+# --- several ingress replicas share the bound -----------------------------------------------------
+
+# (bound, ingress replicas, each one's share)
+SHARES = [(100, 1, 100), (100, 2, 50), (100, 3, 34), (5, 2, 3), (1, 4, 1), (7, 7, 1), (8, 3, 3)]
+
+
+@pytest.mark.parametrize("bound,k,share", SHARES)
+def test_each_ingress_gets_the_bound_over_the_replicas_rounded_up(bound, k, share):
+    assert ingress_share(bound, k) == share
+    assert share * k >= bound and (share == 1 or (share - 1) * k < bound)  # the smallest share that covers it
+    assert share * k < bound + k  # together the ingresses exceed the bound by less than one request each
+
+
+def test_ingress_share_needs_an_ingress():
+    with pytest.raises(ValueError, match="ingress_replicas"):
+        ingress_share(10, 0)
+
+
+def test_the_tier_bounds_are_taken_from_this_ingress_s_share_and_follow_the_count():
+    p = AdmissionPolicy(TIERS2, AdmissionConfig(), max_in_flight=100, ingress_replicas=2)
+    assert p.max_in_flight == 100 and p.ingress_max_in_flight == 50
+    assert (p.rules["free"].in_flight_bound, p.rules["premium"].in_flight_bound) == (25, 50)
+    p.set_ingress_replicas(3)  # Serve started a third ingress
+    assert p.ingress_max_in_flight == 34 and (p.rules["free"].in_flight_bound, p.rules["premium"].in_flight_bound) \
+        == (17, 34)
+    p.set_ingress_replicas(1)
+    assert (p.rules["free"].in_flight_bound, p.rules["premium"].in_flight_bound) == (50, 100)
+
+
+def test_a_refusal_at_the_share_says_so():
+    p = AdmissionPolicy(TIERS2, AdmissionConfig(), max_in_flight=10, ingress_replicas=2)
+    d = p.decide("premium", p.assess([snap()], InFlight(), now_s=NOW), in_flight=5)
+    assert not d.admit and d.reason == "in_flight"
+    assert "bound for this tier: 5" in d.message and "share of 10 over 2 ingress replicas" in d.message
+
+
+def _offer(policies: list[AdmissionPolicy], route, arrivals: int, tier: str = "premium") -> list[int]:
+    """``arrivals`` requests of ``tier`` (none finishing), the i-th to ingress ``route(i)``; each
+    ingress decides on its own in-flight state.  Returns how many each admitted."""
+    states = [InFlight() for _ in policies]
+    for i in range(arrivals):
+        j = route(i)
+        load = policies[j].assess([snap()], states[j], now_s=NOW)
+        if policies[j].decide(tier, load, key_share=None).admit:
+            states[j].add(f"r{i}", tier, 0, now_s=NOW, key_id=f"k{i}")
+    return [len(st) for st in states]
+
+
+# (case, bound, ingress replicas, route of the i-th request, admitted per ingress)
+ROUTES = [
+    ("balanced over 2", 10, 2, lambda i: i % 2, [5, 5]),
+    ("balanced over 3, bound not divisible", 10, 3, lambda i: i % 3, [4, 4, 4]),
+    ("all to one of 2: refused at its share while the other is idle", 10, 2, lambda i: 0, [5, 0]),
+    ("two thirds to one of 2", 12, 2, lambda i: 0 if i % 3 else 1, [6, 6]),
+    ("one ingress", 10, 1, lambda i: 0, [10]),
+]
+
+
+@pytest.mark.parametrize("case,bound,k,route,want", ROUTES, ids=[c[0] for c in ROUTES])
+def test_together_the_ingresses_hold_the_bound_up_to_rounding(case, bound, k, route, want):
+    policies = [AdmissionPolicy(TIERS2, AdmissionConfig(), max_in_flight=bound, ingress_replicas=k)
+                for _ in range(k)]
+    admitted = _offer(policies, route, arrivals=4 * bound)
+    assert admitted == want
+    assert sum(admitted) <= bound + k - 1
+
+
+def test_the_default_bound_counts_what_every_ingress_replica_takes():
+    base = {"replicas": {"num_replicas": 3, "max_ongoing_requests": 64}, "http": {"max_ongoing_requests": 100}}
+    assert default_max_in_flight(AppConfig.model_validate(base)) == 100  # one ingress takes 100 at once
+    two = AppConfig.model_validate({**base, "ingress": {"num_replicas": 2}})
+    assert default_max_in_flight(two) == 192  # two take 200: the replicas' 3 x 64 binds
+    p = AdmissionPolicy.from_app_config(two)
+    assert (p.max_in_flight, p.ingress_replicas, p.ingress_max_in_flight) == (192, 2, 96)
+    scaling = AppConfig.model_validate({**base, "ingress": {"max_replicas": 4}})
+    assert default_max_in_flight(scaling) == 192 and AdmissionPolicy.from_app_config(scaling).ingress_replicas == 1

@@ -2,7 +2,8 @@
 loopback only, no process of it has the API keys in its environment (the launcher hands the app
 their digests), and SIGTERM to the launcher leaves nothing it started behind.
 
-One launch of the app, as ``.ci/start`` does it (the launcher as a subprocess, its own session, the
+One launch of the app per HTTP front (Serve's Python proxy, and HAProxy: ``ingress.haproxy=true``),
+as ``.ci/start`` does it (the launcher as a subprocess, its own session, the
 environment without any Ray switch of ours: the launcher must close the cluster itself), waited for
 until its "ready" line (at most 90 s); then every listening TCP socket of its process tree (from
 ``/proc/net/tcp{,6}`` and the tree's ``/proc/PID/fd``) must be on 127.0.0.0/8, ::1 or
@@ -84,6 +85,29 @@ def test_the_setup_hook_binds_wildcards_on_loopback(monkeypatch):
     tls_utils.add_port_to_grpc_server(None, "[::]:0")
     tls_utils.add_port_to_grpc_server(None, "192.0.2.1:5")
     assert seen == ["127.0.0.1:0", "192.0.2.1:5"]
+
+
+def test_haproxy_gets_private_files_and_its_wildcard_binds_become_loopback(monkeypatch, tmp_path):
+    pytest.importorskip("ray")
+    from ray.serve._private import haproxy
+
+    env = ray_loopback.haproxy_env(str(tmp_path))
+    assert env[ray_loopback.HAPROXY] == "1"
+    assert all(v.startswith(str(tmp_path)) for k, v in env.items() if k != ray_loopback.HAPROXY)
+    original = haproxy.HAPROXY_CONFIG_TEMPLATE
+    assert "bind :{{ config.metrics_port }}" in original and "bind *:{{ config.stats_port }}" in original
+    monkeypatch.setattr(haproxy, "HAPROXY_CONFIG_TEMPLATE", original)
+    monkeypatch.setattr(ray_loopback, "is_local_only", lambda: True)
+    monkeypatch.setenv(ray_loopback.HAPROXY, "1")
+    ray_loopback.bind_wildcards_to_loopback()  # the setup hook, where the switch is on
+    binds = [line.strip() for line in haproxy.HAPROXY_CONFIG_TEMPLATE.splitlines() if line.strip().startswith("bind ")]
+    assert binds == ["bind 127.0.0.1:{{ config.metrics_port }}",  # the others: http.host (127.0.0.1 here)
+                     "bind {{ config.frontend_host }}:{{ config.frontend_port }}",
+                     "bind {{ config.grpc_frontend_host }}:{{ config.grpc_frontend_port }} proto h2",
+                     "bind 127.0.0.1:{{ config.stats_port }}"]
+    monkeypatch.setattr(haproxy, "HAPROXY_CONFIG_TEMPLATE", "global\n")  # a Ray whose template changed
+    with pytest.raises(RuntimeError, match="cannot keep HAProxy on loopback"):
+        ray_loopback.bind_haproxy_to_loopback()
 
 
 # ------------------------------------------------------------------------------------ /proc helpers
@@ -217,8 +241,8 @@ class Launch:
         return "\n".join(self.lines[-n:])
 
 
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory):
+@pytest.fixture(scope="module", params=["python-proxy", "haproxy"])
+def launched(request, tmp_path_factory):
     if not Path("/proc/net/tcp").exists():
         pytest.skip("needs Linux /proc")
     pytest.importorskip("ray")
@@ -231,6 +255,10 @@ def launched(tmp_path_factory):
                 "TIERED_METRICS_EXPORT_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1"})
     cmd = [sys.executable, "-m", "serve_app", "config=serve_app/configs/sim.yaml", "http.host=127.0.0.1",
            f"http.port={http_port}", "replicas.num_replicas=1", "engine.time_scale=0.05", "http.drain_timeout_s=2"]
+    if request.param == "haproxy":  # its fixed ports (stats, Prometheus, fallback proxy) made free ones
+        cmd.append("ingress.haproxy=true")
+        env.update({"RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT":
+                    str(_free_port()), "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port())})
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     launch = Launch(proc, http_port, metrics_port, key)

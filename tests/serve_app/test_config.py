@@ -183,6 +183,22 @@ INVALID = [
     ("zero replicas", "replicas:\n  num_replicas: 0\n", ["line 2", "replicas.num_replicas"]),
     ("negative gpus", "replicas:\n  gpus_per_replica: -1\n", ["line 2", "replicas.gpus_per_replica"]),
     ("bad port", "http:\n  port: 70000\n", ["line 2", "http.port"]),
+    ("zero ingress replicas", "ingress:\n  num_replicas: 0\n", ["line 2", "ingress.num_replicas"]),
+    ("ingress min without max", "ingress:\n  min_replicas: 2\n",
+     ["ingress.min_replicas", "autoscaling setting", "ingress.max_replicas"]),
+    ("ingress target without max", "ingress:\n  target_ongoing_requests: 64\n",
+     ["ingress.target_ongoing_requests", "autoscaling setting"]),
+    ("ingress min over max", "ingress:\n  min_replicas: 3\n  max_replicas: 2\n",
+     ["ingress.min_replicas", "3 is over max_replicas (2)"]),
+    ("ingress num under min", "ingress:\n  num_replicas: 1\n  min_replicas: 2\n  max_replicas: 4\n",
+     ["ingress.num_replicas", "min_replicas (2) <= num_replicas <= max_replicas (4)"]),
+    ("ingress num over max", "ingress:\n  num_replicas: 5\n  max_replicas: 4\n",
+     ["ingress.num_replicas", "outside the autoscaling bounds"]),
+    ("ingress negative cpus", "ingress:\n  num_cpus: -1\n", ["line 2", "ingress.num_cpus"]),
+    ("ingress unknown key", "ingress:\n  replicas: 2\n", ["line 2", "ingress.replicas", "unknown field"]),
+    ("max_in_flight over what the ingresses take",
+     "http: {max_ongoing_requests: 10}\ningress: {num_replicas: 2}\nadmission: {max_in_flight: 21}\n",
+     ["admission.max_in_flight", "x the most ingress replicas (2)"]),
     ("plaintext key field", "api_keys:\n  keys:\n    sk-secret-123: premium\n",
      ["line 1", "api_keys", "never given in the config", "keys"]),
     ("plaintext key list", "api_keys:\n  - sk-secret-123:premium\n", ["api_keys", "never given in the config"]),
@@ -304,3 +320,34 @@ def test_a_hub_model_id_without_network_fails_with_a_message_naming_it(monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="mistralai/Mistral-7B-Instruct-v0.2"):
         load_tokenizer("mistralai/Mistral-7B-Instruct-v0.2")
+
+
+# (ingress section, (min, max) ingress replicas, Serve's options for the Ingress deployment)
+INGRESS = [
+    ({}, (1, 1), {"num_replicas": 1}),
+    ({"num_replicas": 3}, (3, 3), {"num_replicas": 3}),
+    ({"max_replicas": 4}, (1, 4), {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 1,
+                                                          "target_ongoing_requests": 50.0}}),
+    ({"num_replicas": 2, "min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 8},
+     (2, 2), {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2, "initial_replicas": 2,
+                                     "target_ongoing_requests": 8}}),
+]
+
+
+@pytest.mark.parametrize("section,counts,options", INGRESS, ids=[str(c[0]) for c in INGRESS])
+def test_the_ingress_section_gives_serve_its_replicas(section, counts, options) -> None:
+    from serve_app.app import ingress_replica_options
+
+    cfg = AppConfig.model_validate({"ingress": section, "http": {"max_ongoing_requests": 100}})
+    assert (cfg.ingress.min_count, cfg.ingress.max_count) == counts
+    assert ingress_replica_options(cfg) == options
+    assert not cfg.ingress.haproxy and cfg.ingress.num_cpus == 0
+
+
+def test_ingress_num_cpus_keeps_its_old_launcher_spelling() -> None:
+    from serve_app.app import build_app
+
+    app = build_app({"ingress_num_cpus": "0.5"})
+    assert app._bound_deployment.ray_actor_options["num_cpus"] == 0.5
+    app = build_app({"ingress.num_cpus": "0.25", "ingress.num_replicas": "2"})
+    assert app._bound_deployment.ray_actor_options["num_cpus"] == 0.25 and app._bound_deployment.num_replicas == 2

@@ -78,3 +78,70 @@ def test_headers_are_openais_for_the_limits_a_key_has():
                                            (3723, "1h2m3s")])
 def test_reset_durations_are_written_as_openai_writes_them(seconds, text):
     assert format_reset(seconds) == text
+
+
+# --- several ingress replicas share each key's limits ------------------------------------------------
+
+def shared(tier_limits: dict, k: int) -> tuple[KeyLimiter, Clock]:
+    clock = Clock()
+    return KeyLimiter({t: KeyLimits(**v) for t, v in tier_limits.items()}, clock=clock, ingress_replicas=k), clock
+
+
+def _acquired(lim: KeyLimiter, n: int) -> int:
+    """Requests of key k admitted out of ``n`` offered at once (none released)."""
+    return sum(lim.acquire("k", "free") is None for _ in range(n))
+
+
+# (limits, ingress replicas, requests this ingress admits at once: its share, rounded up)
+SHARED = [
+    ({"max_concurrent": 4}, 1, 4),
+    ({"max_concurrent": 4}, 2, 2),
+    ({"max_concurrent": 5}, 2, 3),
+    ({"max_concurrent": 1}, 3, 1),  # never below one: a key may hold up to k requests together
+    ({"requests_per_minute": 60}, 3, 20),
+    ({"requests_per_minute": 10, "max_concurrent": 8}, 4, 2),
+]
+
+
+@pytest.mark.parametrize("limits,k,admitted", SHARED)
+def test_each_ingress_enforces_its_share_of_a_key_s_limits(limits, k, admitted):
+    lim, _ = shared({"free": limits}, k)
+    assert _acquired(lim, 100) == admitted
+    refusal = lim.acquire("k", "free")
+    assert refusal is not None and (k == 1 or f"at each of {k} ingress replicas" in refusal.message)
+
+
+def test_a_shared_bucket_refills_at_its_share_of_the_rate():
+    lim, clock = shared({"free": {"requests_per_minute": 60}}, 2)  # 30 a minute here: one every 2 s
+    assert _acquired(lim, 100) == 30
+    assert lim.acquire("k", "free").retry_after_s == pytest.approx(2.0)
+    clock.t += 2.0
+    assert _acquired(lim, 100) == 1
+
+
+def test_a_request_larger_than_this_ingress_s_share_waits_for_a_full_bucket_then_overdraws_it():
+    lim, clock = shared({"free": {"tokens_per_minute": 1000}}, 2)  # 500 here, 1000 for the key
+    assert lim.acquire("k", "free") is None
+    assert lim.charge("k", "free", 800) is None  # within the key's limit: the full bucket goes into debt
+    refusal = lim.charge("k", "free", 100)
+    assert refusal.kind == "tokens" and refusal.retry_after_s == pytest.approx(48.0)  # 300 + 100 at 500/min
+    clock.t += 60.0  # the debt of 300 repaid, 200 of 500 back
+    assert lim.charge("k", "free", 800).retry_after_s == pytest.approx(36.0)
+    clock.t += 36.0
+    assert lim.charge("k", "free", 800) is None  # full again
+    too_big = lim.charge("k", "free", 1001)  # over the key's whole limit: never
+    assert too_big.retry_after_s is None and "too large" in too_big.message
+
+
+def test_the_share_follows_the_count_and_the_headers_speak_for_the_key():
+    lim, clock = shared({"free": {"requests_per_minute": 60, "max_concurrent": 4}}, 1)
+    assert _acquired(lim, 10) == 4  # concurrency binds
+    for _ in range(4):
+        lim.release("k")
+    assert lim.headers("k", "free")["x-ratelimit-remaining-requests"] == "56"
+    lim.set_ingress_replicas(2)  # a second ingress came: this one's bucket halves, level with it
+    assert lim.headers("k", "free") == {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "56",
+                                        "x-ratelimit-reset-requests": "4s"}
+    assert _acquired(lim, 10) == 2  # its share of the concurrency: 2
+    lim.set_ingress_replicas(1)
+    assert _acquired(lim, 10) == 2  # 4 again, 2 held
