@@ -146,8 +146,6 @@ def test_retry_request_ids_are_distinct_per_attempt():
 # --- the ingress: a non-streaming request whose replica dies mid-generation starts over ---------------
 
 def _complete_with_deaths(die_after: list[int | None]):
-    import json
-
     from ingress_testkit import call_inprocess, make_ingress
 
     ingress, replicas = make_ingress("fk-retry-test-key-0123456789abcdef:free")
