@@ -620,8 +620,9 @@ class Ingress:
 
         def event(text: str | None, finish: str | None, index: int, *, logprobs: dict[str, Any] | None = None,
                   usage: dict[str, int] | None = None, first: bool = False) -> str:
-            if logprobs is None and usage is None and not first:  # the common case, preformatted
-                return fast.text(index, text, finish)
+            if logprobs is None and not first:  # the common case, preformatted
+                return fast.text(index, text, finish,
+                                 None if usage is None else (usage["prompt_tokens"], usage["completion_tokens"]))
             return renderer.chunk_event(rid, created, text, finish, index=index, service_tier=service_tier,
                                         logprobs=logprobs, usage=usage, first=first)
 

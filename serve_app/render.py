@@ -197,8 +197,8 @@ class Renderer:
                     "usage": usage(prompt_tokens, completion_tokens)})
 
     def stream_events(self, request_id: str, created: int, service_tier: str | None = None) -> StreamEvents:
-        """The events of one stream with neither logprobs nor usage in them, preformatted (the
-        common case, one per chunk): `StreamEvents.text` writes only the choice's index, text and
+        """The events of one stream without logprobs, preformatted (the common case, one per
+        chunk): `StreamEvents.text` writes only the choice's index, text and
         finish reason into the stream's fixed head; the same JSON as `chunk_event`."""
         head = json.dumps(self._base(request_id, created, service_tier, stream=True))[:-1]
         return StreamEvents(f'data: {head}, "choices": [{{"index": ', chat=self.chat)
@@ -221,10 +221,16 @@ class StreamEvents:
     def __init__(self, head: str, *, chat: bool) -> None:
         self.head, self.chat = head, chat
 
-    def text(self, index: int, text: str | None, finish_reason: str | None) -> str:
+    def text(self, index: int, text: str | None, finish_reason: str | None,
+             usage: tuple[int, int] | None = None) -> str:
+        """Choice ``index``'s event; ``usage``: (prompt tokens, completion tokens so far), vLLM's
+        ``continuous_usage_stats``."""
         finish = _FINISH.get(finish_reason) or _encode_str(finish_reason)
+        tail = "}\n\n" if usage is None else (
+            f', "usage": {{"prompt_tokens": {usage[0]}, "completion_tokens": {usage[1]}, '
+            f'"total_tokens": {usage[0] + usage[1]}}}}}\n\n')
         if self.chat:
             delta = "{}" if text is None else f'{{"content": {_encode_str(text)}}}'
-            return f'{self.head}{index}, "delta": {delta}, "logprobs": null, "finish_reason": {finish}}}]}}\n\n'
+            return f'{self.head}{index}, "delta": {delta}, "logprobs": null, "finish_reason": {finish}}}]{tail}'
         return (f'{self.head}{index}, "text": {_encode_str(text or "")}, "logprobs": null, '
-                f'"finish_reason": {finish}}}]}}\n\n')
+                f'"finish_reason": {finish}}}]{tail}')

@@ -40,19 +40,29 @@ that does not answer its queue-length probe).  Once open, a gap of more than ``i
 between chunks raises `ReplicaHung` from the iteration.  `ReplicaStream.end(error)` ends a stream
 from outside (the ingress draining at shutdown): the underlying stream is cancelled and the
 iteration raises ``error``.
+
+Under load a stream's chunks queue at the ingress faster than its event loop reads them, one loop
+turn per chunk: a stream whose replica sends many small chunks (a strict tier's short stream
+interval, `replica.streaming`) would then get fewer tokens per second than one that sends few
+large ones, the strict tier last.  So each read also takes every further chunk that has already
+arrived (Ray's ``ObjectRefGenerator.next_ready``: no wait, no loop turn) and merges those of one
+choice into one (`StreamChunk.merge`): the client gets one event with everything there is, and
+a stream's share of the ingress is in tokens, not in chunks.  With no backlog nothing changes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from replica.contract import EngineRejected, StreamChunk
 
 __all__ = ["DEFAULT_RETRIES", "ReplicaHung", "ReplicaStream", "engine_rejection", "is_replica_death",
-           "is_replica_failure", "open_replica_stream", "retry_request_id"]
+           "is_replica_failure", "merge_runs", "open_replica_stream", "ready_taker", "retry_request_id"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -119,7 +129,8 @@ class ReplicaStream:
     ``idle_timeout_s`` of the one before (`ReplicaHung`); `cancel` cancels the underlying stream
     (which aborts the engine request); `end` does too, and makes the iteration raise."""
 
-    __slots__ = ("stream", "first", "error", "attempts", "idle_timeout_s", "_pending", "_ended")
+    __slots__ = ("stream", "first", "error", "attempts", "idle_timeout_s", "_pending", "_ended", "_queue",
+                 "_take_ready", "_error_next")
 
     def __init__(self, stream: Any, first: StreamChunk | None = None, error: BaseException | None = None,
                  attempts: int = 1, idle_timeout_s: float | None = None) -> None:
@@ -127,6 +138,9 @@ class ReplicaStream:
         self.idle_timeout_s = idle_timeout_s
         self._pending = True
         self._ended: BaseException | None = None
+        self._queue: deque[StreamChunk] = deque()  # merged chunks not returned yet (other choices)
+        self._take_ready: Callable[[], list[Any]] | None | bool = None  # None: not looked up yet
+        self._error_next: BaseException | None = None  # what taking the ready chunks raised
 
     def __aiter__(self) -> ReplicaStream:
         return self
@@ -134,20 +148,28 @@ class ReplicaStream:
     async def __anext__(self) -> StreamChunk:
         if self._ended is not None:
             raise self._ended
+        if self._queue:
+            return self._queue.popleft()
+        if self._error_next is not None:
+            error, self._error_next = self._error_next, None
+            raise error
         if self._pending:
             self._pending = False
             if self.error is not None:
                 raise self.error
             if self.first is None:
                 raise StopAsyncIteration
-            return self.first
+            return self._with_ready(self.first)
         if self.first is None or self.error is not None:
             raise StopAsyncIteration
+        if self._take_ready is None:
+            self._take_ready = await ready_taker(self.stream) or False
         try:
             if self.idle_timeout_s is None:
-                return await self.stream.__anext__()
-            async with asyncio.timeout(self.idle_timeout_s):
-                return await self.stream.__anext__()
+                chunk = await self.stream.__anext__()
+            else:
+                async with asyncio.timeout(self.idle_timeout_s):
+                    chunk = await self.stream.__anext__()
         except TimeoutError:
             if self._ended is not None:
                 raise self._ended from None
@@ -158,6 +180,22 @@ class ReplicaStream:
             if self._ended is not None:  # ended from outside: what the underlying stream raised is ours
                 raise self._ended from None
             raise
+        return self._with_ready(chunk)
+
+    def _with_ready(self, chunk: StreamChunk) -> StreamChunk:
+        """``chunk`` merged with the chunks of its choice that have arrived after it (see the
+        module's docstring); chunks of other choices wait in the queue, in order."""
+        if not self._take_ready:
+            return chunk
+        try:
+            ready = self._take_ready()
+        except Exception as e:  # noqa: BLE001 - raised by the next read, after what came before it
+            ready, self._error_next = getattr(e, "chunks_before", []), e
+        if not ready:
+            return chunk
+        merged = merge_runs([chunk, *ready])
+        self._queue.extend(merged[1:])
+        return merged[0]
 
     def cancel(self) -> None:
         _cancel(self.stream)
@@ -227,6 +265,61 @@ async def _first_chunk(stream: Any, first_timeout_s: float | None, idle_timeout_
             raise ReplicaHung(f"the replica gave no sign of life for {idle_timeout_s:g} s") from None
         if not chunk.is_heartbeat:
             return chunk
+
+
+MAX_READY_CHUNKS = 1024  # taken at most per read: a bound on the work of one loop turn
+
+
+async def ready_taker(stream: Any) -> Callable[[], list[Any]] | None:
+    """A function returning the chunks of ``stream`` that have already arrived, without waiting
+    (at most `MAX_READY_CHUNKS`), or None where the stream cannot tell (not a Serve stream).
+    Reads Ray's ``ObjectRefGenerator`` under Serve's ``DeploymentResponseGenerator`` (its
+    developer API ``_to_object_ref_gen``); the stream's own ``__anext__`` reads the same
+    generator, so the two never reorder.  An error item raises, with the chunks taken before it
+    in its ``chunks_before``."""
+    to_gen = getattr(stream, "_to_object_ref_gen", None)
+    if to_gen is None:
+        return None
+    try:
+        gen = await to_gen()
+    except Exception:  # noqa: BLE001 - e.g. a by-value handle: no draining, nothing else changes
+        logger.debug("replica stream: no object-ref generator; chunks are read one by one", exc_info=True)
+        return None
+    import ray
+
+    # ray.get below only ever reads objects that next_ready() says are here (no wait): Ray's
+    # warning about blocking gets inside an async actor does not apply.
+    os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] = "0"
+
+    def take() -> list[Any]:
+        out: list[Any] = []
+        while len(out) < MAX_READY_CHUNKS and gen.next_ready():
+            try:
+                item = next(gen)
+                out.append(ray.get(item) if isinstance(item, ray.ObjectRef) else item)
+            except StopIteration:  # the end is "ready" too: the stream's next read ends it
+                break
+            except Exception as e:
+                e.chunks_before = out  # type: ignore[attr-defined]
+                raise
+        return out
+
+    return take
+
+
+def merge_runs(chunks: list[StreamChunk]) -> list[StreamChunk]:
+    """``chunks`` (in arrival order) with every run of consecutive chunks of one choice merged
+    into one (`StreamChunk.merge`), heartbeats after the first dropped; order kept."""
+    runs: list[list[StreamChunk]] = []
+    for c in chunks:
+        if runs and c.is_heartbeat:
+            continue
+        last = runs[-1][-1] if runs else None
+        if last is not None and not last.is_heartbeat and last.index == c.index and last.finish_reason is None:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return [StreamChunk.merge(r) for r in runs]
 
 
 def _cancel(stream: Any) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from replica.contract import StreamChunk, TokenLogprob
 from serve_app.openai_api import RequestError
-from serve_app.render import DONE_EVENT, LOGPROB_FLOOR, Choice, Renderer
+from serve_app.render import DONE_EVENT, LOGPROB_FLOOR, Choice, Renderer, usage
 from serve_app.tokenizer import default_tokenizer
 
 
@@ -54,6 +54,25 @@ def test_stream_events_of_both_endpoints(tok):
     err = _event(Renderer.error_event(RequestError(500, "boom", type="server_error")))
     assert err["error"]["message"] == "boom"
     assert DONE_EVENT == "data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("text, finish, index, tier, usage_now", [
+    ("hi", None, 0, None, None),
+    ("", "length", 1, "default", None),
+    (None, "stop", 0, "flex", None),
+    ('quote " back \\ nl \n tab \t é 日本 \u2028 \x00', None, 2, None, (64, 10)),
+    ("x", "abort", 0, "priority", (3, 0)),
+])
+def test_the_preformatted_stream_event_is_the_same_json_as_the_generic_one(tok, chat, text, finish, index, tier,
+                                                                          usage_now):
+    r = Renderer("m", tok, chat=chat)
+    fast = r.stream_events("id-1", 7, tier).text(index, text, finish, usage_now)
+    if not chat and text is None:
+        text = ""  # completions always carry a text
+    generic = r.chunk_event("id-1", 7, text, finish, index=index, service_tier=tier,
+                            usage=None if usage_now is None else usage(*usage_now))
+    assert fast == generic
 
 
 def test_engine_text_is_used_as_is_and_simulated_tokens_read_as_the_tokenizers_text(tok):

@@ -13,7 +13,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError  
 from ray.serve.exceptions import BackPressureError  # noqa: E402
 
 from replica.contract import StreamChunk  # noqa: E402
-from serve_app.stream import ReplicaHung, is_replica_death, open_replica_stream, retry_request_id  # noqa: E402
+from serve_app.stream import (ReplicaHung, ReplicaStream, is_replica_death, merge_runs,  # noqa: E402
+                              open_replica_stream, retry_request_id)
 
 
 class FakeStream:
@@ -188,3 +189,138 @@ def test_heartbeats_do_not_extend_the_first_token_deadline():
     start, calls = _starter(beating)
     opened = asyncio.run(open_replica_stream(start, retries=0, first_timeout_s=0.3, idle_timeout_s=5.0))
     assert isinstance(opened.error, ReplicaHung) and "first token" in str(opened.error)
+
+
+# --- chunks that have already arrived are taken with the one read, merged per choice -------------
+
+class ArrivedStream:
+    """A Serve stream whose chunks have ``arrived`` (in order); ``_to_object_ref_gen`` gives the
+    object-ref generator view of the same items (``next_ready`` / ``next``), as Serve's does.  An
+    exception in ``arrived`` is an error item."""
+
+    def __init__(self, arrived) -> None:
+        self.arrived = list(arrived)
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    def _pop(self):
+        item = self.arrived.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def __anext__(self):
+        if not self.arrived:
+            raise StopAsyncIteration
+        return self._pop()
+
+    async def _to_object_ref_gen(self):
+        stream = self
+
+        class Gen:
+            def next_ready(self):  # as Ray's: the end of the stream is ready too
+                return True
+
+            def __next__(self):
+                if not stream.arrived:
+                    raise StopIteration
+                return stream._pop()
+
+        return Gen()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _read_all(stream) -> list:
+    async def main():
+        opened = await open_replica_stream(lambda attempt: stream)
+        return [c async for c in opened]
+
+    return asyncio.run(main())
+
+
+def _c(n, text, index=0, finish=None):
+    return StreamChunk(num_tokens=n, text=text, index=index, token_ids=(n,), finish_reason=finish)
+
+
+def test_a_backlog_of_one_choice_is_read_as_one_merged_chunk():
+    chunks = _read_all(ArrivedStream([_c(1, "a"), _c(2, "b"), _c(3, "c"), _c(4, "d", finish="length")]))
+    # the first chunk is the one opening read (its own event: time to first token), then the rest at once
+    assert chunks == [_c(1, "a"), StreamChunk(num_tokens=4, text="bcd", token_ids=(2, 3, 4), finish_reason="length")]
+
+
+def test_a_strict_stream_of_small_chunks_gets_as_many_tokens_per_read_as_a_bulk_one():
+    small = _read_all(ArrivedStream([_c(k, "x") for k in range(1, 21)]))          # 1 token per chunk
+    large = _read_all(ArrivedStream([_c(5 * k, "xxxxx") for k in range(1, 5)]))   # 5 tokens per chunk
+    assert len(small) == len(large) == 2 and small[-1].num_tokens == large[-1].num_tokens == 20
+
+
+def test_chunks_of_several_choices_keep_their_order_and_merge_only_in_runs():
+    chunks = _read_all(ArrivedStream([_c(1, "a", 0), _c(1, "A", 1), _c(2, "B", 1), _c(2, "b", 0), _c(3, "c", 0),
+                                      _c(3, "C", 1, finish="stop")]))
+    assert [(c.index, c.text, c.num_tokens) for c in chunks] == [(0, "a", 1), (1, "AB", 2), (0, "bc", 3),
+                                                                 (1, "C", 3)]
+
+
+def test_an_error_item_is_raised_after_the_chunks_that_came_before_it():
+    stream = ArrivedStream([_c(1, "a"), _c(2, "b"), _c(3, "c"), RuntimeError("replica broke")])
+
+    async def main():
+        opened = await open_replica_stream(lambda attempt: stream)
+        got = []
+        with pytest.raises(RuntimeError, match="replica broke"):
+            async for c in opened:
+                got.append(c)
+        return got
+
+    assert [c.text for c in asyncio.run(main())] == ["a", "bc"]
+
+
+def test_a_stream_without_an_object_ref_view_is_read_chunk_by_chunk():
+    chunks = [_c(1, "a"), _c(2, "b"), _c(3, "c")]
+    assert _read_all(FakeStream(chunks=list(chunks))) == chunks
+
+
+def test_nothing_arrived_means_nothing_is_merged():
+    stream = ArrivedStream([_c(1, "a")])
+
+    async def main():
+        opened = await open_replica_stream(lambda attempt: stream)
+        got = [await opened.__anext__()]
+        stream.arrived.append(_c(2, "b"))  # arrives later, alone (the fake's end is "ready" at once)
+        got.append(await opened.__anext__())
+        stream.arrived.append(_c(3, "c"))
+        got.append(await opened.__anext__())
+        return got
+
+    assert asyncio.run(main()) == [_c(1, "a"), _c(2, "b"), _c(3, "c")]
+
+
+def test_an_ended_stream_raises_before_its_queued_chunks():
+    stream = ArrivedStream([_c(1, "a"), _c(1, "A", 1), _c(2, "b", 0)])
+
+    async def main():
+        opened = await open_replica_stream(lambda attempt: stream)
+        await opened.__anext__()                         # "a"
+        await opened.__anext__()                         # "A"; "b" queued
+        opened.end(RuntimeError("draining"))
+        with pytest.raises(RuntimeError, match="draining"):
+            await opened.__anext__()
+
+    asyncio.run(main())
+    assert stream.cancelled
+
+
+@pytest.mark.parametrize("chunks, expected", [
+    ([], []),
+    ([_c(1, "a")], [(0, "a", 1, None)]),
+    ([_c(1, "a"), _c(2, "b")], [(0, "ab", 2, None)]),
+    ([_c(1, "a", finish="stop"), _c(1, "A", 1)], [(0, "a", 1, "stop"), (1, "A", 1, None)]),
+    ([StreamChunk.heartbeat(), _c(1, "a"), StreamChunk.heartbeat(), _c(2, "b")],
+     [(0, None, 0, None), (0, "ab", 2, None)]),
+])
+def test_merge_runs(chunks, expected):
+    assert [(c.index, c.text, c.num_tokens, c.finish_reason) for c in merge_runs(chunks)] == expected
