@@ -9,7 +9,8 @@ arrive or are in flight and stops after ``idle_s`` without one (the next request
 again).  Snapshots older than ``forget_after_s`` are dropped (their replica is gone).
 
 It also says whether any replica can serve (`healthy_replicas`): how many running replicas
-answered the last poll, if that poll is recent; `check_available` polls at once when it is not,
+answered the last poll, if that poll is recent (unknown, not 0, when none answered but one was
+only slow: an overloaded replica is not a dead one); `check_available` polls at once when it is not,
 so an ingress whose replicas are all gone answers 503 at once instead of queueing requests that
 no replica will take.
 
@@ -38,8 +39,9 @@ logger = logging.getLogger("ray.serve")
 async def broadcast_each(handle: Any, method: str, timeout_s: float) -> list[Any]:
     """``method`` called on every running replica of ``handle``'s deployment: each replica's
     result, or the exception it raised, or a ``TimeoutError`` if it did not answer within
-    ``timeout_s`` (no result at all when Serve found no running replica within ``timeout_s``).  Ray's ``DeploymentBroadcastResponse.results_async(timeout_s=...)`` is all or
-    nothing: one replica that hangs (alive, not answering) makes it raise and hides every other
+    ``timeout_s`` (no result at all when Serve has no running replica; a ``TimeoutError`` raised
+    when Serve did not say which replicas run within ``timeout_s``: not known, not none).  Ray's
+    ``DeploymentBroadcastResponse.results_async(timeout_s=...)`` is all or nothing: one replica that hangs (alive, not answering) makes it raise and hides every other
     replica's answer, which would blind admission exactly when a replica misbehaves; so each
     replica gets its own deadline here (through the response's per-replica results: Ray is pinned
     to 2.60, and the live hung-replica test runs this path)."""
@@ -48,7 +50,7 @@ async def broadcast_each(handle: Any, method: str, timeout_s: float) -> list[Any
     response = handle.broadcast(method)
     try:
         replica_results = await asyncio.wait_for(response._fetch_replica_results_async(), timeout_s)
-    except (DeploymentUnavailableError, TimeoutError):  # Serve has no running replica to call: none can serve
+    except DeploymentUnavailableError:  # Serve has no running replica to call: none can serve
         return []
     return list(await asyncio.gather(*(asyncio.wait_for(rr.get_async(), timeout_s) for rr in replica_results),
                                      return_exceptions=True))
@@ -162,7 +164,11 @@ class FeedbackPoller:
                 continue
         if results:
             self.num_replicas = len(results)
-        self.healthy = len(fresh)
+        # a replica that did not answer in time is busy or hung, not down: overload must not
+        # read as "no replica" (every request would get 503); a hung one is caught by the
+        # requests' own deadlines (serve_app.stream).  So with none fresh and one slow: unknown.
+        slow = any(isinstance(r, TimeoutError) for r in results)
+        self.healthy = len(fresh) if fresh or not slow else None
         for fb in fresh:
             self.feedback[fb.replica_id] = fb
         self.tbt_history.add(fresh)

@@ -9,7 +9,8 @@ security, fuzz and retry tests.
   (`replica.contract.GenerateRequest`) in ``payloads``; ``script`` (request -> chunks) answers
   with a `ScriptedStream` of those chunks instead; per call, in order, ``die_after``,
   ``hang_after`` and ``delay_s`` lists; ``snapshots`` (a list of feedback snapshot dicts, or None:
-  a broadcast fails, so health is unknown) answers ``broadcast("record_routing_stats")``;
+  a broadcast fails, so health is unknown; a None in it: that replica never answers) answers
+  ``broadcast("record_routing_stats")``;
   ``backpressure`` raises Serve's ``BackPressureError`` on the next calls;
   ``die_after`` lists, per call in order, after how many chunks that call's replica dies;
 * `make_ingress(api_keys, overrides, max_context_tokens)`: the Ingress (not Serve's wrapper) on
@@ -96,6 +97,8 @@ class _ReplicaResult:
         self.snapshot = snapshot
 
     async def get_async(self) -> dict[str, Any]:
+        if self.snapshot is None:  # a replica too busy to answer (alive: no error, no answer)
+            await asyncio.Event().wait()
         return self.snapshot
 
 

@@ -158,6 +158,14 @@ def test_serves_backpressure_is_a_429_with_its_retry_after():
     assert json.loads(content)["error"]["code"] == "overloaded" and _released(ingress)
 
 
+def test_replicas_too_busy_to_answer_the_health_poll_are_not_taken_for_down():
+    ingress, replicas = _ingress()
+    replicas.snapshots = [None, None, None]  # alive, but none answers the poll within its deadline
+    status, _, content = call_inprocess(ingress, _body(ingress), _auth())
+    assert status == 200, content
+    assert ingress.poller.healthy is None and replicas.payloads
+
+
 def test_with_no_replica_answering_requests_get_503_at_once_and_health_says_so():
     ingress, replicas = _ingress()
     replicas.snapshots = []  # the broadcast reaches no running replica
