@@ -390,6 +390,12 @@ class StreamingConfig(_Strict):
     coalesce: bool = Field(default=True,
                            description="send a stream's tokens after the first together, at most every tier's "
                                        "stream_interval_s (false: every engine output as its own message)")
+    transport: Literal["grpc", "object_ref"] = Field(
+        default="grpc",
+        description="how a replica's stream reaches the ingress: grpc (Serve's by-value gRPC between "
+                    "deployments, on loopback here: the least CPU per message, measured in docs/BENCHMARKS.md "
+                    "section 12) or object_ref (a Ray object per message; the ingress then takes every chunk "
+                    "that has arrived with each read)")
 
 
 class ServiceTierMap(_Strict):

@@ -461,7 +461,8 @@ class Ingress:
                                       max_tokens=parsed.max_tokens, tier=self.tiers[tier],
                                       sampling=parsed.body.sampling, options=parsed.options)
         service_tier = served.service_tier
-        handle = self.replicas.options(stream=True)
+        handle = self.replicas.options(stream=True, **({"_by_reference": False}
+                                                        if self.config.streaming.transport == "grpc" else {}))
 
         def call_replica(attempt: int) -> Any:
             req = gen_request if attempt == 0 else gen_request.with_request_id(retry_request_id(rid, attempt))

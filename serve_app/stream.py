@@ -44,8 +44,8 @@ iteration raises ``error``.
 Under load a stream's chunks queue at the ingress faster than its event loop reads them, one loop
 turn per chunk: a stream whose replica sends many small chunks (a strict tier's short stream
 interval, `replica.streaming`) would then get fewer tokens per second than one that sends few
-large ones, the strict tier last.  So each read also takes every further chunk that has already
-arrived (Ray's ``ObjectRefGenerator.next_ready``: no wait, no loop turn) and merges those of one
+large ones, the strict tier last.  So with the ``object_ref`` transport (`StreamingConfig`) each
+read also takes every further chunk that has already arrived (Ray's ``ObjectRefGenerator.next_ready``: no wait, no loop turn) and merges those of one
 choice into one (`StreamChunk.merge`): the client gets one event with everything there is, and
 a stream's share of the ingress is in tokens, not in chunks.  With no backlog nothing changes.
 """

@@ -48,17 +48,22 @@ class ObservableIngress(Ingress.func_or_class):  # type: ignore[misc,name-define
         return len(self.in_flight)
 
 
-def _app(num_replicas: int, *, observable: bool) -> Application:
+def _app(num_replicas: int, *, observable: bool, transport: str = "object_ref") -> Application:
     s = TIME_SCALE
     tiers = [{"name": "premium", "tbt_slo_s": 0.1 * s, "ttft_target_s": 0.5 * s, "rank": 0, "shed_order": 1},
              {"name": "free", "tbt_slo_s": 0.5 * s, "ttft_target_s": 0.5 * s, "rank": 1, "shed_order": 0}]
     app = build_app({"overrides": {"tiers": tiers, "model_name": MODEL, "engine.time_scale": s,
                                    "replicas.num_replicas": num_replicas, "replicas.cpus_per_replica": 0,
-                                   "router.feedback_period_s": 0.5}})
+                                   "router.feedback_period_s": 0.5, "streaming.transport": transport}})
     if not observable:
         return app
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # this module is not importable there
     return Application(app._bound_deployment.options(func_or_class=ObservableIngress))
+
+
+def _app_name(url: str) -> str:
+    """The Serve application behind a fixture's URL (its route prefix is its name)."""
+    return url.rsplit("/", 1)[1]
 
 
 def _engine_states(app_name: str) -> list[dict]:
@@ -83,10 +88,12 @@ CONCURRENCY = 30
 LONG = 2000  # tokens: ~100 s at this pace, so only an abort frees such a request within the bound
 
 
-@pytest.fixture(scope="module")
-def disc(local_serve):
-    serve.run(_app(2, observable=True), name="disc", route_prefix="/disc")
-    return f"http://127.0.0.1:{local_serve}/disc"
+@pytest.fixture(scope="module", params=["object_ref", "grpc"])  # both ways a replica stream travels
+def disc(local_serve, request):
+    name = f"disc-{request.param}"
+    serve.run(_app(2, observable=True, transport=request.param), name=name, route_prefix=f"/{name}")
+    yield f"http://127.0.0.1:{local_serve}/{name}"
+    serve.delete(name)
 
 
 async def _read_sse(r: httpx.Response, rec: dict, stop_after: int | None = None) -> None:
@@ -163,10 +170,10 @@ def test_random_client_disconnects_leave_no_request_in_any_engine(disc):
             assert not r.get("timed_out") and "error" not in r, r
     assert modes["pre_headers"] and modes["complete"] and modes["after_k"]
 
-    ingress = serve.get_deployment_handle("Ingress", app_name="disc")
+    ingress = serve.get_deployment_handle("Ingress", app_name=_app_name(disc))
     deadline = time.monotonic() + 10
     while True:
-        states = _engine_states("disc")
+        states = _engine_states(_app_name(disc))
         in_flight = ingress.in_flight_count.remote().result(timeout_s=10)
         clean = (len(states) == 2 and all(s["num_unfinished"] == 0 and s["kv_usage"] == 0 for s in states)
                  and in_flight == 0)
@@ -191,10 +198,12 @@ HEADERS_SLACK_S = 0.25  # headers later than kill + this: the first chunk was re
 MIN_WAITING = 2  # requests without a first token on the victim when it is killed
 
 
-@pytest.fixture(scope="module")
-def kill_app(local_serve):
-    serve.run(_app(KILL_REPLICAS, observable=False), name="kill", route_prefix="/kill")
-    return f"http://127.0.0.1:{local_serve}/kill"
+@pytest.fixture(scope="module", params=["object_ref", "grpc"])
+def kill_app(local_serve, request):
+    name = f"kill-{request.param}"
+    serve.run(_app(KILL_REPLICAS, observable=False, transport=request.param), name=name, route_prefix=f"/{name}")
+    yield f"http://127.0.0.1:{local_serve}/{name}"
+    serve.delete(name)
 
 
 async def _request(client: httpx.AsyncClient, url: str, rng: random.Random) -> dict:
@@ -235,13 +244,13 @@ def _succeeded(r: dict) -> bool:
     return r["body"]["usage"]["completion_tokens"] == r["max_tokens"]
 
 
-def _kill_busiest_replica() -> tuple[dict, float]:
+def _kill_busiest_replica(app: str) -> tuple[dict, float]:
     """Kills the replica whose engine has the most requests waiting (not started: no first token),
     once one has MIN_WAITING of them beside running ones (within a few seconds); returns its state
     just before and the time of the kill."""
     deadline = time.monotonic() + 8
     while True:
-        states = _engine_states("kill")
+        states = _engine_states(app)
         victim = max(states, key=lambda s: (s["num_waiting"], s["num_running"]))
         if (victim["num_waiting"] >= MIN_WAITING and victim["num_running"] > 0) or time.monotonic() > deadline:
             break
@@ -266,7 +275,7 @@ async def _load_with_a_kill(url: str, seed: int) -> tuple[list[dict], float, flo
 
         loops = [asyncio.create_task(loop(i)) for i in range(CLIENTS)]
         await asyncio.sleep(WARMUP_S)
-        victim, t_kill = await asyncio.to_thread(_kill_busiest_replica)
+        victim, t_kill = await asyncio.to_thread(_kill_busiest_replica, _app_name(url))
         t_killed = time.monotonic()  # ray.kill returned
         await asyncio.sleep(AFTER_KILL_S)
         stop.set()
@@ -281,7 +290,8 @@ def _replicas_running(app: str) -> int:
 
 def test_a_replica_killed_under_load(kill_app):
     t0 = time.monotonic()
-    before = {s["actor_name"] for s in _engine_states("kill")}
+    app = _app_name(kill_app)
+    before = {s["actor_name"] for s in _engine_states(app)}
     assert len(before) == KILL_REPLICAS
     recs, t_kill, t_killed, victim = asyncio.run(_load_with_a_kill(kill_app, seed=2))
     print(f"\n{len(recs)} requests; killed {victim} at {t_kill - t0:.1f} s")
@@ -322,13 +332,13 @@ def test_a_replica_killed_under_load(kill_app):
     # 10 s by default): KILL_REPLICAS replicas answer again, none of them the killed one
     deadline = time.monotonic() + 60
     while True:
-        names = {s["actor_name"] for s in _engine_states("kill")}
+        names = {s["actor_name"] for s in _engine_states(app)}
         replaced = len(names) == KILL_REPLICAS and victim["actor_name"] not in names
-        if (replaced and _replicas_running("kill") == KILL_REPLICAS) or time.monotonic() > deadline:
+        if (replaced and _replicas_running(app) == KILL_REPLICAS) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     print(f"replaced {time.monotonic() - t_kill:.1f} s after the kill")
     assert replaced, names
-    assert _replicas_running("kill") == KILL_REPLICAS, serve.status().applications["kill"].deployments["LLMReplica"]
+    assert _replicas_running(app) == KILL_REPLICAS, serve.status().applications[app].deployments["LLMReplica"]
     r = httpx.post(f"{kill_app}/v1/completions", headers=AUTH, json=_body(100, 5, stream=False), timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
