@@ -84,15 +84,29 @@ def local_serve(request, tmp_path_factory, check_ray_auth):
 
     from serve_app.ray_loopback import require_loopback, runtime_env
 
-    port = _free_port()
     ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False,
              runtime_env=runtime_env(getattr(request.module, "SERVE_ENV_VARS", {})))
     try:
         require_loopback()
         check_ray_auth(ray)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield port
+        yield _start_serve(serve)
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _start_serve(serve, attempts: int = 3) -> int:
+    """``serve.start`` on a free loopback port; the port is free when chosen, but a Ray process may
+    take it before Serve's proxy binds it (seen in CI: "Failed to bind to address"): then again
+    on another port."""
+    for attempt in range(attempts):
+        port = _free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            return port
+        except Exception as e:  # noqa: BLE001 - Ray wraps the proxy's bind error in a RayTaskError
+            if "Failed to bind" not in str(e) or attempt == attempts - 1:
+                raise
+            serve.shutdown()
+    raise AssertionError("unreachable")
