@@ -10,8 +10,8 @@ again).  Snapshots older than ``forget_after_s`` are dropped (their replica is g
 
 It also says whether any replica can serve (`healthy_replicas`): how many running replicas
 answered the last poll, if that poll is recent (unknown, not 0, when none answered but one was
-only slow: an overloaded replica is not a dead one); `check_available` polls at once when it is not,
-so an ingress whose replicas are all gone answers 503 at once instead of queueing requests that
+only slow: an overloaded replica is not a dead one); `check_available` polls at once when it is
+not, so an ingress whose replicas are all gone answers 503 at once instead of queueing requests that
 no replica will take.
 
 And, given a handle to the ingress deployment itself (``peers``), it counts the running ingress
@@ -41,8 +41,8 @@ async def broadcast_each(handle: Any, method: str, timeout_s: float) -> list[Any
     result, or the exception it raised, or a ``TimeoutError`` if it did not answer within
     ``timeout_s`` (no result at all when Serve has no running replica; a ``TimeoutError`` raised
     when Serve did not say which replicas run within ``timeout_s``: not known, not none).  Ray's
-    ``DeploymentBroadcastResponse.results_async(timeout_s=...)`` is all or nothing: one replica that hangs (alive, not answering) makes it raise and hides every other
-    replica's answer, which would blind admission exactly when a replica misbehaves; so each
+    ``DeploymentBroadcastResponse.results_async(timeout_s=...)`` is all or nothing: one replica
+    that hangs (alive, not answering) makes it raise and hides every other replica's answer, which would blind admission exactly when a replica misbehaves; so each
     replica gets its own deadline here (through the response's per-replica results: Ray is pinned
     to 2.60, and the live hung-replica test runs this path)."""
     from ray.serve.exceptions import DeploymentUnavailableError

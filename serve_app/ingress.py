@@ -210,6 +210,9 @@ class Ingress:
                  max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS) -> None:
         self.config = config if isinstance(config, AppConfig) else AppConfig.model_validate(config)
         self.replicas = replicas
+        # generate calls: streams, by value over Serve's gRPC or as Ray objects (StreamingConfig)
+        by_value = self.config.streaming.transport == "grpc"
+        self.stream_replicas = replicas.options(stream=True, **({"_by_reference": False} if by_value else {}))
         self.keys = KeyStore.from_config(self.config)
         self.tokenizer: Tokenizer = tokenizer_for(self.config.engine)
         self.max_context_tokens = int(max_context_tokens)
@@ -461,8 +464,7 @@ class Ingress:
                                       max_tokens=parsed.max_tokens, tier=self.tiers[tier],
                                       sampling=parsed.body.sampling, options=parsed.options)
         service_tier = served.service_tier
-        handle = self.replicas.options(stream=True, **({"_by_reference": False}
-                                                        if self.config.streaming.transport == "grpc" else {}))
+        handle = self.stream_replicas
 
         def call_replica(attempt: int) -> Any:
             req = gen_request if attempt == 0 else gen_request.with_request_id(retry_request_id(rid, attempt))
@@ -471,7 +473,8 @@ class Ingress:
         async def open_stream(first_attempt: int = 0, retries: int = DEFAULT_RETRIES) -> ReplicaStream:
             stream = await open_replica_stream(lambda a: call_replica(first_attempt + a), retries=retries,
                                                request_id=rid, first_timeout_s=tier_cfg.first_token_timeout_s,
-                                               idle_timeout_s=tier_cfg.stream_idle_timeout_s)
+                                               idle_timeout_s=tier_cfg.stream_idle_timeout_s,
+                                               take_arrived=self.config.streaming.transport == "object_ref")
             stream.attempts += first_attempt
             self.active[rid] = stream
             return stream
@@ -620,12 +623,13 @@ class Ingress:
         fast = renderer.stream_events(rid, created, service_tier)
 
         def event(text: str | None, finish: str | None, index: int, *, logprobs: dict[str, Any] | None = None,
-                  usage: dict[str, int] | None = None, first: bool = False) -> str:
+                  tokens: tuple[int, int] | None = None, first: bool = False) -> str:
+            """``tokens``: (prompt, completion so far) for continuous usage stats."""
             if logprobs is None and not first:  # the common case, preformatted
-                return fast.text(index, text, finish,
-                                 None if usage is None else (usage["prompt_tokens"], usage["completion_tokens"]))
+                return fast.text(index, text, finish, tokens)
             return renderer.chunk_event(rid, created, text, finish, index=index, service_tier=service_tier,
-                                        logprobs=logprobs, usage=usage, first=first)
+                                        logprobs=logprobs, usage=None if tokens is None else usage(*tokens),
+                                        first=first)
 
         try:
             if chat:
@@ -649,9 +653,9 @@ class Ingress:
                     text = parsed.echo_text + text
                 c.started = True
                 # the finish reason rides on the choice's last tokens, as vLLM sends it
-                usage_now = usage(parsed.prompt_len, total) if continuous_usage else None
+                tokens_now = (parsed.prompt_len, total) if continuous_usage else None
                 yield event(text if text or not chunk.finished or not chat else None, c.finish_reason, c.index,
-                            logprobs=logprobs, usage=usage_now)
+                            logprobs=logprobs, tokens=tokens_now)
             for c in choices:
                 if c.finish_reason is None:  # the stream ended without the choice's last chunk
                     c.finish_reason = "length"

@@ -45,8 +45,8 @@ Under load a stream's chunks queue at the ingress faster than its event loop rea
 turn per chunk: a stream whose replica sends many small chunks (a strict tier's short stream
 interval, `replica.streaming`) would then get fewer tokens per second than one that sends few
 large ones, the strict tier last.  So with the ``object_ref`` transport (`StreamingConfig`) each
-read also takes every further chunk that has already arrived (Ray's ``ObjectRefGenerator.next_ready``: no wait, no loop turn) and merges those of one
-choice into one (`StreamChunk.merge`): the client gets one event with everything there is, and
+read also takes every further chunk that has already arrived (Ray's
+``ObjectRefGenerator.next_ready``: no wait, no loop turn) and merges those of one choice into one (`StreamChunk.merge`): the client gets one event with everything there is, and
 a stream's share of the ingress is in tokens, not in chunks.  With no backlog nothing changes.
 """
 
@@ -133,13 +133,14 @@ class ReplicaStream:
                  "_take_ready", "_error_next")
 
     def __init__(self, stream: Any, first: StreamChunk | None = None, error: BaseException | None = None,
-                 attempts: int = 1, idle_timeout_s: float | None = None) -> None:
+                 attempts: int = 1, idle_timeout_s: float | None = None, take_arrived: bool = True) -> None:
         self.stream, self.first, self.error, self.attempts = stream, first, error, attempts
         self.idle_timeout_s = idle_timeout_s
         self._pending = True
         self._ended: BaseException | None = None
         self._queue: deque[StreamChunk] = deque()  # merged chunks not returned yet (other choices)
-        self._take_ready: Callable[[], list[Any]] | None | bool = None  # None: not looked up yet
+        # None: not looked up yet; False: read chunk by chunk (not asked for, or the stream cannot tell)
+        self._take_ready: Callable[[], list[Any]] | None | bool = None if take_arrived else False
         self._error_next: BaseException | None = None  # what taking the ready chunks raised
 
     def __aiter__(self) -> ReplicaStream:
@@ -209,12 +210,13 @@ class ReplicaStream:
 
 async def open_replica_stream(start: Callable[[int], Any], *, retries: int = DEFAULT_RETRIES,
                               request_id: str = "", first_timeout_s: float | None = None,
-                              idle_timeout_s: float | None = None) -> ReplicaStream:
+                              idle_timeout_s: float | None = None, take_arrived: bool = True) -> ReplicaStream:
     """Starts a replica stream with ``start(attempt)`` (attempt 0, 1, ...) and reads its first
     chunk; when that read fails because the replica died (`is_replica_death`) or sent nothing
     within ``first_timeout_s`` (`ReplicaHung`), starts it again, at most ``retries`` more times.
     Other errors are returned in `ReplicaStream.error` (no retry); ``BackPressureError`` and
-    ``CancelledError`` propagate (the latter after cancelling the stream)."""
+    ``CancelledError`` propagate (the latter after cancelling the stream).  ``take_arrived``: each
+    later read also takes the chunks that have already arrived (a by-reference Serve stream)."""
     from ray.serve.exceptions import BackPressureError
 
     attempt = 0
@@ -223,7 +225,7 @@ async def open_replica_stream(start: Callable[[int], Any], *, retries: int = DEF
         try:
             first = await _first_chunk(stream, first_timeout_s, idle_timeout_s)
         except StopAsyncIteration:
-            return ReplicaStream(stream, None, None, attempt + 1, idle_timeout_s)
+            return ReplicaStream(stream, None, None, attempt + 1, idle_timeout_s, take_arrived)
         except BackPressureError:
             raise
         except asyncio.CancelledError:
@@ -239,8 +241,8 @@ async def open_replica_stream(start: Callable[[int], Any], *, retries: int = DEF
                 continue
             if isinstance(e, ReplicaHung):
                 _cancel(stream)
-            return ReplicaStream(stream, None, e, attempt + 1, idle_timeout_s)
-        return ReplicaStream(stream, first, None, attempt + 1, idle_timeout_s)
+            return ReplicaStream(stream, None, e, attempt + 1, idle_timeout_s, take_arrived)
+        return ReplicaStream(stream, first, None, attempt + 1, idle_timeout_s, take_arrived)
 
 
 async def _first_chunk(stream: Any, first_timeout_s: float | None, idle_timeout_s: float | None) -> StreamChunk:
@@ -289,7 +291,7 @@ async def ready_taker(stream: Any) -> Callable[[], list[Any]] | None:
 
     # ray.get below only ever reads objects that next_ready() says are here (no wait): Ray's
     # warning about blocking gets inside an async actor does not apply.
-    os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] = "0"
+    os.environ.setdefault("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
 
     def take() -> list[Any]:
         out: list[Any] = []

@@ -13,7 +13,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError  
 from ray.serve.exceptions import BackPressureError  # noqa: E402
 
 from replica.contract import StreamChunk  # noqa: E402
-from serve_app.stream import (ReplicaHung, ReplicaStream, is_replica_death, merge_runs,  # noqa: E402
+from serve_app.stream import (ReplicaHung, is_replica_death, merge_runs,  # noqa: E402
                               open_replica_stream, retry_request_id)
 
 
@@ -277,6 +277,17 @@ def test_an_error_item_is_raised_after_the_chunks_that_came_before_it():
         return got
 
     assert [c.text for c in asyncio.run(main())] == ["a", "bc"]
+
+
+def test_a_stream_opened_without_take_arrived_is_read_chunk_by_chunk():
+    chunks = [_c(1, "a"), _c(2, "b"), _c(3, "c")]
+    stream = ArrivedStream(list(chunks))
+
+    async def main():
+        opened = await open_replica_stream(lambda attempt: stream, take_arrived=False)
+        return [c async for c in opened]
+
+    assert asyncio.run(main()) == chunks
 
 
 def test_a_stream_without_an_object_ref_view_is_read_chunk_by_chunk():
