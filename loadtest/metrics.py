@@ -84,7 +84,17 @@ def summarize(run: Any, ttft_p50_limit_s: float = TTFT_P50_LIMIT_S) -> dict[str,
         "preemptions": int(run.num_preemptions),
         "makespan_s": float(run.makespan_s),
         "sim_wall_s": float(run.wall_s),
+        **_prefix_stats(run),
     }
+
+
+def _prefix_stats(run: Any) -> dict[str, Any]:
+    """The prefix cache's hit rate (cached / looked-up prompt tokens at admission), if it had one."""
+    looked = getattr(run, "prefix_lookup_tokens", 0)
+    if not looked:
+        return {}
+    hit = getattr(run, "prefix_hit_tokens", 0)
+    return {"prefix_cache_hit_rate": hit / looked, "prefix_hit_tokens": int(hit)}
 
 
 def capacity_bracket(points: Iterable[dict[str, Any]], key: str = "slo_met") -> tuple[float, float | None]:

@@ -9,7 +9,10 @@ Users can bring their own trace:
 
 * a CSV file with a header row containing ``num_prefill_tokens,num_decode_tokens`` (the
   Sarathi-Serve layout; other columns are ignored), one request per row;
-* a ShareGPT JSON file (``load_sharegpt_json``), tokenized with a tokenizer of their choice.
+* a ShareGPT JSON file (``load_sharegpt_json``), tokenized with a tokenizer of their choice;
+* a Mooncake-style JSON-lines file (``load_prefix_jsonl``; alias ``"mooncake"``: the production
+  chat trace in ``replica/data``): arrival timestamps, token counts and the prompt's prefix block
+  hashes, for prefix caching (`Trace.prefix_hashes`, `engine_block_hashes`).
 
 Loading is strict: every malformed row raises :class:`TraceError` naming the file and the line
 (or JSON entry) and what is wrong.  Nothing is silently skipped; the only rows left out are
@@ -37,13 +40,21 @@ __all__ = [
     "TRACE_ALIASES",
     "Trace",
     "TraceError",
+    "EngineBlockHashes",
+    "engine_block_hashes",
+    "load_prefix_jsonl",
     "load_sharegpt_json",
     "load_trace",
     "sample_requests",
 ]
 
 PAPER_TRACE_PATH = Path(__file__).parent / "data" / "sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
-TRACE_ALIASES: Mapping[str, Path] = {"paper": PAPER_TRACE_PATH, "sharegpt": PAPER_TRACE_PATH}
+MOONCAKE_TRACE_PATH = Path(__file__).parent / "data" / "mooncake_conversation_trace.jsonl"
+TRACE_ALIASES: Mapping[str, Path] = {"paper": PAPER_TRACE_PATH, "sharegpt": PAPER_TRACE_PATH,
+                                     "mooncake": MOONCAKE_TRACE_PATH}
+# The context of Mistral-7B-Instruct-v0.2, the model of every cost profile (replica/cost): a prefix
+# trace's requests that do not fit it are left out, as vLLM refuses them (HTTP 400).
+DEFAULT_MAX_MODEL_LEN = 32_768
 
 PROMPT_COLUMN = "num_prefill_tokens"
 OUTPUT_COLUMN = "num_decode_tokens"
@@ -69,7 +80,12 @@ class Trace:
     """Token counts of a set of requests: ``prompt_lens[i]`` and ``output_lens[i]`` for request i.
 
     Both arrays are int64, read-only, of equal non-zero length, with every value >= 1.
-    ``dropped`` counts the source entries left out while loading, by reason (ShareGPT JSON only).
+    ``dropped`` counts the source entries left out while loading, by reason (ShareGPT JSON and
+    prefix JSON lines).
+    A prefix trace (`load_prefix_jsonl`) also has, per request, its arrival time in seconds
+    (``arrival_s``, from the first request) and its prompt's prefix block hashes
+    (``prefix_hashes[i]``, one per block of ``hash_block_tokens`` tokens, the last one partial;
+    equal hash = equal prefix up to the end of that block); these are None / 0 otherwise.
     (``eq=False``: numpy arrays have no single truth value, so traces compare by identity.)
     """
 
@@ -77,6 +93,9 @@ class Trace:
     output_lens: np.ndarray
     source: str
     dropped: Mapping[str, int] = field(default_factory=dict)
+    arrival_s: np.ndarray | None = None
+    prefix_hashes: tuple[tuple[int, ...], ...] | None = None
+    hash_block_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("prompt_lens", "output_lens"):
@@ -96,6 +115,29 @@ class Trace:
         if len(self.prompt_lens) == 0:
             raise TraceError("trace is empty (no requests)", path=self.source)
         object.__setattr__(self, "dropped", MappingProxyType(dict(self.dropped)))
+        if self.prefix_hashes is not None:
+            if self.hash_block_tokens < 1:
+                raise TraceError("prefix hashes need hash_block_tokens >= 1", path=self.source)
+            if len(self.prefix_hashes) != len(self.prompt_lens):
+                raise TraceError(f"{len(self.prefix_hashes)} prefix hash lists for {len(self.prompt_lens)} "
+                                 "requests", path=self.source)
+        if self.arrival_s is not None:
+            arr = np.asarray(self.arrival_s, dtype=np.float64).copy()
+            if arr.shape != self.prompt_lens.shape or (arr.size and (np.diff(arr) < 0).any()):
+                raise TraceError("arrival_s must hold one non-decreasing time per request", path=self.source)
+            arr.setflags(write=False)
+            object.__setattr__(self, "arrival_s", arr)
+
+    @property
+    def has_prefixes(self) -> bool:
+        return self.prefix_hashes is not None
+
+    @property
+    def mean_qps(self) -> float | None:
+        """The recorded arrival rate (requests per second), for a trace with arrival times."""
+        if self.arrival_s is None or len(self.arrival_s) < 2 or self.arrival_s[-1] <= self.arrival_s[0]:
+            return None
+        return (len(self.arrival_s) - 1) / float(self.arrival_s[-1] - self.arrival_s[0])
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
@@ -122,22 +164,25 @@ Tokenizer: TypeAlias = _Encoder | Callable[[str], Sequence[int]]
 
 def load_trace(name_or_path: str | os.PathLike[str], *,
                tokenizer: Tokenizer | str | os.PathLike[str] | None = None,
-               max_model_len: int = 8192) -> Trace:
-    """Load a trace by name (``"paper"``, alias ``"sharegpt"``) or from a file.
+               max_model_len: int | None = None) -> Trace:
+    """Load a trace by name (``"paper"``, alias ``"sharegpt"``; ``"mooncake"``) or from a file.
 
     A ``.json`` file is read as ShareGPT conversations (``load_sharegpt_json``; needs
-    ``tokenizer``, and uses ``max_model_len``); any other file as a CSV with the columns
-    ``num_prefill_tokens`` and ``num_decode_tokens``.
+    ``tokenizer``, and uses ``max_model_len``, default 8192); a ``.jsonl`` file as a Mooncake-style
+    prefix trace (``load_prefix_jsonl``, ``max_model_len`` default `DEFAULT_MAX_MODEL_LEN`); any
+    other file as a CSV with the columns ``num_prefill_tokens`` and ``num_decode_tokens``.
     """
     if isinstance(name_or_path, str) and name_or_path in TRACE_ALIASES:
-        return _load_csv(TRACE_ALIASES[name_or_path])
+        name_or_path = TRACE_ALIASES[name_or_path]
     path = Path(name_or_path)
     if not path.is_file():
         raise TraceError(f"no such file (known trace names: {', '.join(TRACE_ALIASES)})", path=path)
+    if path.suffix.lower() == ".jsonl":
+        return load_prefix_jsonl(path, max_model_len=max_model_len or DEFAULT_MAX_MODEL_LEN)
     if path.suffix.lower() == ".json":
         if tokenizer is None:
             raise TraceError("a ShareGPT JSON trace needs a tokenizer to count tokens", path=path)
-        return load_sharegpt_json(path, tokenizer, max_model_len=max_model_len)
+        return load_sharegpt_json(path, tokenizer, max_model_len=max_model_len or 8192)
     return _load_csv(path)
 
 
@@ -279,6 +324,118 @@ def _token_counter(tokenizer: Tokenizer | str | os.PathLike[str]) -> Callable[[s
         return len(getattr(ids, "ids", ids))
 
     return count
+
+
+def load_prefix_jsonl(path: str | os.PathLike[str], *, max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+                      hash_block_tokens: int = 512) -> Trace:
+    """A Mooncake-style prefix trace: one JSON object per line with ``timestamp`` (ms),
+    ``input_length`` and ``output_length`` (tokens, >= 1) and ``hash_ids`` (non-negative ints, one
+    per ``hash_block_tokens``-token block of the prompt, the last one partial: exactly
+    ceil(input_length / hash_block_tokens) of them); timestamps must not decrease.  Blank lines are
+    skipped; anything else malformed raises `TraceError` naming the file and line.
+
+    Requests whose prompt plus output exceed ``max_model_len`` are left out (vLLM refuses them),
+    counted in ``dropped["too_long"]`` with a warning.  The prompts are kept whole otherwise, also
+    beyond the cost profiles' fitted range (their prefill-context term is extrapolated linearly;
+    docs/BENCHMARKS.md says where that matters)."""
+    path = Path(path)
+    if max_model_len < 2:
+        raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+    times: list[float] = []
+    prompts: list[int] = []
+    outputs: list[int] = []
+    hashes: list[tuple[int, ...]] = []
+    too_long = total = 0
+    last_t = -np.inf
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            total += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TraceError(f"not JSON: {e.msg}", path=path, line=lineno) from None
+            if not isinstance(row, dict):
+                raise TraceError(f"expected an object, got {type(row).__name__}", path=path, line=lineno)
+            vals = {}
+            for key in ("timestamp", "input_length", "output_length"):
+                v = row.get(key)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                    raise TraceError(f"{key!r} must be a number, got {v!r}", path=path, line=lineno)
+                vals[key] = v
+            n_in, n_out, t = vals["input_length"], vals["output_length"], float(vals["timestamp"]) / 1000.0
+            if n_in != int(n_in) or n_out != int(n_out) or n_in < 1 or n_out < 1:
+                raise TraceError(f"input_length and output_length must be integers >= 1, got {n_in!r}, {n_out!r}",
+                                 path=path, line=lineno)
+            if t < last_t:
+                raise TraceError(f"timestamp {vals['timestamp']!r} is earlier than the line before's", path=path,
+                                 line=lineno)
+            last_t = t
+            ids = row.get("hash_ids")
+            if not isinstance(ids, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in ids):
+                raise TraceError("'hash_ids' must be a list of non-negative integers", path=path, line=lineno)
+            n_in = int(n_in)
+            expected = -(-n_in // hash_block_tokens)
+            if len(ids) != expected:
+                raise TraceError(f"{len(ids)} hash_ids for {n_in} prompt tokens (expected {expected}, one per "
+                                 f"{hash_block_tokens}-token block)", path=path, line=lineno)
+            if n_in + int(n_out) > max_model_len:
+                too_long += 1
+                continue
+            times.append(t)
+            prompts.append(n_in)
+            outputs.append(int(n_out))
+            hashes.append(tuple(ids))
+    if not prompts:
+        raise TraceError(f"no usable requests among {total} lines ({too_long} longer than {max_model_len} tokens)",
+                         path=path)
+    if too_long:
+        warnings.warn(f"{path}: left out {too_long} of {total} requests longer than max_model_len={max_model_len} "
+                      "tokens (prompt + output), as vLLM would refuse them", UserWarning, stacklevel=2)
+    t0 = times[0]
+    return Trace(np.array(prompts, dtype=np.int64), np.array(outputs, dtype=np.int64), source=str(path),
+                 dropped={"too_long": too_long}, arrival_s=np.array(times) - t0, prefix_hashes=tuple(hashes),
+                 hash_block_tokens=hash_block_tokens)
+
+
+class EngineBlockHashes(Sequence[int]):
+    """A prompt's full-block hashes in the engine's block size, from a trace's coarser block
+    hashes: engine block k lies in trace block k // r (r = trace block / engine block tokens) and
+    gets the hash ``trace_hash * r + k % r``, so two prompts share engine block k exactly when they
+    share trace block k // r (distinct trace hashes never collide).  Only full engine blocks of the
+    prompt are named.  Computed on access: a 30k-token prompt has ~2,000 engine blocks."""
+
+    __slots__ = ("trace_hashes", "ratio", "num_blocks")
+
+    def __init__(self, trace_hashes: Sequence[int], ratio: int, num_blocks: int) -> None:
+        self.trace_hashes = trace_hashes
+        self.ratio = ratio
+        self.num_blocks = num_blocks
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, k):  # type: ignore[override]
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(self.num_blocks))]
+        if k < 0:
+            k += self.num_blocks
+        if not 0 <= k < self.num_blocks:
+            raise IndexError(k)
+        r = self.ratio
+        return self.trace_hashes[k // r] * r + k % r
+
+
+def engine_block_hashes(trace_hashes: Sequence[int], hash_block_tokens: int, prompt_len: int,
+                        block_size: int) -> EngineBlockHashes:
+    """`EngineBlockHashes` of a prompt of ``prompt_len`` tokens whose ``hash_block_tokens``-token
+    blocks have ``trace_hashes``, in engine blocks of ``block_size`` tokens (which must divide
+    ``hash_block_tokens``)."""
+    if block_size < 1 or hash_block_tokens % block_size:
+        raise ValueError(f"the engine block size ({block_size}) must divide the trace's hash block "
+                         f"({hash_block_tokens} tokens)")
+    return EngineBlockHashes(trace_hashes, hash_block_tokens // block_size, prompt_len // block_size)
 
 
 # -------------------------------------------------------------------------------------- sampling

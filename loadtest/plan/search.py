@@ -79,7 +79,9 @@ def run_plan_point(setup: PlanSetup, task: str, qps: float) -> dict[str, Any]:
     seed = w.search.seed
     tiers = w.tier_mix()
     trace = lengths_trace(w.lengths, setup.requests_per_run, seed)
-    wl = SimWorkload.build(trace, setup.requests_per_run, qps, tiers, seed=seed)
+    # a prefix trace is replayed in order, once: at most its length per run
+    n = min(setup.requests_per_run, len(trace)) if trace.has_prefixes else setup.requests_per_run
+    wl = SimWorkload.build(trace, n, qps, tiers, seed=seed)
     config = ClusterConfig(num_replicas=replicas, schedulers=stack.scheduler, profiles=(w.gpu_profile,),
                            kv_blocks=w.search.kv_blocks, router=stack.router, seed=seed)
     run = run_cluster(wl, config, profiles={w.gpu_profile: _profile(w.gpu_profile)})

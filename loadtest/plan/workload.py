@@ -88,11 +88,15 @@ TokenDistribution = Annotated[LognormalTokens | UniformTokens, Field(discriminat
 class Lengths(_Strict):
     """Prompt and output lengths: a trace, or one parametric distribution for each."""
 
-    trace: str | None = Field(None, description="'paper' (the paper's ShareGPT token counts), a CSV with "
-                                                "num_prefill_tokens,num_decode_tokens columns, or a ShareGPT "
-                                                "JSON (needs tokenizer); relative paths are from the YAML's folder")
+    trace: str | None = Field(None, description="'paper' (the paper's ShareGPT token counts), 'mooncake' (a "
+                                                "production chat trace with prefix hashes), a CSV with "
+                                                "num_prefill_tokens,num_decode_tokens columns, a ShareGPT JSON "
+                                                "(needs tokenizer), or a Mooncake-style JSONL with prefix hashes "
+                                                "(replayed in order; the replicas then have vLLM's prefix cache); "
+                                                "relative paths are from the YAML's folder")
     tokenizer: str | None = Field(None, description="tokenizer.json that counts a ShareGPT JSON trace's tokens")
-    max_model_len: int = Field(8192, gt=0, description="ShareGPT JSON: drop conversations longer than this")
+    max_model_len: int | None = Field(None, gt=0, description="drop requests longer than this (ShareGPT JSON: "
+                                                              "default 8192; JSONL: default 32768)")
     prompt: TokenDistribution | None = Field(None, description="prompt tokens: {distribution: lognormal, "
                                                                "mean_tokens, sigma} or {distribution: uniform, "
                                                                "min_tokens, max_tokens} (instead of trace)")

@@ -39,7 +39,16 @@ def _schedulers(text: str) -> list[str]:
 def _setup_args(p: argparse.ArgumentParser) -> None:
     d = SweepSetup()
     p.add_argument("--profile", default=d.profile, help="cost profile name or JSON path (default %(default)s)")
-    p.add_argument("--trace", default=d.trace, help="'paper', a CSV of token counts, or a ShareGPT JSON")
+    p.add_argument("--trace", default=d.trace, help="'paper', 'mooncake', a CSV of token counts, a ShareGPT JSON, or a "
+                                                  "Mooncake-style JSONL with prefix hashes (the engines then have vLLM's "
+                                                  "prefix cache)")
+    p.add_argument("--arrivals", choices=("poisson", "replay"), default=d.arrivals,
+                   help="a JSONL trace's arrivals: Poisson at the QPS (default), or its timestamps scaled to the QPS")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="engines without a prefix cache, even for a trace with prefix hashes")
+    p.add_argument("--max-model-len", type=int, default=0,
+                   help="leave out requests longer than this (prompt + output; default: 32768 for a JSONL trace, "
+                        "8192 for ShareGPT JSON)")
     p.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer.json that counts a ShareGPT JSON trace's tokens")
     p.add_argument("--tiers", default=d.tiers, help="e.g. premium:0.1:0.05,free:0.5:0.95 or a YAML file (default: the paper's)")
     p.add_argument("--requests", type=int, default=d.requests, help="requests per run (default %(default)s)")
@@ -52,10 +61,18 @@ def _setup(a: argparse.Namespace) -> SweepSetup:
     stops the command with the loader's message (file and line) before any work starts."""
     if a.requests < 1:
         raise SystemExit("error: --requests must be >= 1")
+    if a.max_model_len < 0:
+        raise SystemExit("error: --max-model-len must be >= 0")
     setup = SweepSetup(profile=a.profile, trace=a.trace, tokenizer=a.tokenizer, tiers=a.tiers,
-                       requests=a.requests, seed=a.seed, kv_blocks=a.kv_blocks)
+                       requests=a.requests, seed=a.seed, kv_blocks=a.kv_blocks, arrivals=a.arrivals,
+                       prefix_caching=not a.no_prefix_caching, max_model_len=a.max_model_len)
     try:
-        _trace(setup.trace, setup.tokenizer)
+        trace = _trace(setup.trace, setup.tokenizer, setup.max_model_len)
+        if trace.has_prefixes and setup.requests > len(trace):
+            raise ValueError(f"--requests {setup.requests}: {trace.source} has {len(trace)} usable requests "
+                             "(a prefix trace is replayed in order, once)")
+        if a.arrivals == "replay" and trace.arrival_s is None:
+            raise ValueError(f"--arrivals replay: {trace.source} has no timestamps")
         _profile(setup.profile)
         setup.tier_mix()
     except (ValueError, OSError, ImportError) as e:
@@ -143,10 +160,16 @@ def cmd_cluster(a: argparse.Namespace) -> int:
     setup = None
     for n in a.replicas:
         requests = a.requests if a.requests_total else a.requests * n
+        trace = _trace(a.trace, a.tokenizer, a.max_model_len)
+        if trace.has_prefixes and requests > len(trace):
+            print(f"error: {requests} requests for {n} replicas: {trace.source} has {len(trace)} usable requests "
+                  "(a prefix trace is replayed in order, once); lower --requests", file=sys.stderr)
+            raise SystemExit(2)
         setup = ClusterSetup(num_replicas=n, profiles=a.profile, trace=a.trace, tokenizer=a.tokenizer, tiers=a.tiers,
                              requests=requests, seed=a.seed, kv_blocks=a.kv_blocks, num_routers=a.routers,
                              feedback_period_s=a.feedback_period, feedback_delay_s=a.feedback_delay,
-                             use_ledger=not a.no_ledger)
+                             use_ledger=not a.no_ledger, arrivals=a.arrivals,
+                             prefix_caching=not a.no_prefix_caching, max_model_len=a.max_model_len)
         with make_runner(setup, a.jobs, not a.quiet) as runner:
             pairs = cluster_capacity(runner, a.pairs, a.qps, refine_steps=a.refine)
         scaling[n] = {p: r["capacity_qps"] for p, r in pairs.items()}

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from loadtest.simulate.replica import ReplicaRun, TokenLog, Workload, make_requests, request_outcomes
+from loadtest.simulate.replica import ReplicaRun, TokenLog, Workload, make_requests, prefix_counts, request_outcomes
 from replica.cost.profile import DEFAULT_COST_PROFILE, CostProfile, load_profile
 from replica.policy.registry import DEFAULT_SCHEDULER, EngineLimits, make_policy
 from replica.policy.state import Request
@@ -67,6 +67,7 @@ class ClusterConfig(BaseModel):
     feedback_delay_s: float = Field(0.0, ge=0)
     use_ledger: bool = True
     seed: int = 0
+    prefix_caching: bool | None = None  # the engines' prefix cache (None: when the workload has prefix hashes)
 
     @field_validator("schedulers", "profiles", mode="before")
     @classmethod
@@ -129,6 +130,11 @@ def run_cluster(workload: Workload, config: ClusterConfig,
     n = len(reqs)
     origin: list[int] = [0] * n  # router of each request
     replica_of = np.full(n, -1, dtype=np.int64)
+    prefix_caching = config.prefix_caching
+    if prefix_caching is None:
+        prefix_caching = workload.prefix_hashes is not None
+    prefix_hashes = workload.prefix_hashes
+    hash_block_tokens = workload.hash_block_tokens
 
     replicas: list[_Replica] = []
     for i in range(config.num_replicas):
@@ -142,8 +148,8 @@ def run_cluster(workload: Workload, config: ClusterConfig,
             log.on_tokens(emitted, t)
 
         policy = make_policy(config.scheduler_of(i), engine=EngineLimits(tile_tokens=profiles[pname].tile_tokens))
-        engine = SimEngine(policy, profiles[pname],
-                           num_kv_blocks=config.kv_blocks, on_tokens=on_tokens, on_finish=None)
+        engine = SimEngine(policy, profiles[pname], num_kv_blocks=config.kv_blocks, on_tokens=on_tokens,
+                           on_finish=None, prefix_caching=prefix_caching)
         replicas.append(_Replica(i, f"replica-{i:03d}", engine, tracker))
     ids = [r.rid for r in replicas]
     by_id = {r.rid: r for r in replicas}
@@ -190,9 +196,13 @@ def run_cluster(workload: Workload, config: ClusterConfig,
             origin[k] = router_k
             ledger = ledgers[router_k]
             rreq = RoutingRequest(request_id=r.req_id, tier=r.tier, tbt_slo_s=r.tbt_slo_s,
-                                  tier_rank=r.tier_rank, prompt_len=r.prompt_len)
+                                  tier_rank=r.tier_rank, prompt_len=r.prompt_len,
+                                  prefix_hashes=prefix_hashes[k] if prefix_hashes is not None else (),
+                                  prefix_block_tokens=hash_block_tokens if prefix_hashes is not None else 0)
             views = build_views(ids, feedback, ledger if config.use_ledger else None, now)
-            rid = routers[router_k].rank(rreq, views)[0]
+            router = routers[router_k]
+            rid = router.rank(rreq, views)[0]
+            router.on_routed(rreq, rid)
             rep = by_id[rid]
             rep.engine.add_request(r)
             rep.num_requests += 1
@@ -255,4 +265,5 @@ def run_cluster(workload: Workload, config: ClusterConfig,
         requests_per_replica=[x.num_requests for x in replicas],
         replica_ids=ids,
         replica_of=replica_of,
+        **prefix_counts(engines),
     )

@@ -41,6 +41,9 @@ class ClusterSetup:
     feedback_period_s: float = 1.0
     feedback_delay_s: float = 0.0
     use_ledger: bool = True
+    arrivals: str = "poisson"  # a prefix trace's arrivals: re-drawn at the QPS, or "replay"ed scaled to it
+    prefix_caching: bool = True  # the engines' prefix cache, for a trace with prefix hashes
+    max_model_len: int = 0  # requests longer than this are left out (0: the trace loader's default)
 
     def tier_mix(self) -> TierMix:
         return parse_tiers(self.tiers) if self.tiers else paper_tiers()
@@ -59,12 +62,14 @@ def split_pair(pair: str) -> tuple[str, str]:
 def run_cluster_point(setup: ClusterSetup, pair: str, qps: float) -> dict[str, Any]:
     """One (pair, cluster QPS) run, summarised."""
     router, scheduler = split_pair(pair)
-    wl = Workload.build(_trace(setup.trace, setup.tokenizer), setup.requests, qps, setup.tier_mix(), seed=setup.seed)
+    wl = Workload.build(_trace(setup.trace, setup.tokenizer, setup.max_model_len), setup.requests, qps,
+                        setup.tier_mix(), seed=setup.seed, arrivals=setup.arrivals)
     names = setup.profile_names()
     config = ClusterConfig(num_replicas=setup.num_replicas, schedulers=scheduler, profiles=names,
                            kv_blocks=setup.kv_blocks, router=router, num_routers=setup.num_routers,
                            feedback_period_s=setup.feedback_period_s, feedback_delay_s=setup.feedback_delay_s,
-                           use_ledger=setup.use_ledger, seed=setup.seed)
+                           use_ledger=setup.use_ledger, seed=setup.seed,
+                           prefix_caching=setup.prefix_caching and wl.prefix_hashes is not None)
     run = run_cluster(wl, config, profiles={n: _profile(n) for n in names})
     return {"pair": pair, "router": router, "scheduler": scheduler, "replicas": setup.num_replicas,
             **summarize(run), "requests_per_replica": run.requests_per_replica}
@@ -85,6 +90,8 @@ def cluster_capacity(runner: Runner, pairs: list[str], qps_per_replica: list[flo
             "stable_capacity_qps": r["stable_capacity_qps"],
             "tbt_p99_s": dict(at["tbt_p99_s"]) if at else {},
             "ttft_p50_s": at["ttft_p50_s"] if at else None,
+            "ttft_p99_s": at["ttft_p99_s"] if at else None,
+            "prefix_cache_hit_rate": at.get("prefix_cache_hit_rate") if at else None,
             "points": r["points"],
         }
     return out
@@ -129,13 +136,18 @@ def markdown_summary(setup: ClusterSetup, pairs: dict[str, dict[str, Any]], scal
              f"{setup.feedback_period_s:g} s delivered {setup.feedback_delay_s:g} s late, ledger "
              f"{'on' if setup.use_ledger else 'off'}, {setup.requests} requests per run", "",
              "| router+scheduler | capacity (QPS) | per replica | stable capacity | median TTFT at capacity (s) | "
+             "P99 TTFT (s) | prefix-cache hit rate | "
              + " | ".join(f"P99 TBT {t} (SLO {tiers[t]:g} s)" for t in names) + " |",
-             "|---|---|---|---|---|" + "---|" * len(names)]
+             "|---|---|---|---|---|---|---|" + "---|" * len(names)]
+
+    def num(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
     for pair, r in pairs.items():
         tbt = " | ".join(f"{r['tbt_p99_s'].get(t, float('nan')):.3f}" for t in names)
-        ttft = f"{r['ttft_p50_s']:.3f}" if r["ttft_p50_s"] is not None else "-"
         lines.append(f"| {pair} | {r['capacity_qps']:.3f} | {r['capacity_qps_per_replica']:.3f} | "
-                     f"{r['stable_capacity_qps']:.3f} | {ttft} | {tbt} |")
+                     f"{r['stable_capacity_qps']:.3f} | {num(r['ttft_p50_s'], '.3f')} | "
+                     f"{num(r.get('ttft_p99_s'), '.2f')} | {num(r.get('prefix_cache_hit_rate'), '.3f')} | {tbt} |")
     if len(scaling) > 1:
         ns = sorted(scaling)
         lines += ["", "| router+scheduler | " + " | ".join(f"N={k}" for k in ns) + " |",

@@ -10,16 +10,21 @@ import numpy as np
 
 from loadtest.arrivals import poisson_arrival_times
 from replica.tiers import TierMix
-from replica.traces import Trace, sample_requests
+from replica.traces import Trace, engine_block_hashes, sample_requests
 from replica.policy.base import SchedulingPolicy
 from replica.policy.state import Request
 from replica.cost.model import CostModel
 from replica.sim.engine import PAPER_KV_BLOCKS, SimEngine
 
 
+ARRIVALS = ("poisson", "replay")
+
+
 @dataclass(frozen=True)
 class Workload:
-    """Requests of one run: arrival times, token counts and tiers (index into `tiers`)."""
+    """Requests of one run: arrival times, token counts and tiers (index into `tiers`); for a
+    prefix trace also each prompt's prefix block hashes (`Trace.prefix_hashes`, blocks of
+    `hash_block_tokens` tokens)."""
 
     arrival_s: np.ndarray
     prompt_lens: np.ndarray
@@ -27,22 +32,54 @@ class Workload:
     tier_idx: np.ndarray
     tiers: TierMix
     qps: float
+    prefix_hashes: tuple[tuple[int, ...], ...] | None = None
+    hash_block_tokens: int = 0
 
     def __len__(self) -> int:
         return len(self.arrival_s)
 
     @classmethod
-    def build(cls, trace: Trace, num_requests: int, qps: float, tiers: TierMix, seed: int = 42) -> "Workload":
+    def build(cls, trace: Trace, num_requests: int, qps: float, tiers: TierMix, seed: int = 42,
+              arrivals: str = "poisson") -> "Workload":
         """The paper's setup: requests drawn from the trace (shuffle seed), Poisson arrivals with
-        capped gaps, tiers drawn at random with their shares."""
-        prompt_lens, output_lens = sample_requests(trace, num_requests, seed=seed)
+        capped gaps, tiers drawn at random with their shares.
+
+        A prefix trace (`Trace.has_prefixes`) keeps its order instead (its first `num_requests`
+        requests: a shuffle would put a conversation's later turns before its first); its arrivals
+        are re-drawn at `qps` (``arrivals="poisson"``) or replayed from its timestamps, scaled so
+        that the mean rate is `qps` (``"replay"``: the recorded burstiness, at another load)."""
+        if arrivals not in ARRIVALS:
+            raise ValueError(f"arrivals must be one of {ARRIVALS}, got {arrivals!r}")
+        if trace.has_prefixes:
+            if num_requests > len(trace):
+                raise ValueError(f"{trace.source} has {len(trace)} requests, {num_requests} asked for "
+                                 "(a prefix trace is replayed in order, once)")
+            idx = np.arange(num_requests)
+            prompt_lens, output_lens = trace.prompt_lens[idx], trace.output_lens[idx]
+            prefix = trace.prefix_hashes[:num_requests]  # type: ignore[index]
+        else:
+            if arrivals == "replay":
+                raise ValueError(f"{trace.source} has no timestamps to replay")
+            prompt_lens, output_lens = sample_requests(trace, num_requests, seed=seed)
+            prefix = None
+        if arrivals == "replay":
+            if trace.arrival_s is None:
+                raise ValueError(f"{trace.source} has no timestamps to replay")
+            recorded = trace.arrival_s[:num_requests]
+            span = float(recorded[-1] - recorded[0]) if num_requests > 1 else 0.0
+            scale = ((num_requests - 1) / qps) / span if span > 0 else 1.0
+            arrival_s = (recorded - recorded[0]) * scale
+        else:
+            arrival_s = poisson_arrival_times(num_requests, qps, seed=seed)
         return cls(
-            arrival_s=poisson_arrival_times(num_requests, qps, seed=seed),
+            arrival_s=arrival_s,
             prompt_lens=np.asarray(prompt_lens, dtype=np.int64),
             output_lens=np.asarray(output_lens, dtype=np.int64),
             tier_idx=tiers.assign(num_requests, seed=seed),
             tiers=tiers,
             qps=qps,
+            prefix_hashes=prefix,
+            hash_block_tokens=trace.hash_block_tokens if prefix is not None else 0,
         )
 
 
@@ -64,6 +101,8 @@ class ReplicaRun:
     busy_s: float = 0.0
     makespan_s: float = 0.0
     wall_s: float = 0.0
+    prefix_lookup_tokens: int = 0  # prompt tokens looked up in the prefix cache at admission
+    prefix_hit_tokens: int = 0  # of those, tokens found cached (not computed)
 
 
 class TokenLog:
@@ -116,10 +155,12 @@ class TokenLog:
         return self.misses / np.maximum(self.workload.output_lens - 1, 1)
 
 
-def make_requests(workload: Workload) -> list[Request]:
-    """The workload's requests as engine requests (ids: their index)."""
+def make_requests(workload: Workload, block_size: int = 16) -> list[Request]:
+    """The workload's requests as engine requests (ids: their index), with their prompts' block
+    hashes in the engine's `block_size` for a prefix trace (`replica.traces.engine_block_hashes`)."""
     tiers = workload.tiers.tiers
-    return [
+    ph = workload.prefix_hashes
+    reqs = [
         Request(
             req_id=str(i),
             prompt_len=int(workload.prompt_lens[i]),
@@ -132,6 +173,10 @@ def make_requests(workload: Workload) -> list[Request]:
         )
         for i, t in enumerate(workload.tier_idx)
     ]
+    if ph is not None:
+        for r, hashes in zip(reqs, ph):
+            r.block_hashes = engine_block_hashes(hashes, workload.hash_block_tokens, r.prompt_len, block_size)
+    return reqs
 
 
 def request_outcomes(reqs: list[Request], log: "TokenLog") -> dict:
@@ -152,16 +197,21 @@ def run_replica(
     cost: CostModel,
     num_kv_blocks: int = PAPER_KV_BLOCKS,
     fast_forward: bool = True,
+    prefix_caching: bool | None = None,
 ) -> ReplicaRun:
     """Run every request to completion (no time limit: runs drain). `fast_forward=False` makes
-    the engine step decode stretches one iteration at a time (same results, slower)."""
+    the engine step decode stretches one iteration at a time (same results, slower).
+    `prefix_caching` (default: when the workload has prefix hashes) gives the engine vLLM's
+    prefix cache."""
     t0 = time.perf_counter()
     n = len(workload)
     reqs = make_requests(workload)
     log = TokenLog(workload)
+    if prefix_caching is None:
+        prefix_caching = workload.prefix_hashes is not None
     engine = SimEngine(
         policy, cost, num_kv_blocks=num_kv_blocks, on_tokens=log.on_tokens,
-        on_repeated_tokens=log.on_repeated_tokens if fast_forward else None,
+        on_repeated_tokens=log.on_repeated_tokens if fast_forward else None, prefix_caching=prefix_caching,
     )
     arrival = workload.arrival_s.tolist()
     i = 0
@@ -192,4 +242,12 @@ def run_replica(
         busy_s=engine.busy_s,
         makespan_s=now,
         wall_s=time.perf_counter() - t0,
+        **prefix_counts([engine]),
     )
+
+
+def prefix_counts(engines: list[SimEngine]) -> dict[str, int]:
+    """`ReplicaRun.prefix_lookup_tokens` / `prefix_hit_tokens` summed over engines."""
+    pools = [e.pool for e in engines if e.pool is not None]
+    return {"prefix_lookup_tokens": sum(p.num_lookup_tokens for p in pools),
+            "prefix_hit_tokens": sum(p.num_hit_tokens for p in pools)}

@@ -36,14 +36,17 @@ class SweepSetup:
     seed: int = 42
     kv_blocks: int = PAPER_KV_BLOCKS
     scheduler_overrides: dict[str, Any] = field(default_factory=dict)
+    arrivals: str = "poisson"  # a prefix trace's arrivals: re-drawn at the QPS, or "replay"ed scaled to it
+    prefix_caching: bool = True  # the engines' prefix cache, for a trace with prefix hashes
+    max_model_len: int = 0  # requests longer than this are left out (0: the trace loader's default)
 
     def tier_mix(self) -> TierMix:
         return parse_tiers(self.tiers) if self.tiers else paper_tiers()
 
 
 @functools.lru_cache(maxsize=8)
-def _trace(name: str, tokenizer: str):
-    return load_trace(name, tokenizer=tokenizer or None)
+def _trace(name: str, tokenizer: str, max_model_len: int = 0):
+    return load_trace(name, tokenizer=tokenizer or None, max_model_len=max_model_len or None)
 
 
 @functools.lru_cache(maxsize=8)
@@ -53,10 +56,12 @@ def _profile(name: str):
 
 def run_point(setup: SweepSetup, scheduler: str, qps: float) -> dict[str, Any]:
     """One (scheduler, qps) run, summarised."""
-    wl = Workload.build(_trace(setup.trace, setup.tokenizer), setup.requests, qps, setup.tier_mix(), seed=setup.seed)
+    wl = Workload.build(_trace(setup.trace, setup.tokenizer, setup.max_model_len), setup.requests, qps,
+                        setup.tier_mix(), seed=setup.seed, arrivals=setup.arrivals)
     profile = _profile(setup.profile)
     policy = make_policy(scheduler, engine=EngineLimits(tile_tokens=profile.tile_tokens), **setup.scheduler_overrides)
-    run = run_replica(wl, policy, profile, num_kv_blocks=setup.kv_blocks)
+    run = run_replica(wl, policy, profile, num_kv_blocks=setup.kv_blocks,
+                      prefix_caching=setup.prefix_caching and wl.prefix_hashes is not None)
     return {"scheduler": scheduler, **summarize(run)}
 
 

@@ -19,16 +19,16 @@ from replica.policy.state import EngineState, Request
 
 class AdmissionOrder(str, Enum):
     FCFS = "fcfs"  # arrival order
-    SPF = "spf"  # shortest prompt first
+    SPF = "spf"  # shortest prompt first (uncached prompt tokens, under prefix caching)
     SPF_TIER = "spf-tier"  # strict tiers first (lower rank), then shortest prompt
 
 
 def _spf_key(r: Request) -> int:
-    return r.prompt_len
+    return r.prompt_len - r.num_cached_tokens  # the prompt tokens left to compute
 
 
 def _spf_tier_key(r: Request) -> tuple[int, int]:
-    return (r.tier_rank, r.prompt_len)
+    return (r.tier_rank, r.prompt_len - r.num_cached_tokens)
 
 
 WAITING_KEYS = {AdmissionOrder.FCFS: None, AdmissionOrder.SPF: _spf_key, AdmissionOrder.SPF_TIER: _spf_tier_key}
@@ -103,7 +103,8 @@ class PlanBuilder:
     blocks left, tracking what the plan frees (preemptions) and reserves (decode slots,
     whole-prompt admissions)."""
 
-    __slots__ = ("kv", "plan", "num_tokens", "token_budget", "max_active", "max_decodes", "free_blocks", "num_active")
+    __slots__ = ("kv", "plan", "num_tokens", "token_budget", "max_active", "max_decodes", "free_blocks", "num_active",
+                 "prefix")
 
     def __init__(self, state: EngineState, token_budget: int, max_active: int, max_decodes: int) -> None:
         self.kv = state.kv
@@ -114,6 +115,7 @@ class PlanBuilder:
         self.max_decodes = max_decodes
         self.free_blocks = state.kv.num_free_blocks
         self.num_active = len(state.running)
+        self.prefix = state.prefix
 
     @property
     def budget_left(self) -> int:
@@ -125,7 +127,7 @@ class PlanBuilder:
 
     def preempt(self, req: Request) -> None:
         self.plan.preempted.append(req)
-        self.free_blocks += req.num_blocks
+        self.free_blocks += req.num_blocks if self.prefix is None else self.prefix.blocks_freed_by_preempting(req)
         self.num_active -= 1
 
     def add_decode(self, req: Request, victims: list[Request]) -> bool:
@@ -170,17 +172,25 @@ class PlanBuilder:
 
     def try_admit(self, req: Request, max_chunk: int | None = None) -> bool:
         """Admit a waiting request if the budget, the KV blocks for its whole prompt (watermark
-        kept) and the active cap allow; schedules its first chunk."""
+        kept) and the active cap allow; schedules its first chunk.  With a prefix cache the
+        request's cached prefix is looked up now: blocks running requests already hold cost no
+        free block, and the chunk starts after the cached tokens (the mechanism sets
+        ``num_computed_tokens`` to them on admission)."""
         if self.budget_left <= 0 or self.num_active >= self.max_active:
             return False
-        if not self.kv.can_admit(self.free_blocks, req.num_tokens):
+        cached = shared = 0
+        if self.prefix is not None:
+            cached, shared = self.prefix.lookup(req)
+            if self.plan.preempted:  # a victim may hold those blocks alone: its preemption
+                shared = 0  # was credited with them already, so count them as new (conservative)
+        if not self.kv.can_admit(self.free_blocks, req.num_tokens, shared):
             return False
-        chunk = min(req.num_tokens, self.budget_left)
+        chunk = min(req.num_tokens - cached, self.budget_left)
         if max_chunk is not None:
             chunk = min(chunk, max_chunk)
         if chunk <= 0:
             return False
-        self.free_blocks -= self.kv.blocks_for(req.num_tokens)
+        self.free_blocks -= self.kv.blocks_for(req.num_tokens) - shared
         self.num_active += 1
         self.plan.prefills.append((req, chunk))
         self.plan.admitted.append(req)

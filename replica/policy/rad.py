@@ -76,7 +76,7 @@ class RADPolicy(SchedulingPolicy):
             for r in state.waiting:  # only whether the backlog exceeds one batch matters: stop there
                 if num_decodes + backlog > limit:
                     break
-                backlog += r.num_tokens
+                backlog += r.num_tokens - r.num_cached_tokens
         size = self._iteration_size(num_decodes, backlog, limit)
         b = PlanBuilder(state, size, cfg.max_active_requests, cfg.max_decodes)
         started = []

@@ -254,7 +254,7 @@ class SLAIPlusPolicy(SLAIPolicy):
                 chunk_ctx = r.num_computed_tokens
         if work <= base:
             for r in state.waiting:
-                work += r.num_tokens
+                work += r.num_tokens - r.num_cached_tokens
                 if work > base:
                     break
             if work <= base:

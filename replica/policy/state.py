@@ -12,12 +12,31 @@ decode (exactly one uncomputed token per step). A request preempted by recompute
 (`num_computed_tokens = 0`) and becomes a prefill of `prompt_len + num_output_tokens` tokens whose
 last chunk emits its next token.
 
+Prefix caching (vLLM's automatic prefix caching, the simulator's `replica.sim.prefix_cache`):
+full KV blocks of a prompt are kept, keyed by a chain of block hashes, after their request is gone,
+and a request whose prompt starts with cached blocks reuses them.  A mechanism with a prefix cache
+gives the policy an `EngineState.prefix` (`PrefixCacheView`): what a waiting request would hit now
+and what preempting a running one would free.  Then
+
+* `Request.num_cached_tokens` is the request's cached prompt prefix (a waiting request: the
+  mechanism's latest lookup; a running one: what it hit when admitted), so shortest-prompt-first
+  orders by the tokens still to compute (`Request.num_uncached_prompt_tokens`);
+* an admission needs KV blocks only for what the running requests do not already hold
+  (`PrefixHit.num_blocks_in_use`: blocks shared with them cost no free block; cached blocks
+  nobody holds sit in the free queue and leave it when reused, like new ones), and its first
+  chunk starts after the cached tokens (`num_computed_tokens = num_cached_tokens` on admission);
+* `KVCache.num_used_blocks` counts each block once however many requests share it.
+
+Without a prefix cache (`EngineState.prefix is None`) all of this is the plain accounting above.
+
 Nothing here imports vLLM or Ray.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 from replica.contract import DEFAULT_TTFT_TARGET_S
 
@@ -36,6 +55,11 @@ class Request:
     # Set by the mechanism (simulator: the trace's output length; vLLM: max_tokens/EOS).
     # Policies never read it: SLAI does not use output lengths.
     max_output_tokens: int | None = None
+    # The prompt's full-block hashes in the engine's block size (the simulator's prefix cache
+    # reads them; the vLLM adapter leaves them to vLLM, which hashes the tokens itself).
+    block_hashes: Sequence[int] | None = None
+    # Prompt tokens the engine's prefix cache holds for this request (see the module docstring).
+    num_cached_tokens: int = 0
 
     # Progress, advanced by the mechanism that executes plans.
     num_output_tokens: int = 0
@@ -58,6 +82,11 @@ class Request:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.prompt_len + self.num_output_tokens - self.num_computed_tokens
+
+    @property
+    def num_uncached_prompt_tokens(self) -> int:
+        """Prompt tokens not in the prefix cache: what shortest-prompt-first orders by."""
+        return self.prompt_len - self.num_cached_tokens
 
     @property
     def is_prefill(self) -> bool:
@@ -99,9 +128,10 @@ class KVCache:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def can_admit(self, num_free_blocks: int, num_tokens: int) -> bool:
-        """Admission check for a whole prompt: the watermark must stay free afterwards."""
-        return num_free_blocks - self.blocks_for(num_tokens) >= self.watermark_blocks
+    def can_admit(self, num_free_blocks: int, num_tokens: int, num_shared_blocks: int = 0) -> bool:
+        """Admission check for a whole prompt of which `num_shared_blocks` blocks are already held
+        by running requests (prefix caching): the watermark must stay free afterwards."""
+        return num_free_blocks - (self.blocks_for(num_tokens) - num_shared_blocks) >= self.watermark_blocks
 
     def extra_blocks_for_step(self, req: Request) -> int:
         """Blocks `req` must add so that every token it knows has a slot (0 or 1 for a decode)."""
@@ -124,6 +154,26 @@ class KVCache:
         req.num_blocks = 0
 
 
+class PrefixHit(NamedTuple):
+    """A prefix-cache lookup: the request's leading tokens whose KV is cached (whole blocks; never
+    the last token of what it knows, which the engine always computes, as vLLM does), and how many
+    of those blocks running requests hold (reusing them takes no free block)."""
+
+    num_cached_tokens: int
+    num_blocks_in_use: int
+
+
+class PrefixCacheView(Protocol):
+    """What a mechanism with a prefix cache answers a policy (read-only; no side effects)."""
+
+    def lookup(self, req: Request) -> PrefixHit:
+        """What `req` (waiting) would reuse if it were admitted now."""
+
+    def blocks_freed_by_preempting(self, req: Request) -> int:
+        """Blocks `req` (running) holds that no other running request holds: what preempting it
+        returns to the free queue."""
+
+
 @dataclass(slots=True)
 class EngineState:
     """What a policy sees at the start of an iteration.
@@ -139,3 +189,5 @@ class EngineState:
     # Set by a mechanism that keeps `waiting` already sorted in a policy's admission order
     # (an AdmissionOrder value), so the policy need not sort it every iteration.
     waiting_sorted_by: str | None = None
+    # The engine's prefix cache, if it has one (see the module docstring).
+    prefix: PrefixCacheView | None = None

@@ -5,6 +5,14 @@ what vLLM's KV manager and model runner would (reserve and free KV blocks, preem
 recompute, advance prefills, emit tokens), and the cost profile says how long the iteration
 took. The clock is the caller's: `loadtest.simulate` drives it in virtual time; the serving
 backend drives it in real time.
+
+With ``prefix_caching=True`` its KV blocks live in a `PrefixBlockPool` (vLLM's block pool with
+automatic prefix caching: shared, reference-counted blocks, LRU eviction of cached free blocks),
+which is also the policy's `EngineState.prefix`.  A request's cached prefix is looked up when it
+arrives or is preempted (its `num_cached_tokens`, the key of shortest-prompt-first order; the
+waiting queue is kept sorted by it, so an estimate is not refreshed while the request waits) and
+again when the policy admits it (`PlanBuilder.try_admit`), which is what the admission uses.
+Without it (the default) KV blocks are counted per request, as before.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from replica.cost.model import CostModel
 from replica.policy.base import WAITING_KEYS, SchedulingPolicy
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState, KVCache, Request
+from replica.sim.prefix_cache import PrefixBlockPool
 
 # docs/paper.md: 14,733 KV blocks of 16 tokens on the RTX 6000 Ada with Mistral-7B, 1 % watermark.
 PAPER_KV_BLOCKS = 14_733
@@ -45,6 +54,7 @@ class SimEngine:
         on_tokens: TokensCallback | None = None,
         on_finish: Callable[[Request], None] | None = None,
         on_repeated_tokens: RepeatedTokensCallback | None = None,
+        prefix_caching: bool = False,
     ) -> None:
         self.policy = policy
         self.cost = cost
@@ -52,6 +62,8 @@ class SimEngine:
         self.on_tokens = on_tokens
         self.on_finish = on_finish
         self.on_repeated_tokens = on_repeated_tokens
+        self.pool = PrefixBlockPool(self.state.kv) if prefix_caching else None
+        self.state.prefix = self.pool
         # Keep the waiting queue in the policy's admission order (if it sorts), so the policy
         # does not re-sort a long queue every iteration.
         order = policy.order
@@ -70,6 +82,8 @@ class SimEngine:
         """Enqueue an arrived request (its `max_output_tokens` must be set: when to stop)."""
         if req.max_output_tokens is None or req.max_output_tokens < 1:
             raise ValueError(f"request {req.req_id}: max_output_tokens must be >= 1")
+        if self.pool is not None:
+            req.num_cached_tokens = self.pool.lookup(req).num_cached_tokens
         if self._waiting_key is None:
             self.state.waiting.append(req)
         else:
@@ -80,7 +94,7 @@ class SimEngine:
         st = self.state
         if req in st.running:
             st.running.remove(req)
-            st.kv.free(req)
+            self._free(req)
         elif req in st.waiting:
             st.waiting.remove(req)
         req.is_finished = True
@@ -105,9 +119,11 @@ class SimEngine:
             gone = set(map(id, plan.preempted))
             st.running = [r for r in st.running if id(r) not in gone]
             for r in plan.preempted:  # the last victim ends up first, as in Sarathi/vLLM
-                kv.free(r)
+                self._free(r)
                 r.num_computed_tokens = 0
                 r.num_preemptions += 1
+                if self.pool is not None:
+                    r.num_cached_tokens = self.pool.lookup(r).num_cached_tokens
                 if self._waiting_key is None:
                     st.waiting.insert(0, r)
                 else:  # in front of its equals, as a stable sort of a front-inserted queue
@@ -117,17 +133,22 @@ class SimEngine:
             new = set(map(id, plan.admitted))
             st.waiting = [r for r in st.waiting if id(r) not in new]
             for r in plan.admitted:
-                kv.grow_to(r, r.num_tokens)
+                if self.pool is None:
+                    kv.grow_to(r, r.num_tokens)
+                else:  # reuses its cached prefix now: its first chunk starts after it
+                    self.pool.admit(r)
                 st.running.append(r)
         bs = kv.block_size
-        grown = 0
-        for r in plan.decodes:  # a decode adds at most one block (its KV covers all but 1 token)
-            if r.prompt_len + r.num_output_tokens > r.num_blocks * bs:
+        grow = [r for r in plan.decodes if r.prompt_len + r.num_output_tokens > r.num_blocks * bs]
+        if len(grow) > kv.num_free_blocks:  # a decode adds at most one block (its KV covers all but 1 token)
+            raise RuntimeError(f"KV cache overflow: decodes need {len(grow)} blocks, {kv.num_free_blocks} free")
+        if self.pool is None:
+            for r in grow:
                 r.num_blocks += 1
-                grown += 1
-        if grown > kv.num_free_blocks:
-            raise RuntimeError(f"KV cache overflow: decodes need {grown} blocks, {kv.num_free_blocks} free")
-        kv.num_used_blocks += grown
+            kv.num_used_blocks += len(grow)
+        else:
+            for r in grow:
+                self.pool.grow(r, 1)
         return self.cost.iteration_time_s(plan.shape())
 
     def finish(self, plan: BatchPlan, start_s: float, end_s: float) -> None:
@@ -138,7 +159,10 @@ class SimEngine:
         self.busy_s += end_s - start_s
         done: list[Request] = []
         emitted: list[Request] = []
+        pool = self.pool
         for r, n in plan.prefills:
+            if pool is not None:
+                pool.on_computed(r, r.num_computed_tokens, r.num_computed_tokens + n)
             r.num_computed_tokens += n
             if r.num_computed_tokens == r.prompt_len + r.num_output_tokens:
                 emitted.append(r)
@@ -224,10 +248,15 @@ class SimEngine:
         ends = all_ends[:k].tolist()
         t = ends[-1]
         new_blocks = np.maximum(-(-(tokens + k - 1) // bs), blocks)
-        kv.num_used_blocks += int((new_blocks - blocks).sum())
-        for r, nb in zip(reqs, new_blocks.tolist()):
-            r.num_blocks = nb
-            r.num_computed_tokens += k
+        if self.pool is None:
+            kv.num_used_blocks += int((new_blocks - blocks).sum())
+            for r, nb in zip(reqs, new_blocks.tolist()):
+                r.num_blocks = nb
+                r.num_computed_tokens += k
+        else:  # blocks of generated tokens carry no hash: allocation order does not matter
+            for r, nb in zip(reqs, new_blocks.tolist()):
+                self.pool.grow(r, nb - r.num_blocks)
+                r.num_computed_tokens += k
         if self.on_repeated_tokens is not None:
             self.on_repeated_tokens(reqs, ends)  # sees each request's previous last_token_s
         done = []
@@ -251,6 +280,12 @@ class SimEngine:
         gone = set(map(id, done))
         st.running = [r for r in st.running if id(r) not in gone]
         for r in done:
-            st.kv.free(r)
+            self._free(r)
             if self.on_finish is not None:
                 self.on_finish(r)
+
+    def _free(self, req: Request) -> None:
+        if self.pool is None:
+            self.state.kv.free(req)
+        else:
+            self.pool.free_request(req)

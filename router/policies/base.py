@@ -12,6 +12,21 @@ context, **options)`: the `RoutingContext` (the deployment's tiers, its replicas
 seed) gives each policy what it takes from it (`RoutingPolicy.context_options`), explicit options
 override.  The Serve adapter (`router.ray_router`) and the cluster simulator
 (`loadtest.simulate.cluster`) both build them so.
+
+Two hooks tell a stateful policy what happened after it ranked (both no-ops by default, so a
+stateless policy ignores them):
+
+* ``on_routed(request, replica_id)``: the request was actually sent to ``replica_id`` (not
+  necessarily the policy's first choice: a caller may have fallen down the list).  The Serve
+  adapter calls it from ``on_request_routed``, the cluster simulator right after its decision.
+  A policy that learns from its own decisions (the prefix index of `slo` and `prefix-affinity`)
+  learns here, never in ``rank``.
+* ``forget_replicas_except(live)``: every replica not in ``live`` is gone; drop what is held
+  about them, so a policy's state stays bounded however many replicas come and go.
+
+A request's prompt prefix is described by ``RoutingRequest.prefix_hashes``: chained hashes of its
+blocks of ``prefix_block_tokens`` tokens (equal hash at position k means an equal prompt up to the
+end of block k), the unit a replica's prefix cache reuses.
 """
 
 from __future__ import annotations
@@ -35,6 +50,10 @@ class RoutingRequest:
     tbt_slo_s: float
     tier_rank: int  # 0 = strictest tier
     prompt_len: int
+    # chained hashes of the prompt's blocks of prefix_block_tokens tokens, in prompt order (the
+    # last may be a partial block, as in the Mooncake trace); () when unknown
+    prefix_hashes: tuple[int, ...] = ()
+    prefix_block_tokens: int = 0  # tokens per hashed block (> 0 when there are hashes)
 
     def __post_init__(self) -> None:
         if not (self.tbt_slo_s > 0 and math.isfinite(self.tbt_slo_s)):
@@ -43,13 +62,23 @@ class RoutingRequest:
             raise ValueError(f"prompt_len must be >= 0, got {self.prompt_len}")
         if self.tier_rank < 0:
             raise ValueError(f"tier_rank must be >= 0, got {self.tier_rank}")
+        if self.prefix_block_tokens < 0:
+            raise ValueError(f"prefix_block_tokens must be >= 0, got {self.prefix_block_tokens}")
+        if self.prefix_hashes:
+            if self.prefix_block_tokens <= 0:
+                raise ValueError("prefix_block_tokens must be > 0 when prefix_hashes are given")
+            if (len(self.prefix_hashes) - 1) * self.prefix_block_tokens >= self.prompt_len:
+                raise ValueError(f"{len(self.prefix_hashes)} prefix blocks of {self.prefix_block_tokens} tokens "
+                                 f"cover more than the prompt's {self.prompt_len} tokens")
 
     @classmethod
     def of(cls, request: GenerateRequest) -> RoutingRequest:
         """The routing metadata of a generate request (`replica.contract`)."""
         t = request.tier
         return cls(request_id=request.request_id, tier=t.name, tbt_slo_s=t.tbt_slo_s, tier_rank=t.rank,
-                   prompt_len=request.prompt_len)
+                   prompt_len=request.prompt_len,
+                   prefix_hashes=tuple(getattr(request, "prefix_hashes", None) or ()),
+                   prefix_block_tokens=int(getattr(request, "prefix_block_tokens", 0) or 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +117,13 @@ class RoutingPolicy(ABC):
     @abstractmethod
     def rank(self, request: RoutingRequest, replicas: list[ReplicaView]) -> list[str]:
         """Replica ids of `replicas`, best first (all of them, each once; [] for no replicas)."""
+
+    def on_routed(self, request: RoutingRequest, replica_id: str) -> None:
+        """`request` was sent to `replica_id` (after `rank`, whichever rank the caller took).
+        Default: nothing to learn."""
+
+    def forget_replicas_except(self, live: set[str]) -> None:
+        """Only the replicas in `live` are left: drop all state about the others.  Default: none held."""
 
 
 def queue_length(view: ReplicaView) -> int:

@@ -17,9 +17,10 @@ from typing import Any
 from router.policies.base import RoutingContext, RoutingPolicy
 from router.policies.least_work import LeastWorkPolicy
 from router.policies.pow2 import PowerOfTwoPolicy
+from router.policies.prefix_affinity import PrefixAffinityPolicy
 from router.policies.round_robin import RoundRobinPolicy
 from router.policies.sita import SITAPolicy
-from router.policies.slo import SLOPolicy
+from router.policies.slo import SLONoPrefixPolicy, SLOPolicy
 
 ROUTER_POLICIES: dict[str, type[RoutingPolicy]] = {
     "round-robin": RoundRobinPolicy,
@@ -27,6 +28,8 @@ ROUTER_POLICIES: dict[str, type[RoutingPolicy]] = {
     "slo": SLOPolicy,
     "least-work": LeastWorkPolicy,
     "sita": SITAPolicy,
+    "slo-no-prefix": SLONoPrefixPolicy,
+    "prefix-affinity": PrefixAffinityPolicy,
 }
 
 

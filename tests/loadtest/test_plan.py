@@ -436,3 +436,13 @@ def test_html_report_renders_in_headless_chromium_with_its_table_and_decoded_ima
 def test_the_docs_field_reference_is_the_help_output():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "planner.md").read_text()
     assert "\n".join(plan_mod.field_help()) in doc, "regenerate the reference: python -m loadtest.plan --help"
+
+
+def test_a_plan_point_on_a_prefix_trace_replays_it_in_order_with_prefix_caching():
+    from loadtest.plan.search import PlanSetup, run_plan_point
+
+    w = Workload.model_validate({"peak_qps": 2, "price_per_gpu_hour_usd": 1, "gpu_profile": "h100-mistral7b",
+                                 "lengths": {"trace": "mooncake"}, "search": {"requests_per_run": 60}})
+    assert w.lengths.describe() == "trace mooncake"
+    out = run_plan_point(PlanSetup(w, 60), "default#2", 2.0)
+    assert out["requests"] == 60 and out["unfinished"] == 0

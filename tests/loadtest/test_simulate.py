@@ -137,3 +137,39 @@ def test_bad_profile_stops_the_command_naming_the_file(tmp_path, capsys):
         main(["run", "--scheduler", "vllm", "--qps", "1", "--profile", str(bad)])
     assert e.value.code == 2
     assert "p.json" in capsys.readouterr().err
+
+
+def test_prefix_trace_workload_keeps_the_trace_order_and_its_hashes():
+    from replica.traces import load_trace as _load
+
+    mc = _load("mooncake")
+    wl = Workload.build(mc, 50, 2.0, paper_tiers())
+    assert list(wl.prompt_lens) == list(mc.prompt_lens[:50])
+    assert wl.prefix_hashes == mc.prefix_hashes[:50] and wl.hash_block_tokens == 512
+
+
+def test_replayed_arrivals_keep_the_recorded_gaps_scaled_to_the_qps():
+    from replica.traces import load_trace as _load
+
+    mc = _load("mooncake")
+    wl = Workload.build(mc, 200, 1.0, paper_tiers(), arrivals="replay")
+    rec = mc.arrival_s[:200] - mc.arrival_s[0]
+    assert wl.arrival_s[-1] == pytest.approx(199.0)  # mean rate 1 QPS
+    assert wl.arrival_s == pytest.approx(rec * 199.0 / rec[-1])
+
+
+def test_replay_needs_a_trace_with_timestamps(trace):
+    with pytest.raises(ValueError, match="no timestamps"):
+        Workload.build(trace, 10, 1.0, paper_tiers(), arrivals="replay")
+
+
+def test_simulate_run_on_the_mooncake_trace_reports_the_prefix_cache_hit_rate(capsys):
+    from loadtest.simulate.__main__ import main
+
+    assert main(["run", "--trace", "mooncake", "--profile", "h100-mistral7b", "--scheduler", "slai-spf-dynamic",
+                 "--qps", "1", "--requests", "150"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0 < out["prefix_cache_hit_rate"] < 1
+    assert main(["run", "--trace", "mooncake", "--profile", "h100-mistral7b", "--scheduler", "slai-spf-dynamic",
+                 "--qps", "1", "--requests", "150", "--no-prefix-caching"]) == 0
+    assert "prefix_cache_hit_rate" not in json.loads(capsys.readouterr().out)

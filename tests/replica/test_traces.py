@@ -295,3 +295,65 @@ def test_sampling_small_n(n: int) -> None:
 def test_sampling_negative_n() -> None:
     with pytest.raises(ValueError):
         sample_requests(small_trace(), -1)
+
+
+# --- prefix traces (Mooncake-style JSON lines) -------------------------------------------------
+
+from replica.traces import engine_block_hashes, load_prefix_jsonl  # noqa: E402
+
+
+def _jsonl(tmp_path: Path, rows: list, name: str = "t.jsonl") -> Path:
+    p = tmp_path / name
+    p.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def test_mooncake_trace_is_shipped_with_attribution_and_loads_in_order() -> None:
+    trace = load_trace("mooncake")
+    assert trace.has_prefixes and trace.hash_block_tokens == 512
+    assert len(trace) + trace.dropped["too_long"] == 12_031
+    assert (np.diff(trace.arrival_s) >= 0).all() and trace.arrival_s[0] == 0
+    assert all(h[0] == 0 for h in trace.prefix_hashes)  # every prompt starts with the shared block
+    assert "mooncake_conversation_trace.jsonl" in (Path(__file__).parents[2] / "replica/data/ATTRIBUTION.md").read_text()
+
+
+def test_prefix_trace_leaves_out_requests_longer_than_the_model_context(tmp_path: Path) -> None:
+    rows = [{"timestamp": 0, "input_length": 600, "output_length": 10, "hash_ids": [0, 1]},
+            {"timestamp": 5, "input_length": 1000, "output_length": 100, "hash_ids": [0, 2]}]
+    with pytest.warns(UserWarning, match="left out 1 of 2"):
+        trace = load_prefix_jsonl(_jsonl(tmp_path, rows), max_model_len=1024)
+    assert list(trace.prompt_lens) == [600] and trace.dropped["too_long"] == 1
+    assert trace.prefix_hashes == ((0, 1),)
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('{"timestamp": 0, "input_length": 600, "output_length": 1, "hash_ids": [0]}', "1 hash_ids for 600"),
+    ('{"timestamp": 0, "input_length": 0, "output_length": 1, "hash_ids": []}', "integers >= 1"),
+    ('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [-1]}', "non-negative"),
+    ('{"timestamp": "x", "input_length": 10, "output_length": 1, "hash_ids": [1]}', "'timestamp' must be a number"),
+    ('[1, 2]', "expected an object"),
+    ('{"timestamp": 0,', "not JSON"),
+])
+def test_malformed_prefix_trace_names_file_and_line(tmp_path: Path, line: str, fragment: str) -> None:
+    good = json.dumps({"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [3]})
+    path = _jsonl(tmp_path, [good, line])
+    with pytest.raises(TraceError, match=fragment) as err:
+        load_prefix_jsonl(path)
+    assert err.value.line == 2 and err.value.path == str(path)
+
+
+def test_prefix_trace_timestamps_must_not_go_back(tmp_path: Path) -> None:
+    rows = [{"timestamp": 10, "input_length": 10, "output_length": 1, "hash_ids": [1]},
+            {"timestamp": 5, "input_length": 10, "output_length": 1, "hash_ids": [2]}]
+    with pytest.raises(TraceError, match="line 2"):
+        load_prefix_jsonl(_jsonl(tmp_path, rows))
+
+
+def test_engine_block_hashes_split_each_trace_block_and_name_only_full_blocks() -> None:
+    h = engine_block_hashes((7, 9), 512, 512 + 40, 16)
+    assert len(h) == 32 + 2  # 40 tokens of the second trace block fill 2 engine blocks
+    assert h[0] == 7 * 32 and h[31] == 7 * 32 + 31 and h[32] == 9 * 32 and h[-1] == 9 * 32 + 1
+    other = engine_block_hashes((7, 8), 512, 1024, 16)
+    assert h[:32] == other[:32] and h[32] != other[32]
+    with pytest.raises(ValueError, match="must divide"):
+        engine_block_hashes((1,), 512, 100, 24)

@@ -80,7 +80,7 @@ def test_policies_take_what_they_need_from_the_routing_context(name, field, valu
 
 
 @pytest.mark.parametrize("name, kw, match", [
-    ("least-loaded", {}, r"unknown routing policy 'least-loaded'; choices: least-work, pow2, round-robin, sita, slo"),
+    ("least-loaded", {}, r"unknown routing policy 'least-loaded'; choices: least-work, pow2, prefix-affinity, round-robin, sita, slo, slo-no-prefix"),
     ("", {}, "unknown routing policy"),
     ("pow2", {"sed": 1}, r"bad options for routing policy 'pow2'.*sed"),
     ("round-robin", {"seed": 1}, "bad options for routing policy 'round-robin'"),
