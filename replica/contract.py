@@ -6,7 +6,7 @@ Every layer a request crosses uses these types and nothing else; every default i
     ingress (serve_app)  builds a GenerateRequest: token ids, max_tokens (per choice), the tier
                          facts of the tier that serves it, the sampling fields it validated, the
                          output options (`EngineOptions`: n, logprobs, logit_bias, structured
-                         outputs)
+                         outputs), the prompt's prefix hashes (`replica.prefix_hash`)
     router (router.ray_router)
                          reads its routing facts (`router.policies.base.RoutingRequest.of`)
     replica deployment   hands it to its backend (`replica.backend.ReplicaBackend`)
@@ -16,8 +16,8 @@ Every layer a request crosses uses these types and nothing else; every default i
                          SamplingParams.extra_args, which the policy scheduler
                          (`replica.vllm_scheduler`) reads back with `TierFacts.from_extra_args`
     backends stream      StreamChunk per choice (cumulative completion tokens, new text, token
-                         ids, logprobs, finish reason); `EngineRejected` for a request the engine
-                         finds invalid (the ingress's 400)
+                         ids, logprobs, finish reason, cached prompt tokens); `EngineRejected` for
+                         a request the engine finds invalid (the ingress's 400)
 
 Adding an OpenAI sampling field: one field on `SamplingFields` (with OpenAI's constraints; the
 ingress's request models inherit it) and one entry in `VLLM_SAMPLING_PARAMS` (its SamplingParams
@@ -283,7 +283,11 @@ class EngineOptions(BaseModel):
 class GenerateRequest:
     """One generation request as the ingress sends it to a replica (through a DeploymentHandle,
     so the router sees it): the prompt as token ids (tokenized once, at the ingress), the
-    completion limit (per choice), the tier, the sampling fields, the output options."""
+    completion limit (per choice), the tier, the sampling fields, the output options, and the
+    prompt's prefix signal for the router: ``prefix_hashes``, the chained hashes of its full
+    blocks of ``prefix_block_tokens`` tokens (`replica.prefix_hash.chained_block_hashes`,
+    computed once by the ingress when ``router.prefix_block_tokens`` is on; () and 0: none).
+    Engines ignore them (vLLM hashes its own KV blocks); a retry keeps them (`with_request_id`)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -291,6 +295,8 @@ class GenerateRequest:
     tier: TierFacts
     sampling: SamplingFields = field(default_factory=SamplingFields)
     options: EngineOptions = field(default_factory=EngineOptions)
+    prefix_hashes: tuple[int, ...] = ()
+    prefix_block_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -299,6 +305,25 @@ class GenerateRequest:
             raise ValueError(f"{self.request_id}: the prompt is empty")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"{self.request_id}: max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.prefix_hashes or self.prefix_block_tokens:
+            self._check_prefix()
+
+    def _check_prefix(self) -> None:
+        block = self.prefix_block_tokens
+        if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+            raise ValueError(f"{self.request_id}: prefix_block_tokens must be an integer >= 0, got {block!r}")
+        hashes = self.prefix_hashes
+        if not isinstance(hashes, tuple):
+            hashes = tuple(hashes)
+            object.__setattr__(self, "prefix_hashes", hashes)
+        if hashes and block == 0:
+            raise ValueError(f"{self.request_id}: prefix_hashes need a prefix_block_tokens >= 1")
+        if block and len(hashes) > len(self.prompt_token_ids) // block:
+            raise ValueError(f"{self.request_id}: {len(hashes)} prefix hashes for a prompt of "
+                             f"{len(self.prompt_token_ids)} tokens, which has "
+                             f"{len(self.prompt_token_ids) // block} full blocks of {block}")
+        if not all(type(h) is int and 0 <= h < 1 << 64 for h in hashes):
+            raise ValueError(f"{self.request_id}: prefix hashes must be integers in [0, 2**64)")
 
     @property
     def prompt_len(self) -> int:
@@ -339,8 +364,10 @@ class StreamChunk:
     first chunk of a request that asked for them; ``finish_reason``: None until the last chunk of
     the choice, then ``"length"`` (max_tokens reached), ``"stop"`` (EOS or a stop string) or
     ``"abort"`` (the engine gave up on the request, e.g. its scheduler rejected it; ``stop_reason``
-    says why); ``stop_reason``: the stop string that ended it, or the abort reason.  Before the
-    first token a replica sends heartbeats (`heartbeat`: no tokens)."""
+    says why); ``stop_reason``: the stop string that ended it, or the abort reason;
+    ``num_cached_tokens``: the prompt tokens the engine found in its prefix cache (vLLM's
+    ``RequestOutput.num_cached_tokens``), on each choice's first chunk (None: not reported in this
+    chunk).  Before the first token a replica sends heartbeats (`heartbeat`: no tokens)."""
 
     num_tokens: int
     text: str | None = None
@@ -350,6 +377,7 @@ class StreamChunk:
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    num_cached_tokens: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -359,7 +387,7 @@ class StreamChunk:
     def merge(cls, chunks: Sequence[StreamChunk]) -> StreamChunk:
         """One chunk for consecutive ``chunks`` of one choice (what a client would have read from
         them, in one message): the last one's count and finish, the texts, token ids and logprobs
-        joined, the first one's prompt logprobs."""
+        joined, the first prompt logprobs and cached-token count given."""
         if not chunks:
             raise ValueError("nothing to merge")
         if len(chunks) == 1:
@@ -374,7 +402,9 @@ class StreamChunk:
                    text=None if all(t is None for t in texts) else "".join(t or "" for t in texts),
                    finish_reason=last.finish_reason, stop_reason=last.stop_reason, index=first.index,
                    token_ids=tuple(t for c in chunks for t in c.token_ids), logprobs=joined_logprobs,
-                   prompt_logprobs=next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None))
+                   prompt_logprobs=next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None),
+                   num_cached_tokens=next((c.num_cached_tokens for c in chunks if c.num_cached_tokens is not None),
+                                          None))
 
     @classmethod
     def heartbeat(cls) -> StreamChunk:

@@ -12,8 +12,9 @@ request's tier facts in its ``SamplingParams.extra_args``.
 mapped by `SamplingFields.to_vllm`, output options by `EngineOptions.to_vllm`: ``n``, logprobs,
 prompt logprobs, ``logit_bias``, structured outputs; the model's generation-config sampling
 defaults under them, as vLLM's OpenAI server applies them) and yields a `StreamChunk` per choice
-per engine output (deltas: new text, token ids, logprobs; the prompt's logprobs on each choice's
-first chunk).  Cancelling the generator (client gone) makes AsyncLLM abort the engine request.
+per engine output (deltas: new text, token ids, logprobs; the prompt's logprobs and vLLM's
+``num_cached_tokens``, the prompt tokens its prefix cache held, on each choice's first chunk).
+Cancelling the generator (client gone) makes AsyncLLM abort the engine request.
 
 The feedback snapshot is read out of the engine-core process with an EngineCore utility call
 (`replica.vllm_scheduler.FEEDBACK_UTILITY`, which that module adds to vLLM's EngineCore when the
@@ -114,7 +115,8 @@ class VLLMBackend(ReplicaBackend):
                         num_tokens=n, text=c.text, finish_reason=c.finish_reason if finished else None,
                         stop_reason=stop if finished else None, index=c.index, token_ids=tuple(c.token_ids),
                         logprobs=_logprobs(c.token_ids, c.logprobs) if want_logprobs else None,
-                        prompt_logprobs=prompt_logprobs if first else None)
+                        prompt_logprobs=prompt_logprobs if first else None,
+                        num_cached_tokens=_cached_tokens(out) if first else None)
         finally:
             self._num_unfinished -= 1
 
@@ -152,6 +154,14 @@ def _logprobs(token_ids: Any, logprobs: Any) -> tuple[TokenLogprob, ...]:
 
 def _prompt_logprobs(prompt_token_ids: Any, logprobs: Any) -> tuple[TokenLogprob | None, ...]:
     return tuple(None if lp is None else _entry(t, lp) for t, lp in zip(prompt_token_ids, logprobs))
+
+
+def _cached_tokens(out: Any) -> int:
+    """The prompt tokens vLLM found in its prefix cache for the request (``RequestOutput
+    .num_cached_tokens``: known from the output that ends the prefill, the first one with
+    tokens; None, which vLLM gives when it has not counted, reads as 0)."""
+    n = getattr(out, "num_cached_tokens", None)
+    return int(n) if n else 0
 
 
 def _api_param(parameter: Any) -> str | None:

@@ -18,7 +18,10 @@ metadata (e.g. `record_routing_stats` probes, health calls) keep Serve's default
 Replicas come and go (autoscaling, restarts): when Serve hands the router a new replica set
 (`RequestRouter.update_replicas`) or reports a replica's actor dead (`on_replica_actor_died`),
 the router forgets the replicas that are gone: their ledger entries and snapshot times, their
-cached feedback and the in-flight ids routed to them, so none of it grows with the replicas ever seen.
+cached feedback and the in-flight ids routed to them, and the policy forgets what it keeps per
+replica (`RoutingPolicy.forget_replicas_except`, e.g. a prefix policy's index), so none of it
+grows with the replicas ever seen.  Every routed request is told to the policy
+(`RoutingPolicy.on_routed`: a prefix policy learns which replica now holds the prompt's prefix).
 """
 
 from __future__ import annotations
@@ -57,12 +60,14 @@ class TierAwareRouter(FIFOMixin, RequestRouter):
         self.ledger = InFlightLedger()
         self._feedback: dict[str, tuple[float, ReplicaFeedback]] = {}
         self._ledger_ids: dict[str, tuple[str, str]] = {}  # Serve's internal id -> (replica, ours)
+        self._known_replicas: set[str] = set()  # Serve's latest replica set (a dead one taken out)
 
     # --- replicas that are gone ----------------------------------------------------------------
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         """Serve's new replica set: keep routing state for these replicas only."""
         super().update_replicas(replicas)
-        self.forget_replicas_except({r.replica_id.unique_id for r in replicas})
+        self._known_replicas = {r.replica_id.unique_id for r in replicas}
+        self.forget_replicas_except(set(self._known_replicas))
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         """Serve found the replica's actor dead: forget it now (the next replica set will not have it)."""
@@ -71,16 +76,20 @@ class TierAwareRouter(FIFOMixin, RequestRouter):
 
     def forget_replicas_except(self, live: set[str]) -> None:
         """Drop the ledger entries, snapshot times, cached feedback and in-flight ids of every
-        replica not in ``live``."""
+        replica not in ``live``, and what the policy keeps about them."""
         self.ledger.retain(live)
         self._feedback = {rid: v for rid, v in self._feedback.items() if rid in live}
         self._ledger_ids = {k: v for k, v in self._ledger_ids.items() if v[0] in live}
+        self.policy.forget_replicas_except(live)
 
     def forget_replica(self, rid: str) -> None:
-        """Drop what the router holds about one replica."""
+        """Drop what the router (and its policy) holds about one replica."""
         self.ledger.forget(rid)
         self._feedback.pop(rid, None)
         self._ledger_ids = {k: v for k, v in self._ledger_ids.items() if v[0] != rid}
+        if rid in self._known_replicas:  # the policy can only have learnt of a replica Serve listed
+            self._known_replicas.discard(rid)
+            self.policy.forget_replicas_except(set(self._known_replicas))
 
     def _latest_feedback(self, replica: RunningReplica) -> ReplicaFeedback | None:
         rid = replica.replica_id.unique_id
@@ -117,6 +126,7 @@ class TierAwareRouter(FIFOMixin, RequestRouter):
         rid = replica_id.unique_id
         self.ledger.record(rid, request)
         self._ledger_ids[pending_request.metadata.internal_request_id] = (rid, request.request_id)
+        self.policy.on_routed(request, rid)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         entry = self._ledger_ids.pop(internal_request_id, None)

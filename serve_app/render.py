@@ -18,6 +18,12 @@ event) is written once.  Shapes follow vLLM's own OpenAI server (vLLM 0.32,
 - ``n`` > 1: one choice per index; streamed, each chunk carries one choice.
 - ``service_tier``: on every response and every stream chunk, the value that served it
   (`serve_app.service_tier`).
+- ``usage``: ``prompt_tokens``, ``completion_tokens``, ``total_tokens`` and OpenAI's
+  ``prompt_tokens_details: {"cached_tokens": N}``, the prompt tokens the engine's prefix cache
+  held (vLLM's ``num_cached_tokens``, as vLLM's server reports it with
+  ``--enable-prompt-tokens-details``; 0 when the engine reported none), in the whole response,
+  the stream's usage event and every event of vLLM's ``continuous_usage_stats`` (vLLM's server
+  leaves it out of the latter).
 
 `Choice` accumulates one choice's chunks (text, tokens, finish reason, logprobs).  The text of a
 chunk is the engine's; the simulated engine has no model and produces none, so its n-th token
@@ -42,9 +48,11 @@ DONE_EVENT = "data: [DONE]\n\n"
 LOGPROB_FLOOR = -9999.0  # what vLLM and OpenAI send for -inf
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens served from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def sse(data: dict[str, Any]) -> str:
@@ -153,9 +161,10 @@ class Renderer:
 
     def response(self, request_id: str, choices: Sequence[Choice], prompt_tokens: int, *,
                  service_tier: str | None = None, echo_text: str | None = None,
-                 logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
+                 logprobs: list[dict[str, Any] | None] | None = None, cached_tokens: int = 0) -> dict[str, Any]:
         """The body of a non-streaming response: ``choices`` in index order, each starting with
-        ``echo_text`` if given, with its ``logprobs`` (rendered by the caller, one per choice)."""
+        ``echo_text`` if given, with its ``logprobs`` (rendered by the caller, one per choice);
+        ``cached_tokens``: the prompt tokens the engine's prefix cache held."""
         out = []
         for k, c in enumerate(choices):
             text = (echo_text or "") + c.text
@@ -166,12 +175,12 @@ class Renderer:
             else:
                 out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
         return {**self._base(request_id, int(time.time()), service_tier, stream=False), "choices": out,
-                "usage": usage(prompt_tokens, sum(c.num_tokens for c in choices))}
+                "usage": usage(prompt_tokens, sum(c.num_tokens for c in choices), cached_tokens)}
 
     # --- stream events --------------------------------------------------------------------------
     def chunk_event(self, request_id: str, created: int, text: str | None, finish_reason: str | None,
                     *, index: int = 0, first: bool = False, logprobs: dict[str, Any] | None = None,
-                    service_tier: str | None = None, usage: dict[str, int] | None = None) -> str:
+                    service_tier: str | None = None, usage: dict[str, Any] | None = None) -> str:
         """One SSE event of a stream: choice ``index``'s new text (None: none), its finish reason
         on its last one, its ``logprobs`` for these tokens; ``first``: the chat stream's opening
         event of the choice (the assistant role); ``usage``: the usage so far (vLLM's
@@ -191,10 +200,10 @@ class Renderer:
         return sse(event)
 
     def usage_event(self, request_id: str, created: int, prompt_tokens: int, completion_tokens: int, *,
-                    service_tier: str | None = None) -> str:
+                    service_tier: str | None = None, cached_tokens: int = 0) -> str:
         """The stream's usage event (``stream_options.include_usage``): no choices."""
         return sse({**self._base(request_id, created, service_tier, stream=True), "choices": [],
-                    "usage": usage(prompt_tokens, completion_tokens)})
+                    "usage": usage(prompt_tokens, completion_tokens, cached_tokens)})
 
     def stream_events(self, request_id: str, created: int, service_tier: str | None = None) -> StreamEvents:
         """The events of one stream without logprobs, preformatted (the common case, one per
@@ -222,13 +231,13 @@ class StreamEvents:
         self.head, self.chat = head, chat
 
     def text(self, index: int, text: str | None, finish_reason: str | None,
-             usage: tuple[int, int] | None = None) -> str:
-        """Choice ``index``'s event; ``usage``: (prompt tokens, completion tokens so far), vLLM's
-        ``continuous_usage_stats``."""
+             usage: tuple[int, int, int] | None = None) -> str:
+        """Choice ``index``'s event; ``usage``: (prompt tokens, completion tokens so far, cached
+        prompt tokens), vLLM's ``continuous_usage_stats``."""
         finish = _FINISH.get(finish_reason) or _encode_str(finish_reason)
         tail = "}\n\n" if usage is None else (
             f', "usage": {{"prompt_tokens": {usage[0]}, "completion_tokens": {usage[1]}, '
-            f'"total_tokens": {usage[0] + usage[1]}}}}}\n\n')
+            f'"total_tokens": {usage[0] + usage[1]}, "prompt_tokens_details": {{"cached_tokens": {usage[2]}}}}}}}\n\n')
         if self.chat:
             delta = "{}" if text is None else f'{{"content": {_encode_str(text)}}}'
             return f'{self.head}{index}, "delta": {delta}, "logprobs": null, "finish_reason": {finish}}}]{tail}'

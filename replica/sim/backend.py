@@ -3,7 +3,8 @@
 The replica's scheduling policy (built by `replica.policy.make_policy` with the cost profile's
 GEMM tile, as every engine builds it) runs in `replica.sim.realtime.RealtimeSimEngine`, each
 iteration as long as the cost profile says that GPU would take (times ``time_scale``).  Tokens have
-no text (``StreamChunk.text`` is None); sampling fields are ignored (there is no model).
+no text (``StreamChunk.text`` is None); sampling fields are ignored (there is no model).  The first
+chunk reports the prompt tokens the engine's prefix cache held (``num_cached_tokens``; 0 without one).
 """
 
 from __future__ import annotations
@@ -37,8 +38,13 @@ class SimBackend(ReplicaBackend):
             raise ValueError(f"{request.request_id}: the simulated engine cannot honour {', '.join(refused)}: "
                              + "; ".join(BACKEND_REFUSES["sim"][f] for f in refused))
         max_tokens = request.max_tokens
+        first = True
         async for n in self.engine.generate(request):
-            yield StreamChunk(num_tokens=n, finish_reason="length" if n >= max_tokens else None)
+            # the cached prompt tokens (the engine's prefix cache, if any) ride on the first chunk
+            cached = self.engine.num_cached_tokens(request.request_id) if first else None
+            first = False
+            yield StreamChunk(num_tokens=n, finish_reason="length" if n >= max_tokens else None,
+                              num_cached_tokens=cached)
 
     async def snapshot(self) -> dict[str, Any]:
         return self.engine.snapshot(self.replica_id)

@@ -100,6 +100,13 @@ class RealtimeSimEngine:
         st = self.engine.state
         return len(st.waiting) + len(st.running)
 
+    def num_cached_tokens(self, request_id: str) -> int:
+        """The prompt tokens the engine's prefix cache held for a request being generated (its
+        policy `Request.num_cached_tokens`, final once it has a token); 0 for an unknown request or
+        an engine without a prefix cache."""
+        req = self._requests.get(request_id)
+        return int(getattr(req, "num_cached_tokens", 0) or 0) if req is not None else 0
+
     def snapshot(self, replica_id: str) -> dict:
         return self.slo.snapshot(
             replica_id, self.engine.state, self.engine.policy.mean_batch_time_s,

@@ -96,6 +96,33 @@ def test_bad_generate_requests_are_refused(kw, match):
         _request(**kw)
 
 
+def test_prefix_hashes_travel_with_the_request_and_a_retry_keeps_them():
+    from replica.prefix_hash import chained_block_hashes
+
+    ids = list(range(1, 300))
+    req = _request(prompt_token_ids=ids, prefix_hashes=chained_block_hashes(ids, 128), prefix_block_tokens=128)
+    assert len(req.prefix_hashes) == 2 and pickle.loads(pickle.dumps(req)) == req
+    again = req.with_request_id("cmpl-1-retry1")
+    assert (again.prefix_hashes, again.prefix_block_tokens) == (req.prefix_hashes, 128)
+    assert _request().prefix_hashes == () and _request().prefix_block_tokens == 0  # none by default
+    assert _request(prefix_hashes=[], prefix_block_tokens=64).prefix_hashes == ()  # a prompt shorter than a block
+    assert _request(prompt_token_ids=ids, prefix_hashes=[5], prefix_block_tokens=128).prefix_hashes == (5,)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"prefix_block_tokens": -1}, "prefix_block_tokens"), ({"prefix_block_tokens": True}, "prefix_block_tokens"),
+    ({"prefix_block_tokens": 2.0}, "prefix_block_tokens"),
+    ({"prefix_hashes": (1,)}, "need a prefix_block_tokens"),
+    ({"prefix_hashes": (1, 2), "prefix_block_tokens": 2}, "2 prefix hashes for a prompt of 3 tokens"),
+    ({"prefix_hashes": (-1,), "prefix_block_tokens": 2}, r"integers in \[0, 2\*\*64\)"),
+    ({"prefix_hashes": (1 << 64,), "prefix_block_tokens": 2}, "integers"),
+    ({"prefix_hashes": ("x",), "prefix_block_tokens": 2}, "integers"),
+])
+def test_bad_prefix_signals_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _request(**kw)
+
+
 def test_a_chunk_is_finished_when_it_has_a_finish_reason():
     assert not StreamChunk(num_tokens=1).finished
     assert StreamChunk(num_tokens=2, text="hi", finish_reason="stop").finished
@@ -108,3 +135,13 @@ def test_the_ingress_request_models_carry_the_sampling_fields():
         assert set(SamplingFields.model_fields) <= set(model.model_fields)
     req = CompletionRequest.model_validate({"model": "m", "prompt": "x", "temperature": 0.0, "user": "u"})
     assert req.sampling == SamplingFields(temperature=0.0)
+
+
+def test_the_cached_token_count_rides_on_a_choices_first_chunk_and_survives_merging():
+    first = StreamChunk(num_tokens=1, text="a", num_cached_tokens=256)
+    assert StreamChunk(num_tokens=1).num_cached_tokens is None  # not reported
+    merged = StreamChunk.merge([first, StreamChunk(num_tokens=2, text="b")])
+    assert merged.num_cached_tokens == 256 and merged.text == "ab"
+    assert StreamChunk.merge([StreamChunk(num_tokens=1), StreamChunk(num_tokens=2)]).num_cached_tokens is None
+    assert StreamChunk.merge([StreamChunk(num_tokens=1, num_cached_tokens=0),
+                              StreamChunk(num_tokens=2)]).num_cached_tokens == 0

@@ -116,3 +116,64 @@ def test_the_router_forgets_replicas_serve_removed_or_reported_dead(monkeypatch)
     router.on_replica_actor_died(_replica("c").replica_id)
     assert router.ledger.known() == {"b"} and set(router._feedback) == {"b"}
     assert set(router._ledger_ids) == {"internal-1"} and len(calls) == 2
+
+
+# ------------------------------------------------------------------------------ the policy's hooks
+
+class _RecordingPolicy:
+    """A policy recording its hooks (`RoutingPolicy.on_routed`, `forget_replicas_except`)."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.routed: list[tuple[object, str]] = []
+        self.live: list[set[str]] = []
+
+    def rank(self, request, replicas):
+        return [v.replica_id for v in replicas]
+
+    def on_routed(self, request, replica_id: str) -> None:
+        self.routed.append((request, replica_id))
+
+    def forget_replicas_except(self, live: set[str]) -> None:
+        self.live.append(set(live))
+
+
+def test_the_policy_learns_every_routed_request_and_forgets_the_replicas_that_are_gone(monkeypatch):
+    """No Serve needed (Serve's bookkeeping in the base class stubbed out): `on_request_routed` tells
+    the policy which replica took the request (with its prefix hashes), and the policy forgets
+    replicas with the router, on a new replica set and on a dead actor."""
+    from types import SimpleNamespace
+
+    from ray.serve.request_router import RequestRouter
+
+    from replica.prefix_hash import chained_block_hashes
+    from router.policies.base import RoutingRequest
+    from router.ray_router import TierAwareRouter
+
+    monkeypatch.setattr(RequestRouter, "update_replicas", lambda self, replicas: None)
+    monkeypatch.setattr(RequestRouter, "on_replica_actor_died", lambda self, replica_id: None)
+    router = TierAwareRouter.__new__(TierAwareRouter)
+    router.initialize_state(policy="slo")
+    router.policy = policy = _RecordingPolicy()
+    router.update_replicas([_replica("a"), _replica("b"), _replica("c")])
+    assert policy.live == [{"a", "b", "c"}]
+
+    ids = list(range(3, 403))
+    gen = GenerateRequest(request_id="r1", prompt_token_ids=ids, max_tokens=1, tier=TIERS["free"],
+                          prefix_hashes=chained_block_hashes(ids, 128), prefix_block_tokens=128)
+    pending = SimpleNamespace(args=[gen], kwargs={}, metadata=SimpleNamespace(internal_request_id="i1"))
+    router.on_request_routed(pending, _replica("b").replica_id, None)
+    [(request, rid)] = policy.routed
+    assert rid == "b" and request.request_id == "r1" and router.ledger.known() == {"b"}
+    assert isinstance(request, RoutingRequest)
+    assert request.prefix_hashes == gen.prefix_hashes and request.prefix_block_tokens == 128
+    probe = SimpleNamespace(args=[], kwargs={}, metadata=SimpleNamespace(internal_request_id="i2"))
+    router.on_request_routed(probe, _replica("a").replica_id, None)  # no routing metadata: not the policy's
+    assert len(policy.routed) == 1
+
+    router.update_replicas([_replica("b"), _replica("c")])  # "a" scaled down
+    router.on_replica_actor_died(_replica("c").replica_id)
+    assert policy.live[1:] == [{"b", "c"}, {"b"}]
+    router.on_replica_actor_died(_replica("c").replica_id)  # told twice: nothing more to forget
+    assert len(policy.live) == 3

@@ -314,6 +314,16 @@ def test_the_slo_router_is_told_the_tiers_slos_and_the_token_budget():
     assert built(AppConfig(router={"policy": "pow2"})).name == "pow2"
 
 
+def test_the_routers_prefix_block_defaults_to_128_tokens_and_0_turns_prefix_hashing_off():
+    assert AppConfig().router.prefix_block_tokens == 128
+    assert AppConfig(router={"prefix_block_tokens": 0}).router.prefix_block_tokens == 0
+    for bad in (-1, 1.5, "64x"):
+        with pytest.raises(ValidationError):
+            AppConfig(router={"prefix_block_tokens": bad})
+    gpu = load_config(CONFIGS_DIR / "vllm-gpu.yaml", overrides={"engine.model": "/models/m"})
+    assert gpu.engine.enable_prefix_caching is True and gpu.router.prefix_block_tokens == 128
+
+
 def test_a_hub_model_id_without_network_fails_with_a_message_naming_it(monkeypatch):
     from serve_app.tokenizer import load_tokenizer
 

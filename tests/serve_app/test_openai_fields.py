@@ -422,3 +422,57 @@ def test_tokens_are_charged_for_every_choice():
     assert status == 429 and json.loads(content)["error"]["code"] == "rate_limit_exceeded", content
     status, _, content = call_inprocess(ingress, _completion(ingress, n=2, max_tokens=10), _auth())
     assert status == 200, content
+
+
+# ------------------------------------------------------------------------------- prefix caching
+
+def _cached(req):
+    """An engine that found 128 of the prompt's tokens in its prefix cache (on the first chunk)."""
+    return [StreamChunk(1, "A", token_ids=(10,), num_cached_tokens=128), StreamChunk(2, "a", token_ids=(11,)),
+            StreamChunk(3, "b", "length", token_ids=(12,))]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_usage_reports_the_prompt_tokens_the_engines_prefix_cache_held(engine_like, chat):
+    """OpenAI's ``usage.prompt_tokens_details.cached_tokens``: in the whole response, in the stream's
+    usage event and in every continuous-usage event from the first token on."""
+    ingress, replicas = engine_like
+    replicas.script = _cached
+    make = _chat if chat else _completion
+    status, _, content = call_inprocess(ingress, make(ingress), _auth(), chat=chat)
+    assert status == 200 and json.loads(content)["usage"]["prompt_tokens_details"] == {"cached_tokens": 128}
+    body = make(ingress, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    events = [e for e in _events(call_inprocess(ingress, body, _auth(), chat=chat)[2]) if "usage" in e]
+    assert [e["usage"]["prompt_tokens_details"]["cached_tokens"] for e in events] == [128] * 4
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_an_engine_that_reports_no_cached_tokens_reads_as_none_cached(sim):
+    ingress, _ = sim
+    status, _, content = call_inprocess(ingress, _completion(ingress), _auth())
+    assert status == 200 and json.loads(content)["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+def test_the_ingress_hashes_the_prompts_blocks_once_for_the_router_and_a_retry_keeps_them():
+    from replica.prefix_hash import chained_block_hashes
+
+    ingress, replicas = make_ingress(KEYS)
+    assert ingress.prefix_block_tokens == 128  # router.prefix_block_tokens' default
+    ids = list(range(1, 201))
+    replicas.die_after = [0]  # the first replica dies before its first token: retried elsewhere
+    status, _, content = call_inprocess(ingress, _completion(ingress, prompt=ids), _auth())
+    assert status == 200, content
+    first, retry = replicas.payloads
+    assert first.prefix_hashes == chained_block_hashes(ids, 128) and len(first.prefix_hashes) == 1
+    assert first.prefix_block_tokens == 128
+    assert retry.request_id != first.request_id
+    assert (retry.prefix_hashes, retry.prefix_block_tokens) == (first.prefix_hashes, 128)
+
+
+@pytest.mark.parametrize("overrides", [{"router.prefix_block_tokens": 0}, {"router.policy": "serve-default"}])
+def test_no_prefix_hashes_when_prefix_hashing_is_off_or_no_router_of_ours_reads_them(overrides):
+    ingress, replicas = make_ingress(KEYS, overrides)
+    status, _, _ = call_inprocess(ingress, _completion(ingress, prompt=list(range(1, 201))), _auth())
+    assert status == 200
+    [p] = replicas.payloads
+    assert (p.prefix_hashes, p.prefix_block_tokens) == ((), 0)

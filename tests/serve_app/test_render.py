@@ -36,7 +36,21 @@ def test_the_whole_response_has_the_endpoints_shape(tok, chat, obj, key):
     [choice] = body["choices"]
     assert key in choice and choice["finish_reason"] == "length" and choice["logprobs"] is None
     assert (choice["message"]["content"] if chat else choice["text"]) == "hello"
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_usage_says_how_many_prompt_tokens_the_prefix_cache_held(tok, chat):
+    """OpenAI's ``usage.prompt_tokens_details.cached_tokens``, in the whole response and in the
+    stream's usage event."""
+    r = Renderer("m", tok, chat=chat)
+    body = r.response("id-1", [_choice(0, "hello", 2)], 300, cached_tokens=256)
+    assert body["usage"] == {"prompt_tokens": 300, "completion_tokens": 2, "total_tokens": 302,
+                             "prompt_tokens_details": {"cached_tokens": 256}}
+    event = _event(r.usage_event("id-1", 7, 300, 2, cached_tokens=128))
+    assert event["usage"]["prompt_tokens_details"] == {"cached_tokens": 128} and event["choices"] == []
+    assert _event(r.usage_event("id-1", 7, 300, 2))["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
 
 
 def test_stream_events_of_both_endpoints(tok):
@@ -61,8 +75,9 @@ def test_stream_events_of_both_endpoints(tok):
     ("hi", None, 0, None, None),
     ("", "length", 1, "default", None),
     (None, "stop", 0, "flex", None),
-    ('quote " back \\ nl \n tab \t é 日本 \u2028 \x00', None, 2, None, (64, 10)),
-    ("x", "abort", 0, "priority", (3, 0)),
+    ('quote " back \\ nl \n tab \t é 日本 \u2028 \x00', None, 2, None, (64, 10, 0)),
+    ("x", "abort", 0, "priority", (3, 0, 0)),
+    ("y", None, 1, "default", (1024, 7, 896)),
 ])
 def test_the_preformatted_stream_event_is_the_same_json_as_the_generic_one(tok, chat, text, finish, index, tier,
                                                                           usage_now):
@@ -91,7 +106,8 @@ def test_n_choices_are_rendered_by_index_and_usage_counts_them_all(tok, chat):
     texts = [c["message"]["content"] if chat else c["text"] for c in body["choices"]]
     assert texts == ["P: a", "P: b"]  # echo starts every choice
     assert [c["finish_reason"] for c in body["choices"]] == ["stop", "length"]
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12}
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_every_stream_event_carries_its_choice_index_and_the_service_tier(tok):
