@@ -63,7 +63,7 @@ def _engine_args(config) -> list[str]:
     return ["--dtype", eng.dtype, "--max-model-len", str(eng.max_model_len), "--kv-cache-memory-bytes",
             str(eng.kv_cache_memory_bytes), "--enforce-eager", "--max-num-seqs", str(eng.max_num_seqs),
             "--max-num-batched-tokens", str(eng.max_num_batched_tokens), "--seed", str(eng.seed),
-            "--no-enable-prefix-caching"]
+            "--enable-prefix-caching" if eng.enable_prefix_caching else "--no-enable-prefix-caching"]
 
 
 @pytest.fixture(scope="module")
