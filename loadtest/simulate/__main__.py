@@ -143,6 +143,16 @@ def _pairs(text: str) -> list[str]:
     return pairs
 
 
+def _router_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
 def cmd_cluster(a: argparse.Namespace) -> int:
     from loadtest.simulate.cluster_sweep import ClusterSetup, cluster_capacity, make_runner, report
 
@@ -154,6 +164,16 @@ def cmd_cluster(a: argparse.Namespace) -> int:
         except (ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+    if a.router_option:
+        from loadtest.simulate.cluster_sweep import split_pair
+        from router.policies.registry import make_router_policy
+
+        for pair in a.pairs:
+            try:
+                make_router_policy(split_pair(pair)[0], None, **dict(a.router_option))
+            except ValueError as e:
+                print(f"error: --router-option: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
     t0 = time.perf_counter()
     scaling: dict[int, dict[str, float]] = {}
     pairs: dict = {}
@@ -169,7 +189,8 @@ def cmd_cluster(a: argparse.Namespace) -> int:
                              requests=requests, seed=a.seed, kv_blocks=a.kv_blocks, num_routers=a.routers,
                              feedback_period_s=a.feedback_period, feedback_delay_s=a.feedback_delay,
                              use_ledger=not a.no_ledger, arrivals=a.arrivals,
-                             prefix_caching=not a.no_prefix_caching, max_model_len=a.max_model_len)
+                             prefix_caching=not a.no_prefix_caching, max_model_len=a.max_model_len,
+                             router_options=tuple(a.router_option))
         with make_runner(setup, a.jobs, not a.quiet) as runner:
             pairs = cluster_capacity(runner, a.pairs, a.qps, refine_steps=a.refine)
         scaling[n] = {p: r["capacity_qps"] for p, r in pairs.items()}
@@ -219,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--feedback-period", type=float, default=1.0, help="snapshot period, s (default 1)")
     c.add_argument("--feedback-delay", type=float, default=0.0, help="snapshot delivery delay, s (default 0)")
     c.add_argument("--no-ledger", action="store_true", help="routers keep no in-flight ledger")
+    c.add_argument("--router-option", action="append", default=[], metavar="KEY=VALUE", type=_router_option,
+                   help="an option for the routers (e.g. prefix_guard_share=1.0; a JSON value), repeatable")
     c.add_argument("--refine", type=int, default=3, help="bisection rounds for each capacity (default %(default)s)")
     c.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     c.add_argument("--out", default=None, help="results folder (default results/cluster-PROFILE-nN)")

@@ -44,6 +44,7 @@ class ClusterSetup:
     arrivals: str = "poisson"  # a prefix trace's arrivals: re-drawn at the QPS, or "replay"ed scaled to it
     prefix_caching: bool = True  # the engines' prefix cache, for a trace with prefix hashes
     max_model_len: int = 0  # requests longer than this are left out (0: the trace loader's default)
+    router_options: tuple[tuple[str, Any], ...] = ()  # options for every pair's router (an ablation)
 
     def tier_mix(self) -> TierMix:
         return parse_tiers(self.tiers) if self.tiers else paper_tiers()
@@ -66,7 +67,8 @@ def run_cluster_point(setup: ClusterSetup, pair: str, qps: float) -> dict[str, A
                         setup.tier_mix(), seed=setup.seed, arrivals=setup.arrivals)
     names = setup.profile_names()
     config = ClusterConfig(num_replicas=setup.num_replicas, schedulers=scheduler, profiles=names,
-                           kv_blocks=setup.kv_blocks, router=router, num_routers=setup.num_routers,
+                           kv_blocks=setup.kv_blocks, router=router, router_options=dict(setup.router_options),
+                           num_routers=setup.num_routers,
                            feedback_period_s=setup.feedback_period_s, feedback_delay_s=setup.feedback_delay_s,
                            use_ledger=setup.use_ledger, seed=setup.seed,
                            prefix_caching=setup.prefix_caching and wl.prefix_hashes is not None)

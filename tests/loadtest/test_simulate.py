@@ -173,3 +173,18 @@ def test_simulate_run_on_the_mooncake_trace_reports_the_prefix_cache_hit_rate(ca
     assert main(["run", "--trace", "mooncake", "--profile", "h100-mistral7b", "--scheduler", "slai-spf-dynamic",
                  "--qps", "1", "--requests", "150", "--no-prefix-caching"]) == 0
     assert "prefix_cache_hit_rate" not in json.loads(capsys.readouterr().out)
+
+
+def test_cluster_router_option_reaches_the_routers_and_a_bad_one_stops_the_command(tmp_path, capsys):
+    from loadtest.simulate.__main__ import main
+
+    args = ["cluster", "--replicas", "2", "--trace", "mooncake", "--profile", "h100-mistral7b", "--pairs",
+            "slo+slai-spf-dynamic", "--qps", "0.5", "--requests", "30", "--refine", "0", "--jobs", "1", "--quiet",
+            "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as err:
+        main([*args, "--router-option", "prefix_guard_share=3"])
+    assert err.value.code == 2 and "prefix_guard_share" in capsys.readouterr().err
+    assert main([*args, "--router-option", "prefix_guard_share=1.0"]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["setup"]["router_options"] == [["prefix_guard_share", 1.0]]
+    assert doc["pairs"]["slo+slai-spf-dynamic"]["prefix_cache_hit_rate"] is not None
