@@ -150,7 +150,8 @@ class SLOTracker:
         the routers; default: `now`, or time.time())."""
         now = time.time() if now is None else now
         timestamp_s = now if timestamp_s is None else timestamp_s
-        waiting_tokens = [r.num_uncomputed_tokens for r in state.waiting]
+        # a waiting request's work is its prompt less what the prefix cache holds of it
+        waiting_tokens = [r.num_uncomputed_tokens - r.num_cached_tokens for r in state.waiting]
         waiting_tokens += [r.num_uncomputed_tokens for r in state.running if r.is_prefill]
         hist = np.histogram(waiting_tokens, bins=PROMPT_HISTOGRAM_EDGES + (10**9,))[0] if waiting_tokens else None
         decodes: dict[str, int] = {}

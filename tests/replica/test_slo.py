@@ -58,6 +58,14 @@ def test_snapshot_reports_queue_decodes_per_tier_and_kv():
     assert snap["kv_usage"] == 0.25 and snap["mean_batch_time_s"] == 0.04
 
 
+def test_snapshot_counts_a_waiting_prompts_cached_prefix_as_no_work():
+    w = _req("w", "free", 0.5, prompt=5000)
+    w.num_cached_tokens = 4096  # the engine's prefix cache holds it: SPF orders it as 904 tokens
+    snap = SLOTracker({"free": 0.5}).snapshot("r0", EngineState(0.0, KVCache(100), [w], []), 0.04, now=1.0)
+    assert snap["waiting_prefill_tokens"] == 904
+    assert snap["waiting_prompt_histogram"]["counts"] == [0, 1, 0, 0, 0, 0]
+
+
 def test_tbt_gaps_since_returns_the_gaps_recorded_since_a_mark_per_tier():
     tr = SLOTracker({"premium": 0.1, "free": 0.5}, window_s=10.0)
     p, f = _req("p", "premium", 0.1), _req("f", "free", 0.5)
