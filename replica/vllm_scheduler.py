@@ -27,6 +27,14 @@ After the model ran, `update_from_output()` measures the iteration wall time (en
 `schedule()` to the start of `update_from_output()`), updates the mirror and calls the
 policy's `on_batch_end`.
 
+One clock: the policy's times (`EngineState.now_s`, the batch start/end times, hence every LST,
+and the mirror's `arrival_s`, by which slai-plus ages a waiting request) and the SLO tracker's
+token times are `time.perf_counter()`.  vLLM stamps a request's ``arrival_time`` with
+`time.time()` (in the front end, possibly another process); `add_request` converts it once:
+the mirror's ``arrival_s`` is perf_counter now less the time since that arrival, so a request's
+age and its TTFT include what it spent before reaching the scheduler.  The feedback snapshot's
+``timestamp_s`` stays wall-clock time (for the routers).
+
 Prefix caching (vLLM's automatic prefix caching, on by default in vLLM): when vLLM's KV manager
 caches, `EngineState.prefix` is a `VLLMPrefixView` (the policy's `PrefixCacheView`): vLLM's own
 lookup of what a waiting request would hit (read-only: whole blocks, never the last known token;
@@ -68,7 +76,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -137,6 +145,12 @@ class StepRecord:
     executed: dict[str, int]
     schedule_s: float
     kv_used: int = 0
+    # the requests vLLM preempted in this step (`SchedulerOutput.preempted_req_ids`: the plan's
+    # victims, and any request vLLM's own `schedule()` preempted)
+    preempted: list[str] = field(default_factory=list)
+    # the running decodes the policy saw (one uncomputed token, a token out): the plan runs,
+    # preempts or defers each of them
+    running_decodes: list[str] = field(default_factory=list)
 
 
 class VLLMPrefixView:
@@ -272,12 +286,18 @@ class PolicySchedulerMixin:
         self.mirrors[request.request_id] = Request(
             req_id=request.request_id,
             prompt_len=request.num_prompt_tokens,
-            arrival_s=request.arrival_time,
+            arrival_s=self._arrival_on_policy_clock(request.arrival_time),
             tier=tier.name,
             tbt_slo_s=tier.tbt_slo_s,
             tier_rank=tier.rank,
             ttft_target_s=tier.ttft_target_s,
         )
+
+    @staticmethod
+    def _arrival_on_policy_clock(arrival_time: float) -> float:
+        """vLLM's ``arrival_time`` (`time.time()`) on the policy's clock (`time.perf_counter()`):
+        now less the time since the arrival (never after now)."""
+        return time.perf_counter() - max(0.0, time.time() - arrival_time)
 
     # --- the mirror ----------------------------------------------------------------------------
     def _sync(self, vreq: VRequest) -> Request:
@@ -332,6 +352,7 @@ class PolicySchedulerMixin:
         t0 = time.perf_counter()
         state = self.mirror_state(t0)
         kv_used = state.kv.num_used_blocks
+        running_decodes = [m.req_id for m in state.running if not m.is_prefill] if self.record_steps else []
         plan = self.policy.schedule(state)
         req = self.requests
         for m in plan.preempted:
@@ -360,7 +381,8 @@ class PolicySchedulerMixin:
                 self.kv_cache_manager.block_pool.free_blocks(pinned)
         end = time.perf_counter()
         if self.record_steps:
-            self.step_log.append(StepRecord(plan.summary(), dict(out.num_scheduled_tokens), end - t0, kv_used))
+            self.step_log.append(StepRecord(plan.summary(), dict(out.num_scheduled_tokens), end - t0, kv_used,
+                                            sorted(out.preempted_req_ids or ()), running_decodes))
         self._in_flight.append((plan, end))
         return out
 
@@ -406,7 +428,7 @@ class PolicySchedulerMixin:
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if self._in_flight:
             plan, schedule_end_s = self._in_flight.popleft()
-            now_wall = time.time()
+            now = time.perf_counter()  # the token time, on the policy's clock (the mirror's arrival_s)
             emitted = []
             for m in (*plan.decodes, *(m for m, _ in plan.prefills)):
                 before = m.num_output_tokens
@@ -419,11 +441,11 @@ class PolicySchedulerMixin:
                     self._sync_running(vreq)
                 if m.num_output_tokens > before:
                     emitted.append(m)
-            self.slo.on_tokens(emitted, now_wall)
+            self.slo.on_tokens(emitted, now)
             for m in emitted:
-                m.last_token_s = now_wall
+                m.last_token_s = now
                 if m.first_token_s is None:
-                    m.first_token_s = now_wall
+                    m.first_token_s = now
             if not plan.is_empty:
                 state = EngineState(now_s=start_s, kv=self._kv_now())
                 self.policy.on_batch_end(state, plan, schedule_end_s, start_s)
@@ -441,9 +463,12 @@ class PolicySchedulerMixin:
     def feedback_snapshot(self) -> dict:
         """The replica's feedback snapshot (`replica.slo`): queue, decodes per tier, KV use,
         mean batch time, per-tier TTFT/TBT over the last minute."""
-        state = self.mirror_state(time.perf_counter())
+        now = time.perf_counter()
+        state = self.mirror_state(now)
         state.kv = self._kv_now()
-        return self.slo.snapshot(self.replica_id, state, self.policy.mean_batch_time_s)
+        # the tracker's window ends now on its clock (the policy's); the timestamp is wall-clock
+        return self.slo.snapshot(self.replica_id, state, self.policy.mean_batch_time_s, now=now,
+                                 timestamp_s=time.time())
 
     def _kv_now(self) -> KVCache:
         """The KV cache now: blocks out of vLLM's free queue plus started prefills' reservations."""

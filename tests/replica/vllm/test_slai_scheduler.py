@@ -68,12 +68,15 @@ def internal(rid: str, ids) -> str:
 
 
 def assert_executed_as_planned(log, budget: int | None = None) -> None:
-    """Every step: vLLM scheduled exactly the plan's requests with the plan's token counts."""
+    """Every step: vLLM scheduled exactly the plan's requests with the plan's token counts, and
+    preempted exactly the plan's victims (no more, none of its own)."""
     assert log, "no step recorded"
     for k, rec in enumerate(log):
         planned = {rid: 1 for rid in rec.planned["decodes"]}
         planned.update(dict(rec.planned["prefills"]))
         assert rec.executed == planned, f"step {k}: vLLM ran {rec.executed}, the policy planned {planned}"
+        assert rec.preempted == sorted(rec.planned["preempted"]), (
+            f"step {k}: vLLM preempted {rec.preempted}, the policy planned {rec.planned['preempted']}")
         if budget is not None:
             assert sum(planned.values()) <= budget
 
@@ -100,17 +103,40 @@ def test_every_step_vllm_executes_is_the_pure_policys_plan(make_llm):
     assert set(outs) == {a.rid for a in script}
     assert all(len(outs[a.rid]) == a.max_tokens for a in script)
     log = steps_of(llm)
-    mixed = deferred = 0
     assert_executed_as_planned(log, budget=48)
-    for rec in log:
-        mixed += bool(rec.planned["decodes"]) and bool(rec.planned["prefills"])
     # the script exercises what SLAI decides: mixed batches, and decodes left out of full batches
-    running_ids = set()
-    for rec in log:
-        decodes = set(rec.planned["decodes"])
-        deferred += bool(running_ids - decodes - {r for r, _ in rec.planned["prefills"]} and rec.planned["prefills"])
-        running_ids |= decodes
-    assert mixed > 5 and deferred > 0
+    mixed = sum(bool(rec.planned["decodes"]) and bool(rec.planned["prefills"]) for rec in log)
+    assert mixed > 5 and deferred_steps(log) > 0
+
+
+def test_no_decode_counts_as_deferred_under_a_policy_that_runs_every_decode(make_llm):
+    """The deferred count above can fail: sarathi-fcfs runs every running decode in every step, so
+    on a similar script no step leaves one out (a finished request is no deferred decode)."""
+    llm = make_llm(POLICY, max_num_batched_tokens=48, max_num_seqs=4,
+                   additional_config={"tiered_llm": replica_engine_config(scheduler="sarathi-fcfs")})
+    steps_of(llm)
+    script = [Arrival(0, "a", 120, 20), Arrival(0, "b", 30, 10), Arrival(2, "c", 200, 10), Arrival(30, "g", 300, 8)]
+    run_script(llm, script)
+    log = steps_of(llm)
+    assert_executed_as_planned(log, budget=48)
+    assert sum(bool(rec.running_decodes) and bool(rec.planned["prefills"]) for rec in log) >= 3
+    assert deferred_steps(log) == 0
+
+
+def deferred_steps(log) -> int:
+    """Steps that ran prefills and left a running decode out (deferred: a decode running when the
+    plan was made, neither scheduled nor preempted in that step, and still running after it: vLLM
+    schedules it again in a later step)."""
+    last = {}
+    for k, rec in enumerate(log):
+        for rid in rec.executed:
+            last[rid] = k
+    deferred = 0
+    for k, rec in enumerate(log):
+        left_out = set(rec.running_decodes) - set(rec.executed) - set(rec.preempted)
+        assert all(last.get(rid, -1) > k for rid in left_out), f"step {k}: a deferred decode never ran again"
+        deferred += bool(left_out and rec.planned["prefills"])
+    return deferred
 
 
 def test_free_decode_waits_while_non_critical_and_runs_once_critical_premium_runs_every_step(make_llm):
@@ -263,7 +289,8 @@ def test_preemption_under_kv_pressure_is_the_plans_and_changes_no_output(make_ll
     log = steps_of(llm)
     preempted = sum(len(rec.planned["preempted"]) for rec in log)
     assert preempted > 0, "the KV cache was not tight enough to force a preemption"
-    assert_executed_as_planned(log)
+    assert_executed_as_planned(log)  # the plan's victims are the requests vLLM preempted, step by step
+    assert sum(len(rec.preempted) for rec in log) == preempted
     assert ours == run_script(make_llm(None, **tight), script)
 
 
@@ -323,3 +350,59 @@ def test_slai_plus_in_vllm_grows_its_budget_and_every_step_is_its_plan(make_llm)
     # premium's 100 ms SLO x 0.9 allows (0.09 - 0.001) / 1e-5 tokens: the ceiling, 1024 (8 tiles)
     assert max(sizes) == 1024 and sched.policy.last_budget in (512, 1024)
     assert ours == run_script(make_llm(None, max_num_batched_tokens=1024, max_num_seqs=8), script)
+
+
+def test_slai_plus_in_vllm_ages_a_waiting_prompt_on_the_policys_clock(make_llm):
+    """slai-plus admits a waiting request first once it has waited max_wait_ttft_multiple x its
+    tier's TTFT target (bounded waiting).  The policy's clock is perf_counter, vLLM's arrival_time
+    is time.time(): the mirror's arrival is converted once, so the age the policy sees starts near
+    0 and grows with time, and a long prompt past its bound is admitted ahead of shorter ones."""
+    import time
+
+    llm = make_llm(SLAI_PLUS, max_num_batched_tokens=64, max_num_seqs=8)
+    sched = engine_scheduler(llm)
+    policy = sched.policy
+    assert policy.config.aging
+    bound_s = policy.config.max_wait_ttft_multiple * 0.05  # 0.2 s for a 50 ms TTFT target
+    urgent = TierFacts(name="urgent", tbt_slo_s=0.5, ttft_target_s=0.05, rank=1).to_extra_args()
+    late = TierFacts(name="late", tbt_slo_s=0.5, ttft_target_s=0.05, rank=1).to_extra_args()
+    lenient = {"tier": "free"}  # the paper's free tier: 4 x 0.5 s
+    eng = llm.llm_engine
+
+    def add(rid, n, extra):
+        prompt = {"prompt_token_ids": [(5 * i + len(rid)) % 1500 + 5 for i in range(n)]}
+        eng.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, extra_args=extra))
+
+    def ages():
+        now = time.perf_counter()
+        return {rid.split("-")[0]: now - sched.mirrors[rid].arrival_s for rid in sched.mirrors}
+
+    def first_admitted_then_finish():
+        steps_of(llm)
+        eng.step()
+        (first,) = steps_of(llm)
+        while eng.has_unfinished_requests():
+            eng.step()
+        return [rid.split("-")[0] for rid in first.planned["admitted"]]
+
+    # before its bound: shortest prompt first
+    add("long", 300, urgent)
+    add("s20", 20, lenient)
+    add("s30", 30, lenient)
+    age = ages()
+    assert all(0.0 <= a < bound_s / 2 for a in age.values()), age
+    assert first_admitted_then_finish()[0] == "s20"
+    # past its bound: the long prompt goes first
+    add("aged", 300, late)
+    add("t20", 20, lenient)
+    add("t30", 30, lenient)
+    age = ages()
+    assert all(0.0 <= a < bound_s / 2 for a in age.values()), age
+    time.sleep(1.5 * bound_s)
+    age = ages()
+    assert 1.5 * bound_s <= age["aged"] < 10 * bound_s and age["t20"] < 4 * 0.5, age  # the others are not overdue
+    assert first_admitted_then_finish()[0] == "aged"
+    # the SLO tracker's TTFT (on the same clock) counts the wait
+    tiers = sched.feedback_snapshot()["tiers"]
+    assert 1.5 * bound_s <= tiers["late"]["ttft_p50_s"] < 30.0
+    assert 0.0 < tiers["urgent"]["ttft_p50_s"] < 30.0
