@@ -38,35 +38,26 @@ import time
 from pathlib import Path
 
 from replica.slo import PROMPT_HISTOGRAM_EDGES, SNAPSHOT_VERSION
+from replica.traces import MOONCAKE_TRACE_PATH
+from replica.traces import load_trace as load_trace_file
 from router.feedback import ReplicaFeedback, build_views
 from router.ledger import InFlightLedger
 from router.policies.base import RoutingContext, RoutingRequest
 from router.policies.registry import make_router_policy
 
-ROOT = Path(__file__).resolve().parents[1]
-TRACE_CANDIDATES = (ROOT / "replica" / "data" / "mooncake_conversation_trace.jsonl",
-                    ROOT.parent / "shared" / "data" / "mooncake_conversation_trace.jsonl")
-BLOCK_TOKENS = 512
 TIERS = {"premium": (0.1, 0), "free": (0.5, 1)}  # name -> (TBT SLO s, rank)
 DECISION_DT_S = 0.01  # virtual time between two decisions
 
 
-def default_trace() -> Path:
-    for p in TRACE_CANDIDATES:
-        if p.exists():
-            return p
-    return TRACE_CANDIDATES[-1]
-
-
-def load_trace(path: Path, limit: int) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-                if limit and len(rows) >= limit:
-                    break
-    return rows
+def load_requests(path: Path, limit: int) -> tuple[list[tuple[int, tuple[int, ...]]], int]:
+    """The first ``limit`` (0: all) usable requests of a prefix trace (`replica.traces.load_trace`:
+    requests longer than the model's context are left out, as in the simulators) as (prompt
+    length, prefix hashes), and the trace's hash block size."""
+    trace = load_trace_file(path)
+    n = len(trace) if not limit else min(limit, len(trace))
+    if not trace.has_prefixes:
+        raise SystemExit(f"error: {path} has no prefix hashes")
+    return [(int(trace.prompt_lens[i]), trace.prefix_hashes[i]) for i in range(n)], trace.hash_block_tokens
 
 
 def _histogram(prompts: list[int]) -> list[int]:
@@ -103,9 +94,10 @@ def _stats(ns: list[int]) -> dict:
     return {"p50": _pct(xs, 0.5), "p99": _pct(xs, 0.99), "max": xs[-1] / 1e3}
 
 
-def run_one(policy_name: str, n: int, rows: list[dict], seed: int, snapshots_per_decision: float,
+def run_one(policy_name: str, n: int, rows: list[tuple[int, tuple[int, ...]]], block_tokens: int, seed: int,
+            snapshots_per_decision: float,
             rounds: int = 3, warmup: int = 1000) -> dict:
-    runs = [replay(policy_name, n, rows, seed, snapshots_per_decision) for _ in range(max(1, rounds))]
+    runs = [replay(policy_name, n, rows, block_tokens, seed, snapshots_per_decision) for _ in range(max(1, rounds))]
     (rank0, routed0, choices0, reuse), rest = runs[0], runs[1:]
     assert all(r[2] == choices0 for r in rest), "a replay chose differently: the run is not deterministic"
     rank_ns = [min(xs) for xs in zip(*(r[0] for r in runs))]
@@ -122,11 +114,11 @@ def run_one(policy_name: str, n: int, rows: list[dict], seed: int, snapshots_per
     }
 
 
-def replay(policy_name: str, n: int, rows: list[dict], seed: int,
+def replay(policy_name: str, n: int, rows: list[tuple[int, tuple[int, ...]]], block_tokens: int, seed: int,
            snapshots_per_decision: float) -> tuple[list[int], list[int], list[str], float]:
     """One run: per decision the rank and on_routed times (ns), the choices, and the reuse share."""
     rng = random.Random(seed)
-    prompt_lens = [r["input_length"] for r in rows]
+    prompt_lens = [p for p, _ in rows]
     ids = [f"replica-{i:03d}" for i in range(n)]
     now = 0.0
     # a pool of snapshots built ahead (parsing one is not the policy's work)
@@ -141,7 +133,7 @@ def replay(policy_name: str, n: int, rows: list[dict], seed: int,
     choices: list[str] = []
     reused = total = 0
     clock = time.perf_counter_ns
-    for k, row in enumerate(rows):
+    for k, (prompt_len, hashes) in enumerate(rows):
         now = k * DECISION_DT_S
         refresh = snapshots_per_decision
         while refresh > 0:
@@ -153,10 +145,9 @@ def replay(policy_name: str, n: int, rows: list[dict], seed: int,
             refresh -= 1
         tier = "premium" if rng.random() < 0.2 else "free"
         slo, rank_ = TIERS[tier]
-        hashes = tuple(row["hash_ids"])
         request = RoutingRequest(request_id=f"q{k}", tier=tier, tbt_slo_s=slo, tier_rank=rank_,
-                                 prompt_len=row["input_length"], prefix_hashes=hashes,
-                                 prefix_block_tokens=BLOCK_TOKENS)
+                                 prompt_len=prompt_len, prefix_hashes=hashes,
+                                 prefix_block_tokens=block_tokens)
         views = build_views(ids, feedback, ledger, now)
         t0 = clock()
         choice = policy.rank(request, views)[0]
@@ -172,7 +163,7 @@ def replay(policy_name: str, n: int, rows: list[dict], seed: int,
             if h not in held:
                 break
             blocks += 1
-        reused += min(blocks * BLOCK_TOKENS, request.prompt_len)
+        reused += min(blocks * block_tokens, request.prompt_len)
         total += request.prompt_len
         held.update(hashes)
         choices.append(choice)
@@ -181,7 +172,7 @@ def replay(policy_name: str, n: int, rows: list[dict], seed: int,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trace", type=Path, default=None, help="Mooncake-style JSON lines (input_length, hash_ids)")
+    ap.add_argument("--trace", type=Path, default=None, help="a Mooncake-style JSONL trace (default: the shipped Mooncake trace)")
     ap.add_argument("--replicas", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--policies", nargs="+", default=["slo", "slo-no-prefix", "prefix-affinity", "pow2"])
     ap.add_argument("--requests", type=int, default=5000, help="the trace's first requests (0: all)")
@@ -194,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
-    trace = args.trace or default_trace()
-    rows = load_trace(trace, args.requests)
+    trace = args.trace or MOONCAKE_TRACE_PATH
+    rows, block_tokens = load_requests(trace, args.requests)
     if not rows:
         print(f"no requests in {trace}", file=sys.stderr)
         return 1
@@ -208,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for n in args.replicas:
         for name in args.policies:
-            r = run_one(name, n, rows, args.seed, args.snapshots_per_decision, args.rounds, args.warmup)
+            r = run_one(name, n, rows, block_tokens, args.seed, args.snapshots_per_decision, args.rounds, args.warmup)
             results.append(r)
             a, b, c = r["rank_us"], r["on_routed_us"], r["decision_us"]
             w = r["rank_us_after_warmup"]

@@ -2,8 +2,8 @@
 
 Both mechanisms feed it: the vLLM scheduler adapter (on time.perf_counter, the policy's clock)
 and the simulated engine (its virtual or wall clock). It keeps, per tier, the TTFTs and TBT gaps
-of a sliding time window and counts SLO misses, and it builds the small, versioned snapshot a replica reports to the routers: what is
-queued (prefill tokens and their prompt-length histogram), decodes running per tier, KV use,
+of a sliding time window and counts SLO misses, and it builds the small, versioned snapshot a
+replica reports to the routers: what is queued (prefill tokens and their prompt-length histogram), decodes running per tier, KV use,
 mean batch time, per-tier TTFT/TBT quantiles and misses over the window.
 """
 

@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from vllm import SamplingParams  # noqa: E402
-from vllm_testkit import engine_scheduler  # noqa: E402
+from vllm_testkit import assert_executed_as_planned, engine_scheduler  # noqa: E402
 
 from replica.vllm_scheduler import VLLMPrefixView, replica_engine_config  # noqa: E402
 
@@ -108,13 +108,7 @@ def check_every_step(sched) -> None:
     """vLLM ran exactly each plan (its tokens and its preemptions), each admission from the planned
     prefix hit; the mirror's KV use is the pool's plus the reservations."""
     log = list(sched.step_log)
-    assert log, "no step recorded"
-    for k, rec in enumerate(log):
-        planned = {rid: 1 for rid in rec.planned["decodes"]}
-        planned.update(dict(rec.planned["prefills"]))
-        assert rec.executed == planned, f"step {k}: vLLM ran {rec.executed}, the policy planned {planned}"
-        assert rec.preempted == sorted(rec.planned["preempted"]), (
-            f"step {k}: vLLM preempted {rec.preempted}, the policy planned {rec.planned['preempted']}")
+    assert_executed_as_planned(log)
     assert sched.admission_starts
     for rid, planned, started, mirrored in sched.admission_starts:
         assert planned == started == mirrored, f"{rid}: planned from {planned}, vLLM from {started}, mirror {mirrored}"

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from vllm import SamplingParams  # noqa: E402
-from vllm_testkit import engine_scheduler  # noqa: E402
+from vllm_testkit import assert_executed_as_planned, engine_scheduler  # noqa: E402
 
 from replica.contract import TierFacts  # noqa: E402
 from replica.vllm_scheduler import PolicyScheduler, SLAIScheduler, replica_engine_config  # noqa: E402
@@ -65,20 +65,6 @@ def internal(rid: str, ids) -> str:
     """vLLM appends a random suffix to request ids."""
     (hit,) = [i for i in ids if i == rid or i.startswith(rid + "-")]
     return hit
-
-
-def assert_executed_as_planned(log, budget: int | None = None) -> None:
-    """Every step: vLLM scheduled exactly the plan's requests with the plan's token counts, and
-    preempted exactly the plan's victims (no more, none of its own)."""
-    assert log, "no step recorded"
-    for k, rec in enumerate(log):
-        planned = {rid: 1 for rid in rec.planned["decodes"]}
-        planned.update(dict(rec.planned["prefills"]))
-        assert rec.executed == planned, f"step {k}: vLLM ran {rec.executed}, the policy planned {planned}"
-        assert rec.preempted == sorted(rec.planned["preempted"]), (
-            f"step {k}: vLLM preempted {rec.preempted}, the policy planned {rec.planned['preempted']}")
-        if budget is not None:
-            assert sum(planned.values()) <= budget
 
 
 def test_the_engine_runs_the_slai_scheduler_class(make_llm):

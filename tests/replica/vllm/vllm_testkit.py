@@ -105,3 +105,17 @@ class LLMFactory:
             shutdown_llm(llm)
             del llm
             gc.collect()
+
+
+def assert_executed_as_planned(log, budget: int | None = None) -> None:
+    """Every step: vLLM scheduled exactly the plan's requests with the plan's token counts, and
+    preempted exactly the plan's victims (no more, none of its own)."""
+    assert log, "no step recorded"
+    for k, rec in enumerate(log):
+        planned = {rid: 1 for rid in rec.planned["decodes"]}
+        planned.update(dict(rec.planned["prefills"]))
+        assert rec.executed == planned, f"step {k}: vLLM ran {rec.executed}, the policy planned {planned}"
+        assert rec.preempted == sorted(rec.planned["preempted"]), (
+            f"step {k}: vLLM preempted {rec.preempted}, the policy planned {rec.planned['preempted']}")
+        if budget is not None:
+            assert sum(planned.values()) <= budget
