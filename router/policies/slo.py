@@ -27,8 +27,12 @@ Strict-tier risk in [0, 1] = max(KV use / kv_limit, p99 TBT / SLO, mean batch ti
 competing strict decodes / max_strict_decodes); cost = predicted TTFT + risk_weight_s * risk.
 
 A replica without feedback yet (or with feedback older than max_feedback_age_s, if set) counts
-as empty but for its ledger entries, at the median prefill rate of the replicas with feedback
-(token_budget / default_batch_time_s if none), and feasible: so such replicas rank by ledger load.
+as empty but for its ledger entries, at the median prefill rate of the replicas with a measured
+batch time (token_budget / default_batch_time_s if none), and feasible: so such replicas rank by
+ledger load.  A replica whose snapshot has no measured batch time yet (it has run no batch: just
+started, or never picked) is judged by its snapshot (queue, feasibility, risk) at that same median
+rate: pricing it at default_batch_time_s instead made a fast cluster's new replica look slower than
+its measured peers forever, so it was never picked and never measured.
 Ties: fewer ledger entries, then replica id.
 
 A replica whose snapshot is older than ``stale_feedback_s`` (if set) has stopped answering the
@@ -286,7 +290,11 @@ class SLOPolicy(RoutingPolicy):
     def _snapshot(self, rid: str, fb: ReplicaFeedback) -> _Snapshot:
         snap = self._snapshots.get(rid)
         if snap is None or snap.fb is not fb:
-            snap = self._snapshots[rid] = _Snapshot(fb, self.prefill_rate_tps(fb), self._grids)
+            # no batch measured yet (a replica just started): no rate of its own (0), so it runs at
+            # its peers' median rate in `_evaluate`, not at default_batch_time_s, which could be
+            # far slower than the hardware and starve the new replica of traffic
+            rate = self.prefill_rate_tps(fb) if fb.mean_batch_time_s else 0.0
+            snap = self._snapshots[rid] = _Snapshot(fb, rate, self._grids)
         return snap
 
     def _tier_key(self, request: RoutingRequest, strict: bool) -> int:
@@ -464,7 +472,7 @@ class SLOPolicy(RoutingPolicy):
         if unknown:
             # a replica without feedback yet runs at the median rate of those with feedback
             rates = [s.rate for v in replicas if (s := snaps.get(v.replica_id)) is not None and s.fb is v.feedback
-                     and (max_age is None or v.feedback_age_s is None or v.feedback_age_s <= max_age)]
+                     and s.rate and (max_age is None or v.feedback_age_s is None or v.feedback_age_s <= max_age)]
             rate = statistics.median(rates) if rates else cfg.token_budget / cfg.default_batch_time_s
             for rid, queued, reasons, risk in unknown:
                 if more is not None:

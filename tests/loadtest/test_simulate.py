@@ -187,4 +187,6 @@ def test_cluster_router_option_reaches_the_routers_and_a_bad_one_stops_the_comma
     assert main([*args, "--router-option", "prefix_guard_share=1.0"]) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["setup"]["router_options"] == [["prefix_guard_share", 1.0]]
-    assert doc["pairs"]["slo+slai-spf-dynamic"]["prefix_cache_hit_rate"] is not None
+    # every run reports its prefix-cache hit rate (the pair's own field is at capacity, which a
+    # 60-request run with two premium requests may not reach)
+    assert all(pt["prefix_cache_hit_rate"] > 0 for pt in doc["pairs"]["slo+slai-spf-dynamic"]["points"])

@@ -172,6 +172,25 @@ def test_replicas_without_feedback_rank_by_ledger_load():
     assert SLOPolicy().rank(req("free", 600), views) == ["c", "b", "d", "a", "e"]
 
 
+@pytest.mark.parametrize("tier", ["premium", "free"])
+def test_a_replica_that_has_run_no_batch_yet_runs_at_its_measured_peers_median_rate(tier):
+    # a has measured fast batches (512 / 0.004 s = 128k tokens/s, far above the 0.05 s default); b
+    # has just started: its snapshot says idle, with no batch time.  At the default batch time b
+    # would look 12x slower than a forever, never be picked and never measure one
+    # would look 12x slower than a forever, never be picked and never measure one.  a has one
+    # request in flight (its ledger): the idle new replica is the better place for the next one
+    views = [view("a", batch=0.004, kv=0.0, ledger=[(tier, 100)]), view("b", batch=None, kv=0.0)]
+    policy = SLOPolicy(tier_tbt_slo_s={"premium": 0.1, "free": 0.5})
+    est = {e.replica_id: e for e in policy.estimate(req(tier, 200), views)}
+    assert est["b"].prefill_rate_tps == pytest.approx(est["a"].prefill_rate_tps) == pytest.approx(512 / 0.004)
+    assert policy.rank(req(tier, 200), views)[0] == "b"
+    # its snapshot still counts: shorter prompts queued on b rank it by that queue, at the same rate
+    views[1] = view("b", batch=None, kv=0.0, waiting=[300] * 4)
+    (b,) = [e for e in policy.estimate(req(tier, 700), views) if e.replica_id == "b"]
+    assert b.tokens_ahead == pytest.approx(1200 + 700) and b.prefill_rate_tps == pytest.approx(512 / 0.004)
+    assert policy.rank(req(tier, 700), views)[0] == "a"
+
+
 def test_stale_feedback_can_be_ignored():
     views = [view("a", now=100.0, waiting=[400] * 20), view("b", now=5.0, waiting=[400] * 5)]
     assert SLOPolicy().rank(req(), views)[0] == "b"  # by default feedback is trusted however old
