@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from replica.seeds import stream_rng
+
 __all__ = ["burst_arrival_times", "effective_qps", "poisson_arrival_times"]
 
 
@@ -20,7 +22,9 @@ def poisson_arrival_times(n: int, qps: float, seed: int | None, max_gap_factor: 
     """``n`` arrival times in seconds, non-decreasing, float64; the first request arrives at 0.
 
     The ``n - 1`` gaps are exponential with mean ``1/qps``, each capped at
-    ``max_gap_factor / qps`` (``math.inf`` for no cap).  The same ``seed`` gives the same times.
+    ``max_gap_factor / qps`` (``math.inf`` for no cap).  The same ``seed`` gives the same times;
+    they come from the seed's own "arrivals" stream (`replica.seeds`), independent of the tier
+    draws and the trace shuffle made with the same seed.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -28,7 +32,7 @@ def poisson_arrival_times(n: int, qps: float, seed: int | None, max_gap_factor: 
         raise ValueError(f"qps must be a finite number > 0, got {qps}")
     if not max_gap_factor > 0:
         raise ValueError(f"max_gap_factor must be > 0, got {max_gap_factor}")
-    rng = np.random.default_rng(seed)
+    rng = stream_rng(seed, "arrivals")
     gaps_s = np.minimum(rng.exponential(1.0 / qps, size=max(n - 1, 0)), max_gap_factor / qps)
     return np.concatenate([np.zeros(min(n, 1)), np.cumsum(gaps_s)])
 

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from replica.contract import DEFAULT_TTFT_TARGET_S, TierFacts
+from replica.seeds import stream_rng
 
 __all__ = ["DEFAULT_TTFT_TARGET_S", "SHARE_TOLERANCE", "TierError", "TierMix", "TierSpec", "paper_tiers",
            "parse_tiers"]
@@ -116,10 +117,11 @@ class TierMix(BaseModel):
 
     def assign(self, n: int, seed: int | None) -> np.ndarray:
         """Tier indices (int64, into ``tiers``) for ``n`` requests, drawn independently with
-        probabilities ``shares``; the same seed gives the same assignment."""
+        probabilities ``shares``; the same seed gives the same assignment, from the seed's own
+        "tiers" stream (`replica.seeds`), independent of the arrival gaps drawn with that seed."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
-        rng = np.random.default_rng(seed)
+        rng = stream_rng(seed, "tiers")
         return rng.choice(len(self.tiers), size=n, p=self.shares).astype(np.int64)
 
 

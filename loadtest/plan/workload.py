@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from replica.cost.profile import DEFAULT_COST_PROFILE, CostProfile, load_profile
 from replica.sim.engine import PAPER_KV_BLOCKS
+from replica.seeds import stream_rng
 from replica.tiers import TierMix, TierSpec, paper_tiers
 from replica.traces import Trace, load_trace
 from serve_app.field_help import field_help as render_field_help
@@ -306,10 +307,10 @@ def _file_trace(name: str, tokenizer: str | None, max_model_len: int) -> Trace:
 
 def lengths_trace(lengths: Lengths, num_requests: int, seed: int) -> Trace:
     """The token counts to draw requests from: the trace file, or `num_requests` samples of the
-    parametric distributions (numpy, `seed`)."""
+    parametric distributions (numpy, the seed's "lengths" stream: `replica.seeds`)."""
     if lengths.trace is not None:
         return _file_trace(lengths.trace, lengths.tokenizer, lengths.max_model_len)
-    rng = np.random.default_rng(seed)
+    rng = stream_rng(seed, "lengths")
     prompts = lengths.prompt.sample(num_requests, rng).astype(np.int64)
     outputs = lengths.output.sample(num_requests, rng).astype(np.int64)
     return Trace(prompts, outputs, source=lengths.describe())

@@ -23,11 +23,13 @@ class SchedulerConfig(BaseModel):
     max_active_requests: int = Field(128, gt=0, description="requests holding KV at once")
     max_decodes: int = Field(128, gt=0, description="decodes per iteration")
 
-    # SLAI: LST offset Theta (in mean batch times), switched by KV-cache use.
+    # SLAI: LST offset Theta (in mean batch times): switched by KV-cache use (dynamic offset), or
+    # constant (fixed offset: theta_fixed, 10 as in the authors' fixed-offset configuration)
     dynamic_theta: bool = True
-    theta_low: float = Field(5.0, ge=0)
-    theta_high: float = Field(10.0, ge=0)
+    theta_low: float = Field(5.0, ge=0, description="dynamic offset: Theta while KV use < theta_kv_threshold")
+    theta_high: float = Field(10.0, ge=0, description="dynamic offset: Theta at or above theta_kv_threshold")
     theta_kv_threshold: float = Field(0.96, gt=0, le=1)
+    theta_fixed: float = Field(10.0, ge=0, description="fixed offset (dynamic_theta false): Theta at any KV use")
 
     # slai-plus (replica/policy/slai_plus.py): each mechanism switchable, for the ablation.
     aging: bool = Field(True, description="a prompt that waited max_wait_ttft_multiple x its tier's TTFT "

@@ -6,8 +6,8 @@ batch that ran it:
     LST_j = end of that batch + TBT_j - Theta * mean_batch_time
 
 `mean_batch_time` is the running mean of every measured batch wall time; Theta is 5 while KV-cache
-use is below 96 % and 10 at or above (dynamic offset), or a constant (fixed offset). A decode that
-is not scheduled keeps its old LST.
+use is below 96 % and 10 at or above (dynamic offset), or the constant `theta_fixed`, 10 (fixed
+offset, as the authors' fixed-offset configuration). A decode that is not scheduled keeps its old LST.
 
 Each iteration, under a token budget (512), an active-request cap (128) and a decode cap (128):
 1. critical decodes (now >= LST), earliest LST first;
@@ -39,7 +39,7 @@ class SLAIPolicy(SchedulingPolicy):
         self.order = AdmissionOrder(config.admission_order)
         self.mean_batch_time_s = 0.0
         self.num_batches = 0
-        self.theta = config.theta_low
+        self.theta = config.theta_low if config.dynamic_theta else config.theta_fixed
         self._offset_s = 0.0
 
     def schedule(self, state: EngineState) -> BatchPlan:
@@ -130,7 +130,7 @@ class SLAIPolicy(SchedulingPolicy):
     def current_theta(self, kv_usage: float) -> float:
         cfg = self.config
         if not cfg.dynamic_theta:
-            return cfg.theta_low
+            return cfg.theta_fixed
         return cfg.theta_high if kv_usage >= cfg.theta_kv_threshold else cfg.theta_low
 
     def on_batch_end(

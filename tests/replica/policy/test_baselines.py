@@ -265,7 +265,7 @@ def test_every_preset_name_builds_a_working_policy(name):
 def test_defaults_are_the_papers_parameters():
     cfg = SchedulerConfig()
     assert (cfg.token_budget, cfg.max_active_requests, cfg.max_decodes) == (512, 128, 128)
-    assert (cfg.theta_low, cfg.theta_high, cfg.theta_kv_threshold) == (5.0, 10.0, 0.96)
+    assert (cfg.theta_low, cfg.theta_high, cfg.theta_kv_threshold, cfg.theta_fixed) == (5.0, 10.0, 0.96, 10.0)
     assert cfg.max_prefill_tokens == 8192
 
 

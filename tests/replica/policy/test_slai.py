@@ -220,7 +220,7 @@ def test_a_deferred_decode_keeps_its_old_lst():
     plan = pol.schedule(st)
     assert ids(plan.decodes) == ["a"]
     pol.on_batch_end(st, plan, 5.0, 5.01)
-    assert a.lst_s == pytest.approx(5.01 + 0.5 - 5 * 0.01)
+    assert a.lst_s == pytest.approx(5.01 + 0.5 - 10 * 0.01)  # fixed offset: Theta 10
     assert b.lst_s == 2.0
 
 
@@ -229,10 +229,10 @@ def test_lst_is_batch_end_plus_tbt_minus_theta_times_mean_batch_time():
     pol = slai("slai-spf-fixed")
     st = state(1.0, running=[d])
     pol.on_batch_end(st, pol.schedule(st), 1.0, 1.02)  # mean 0.02
-    assert d.lst_s == pytest.approx(1.02 + 0.1 - 5 * 0.02)
+    assert d.lst_s == pytest.approx(1.02 + 0.1 - 10 * 0.02)  # fixed offset: Theta 10
     st.now_s = 1.02
     pol.on_batch_end(st, pol.schedule(st), 1.02, 1.06)  # mean (0.02 + 0.04) / 2
-    assert d.lst_s == pytest.approx(1.06 + 0.1 - 5 * 0.03)
+    assert d.lst_s == pytest.approx(1.06 + 0.1 - 10 * 0.03)
 
 
 def test_mean_batch_time_is_the_running_mean_over_all_batches():
@@ -251,7 +251,7 @@ def test_mean_batch_time_is_the_running_mean_over_all_batches():
     st.running = [d]
     plan = pol.schedule(st)
     pol.on_batch_end(st, plan, t, t + 0.04)
-    assert d.lst_s == pytest.approx(t + 0.04 + 0.5 - 5 * (0.01 + 0.02 + 0.06 + 0.04) / 4)
+    assert d.lst_s == pytest.approx(t + 0.04 + 0.5 - 10 * (0.01 + 0.02 + 0.06 + 0.04) / 4)
 
 
 def test_lst_is_set_when_the_last_prefill_chunk_emits_the_first_token():
@@ -265,7 +265,7 @@ def test_lst_is_set_when_the_last_prefill_chunk_emits_the_first_token():
     p.num_computed_tokens, p.num_output_tokens = 40, 1
     q.num_computed_tokens = 26
     pol.on_batch_end(st, plan, 0.0, 0.01)
-    assert p.lst_s == pytest.approx(0.01 + 0.1 - 5 * 0.01)
+    assert p.lst_s == pytest.approx(0.01 + 0.1 - 10 * 0.01)
     assert q.lst_s == INF
 
 
@@ -277,12 +277,13 @@ def test_lst_is_set_when_the_last_prefill_chunk_emits_the_first_token():
         ("slai-spf-dynamic", 96, 10.0),  # at the threshold
         ("slai-spf-dynamic", 100, 10.0),
         ("slai-spf-tier-dynamic", 96, 10.0),
-        ("slai-spf-fixed", 96, 5.0),  # fixed offset ignores KV use
-        ("slai-spf-fixed", 100, 5.0),
-        ("slai-fcfs-fixed", 100, 5.0),
+        ("slai-spf-fixed", 2, 10.0),  # fixed offset: the authors' 10, whatever the KV use
+        ("slai-spf-fixed", 96, 10.0),
+        ("slai-fcfs-fixed", 2, 10.0),
+        ("slai-fcfs-fixed", 100, 10.0),
     ],
 )
-def test_theta_is_5_below_96pct_kv_use_and_10_at_or_above_when_dynamic_and_fixed_stays_5(
+def test_theta_is_5_below_96pct_kv_use_and_10_at_or_above_when_dynamic_and_fixed_stays_10(
     name, used_blocks, theta
 ):
     d = decoding("d", lst_s=0.0, tbt_slo_s=0.5)  # holds 2 blocks
