@@ -58,7 +58,14 @@ from typing import Any
 import numpy as np
 
 from loadtest.arrivals import effective_qps, poisson_arrival_times
-from loadtest.metrics import STABLE_BACKLOG_FRACTION, TTFT_P50_LIMIT_S, capacity_bracket, summarize
+from loadtest.metrics import (
+    P99_TTFT_BOUND_S,
+    STABLE_BACKLOG_FRACTION,
+    TTFT_P50_LIMIT_S,
+    capacity_bracket,
+    p99_ttft_ok,
+    summarize,
+)
 from replica.traces import Trace, sample_requests
 from replica.tiers import TierMix
 
@@ -451,10 +458,14 @@ def _point(meta: Mapping[str, Any], recs: list[Mapping[str, Any]], qps: float, s
     return p
 
 
-def capacity_of(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def capacity_of(points: Sequence[Mapping[str, Any]], p99_ttft_bound_s: float = P99_TTFT_BOUND_S) -> dict[str, Any]:
+    """The paper's capacity, the stable one and the P99-TTFT-bounded one (`loadtest.metrics.p99_ttft_ok`:
+    also a P99 TTFT of at most ``p99_ttft_bound_s``), each with its first failing QPS."""
     lo, hi = capacity_bracket(points, "slo_met")
     slo, shi = capacity_bracket(points, "stable_slo_met")
-    return {"capacity_qps": lo, "first_failing_qps": hi, "stable_capacity_qps": slo, "stable_first_failing_qps": shi}
+    plo, phi = capacity_bracket([{"qps": p["qps"], "ok": p99_ttft_ok(dict(p), p99_ttft_bound_s)} for p in points], "ok")
+    return {"capacity_qps": lo, "first_failing_qps": hi, "stable_capacity_qps": slo, "stable_first_failing_qps": shi,
+            "p99_ttft_capacity_qps": plo, "p99_ttft_first_failing_qps": phi, "p99_ttft_bound_s": p99_ttft_bound_s}
 
 
 # --------------------------------------------------------------------------------- report
@@ -487,7 +498,9 @@ def markdown(report: Mapping[str, Any]) -> str:
     lines.append(f"Capacity (median TTFT <= {TTFT_P50_LIMIT_S} s and every tier's P99 TBT within its SLO, every lower "
                  f"QPS passing): **{_fmt(cap['capacity_qps'])} QPS** (first failing: {_fmt(cap['first_failing_qps'])}); "
                  f"stable (also <= {STABLE_BACKLOG_FRACTION:.0%} waiting at the last arrival, none unfinished or "
-                 f"failed): {_fmt(cap['stable_capacity_qps'])} QPS.")
+                 f"failed): {_fmt(cap['stable_capacity_qps'])} QPS"
+                 + (f"; P99-TTFT-bounded (also P99 TTFT <= {cap['p99_ttft_bound_s']:g} s): "
+                    f"{_fmt(cap['p99_ttft_capacity_qps'])} QPS." if "p99_ttft_capacity_qps" in cap else "."))
     lines.append("")
     head = ["offered QPS", "requests", "arrival rate", "TTFT p50 (s)", "TTFT p99 (s)"]
     for t in tiers:
@@ -568,10 +581,11 @@ def plot_report(points: Sequence[Mapping[str, Any]], out: Path, title: str = "")
     return paths
 
 
-def write_report(out: Path, points: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
+def write_report(out: Path, points: list[dict[str, Any]], p99_ttft_bound_s: float = P99_TTFT_BOUND_S,
+                 **info: Any) -> dict[str, Any]:
     """capacity.json, capacity.md and the two plots in ``out``; returns the report."""
     out.mkdir(parents=True, exist_ok=True)
-    raw = {**info, "capacity": capacity_of(points), "points": points}
+    raw = {**info, "capacity": capacity_of(points, p99_ttft_bound_s), "points": points}
     report = _clean(raw)  # strict JSON: infinite (a TTFT that never came) and NaN (no data) become null
     (out / "capacity.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "capacity.md").write_text(markdown(raw))
@@ -754,6 +768,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=None,
                     help="report folder (default results/locust-capacity, or --from-samples' DIR)")
     ap.add_argument("--label", default="", help="a title for the report")
+    ap.add_argument("--p99-ttft-bound-s", type=float, default=P99_TTFT_BOUND_S,
+                    help="the P99-TTFT capacity's bound on the P99 TTFT, s (default %(default)s: the 10-second "
+                         "attention limit of interactive response times, loadtest/metrics.py)")
     ap.add_argument("--keys", default=None, help="premium=KEY,free=KEY (default: LOADTEST_KEYS or TIERED_API_KEYS)")
     ap.add_argument("--from-samples", type=Path, default=None, metavar="DIR",
                     help="no load: rebuild the report from DIR/steps/*/samples.jsonl (written into --out, default DIR)")
@@ -763,7 +780,8 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _report_from_dir(src: Path, out: Path, warmup_s: float, **info: Any) -> dict[str, Any]:
+def _report_from_dir(src: Path, out: Path, warmup_s: float, p99_ttft_bound_s: float = P99_TTFT_BOUND_S,
+                     **info: Any) -> dict[str, Any]:
     files = sorted(src.glob("steps/*/samples.jsonl"))
     if not files:
         raise SystemExit(f"error: no steps/*/samples.jsonl under {src}")
@@ -783,7 +801,7 @@ def _report_from_dir(src: Path, out: Path, warmup_s: float, **info: Any) -> dict
             p["cpu_s"] = host.get("cpu_s")
             if host.get("cpu_s") and tokens and len(mine) == 1:
                 p["cpu_ms_per_token"] = {k: 1000.0 * v / tokens for k, v in host["cpu_s"].items()}
-    return write_report(out, points, metas=metas, warmup_s=warmup_s, **info)
+    return write_report(out, points, p99_ttft_bound_s, metas=metas, warmup_s=warmup_s, **info)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -797,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
                     if k not in ("capacity", "points", "metas", "warmup_s", "host_after_step")}
         if a.label:
             info["label"] = a.label
-        report = _report_from_dir(a.from_samples, a.out or a.from_samples, a.warmup_seconds, **info)
+        report = _report_from_dir(a.from_samples, a.out or a.from_samples, a.warmup_seconds, a.p99_ttft_bound_s, **info)
         print(json.dumps(report["capacity"]))
         return 0
     a.out = a.out or Path("results/locust-capacity")
@@ -851,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  QPS {p['qps']:g}: {p['requests']} requests, TTFT p50 {_fmt(p['ttft_p50_s'])} s, {tiers_s}, "
                       f"failed {p['failures']}, unfinished {p['unfinished']}, SLOs {'met' if p['slo_met'] else 'MISSED'} "
                       f"(locust exit {rc}, {time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
-    report = _report_from_dir(a.out, a.out, a.warmup_seconds, label=a.label, host=a.host if not a.serve else None,
+    report = _report_from_dir(a.out, a.out, a.warmup_seconds, a.p99_ttft_bound_s, label=a.label, host=a.host if not a.serve else None,
                               serve_args=a.serve, mode=a.mode, step_seconds=a.step_seconds,
                               drain_seconds=a.drain_seconds, locust_args=extra, commands=[cmdline],
                               wall_s=round(time.monotonic() - t_start, 1))

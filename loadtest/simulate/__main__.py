@@ -6,6 +6,9 @@
       one scheduler at one QPS, statistics printed as JSON
   python -m loadtest.simulate cluster --replicas N[,N...] [--pairs ROUTER+SCHEDULER,...] [--json PATH]
       N replicas behind routers (virtual time, stale feedback, ledger): capacity of each pair
+  python -m loadtest.simulate ceiling [--budgets 512,1024] [--results RESULTS.json] [--json PATH] ...
+      the cost model's throughput ceiling per token budget (no simulation), and each scheduler's
+      capacities of a paper sweep as a fraction of it (loadtest/simulate/ceiling.py)
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from loadtest.metrics import P99_TTFT_BOUND_S
 from loadtest.simulate.report import write_paper_report
 from loadtest.simulate.sweep import PAPER_QPS, Runner, SweepSetup, _profile, _trace, run_point, sweep_with_capacity
 from replica.policy.registry import available_schedulers, paper_schedulers
@@ -85,7 +89,8 @@ def cmd_paper(a: argparse.Namespace) -> int:
     setup = _setup(a)
     t0 = time.perf_counter()
     with Runner(setup, jobs=a.jobs, progress=not a.quiet) as runner:
-        results = sweep_with_capacity(runner, a.schedulers, a.qps, refine_steps=a.refine)
+        results = sweep_with_capacity(runner, a.schedulers, a.qps, refine_steps=a.refine,
+                                      p99_ttft_bound_s=a.p99_ttft_bound_s or None)
         ref_name = "sarathi-fcfs" if "sarathi-fcfs" in results else a.schedulers[0]
         ref_qps = results[ref_name]["capacity_qps"] or min(a.qps)
         at_ref = {}
@@ -108,6 +113,12 @@ def cmd_paper(a: argparse.Namespace) -> int:
     print((Path(a.out) / "summary.md").read_text())
     print(f"wrote {', '.join(str(p) for p in paths)}; {wall_s:.1f} s", file=sys.stderr)
     return 0
+
+
+def cmd_ceiling(a: argparse.Namespace) -> int:
+    from loadtest.simulate import ceiling
+
+    return ceiling.run(_setup(a), a.budgets, a.results, a.json)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -216,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--saturation-schedulers", type=_schedulers, default=["sarathi-fcfs", "rad"],
                    help="schedulers run at --saturation-qps (default %(default)s)")
     p.add_argument("--refine", type=int, default=3, help="bisection rounds for each capacity (default %(default)s)")
+    p.add_argument("--p99-ttft-bound-s", type=float, default=P99_TTFT_BOUND_S,
+                   help="also the P99-TTFT capacity: stable, SLOs met and P99 TTFT (all requests) at most this many "
+                        "seconds (default %(default)s: the 10-second attention limit of interactive response times, "
+                        "loadtest/metrics.py; 0: skip it and its extra runs)")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--out", default=None, help="results folder (default results/paper-PROFILE)")
     p.add_argument("--json", default=None, help="also write the results JSON here")
@@ -247,12 +262,23 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default=None, help="results folder (default results/cluster-PROFILE-nN)")
     c.add_argument("--json", default=None, help="also write the results JSON here")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    e = sub.add_parser("ceiling", help="the cost model's throughput ceiling per token budget (no simulation)")
+    _setup_args(e)
+    e.add_argument("--budgets", type=_ints, default=[512], help="token budgets, comma-separated (default 512)")
+    e.add_argument("--results", default=None,
+                   help="a paper sweep's results JSON (same profile, trace, requests, seed, KV blocks): each "
+                        "scheduler's capacities as a fraction of the ceiling at its budget")
+    e.add_argument("--json", default=None, help="also write the numbers here")
     a = ap.parse_args(argv)
+    if a.cmd == "ceiling":
+        return cmd_ceiling(a)
     if a.cmd == "cluster":
         if a.routers < 1 or a.feedback_period <= 0 or a.feedback_delay < 0:
             raise SystemExit("error: --routers must be >= 1, --feedback-period > 0, --feedback-delay >= 0")
         return cmd_cluster(a)
     if a.cmd == "paper":
+        if a.p99_ttft_bound_s < 0:
+            raise SystemExit("error: --p99-ttft-bound-s must be >= 0")
         a.out = a.out or f"results/paper-{Path(a.profile).stem}"
         return cmd_paper(a)
     return cmd_run(a)

@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from loadtest.metrics import bisect_midpoint, capacity_bracket, summarize
+from loadtest.metrics import bisect_midpoint, capacity_bracket, p99_ttft_ok, summarize
 from loadtest.simulate.replica import Workload, run_replica
 from replica.tiers import TierMix, paper_tiers, parse_tiers
 from replica.traces import load_trace
@@ -118,10 +118,17 @@ def sweep_with_capacity(
     qps_grid: Sequence[float],
     refine_steps: int = 3,
     keys: Sequence[str] = ("slo_met", "stable_slo_met"),
+    p99_ttft_bound_s: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every scheduler at every QPS, then `refine_steps` bisection rounds (all runs of a round in
     parallel) between each one's last passing and first failing QPS, for each criterion in
-    `keys` (the paper's capacity and the stable one)."""
+    `keys` (the paper's capacity and the stable one).
+
+    With `p99_ttft_bound_s`, also the P99-TTFT-bounded capacity (`loadtest.metrics.p99_ttft_ok`):
+    every point gets ``p99_ttft_slo_met``, then `refine_steps` more bisection rounds for it alone.
+    Their runs are kept apart (``p99_ttft_points``) and the other capacities are those of
+    ``points`` only, so that they are the same numbers as without it.  It is refined only while
+    below the stable capacity, so it is at most that."""
     points: dict[str, list[dict]] = {s: [] for s in schedulers}
     for res in runner.run((s, q) for s in schedulers for q in qps_grid):
         points[res[runner.key_field]].append(res)
@@ -138,6 +145,23 @@ def sweep_with_capacity(
             break
         for res in runner.run(todo):
             points[res[runner.key_field]].append(res)
+    extra: dict[str, list[dict]] = {s: [] for s in schedulers}
+    if p99_ttft_bound_s is not None:
+        key = "p99_ttft_slo_met"
+        for p in (p for s in schedulers for p in points[s]):
+            p[key] = p99_ttft_ok(p, p99_ttft_bound_s)
+        stable = {s: capacity_bracket(points[s], "stable_slo_met")[0] for s in schedulers}
+        for _ in range(refine_steps):
+            # refined only below the stable capacity: a criterion that implies stability passes no
+            # load above it, and refining past the stable one's resolution would report more
+            todo = sorted({(s, mid) for s in schedulers
+                           if capacity_bracket(points[s] + extra[s], key)[0] < stable[s]
+                           and (mid := bisect_midpoint(*capacity_bracket(points[s] + extra[s], key))) is not None})
+            if not todo:
+                break
+            for res in runner.run(todo):
+                res[key] = p99_ttft_ok(res, p99_ttft_bound_s)
+                extra[res[runner.key_field]].append(res)
     out = {}
     for s in schedulers:
         pts = sorted(points[s], key=lambda p: p["qps"])
@@ -146,4 +170,8 @@ def sweep_with_capacity(
             "stable_capacity_qps": capacity_bracket(pts, "stable_slo_met")[0],
             "points": pts,
         }
+        if p99_ttft_bound_s is not None:
+            out[s]["p99_ttft_capacity_qps"] = capacity_bracket(pts + extra[s], "p99_ttft_slo_met")[0]
+            out[s]["p99_ttft_bound_s"] = p99_ttft_bound_s
+            out[s]["p99_ttft_points"] = sorted(extra[s], key=lambda p: p["qps"])
     return out

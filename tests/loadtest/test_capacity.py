@@ -310,7 +310,8 @@ def test_capacity_needs_every_lower_point_to_pass():
     pts = [{"qps": 1.0, "slo_met": True, "stable_slo_met": True}, {"qps": 2.0, "slo_met": False, "stable_slo_met": False},
            {"qps": 3.0, "slo_met": True, "stable_slo_met": False}]
     assert capacity_of(pts) == {"capacity_qps": 1.0, "first_failing_qps": 2.0, "stable_capacity_qps": 1.0,
-                                "stable_first_failing_qps": 2.0}
+                                "stable_first_failing_qps": 2.0, "p99_ttft_capacity_qps": 0.0,
+                                "p99_ttft_first_failing_qps": 1.0, "p99_ttft_bound_s": 10.0}  # no P99 TTFT: fails
 
 
 # ----------------------------------------------------------------------------------- report
@@ -355,3 +356,28 @@ def test_load_samples_errors(tmp_path):
 def test_write_report_with_no_points(tmp_path):
     report = write_report(tmp_path, [], label="empty")
     assert report["capacity"]["capacity_qps"] == 0.0 and (tmp_path / "capacity.md").is_file()
+
+
+# ------------------------------------------------------------------------- P99-TTFT capacity
+
+def _p(qps, p99, stable=True):
+    return {"qps": qps, "slo_met": True, "stable_slo_met": stable, "ttft_p99_s": p99}
+
+
+def test_p99_ttft_capacity_excludes_a_stable_point_over_the_bound():
+    pts = [_p(1.0, 2.0), _p(2.0, 12.0), _p(3.0, 30.0)]  # all stable; P99 TTFT 12 s at 2 QPS
+    cap = capacity_of(pts, p99_ttft_bound_s=10.0)
+    assert cap["stable_capacity_qps"] == 3.0
+    assert cap["p99_ttft_capacity_qps"] == 1.0 and cap["p99_ttft_first_failing_qps"] == 2.0
+
+
+def test_p99_ttft_capacity_is_at_most_the_stable_capacity():
+    pts = [_p(1.0, 1.0), _p(2.0, 1.5, stable=False), _p(3.0, 2.0)]  # P99 within the bound, 2 QPS unstable
+    cap = capacity_of(pts, p99_ttft_bound_s=10.0)
+    assert cap["p99_ttft_capacity_qps"] == cap["stable_capacity_qps"] == 1.0
+
+
+def test_p99_ttft_bound_is_configurable():
+    pts = [_p(1.0, 2.0), _p(2.0, 12.0)]
+    assert capacity_of(pts, p99_ttft_bound_s=15.0)["p99_ttft_capacity_qps"] == 2.0
+    assert capacity_of(pts, p99_ttft_bound_s=1.0)["p99_ttft_capacity_qps"] == 0.0
