@@ -596,7 +596,7 @@ def measure(args: argparse.Namespace) -> int:
     if overrides:
         cfg = ModelConfig(**{**asdict(cfg), **overrides})
 
-    rows = grid_specs()
+    rows = grid_specs(args.grid)
     if args.rows:
         rows = [rows[int(i)] for i in args.rows.split(",")]
     if args.sweep:
@@ -681,7 +681,7 @@ def measure(args: argparse.Namespace) -> int:
                   f"graph {out['graph_iter_ms']:.3f}", flush=True)
 
     if args.breakdown_rows:
-        grid = grid_specs()
+        grid = grid_specs(args.grid)
         names = ("varlen", "split") if device.type == "cuda" else (check["used"],)
         breakdown = []
         with torch.inference_mode():
@@ -927,6 +927,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-layers", type=int, default=None)
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--intermediate", type=int, default=None)
+    p.add_argument("--grid", type=Path, default=GRID_CSV,
+                   help="CSV of batch shapes (columns prefill_tokens, prefill_ctx, num_decodes, decode_ctx; default "
+                        "the Vidur H100 grid; e.g. python -m loadtest.tile_quantization --write-probe-grid's)")
     p.add_argument("--rows", default="", help="comma-separated row indices of the Vidur grid (default: all 135)")
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the token-budget sweep's chunks (default: yes)")

@@ -142,6 +142,18 @@ def test_measure_writes_csv_and_sidecar(tmp_path: Path) -> None:
     assert meta["harness"]["does_not"]
 
 
+def test_a_custom_grid_is_probed_instead_of_the_vidur_one(tmp_path: Path) -> None:
+    grid = tmp_path / "grid.csv"  # e.g. python -m loadtest.tile_quantization --write-probe-grid's shapes
+    grid.write_text("prefill_tokens,prefill_ctx,num_decodes,decode_ctx\n72,0,0,0\n0,0,3,40\n")
+    out = tmp_path / "probe.csv"
+    assert gp.main(["--tiny", "--device", "cpu", "--grid", str(grid), "--no-sweep", "--warmup", "1", "--reps", "1",
+                    "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["prefill_tokens"], r["num_decodes"], r["decode_ctx"]) for r in rows] == [("72", "0", "0"),
+                                                                                        ("0", "3", "40")]
+
+
 def test_compare_runs_on_a_probe_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A synthetic probe file: the Vidur-derived table's own times, so the fit reproduces the shipped profile.
     out = tmp_path / "probe.csv"
