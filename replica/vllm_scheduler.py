@@ -379,6 +379,7 @@ class PolicySchedulerMixin:
             self._planned_hits.clear()
             if pinned:
                 self.kv_cache_manager.block_pool.free_blocks(pinned)
+        plan.record_shape()  # mirrors not yet synced: the contexts this step runs with (admissions: vLLM's hit)
         end = time.perf_counter()
         if self.record_steps:
             self.step_log.append(StepRecord(plan.summary(), dict(out.num_scheduled_tokens), end - t0, kv_used,

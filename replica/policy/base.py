@@ -52,7 +52,9 @@ class SchedulingPolicy(ABC):
     The mechanism's loop, one call pair per iteration:
 
         plan = policy.schedule(state)          # decide
-        ... execute `plan`: KV blocks, preemption, prefill progress, token emission ...
+        ... execute `plan`: KV blocks, preemption, admissions ...
+        plan.record_shape()                    # the shape it runs with (`plan.ran_shape`)
+        ... prefill progress, token emission ...
         policy.on_batch_end(state, plan, batch_start_s, batch_end_s)      # learn
 
     or, when the mechanism fast-forwards a decode stretch (the same all-decode plan run k times
@@ -86,14 +88,17 @@ class SchedulingPolicy(ABC):
     def on_batch_end(self, state: EngineState, plan: BatchPlan, batch_start_s: float, batch_end_s: float) -> None:
         """After the iteration that ran ``plan``: the mechanism has advanced every request's
         progress and emitted tokens; ``batch_end_s - batch_start_s`` is the measured iteration
-        time.  The only request field a policy may write is its own ``Request.lst_s``.
-        Default: nothing to learn."""
+        time and ``plan.ran_shape`` the shape it was measured on (``plan.shape()`` now sees the
+        advanced contexts).  The only request field a policy may write is its own
+        ``Request.lst_s``.  Default: nothing to learn."""
 
     def on_batches_end(self, state: EngineState, plan: BatchPlan, starts_s: list[float],
                        ends_s: list[float]) -> None:
         """After ``len(ends_s)`` back-to-back iterations of the same all-decode ``plan`` (a decode
-        stretch), with ``state`` as it is after the last one.  Default: `on_batch_end` per
-        iteration; a policy that reads ``state`` there, or wants speed, overrides this."""
+        stretch), with ``state`` as it is after the last one; ``plan.ran_shape`` is the first
+        iteration's shape (each later one has every decode's context one token longer).
+        Default: `on_batch_end` per iteration; a policy that reads ``state`` or ``ran_shape``
+        there, or wants speed, overrides this."""
         for start, end in zip(starts_s, ends_s):
             self.on_batch_end(state, plan, start, end)
 

@@ -18,6 +18,10 @@ class BatchPlan:
         mechanism reserves KV for their whole `num_tokens` (Sarathi-style admission).
     `preempted`: running requests whose KV is dropped (recompute); they go back to the front of
         the waiting queue.
+    `ran_shape`: the shape the iteration ran with, recorded by the mechanism when it starts the
+        iteration (`record_shape`); None before.  After the iteration the requests' contexts
+        have moved on, so what learns from the iteration (`SchedulingPolicy.on_batch_end`) reads
+        this, not `shape()`.
     """
 
     decodes: list[Request] = field(default_factory=list)
@@ -25,6 +29,7 @@ class BatchPlan:
     admitted: list[Request] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     num_critical_decodes: int = 0
+    ran_shape: BatchShape | None = None
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -39,16 +44,27 @@ class BatchPlan:
         return not self.decodes and not self.prefills
 
     def shape(self) -> BatchShape:
-        """The batch shape a cost profile prices (contexts as before this iteration)."""
+        """The batch shape a cost profile prices, from the requests' contexts as they are now: the
+        shape the iteration runs with only until the mechanism advances them.  An admission's
+        chunk starts after its cached prefix (`num_cached_tokens`; 0 without prefix caching),
+        which is where the mechanism sets its `num_computed_tokens` when it admits it."""
         p_sum = p_sq = p_ctx = 0
+        admitted = set(map(id, self.admitted)) if self.admitted else ()
         for req, n in self.prefills:
             p_sum += n
             p_sq += n * n
-            p_ctx += n * req.num_computed_tokens
+            p_ctx += n * (req.num_cached_tokens if id(req) in admitted else req.num_computed_tokens)
         d_ctx = 0
         for req in self.decodes:
             d_ctx += req.num_computed_tokens
         return BatchShape(p_sum, p_sq, p_ctx, len(self.decodes), d_ctx)
+
+    def record_shape(self) -> BatchShape:
+        """Record `ran_shape` (and return it): the mechanism calls this when it starts the
+        iteration, once its admissions hold their cached prefix and before it advances any
+        request's progress."""
+        self.ran_shape = shape = self.shape()
+        return shape
 
     def summary(self) -> dict:
         """Comparable, id-level description (used by conformance checks)."""

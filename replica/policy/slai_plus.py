@@ -285,16 +285,20 @@ class SLAIPlusPolicy(SLAIPolicy):
     # --- learning from measured batches --------------------------------------------------------
     def record_batch_times(self, state: EngineState, plan: BatchPlan, starts_s: list[float],
                            ends_s: list[float]) -> None:
+        """Every measured duration into the recent statistics, and into the time model with the
+        shape the batch ran with (``plan.ran_shape``; the requests' contexts have moved since)."""
         super().record_batch_times(state, plan, starts_s, ends_s)
-        shape = plan.shape()
+        shape = plan.ran_shape
+        if shape is None:
+            raise ValueError(f"{self.name}: the mechanism did not record the batch's shape (BatchPlan.record_shape)")
         n_dec = shape.num_decodes
         model = self.time_model
         terms = model.terms(shape.num_tokens, shape.sum_decode_ctx, shape.sum_prefill_sq, shape.sum_prefill_ctx)
         for j, (start, end) in enumerate(zip(starts_s, ends_s)):
             d = end - start
             self.recent.add(d)
-            if j:  # a decode stretch: the same batch again, each decode's context one token longer
-                terms[2] += n_dec / 1e3
+            if j:  # a decode stretch: the same batch again, each decode's context j tokens longer
+                terms[2] = (shape.sum_decode_ctx + j * n_dec) / 1e3  # as `terms` computes it
             model.add_terms(terms, d)
         for r in plan.decodes:
             if r.tbt_slo_s < self.strictest_slo_s:

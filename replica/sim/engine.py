@@ -149,7 +149,7 @@ class SimEngine:
         else:
             for r in grow:
                 self.pool.grow(r, 1)
-        return self.cost.iteration_time_s(plan.shape())
+        return self.cost.iteration_time_s(plan.record_shape())  # the shape before `finish` advances it
 
     def finish(self, plan: BatchPlan, start_s: float, end_s: float) -> None:
         """Advance progress at the end of the iteration, emit tokens, retire finished requests."""
@@ -242,7 +242,7 @@ class SimEngine:
             k_max = lo
             if k_max < 2:
                 return None
-        ctx = plan.shape().sum_decode_ctx
+        ctx = plan.record_shape().sum_decode_ctx  # the stretch's first iteration
         all_ends = np.cumsum(np.concatenate(([now_s], self.cost.decode_stretch_times_s(n, ctx, k_max))))[1:]
         k = min(k_max, int(np.searchsorted(all_ends, until_s, side="left")) + 1)
         ends = all_ends[:k].tolist()

@@ -29,10 +29,19 @@ def cost_s(plan: BatchPlan) -> float:
             + 5e-3 * sh.sum_prefill_sq / 1e6 + 2e-3 * sh.sum_prefill_ctx / 1e6)
 
 
+TRUTH = np.array([0.020, 4e-5, 2e-4, 5e-3, 2e-3])  # `cost_s`'s terms, in the time model's units
+
+
+def ran(plan: BatchPlan) -> BatchPlan:
+    """The plan as a mechanism hands it to `on_batch_end`: its shape recorded when it started."""
+    plan.record_shape()
+    return plan
+
+
 def train(p: SLAIPlusPolicy, sizes=(64, 128, 256, 384, 512, 640), rounds: int = 10) -> None:
     """Feed the policy measured batches of several shapes: a prefill chunk at a varying prior
-    context and one decode whose context varies (what the engine would measure on a GPU that
-    `cost_s` describes)."""
+    context and one decode whose context varies, each run as the engine runs it (shape recorded,
+    time measured on a GPU that `cost_s` describes, progress advanced, then `on_batch_end`)."""
     st = state(0.0)
     t = 0.0
     for k in range(rounds):
@@ -40,7 +49,11 @@ def train(p: SLAIPlusPolicy, sizes=(64, 128, 256, 384, 512, 640), rounds: int = 
             dec = decoding(f"d{k}{n}", prompt_len=20 + 1000 * (k % 4), tbt_slo_s=FREE)
             pre = started(f"s{k}{n}", 8000, 16 + 512 * (k % 5) + n)
             plan = BatchPlan(decodes=[dec], prefills=[(pre, n)])
+            plan.record_shape()
             d = cost_s(plan)
+            pre.num_computed_tokens += n
+            dec.num_computed_tokens += 1
+            dec.num_output_tokens += 1
             p.on_batch_end(st, plan, t, t + d)
             t += d
 
@@ -80,9 +93,20 @@ def test_without_aging_shortest_prompt_first_holds():
 
 # --- the adaptive budget --------------------------------------------------------------------------
 
+def test_the_time_model_learns_each_batch_at_the_shape_it_ran_with():
+    p = plus()
+    train(p)  # every request's context has moved on by the time its batch is learned from
+    np.testing.assert_allclose(p.time_model.coefficients, TRUTH, rtol=1e-6)
+
+
+def test_a_batch_without_its_recorded_shape_is_refused():
+    with pytest.raises(ValueError, match="record_shape"):
+        plus().on_batch_end(state(0.0), BatchPlan(decodes=[decoding("d")]), 0.0, 0.03)
+
+
 def test_the_time_model_recovers_the_cost_profiles_five_terms():
     m = BatchTimeModel()
-    truth = np.array([0.020, 4e-5, 2e-4, 5e-3, 2e-3])
+    truth = TRUTH
     for k in range(64):
         n, ctx, chunk, prior = 64 * (k % 9 + 1), 1000 * (k % 5), 32 * (k % 7 + 1), 256 * (k % 3)
         x = BatchTimeModel.terms(n, ctx, chunk * chunk, chunk * prior)
@@ -192,9 +216,9 @@ def test_offset_is_twice_the_longest_recent_iteration_plus_the_margin():
     p = plus()
     st = state(0.0)
     d = decoding("d", tbt_slo_s=FREE)
-    p.on_batch_end(st, BatchPlan(decodes=[]), 0.0, 0.030)
-    p.on_batch_end(st, BatchPlan(decodes=[]), 0.030, 0.110)  # 80 ms: the longest
-    p.on_batch_end(st, BatchPlan(decodes=[d]), 0.110, 0.150)
+    p.on_batch_end(st, ran(BatchPlan(decodes=[])), 0.0, 0.030)
+    p.on_batch_end(st, ran(BatchPlan(decodes=[])), 0.030, 0.110)  # 80 ms: the longest
+    p.on_batch_end(st, ran(BatchPlan(decodes=[d])), 0.110, 0.150)
     # LST = 0.150 + 0.9 x 0.5 - 2 x 0.080
     assert d.lst_s == pytest.approx(0.150 + 0.45 - 0.160)
 
@@ -203,7 +227,7 @@ def test_a_strict_decode_is_critical_every_iteration_when_iterations_are_long():
     p = plus()
     st = state(0.0)
     prem = decoding("p", tbt_slo_s=PREMIUM)
-    p.on_batch_end(st, BatchPlan(decodes=[prem]), 0.0, 0.060)
+    p.on_batch_end(st, ran(BatchPlan(decodes=[prem])), 0.0, 0.060)
     assert prem.lst_s <= 0.060  # 0.9 x 100 ms - 2 x 60 ms < 0: critical at once
 
 
@@ -211,14 +235,14 @@ def test_recent_window_forgets_an_old_long_batch_and_the_all_time_variant_does_n
     recent, all_time = plus(batch_time_window=4), plus("slai-plus-no-window")
     st = state(0.0)
     for p in (recent, all_time):
-        p.on_batch_end(st, BatchPlan(), 0.0, 0.5)  # one 500 ms hiccup
+        p.on_batch_end(st, ran(BatchPlan()), 0.0, 0.5)  # one 500 ms hiccup
         t = 0.5
         for _ in range(10):
-            p.on_batch_end(st, BatchPlan(), t, t + 0.04)
+            p.on_batch_end(st, ran(BatchPlan()), t, t + 0.04)
             t += 0.04
     d1, d2 = decoding("a", tbt_slo_s=FREE), decoding("b", tbt_slo_s=FREE)
-    recent.on_batch_end(st, BatchPlan(decodes=[d1]), 1.0, 1.04)
-    all_time.on_batch_end(st, BatchPlan(decodes=[d2]), 1.0, 1.04)
+    recent.on_batch_end(st, ran(BatchPlan(decodes=[d1])), 1.0, 1.04)
+    all_time.on_batch_end(st, ran(BatchPlan(decodes=[d2])), 1.0, 1.04)
     assert d1.lst_s == pytest.approx(1.04 + 0.45 - 0.08)
     assert d2.lst_s == pytest.approx(1.04 + 0.45 - 1.0)
 
@@ -227,9 +251,9 @@ def test_without_the_adaptive_offset_it_is_theta_recent_mean_batches():
     p = plus("slai-plus-no-offset", batch_time_window=2)
     st = state(0.0)
     d = decoding("d", tbt_slo_s=FREE)
-    p.on_batch_end(st, BatchPlan(), 0.0, 0.1)
-    p.on_batch_end(st, BatchPlan(), 0.1, 0.14)
-    p.on_batch_end(st, BatchPlan(decodes=[d]), 0.14, 0.20)
+    p.on_batch_end(st, ran(BatchPlan()), 0.0, 0.1)
+    p.on_batch_end(st, ran(BatchPlan()), 0.1, 0.14)
+    p.on_batch_end(st, ran(BatchPlan(decodes=[d])), 0.14, 0.20)
     assert d.lst_s == pytest.approx(0.20 + 0.5 - 5 * 0.05)  # mean of the last 2: 40 and 60 ms
 
 
@@ -237,7 +261,7 @@ def test_kv_pressure_scales_the_offset_like_slais_dynamic_switch():
     p = plus()
     d = decoding("d", tbt_slo_s=FREE)
     full = state(0.0, running=[d], used=995, kv_blocks=1000)
-    p.on_batch_end(full, BatchPlan(decodes=[d]), 0.0, 0.05)
+    p.on_batch_end(full, ran(BatchPlan(decodes=[d])), 0.0, 0.05)
     assert d.lst_s == pytest.approx(0.05 + 0.45 - 2 * 2 * 0.05)
 
 
