@@ -1,8 +1,9 @@
 """Benchmarks of the vLLM scheduler adapter on a real (CPU) engine with the tiny model.
 
-  python -m loadtest.vllm_bench overhead [--running 16,64,128,256] [--steps 40]
+  python -m loadtest.vllm_bench overhead [--running 16,64,128,256] [--steps 40] [--repeats 1]
       scheduler CPU time per step (schedule() + update_from_output()) of SLAI against vLLM's own
-      scheduler, with N requests decoding
+      scheduler, with N requests decoding (both measured back to back per N; --repeats R for
+      medians over R such pairs on a busy host)
   python -m loadtest.vllm_bench burst [--requests 48] [--budget 64]
       median TTFT of a burst of mixed prompt lengths, SLAI against vLLM's default scheduler
 
@@ -66,33 +67,51 @@ def _timed(sched) -> dict[str, list[float]]:
     return times
 
 
-def overhead(model_dir: Path, running: list[int], steps: int) -> dict:
+def _overhead_once(model_dir: Path, cls: str | None, n: int, steps: int) -> list[float]:
+    """Per-step scheduler CPU time (schedule() + update_from_output(), seconds) of `steps` decode
+    steps with `n` requests running, on a fresh engine."""
     from vllm import SamplingParams
 
-    results = {}
-    for name, cls in (("vllm-default", None), ("slai", SLAI)):
-        per_n = {}
+    llm = _engine(model_dir, cls, max_num_seqs=n, max_num_batched_tokens=max(256, n * 8))
+    eng = llm.llm_engine
+    sched = eng.engine_core.engine_core.scheduler
+    tiers = ("premium", "free")
+    for i in range(n):
+        eng.add_request(f"r{i}", {"prompt_token_ids": [5 + (i * 7 + j) % 1500 for j in range(8)]},
+                        SamplingParams(temperature=0, max_tokens=steps + 20, ignore_eos=True,
+                                       extra_args={"tier": tiers[i % 20 == 0 and 0 or 1]}))
+    while len(sched.running) < n:  # admit everyone (prefills) before measuring decodes
+        eng.step()
+    times = _timed(sched)
+    for _ in range(steps):
+        eng.step()
+    per_step = [s + u for s, u in zip(times["schedule"], times["update"])]
+    while eng.has_unfinished_requests():
+        eng.step()
+    _shutdown(llm)
+    return per_step
+
+
+def overhead(model_dir: Path, running: list[int], steps: int, repeats: int = 1) -> dict:
+    """Each repeat measures both schedulers back to back at every N (which goes first alternates
+    between repeats), so that a busy host slows both alike; a scheduler's ``median_ms`` is the
+    median over its repeats of the per-step median, ``ratio`` the median of the per-repeat ratios."""
+    names = {"vllm-default": None, "slai": SLAI}
+    runs: dict[str, dict[int, list[list[float]]]] = {name: {n: [] for n in running} for name in names}
+    for rep in range(repeats):
         for n in running:
-            llm = _engine(model_dir, cls, max_num_seqs=n, max_num_batched_tokens=max(256, n * 8))
-            eng = llm.llm_engine
-            sched = eng.engine_core.engine_core.scheduler
-            tiers = ("premium", "free")
-            for i in range(n):
-                eng.add_request(f"r{i}", {"prompt_token_ids": [5 + (i * 7 + j) % 1500 for j in range(8)]},
-                                SamplingParams(temperature=0, max_tokens=steps + 20, ignore_eos=True,
-                                               extra_args={"tier": tiers[i % 20 == 0 and 0 or 1]}))
-            while len(sched.running) < n:  # admit everyone (prefills) before measuring decodes
-                eng.step()
-            times = _timed(sched)
-            for _ in range(steps):
-                eng.step()
-            per_step = [s + u for s, u in zip(times["schedule"], times["update"])]
-            per_n[n] = {"median_ms": statistics.median(per_step) * 1e3, "mean_ms": statistics.fmean(per_step) * 1e3}
-            while eng.has_unfinished_requests():
-                eng.step()
-            _shutdown(llm)
-        results[name] = per_n
-    results["ratio"] = {n: results["slai"][n]["median_ms"] / results["vllm-default"][n]["median_ms"] for n in running}
+            for name in (list(names) if rep % 2 == 0 else list(reversed(names))):
+                runs[name][n].append(_overhead_once(model_dir, names[name], n, steps))
+    results: dict = {}
+    for name in names:
+        results[name] = {n: {"median_ms": statistics.median(statistics.median(r) for r in runs[name][n]) * 1e3,
+                             "mean_ms": statistics.fmean(x for r in runs[name][n] for x in r) * 1e3}
+                         for n in running}
+        if repeats > 1:
+            for n in running:
+                results[name][n]["repeat_medians_ms"] = [round(statistics.median(r) * 1e3, 4) for r in runs[name][n]]
+    results["ratio"] = {n: statistics.median(statistics.median(s) / statistics.median(v) for s, v in
+                                             zip(runs["slai"][n], runs["vllm-default"][n])) for n in running}
     return results
 
 
@@ -138,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     o = sub.add_parser("overhead")
     o.add_argument("--running", default="16,64,128,256")
     o.add_argument("--steps", type=int, default=40)
+    o.add_argument("--repeats", type=int, default=1,
+                   help="measure both schedulers this many times, back to back per N (medians reported)")
     b = sub.add_parser("burst")
     b.add_argument("--requests", type=int, default=48)
     b.add_argument("--budget", type=int, default=64)
@@ -147,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(Path(tmp) / "tiny")
         if a.cmd == "overhead":
-            res = overhead(model_dir, [int(x) for x in a.running.split(",")], a.steps)
+            res = overhead(model_dir, [int(x) for x in a.running.split(",")], a.steps, a.repeats)
         else:
             res = burst(model_dir, a.requests, a.budget)
     print(json.dumps(res, indent=1))

@@ -25,7 +25,9 @@ The policy decides, vLLM executes. Every step:
    vLLM's `schedule()` runs unchanged: its KV manager allocates, it builds the output.
 After the model ran, `update_from_output()` measures the iteration wall time (end of
 `schedule()` to the start of `update_from_output()`), updates the mirror and calls the
-policy's `on_batch_end`.
+policy's `on_batch_end`.  The running requests' mirrors it synced are reused by the next step's
+step 1 unless something touched vLLM's running requests in between (an abort, a prefix-cache
+reset, another `schedule()`: async scheduling), so a decode-only step syncs each request once.
 
 One clock: the policy's times (`EngineState.now_s`, the batch start/end times, hence every LST,
 and the mirror's `arrival_s`, by which slai-plus ages a waiting request) and the SLO tracker's
@@ -252,6 +254,9 @@ class PolicySchedulerMixin:
         self._planned_hits: dict[str, int] = {}  # the hit each admission of the step in progress was planned with
         self.num_hits_cut = 0  # admissions whose vLLM lookup found more than planned (cut back to the plan)
         self.mirrors: dict[str, Request] = {}
+        # (vLLM's running list, its length, their mirrors, reservations) as `update_from_output`
+        # synced them; `mirror_state` reuses them while nothing has touched running requests since
+        self._fresh: tuple[list[VRequest], int, list[Request], int] | None = None
         self.slo = SLOTracker({t.name: t.tbt_slo_s for t in self.tiers.values()},
                               {t.name: t.ttft_target_s for t in self.tiers.values()})
         self.replica_id = replica_id or f"replica-{os.getpid()}"
@@ -293,6 +298,14 @@ class PolicySchedulerMixin:
             ttft_target_s=tier.ttft_target_s,
         )
 
+    def finish_requests(self, request_ids, finished_status):
+        self._fresh = None  # may take requests out of `running` and free their blocks
+        return super().finish_requests(request_ids, finished_status)
+
+    def reset_prefix_cache(self, *args, **kwargs):
+        self._fresh = None  # may preempt every running request
+        return super().reset_prefix_cache(*args, **kwargs)
+
     @staticmethod
     def _arrival_on_policy_clock(arrival_time: float) -> float:
         """vLLM's ``arrival_time`` (`time.time()`) on the policy's clock (`time.perf_counter()`):
@@ -326,15 +339,81 @@ class PolicySchedulerMixin:
         pool = self.kv_cache_manager.block_pool
         return pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # block 0 is vLLM's null block
 
-    def mirror_state(self, now_s: float) -> EngineState:
-        kv = self.kv
-        view = self.prefix_view
+    def _sync_all_running(self) -> tuple[list[Request], int]:
+        """`_sync_running` for every running request, inlined (the per-step hot loop): returns
+        their mirrors in `self.running`'s order and the started prefills' reservations."""
+        mirrors = self.mirrors
+        tables = self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks
+        bs = self.kv.block_size
         running = []
         reserved = 0
         for vreq in self.running:
-            m, r = self._sync_running(vreq)
-            reserved += r
+            rid = vreq.request_id
+            m = mirrors[rid]
+            # tokens in flight (async scheduling) count as produced: vLLM schedules past them
+            num_output = m.num_output_tokens = vreq.num_output_tokens + vreq.num_output_placeholders
+            computed = m.num_computed_tokens = vreq.num_computed_tokens
+            held = len(tables.get(rid, ()))
+            num_tokens = m.prompt_len + num_output
+            if num_output == 0 or num_tokens - computed > 1:  # Request.is_prefill: reserve the whole prompt
+                r = -(-num_tokens // bs) - held
+                if r > 0:
+                    reserved += r
+                    held += r
+            m.num_blocks = held
             running.append(m)
+        return running, reserved
+
+    def _sync_ran(self, plan: BatchPlan) -> tuple[list[Request], int, int]:
+        """After `plan` ran: sync the mirrors of its requests (`_sync_running`, inlined for those
+        still running; a finished one is marked finished, holding no blocks).  Returns those that
+        emitted a token, the reservations of those still running and how many still run."""
+        requests = self.requests
+        tables = self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks
+        bs = self.kv.block_size
+        running_status = RequestStatus.RUNNING
+        emitted = []
+        reserved = num_running = 0
+        for m in (plan.decodes if not plan.prefills else [*plan.decodes, *(m for m, _ in plan.prefills)]):
+            before = m.num_output_tokens
+            rid = m.req_id
+            vreq = requests.get(rid)
+            if vreq is not None and vreq.status is running_status:
+                num_running += 1
+                num_output = m.num_output_tokens = vreq.num_output_tokens + vreq.num_output_placeholders
+                computed = m.num_computed_tokens = vreq.num_computed_tokens
+                held = len(tables.get(rid, ()))
+                num_tokens = m.prompt_len + num_output
+                if num_output == 0 or num_tokens - computed > 1:  # still a prefill: its reservation
+                    r = -(-num_tokens // bs) - held
+                    if r > 0:
+                        reserved += r
+                        held += r
+                m.num_blocks = held
+            elif vreq is None or vreq.is_finished():
+                m.is_finished = True
+                m.num_blocks = 0
+                m.num_output_tokens = before + 1 if vreq is None else vreq.num_output_tokens
+            else:  # out of the running requests, not finished
+                self._sync_running(vreq)
+            if m.num_output_tokens > before:
+                emitted.append(m)
+        return emitted, reserved, num_running
+
+    def _running_mirrors(self) -> tuple[list[Request], int]:
+        """The running requests' mirrors and reservations: those `update_from_output` synced if
+        nothing has touched vLLM's running requests since (`_fresh`), else synced now."""
+        fresh = self._fresh
+        if fresh is not None:
+            vrunning, n, running, reserved = fresh
+            if vrunning is self.running and n == len(vrunning):
+                return running, reserved
+        return self._sync_all_running()
+
+    def mirror_state(self, now_s: float) -> EngineState:
+        kv = self.kv
+        view = self.prefix_view
+        running, reserved = self._running_mirrors()
         waiting = []
         if view is not None:
             view.new_step()
@@ -351,6 +430,7 @@ class PolicySchedulerMixin:
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
         t0 = time.perf_counter()
         state = self.mirror_state(t0)
+        self._fresh = None  # this step changes the running requests
         kv_used = state.kv.num_used_blocks
         running_decodes = [m.req_id for m in state.running if not m.is_prefill] if self.record_steps else []
         plan = self.policy.schedule(state)
@@ -360,10 +440,13 @@ class PolicySchedulerMixin:
             self.running.remove(vreq)
             self._preempt_request(vreq, time.monotonic())
         step_running = [req[m.req_id] for m in plan.decodes]
-        admitted = {m.req_id for m in plan.admitted}
-        step_running += [req[m.req_id] for m, _ in plan.prefills if m.req_id not in admitted]
-        chosen = {v.request_id for v in step_running}
-        set_aside = [v for v in self.running if v.request_id not in chosen]
+        if plan.admitted:
+            admitted = {m.req_id for m in plan.admitted}
+            step_running += [req[m.req_id] for m, _ in plan.prefills if m.req_id not in admitted]
+        elif plan.prefills:
+            step_running += [req[m.req_id] for m, _ in plan.prefills]
+        chosen = set(step_running)  # vLLM's requests hash by identity
+        set_aside = [v for v in self.running if v not in chosen]
         for m in reversed(plan.admitted):
             vreq = req[m.req_id]
             self.waiting.remove_request(vreq)
@@ -374,7 +457,8 @@ class PolicySchedulerMixin:
         try:
             out = super().schedule(*args, **kwargs)
         finally:
-            self.running.extend(v for v in set_aside if not v.is_finished())
+            if set_aside:
+                self.running.extend(v for v in set_aside if not v.is_finished())
             self.max_num_scheduled_tokens = self.configured_max_tokens
             self._planned_hits.clear()
             if pinned:
@@ -427,31 +511,34 @@ class PolicySchedulerMixin:
     def update_from_output(self, scheduler_output, model_runner_output):
         start_s = time.perf_counter()
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        vrunning = self.running
+        plan = None
         if self._in_flight:
             plan, schedule_end_s = self._in_flight.popleft()
             now = time.perf_counter()  # the token time, on the policy's clock (the mirror's arrival_s)
-            emitted = []
-            for m in (*plan.decodes, *(m for m, _ in plan.prefills)):
-                before = m.num_output_tokens
-                vreq = self.requests.get(m.req_id)
-                if vreq is None or vreq.is_finished():
-                    m.is_finished = True
-                    m.num_blocks = 0
-                    m.num_output_tokens = before + 1 if vreq is None else vreq.num_output_tokens
-                else:
-                    self._sync_running(vreq)
-                if m.num_output_tokens > before:
-                    emitted.append(m)
+            emitted, reserved, num_running = self._sync_ran(plan)
+        # every running request's mirror is now synced, kept for the next step's `mirror_state`
+        # (`_fresh`): the plan's, or, if some running request did not run, all of them again
+        if plan is not None and num_running == len(vrunning):
+            mirrors = self.mirrors
+            running = [mirrors[v.request_id] for v in vrunning]
+        else:
+            running, reserved = self._sync_all_running()
+        self._fresh = (vrunning, len(vrunning), running, reserved)
+        if plan is not None:
             self.slo.on_tokens(emitted, now)
             for m in emitted:
                 m.last_token_s = now
                 if m.first_token_s is None:
                     m.first_token_s = now
             if not plan.is_empty:
-                state = EngineState(now_s=start_s, kv=self._kv_now())
+                kv = self.kv
+                kv.num_used_blocks = min(kv.num_blocks, self._pool_used() + reserved)  # as `_kv_now`
+                state = EngineState(now_s=start_s, kv=kv)
                 self.policy.on_batch_end(state, plan, schedule_end_s, start_s)
-        for rid in [rid for rid, m in self.mirrors.items() if rid not in self.requests]:
-            del self.mirrors[rid]
+        if len(self.mirrors) > len(self.requests):  # some request has left vLLM: forget its mirror
+            for rid in [rid for rid in self.mirrors if rid not in self.requests]:
+                del self.mirrors[rid]
         for out, client in zip(self._rejected, self._rejected_clients):
             if client in outputs:
                 outputs[client].outputs.append(out)
