@@ -76,13 +76,16 @@ def test_the_engine_runs_the_slai_scheduler_class(make_llm):
 def test_every_step_vllm_executes_is_the_pure_policys_plan(make_llm):
     llm = make_llm(SLAI, max_num_batched_tokens=48, max_num_seqs=4)
     steps_of(llm)
+    # a's and f's TBT SLO is far above any batch time (even on a loaded 2-core machine, where
+    # Theta x mean batch time can reach the free tier's 0.5 s and make every decode critical): they
+    # stay non-critical, so full batches defer them, whatever this machine's speed
     script = [
-        Arrival(0, "a", 120, 20, {"tier": "free"}),
+        Arrival(0, "a", 120, 20, {"tier": "free", "tbt_slo_s": 30.0}),
         Arrival(0, "b", 30, 30, {"tier": "premium", "tbt_slo_s": 0.001}),
         Arrival(2, "c", 200, 10, {"tier": "free", "tbt_slo_s": 0.05}),
         Arrival(3, "d", 10, 25, {}),
         Arrival(5, "e", 90, 15, {"tier": "premium"}),
-        Arrival(9, "f", 60, 12, {"tier": "free"}),
+        Arrival(9, "f", 60, 12, {"tier": "free", "tbt_slo_s": 30.0}),
         Arrival(30, "g", 300, 8, {"tier": "free"}),
     ]
     outs = run_script(llm, script)
