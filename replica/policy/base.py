@@ -34,6 +34,20 @@ def _spf_tier_key(r: Request) -> tuple[int, int]:
 WAITING_KEYS = {AdmissionOrder.FCFS: None, AdmissionOrder.SPF: _spf_key, AdmissionOrder.SPF_TIER: _spf_tier_key}
 
 
+def split_prefills(reqs: Sequence[Request]) -> tuple[list[Request], list[Request]]:
+    """`reqs` split into (prefills, decodes) by `Request.is_prefill`, each in the given order
+    (one pass, the property inlined: the policies call this every iteration on every running
+    request)."""
+    prefills: list[Request] = []
+    decodes: list[Request] = []
+    for r in reqs:
+        if r.num_output_tokens == 0 or r.prompt_len + r.num_output_tokens - r.num_computed_tokens > 1:
+            prefills.append(r)
+        else:
+            decodes.append(r)
+    return prefills, decodes
+
+
 def order_waiting(state: EngineState, order: AdmissionOrder) -> Sequence[Request]:
     """The waiting queue in admission order. Sorts are stable, so ties keep queue order (where
     preempted requests are in front). A mechanism that keeps `state.waiting` sorted by this

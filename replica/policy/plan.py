@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from replica.cost.shape import BatchShape
 from replica.policy.state import Request
+
+_num_computed = attrgetter("num_computed_tokens")
 
 
 @dataclass(slots=True)
@@ -54,10 +57,7 @@ class BatchPlan:
             p_sum += n
             p_sq += n * n
             p_ctx += n * (req.num_cached_tokens if id(req) in admitted else req.num_computed_tokens)
-        d_ctx = 0
-        for req in self.decodes:
-            d_ctx += req.num_computed_tokens
-        return BatchShape(p_sum, p_sq, p_ctx, len(self.decodes), d_ctx)
+        return BatchShape(p_sum, p_sq, p_ctx, len(self.decodes), sum(map(_num_computed, self.decodes)))
 
     def record_shape(self) -> BatchShape:
         """Record `ran_shape` (and return it): the mechanism calls this when it starts the

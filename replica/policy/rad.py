@@ -32,7 +32,7 @@ import math
 from collections import deque
 from operator import attrgetter
 
-from replica.policy.base import PlanBuilder, SchedulingPolicy
+from replica.policy.base import PlanBuilder, SchedulingPolicy, split_prefills
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState
@@ -58,18 +58,19 @@ class RADPolicy(SchedulingPolicy):
 
     def schedule(self, state: EngineState) -> BatchPlan:
         cfg = self.config
-        queue = deque(sorted(state.running, key=_arrival))
-        backlog = sum(r.num_uncomputed_tokens for r in queue if r.is_prefill)
-        num_decodes = min(cfg.max_decodes, sum(1 for r in queue if not r.is_prefill))
+        by_arrival = sorted(state.running, key=_arrival)
+        started, decodes = split_prefills(by_arrival)
+        backlog = sum(r.num_uncomputed_tokens for r in started)
+        num_decodes = min(cfg.max_decodes, len(decodes))
         kv = state.kv
         slot_bound = bool(state.waiting) and (
-            len(queue) >= cfg.max_active_requests
+            len(by_arrival) >= cfg.max_active_requests
             or not kv.can_admit(kv.num_free_blocks, state.waiting[0].num_tokens)
         )
         if slot_bound:
             limit = self.slot_bound_tokens
         else:  # the fuller the engine, the closer to the token budget
-            free_frac = 1.0 - len(queue) / cfg.max_active_requests
+            free_frac = 1.0 - len(by_arrival) / cfg.max_active_requests
             span = self.compute_bound_tokens - self.slot_bound_tokens
             limit = self.slot_bound_tokens + math.ceil(span * free_frac / self.tile) * self.tile
         if not slot_bound:
@@ -79,13 +80,17 @@ class RADPolicy(SchedulingPolicy):
                 backlog += r.num_tokens - r.num_cached_tokens
         size = self._iteration_size(num_decodes, backlog, limit)
         b = PlanBuilder(state, size, cfg.max_active_requests, cfg.max_decodes)
-        started = []
-        while queue:
-            r = queue.popleft()
-            if r.is_prefill:
-                started.append(r)
-            elif b.decode_room:
-                b.add_decode(r, queue)
+        # the first decodes (arrival order) up to the decode cap; one by one, with preemptions of
+        # the latest arrivals, if their KV blocks do not all fit
+        if not b.add_decodes_if_no_preemption(decodes[:num_decodes]):
+            started = []
+            queue = deque(by_arrival)
+            while queue:
+                r = queue.popleft()
+                if r.is_prefill:
+                    started.append(r)
+                elif b.decode_room:
+                    b.add_decode(r, queue)
         for r in started:
             if b.budget_left <= 0:
                 break

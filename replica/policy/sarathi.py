@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from operator import attrgetter
 
-from replica.policy.base import AdmissionOrder, PlanBuilder, SchedulingPolicy, order_waiting
+from replica.policy.base import AdmissionOrder, PlanBuilder, SchedulingPolicy, order_waiting, split_prefills
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState
@@ -31,8 +31,7 @@ class SarathiPolicy(SchedulingPolicy):
         cfg = self.config
         b = PlanBuilder(state, cfg.token_budget, cfg.max_active_requests, cfg.max_decodes)
         by_arrival = sorted(state.running, key=_arrival)
-        started_prefills = [r for r in by_arrival if r.is_prefill]
-        decodes = [r for r in by_arrival if not r.is_prefill] if started_prefills else by_arrival
+        started_prefills, decodes = split_prefills(by_arrival)
         if not b.add_decodes_if_no_preemption(decodes):
             started_prefills = []
             queue = deque(by_arrival)

@@ -89,8 +89,13 @@ class BatchTimeModel:
         self.forgetting = forgetting
         self.num_samples = 0
         k = self.NUM_TERMS
-        self._xtx = np.zeros((k, k))
-        self._xty = np.zeros(k)
+        # The normal equations X'WX and X'Wy as plain floats (the upper triangle of the symmetric
+        # X'WX, row by row): one sample is 20 multiply-adds, which numpy's per-call overhead made
+        # the policy's main cost.  Each entry gets the same operations, in the same order, as
+        # whole-array numpy updates would give it, so the fit is the same to the last bit.
+        self._pairs = [(i, j) for i in range(k) for j in range(i, k)]
+        self._xtx_upper = [0.0] * len(self._pairs)
+        self._xty_list = [0.0] * k
         self._coef: np.ndarray | None = None
         self._dirty = 0
 
@@ -98,18 +103,31 @@ class BatchTimeModel:
     def terms(tokens: float, decode_ctx: float, prefill_sq: float = 0.0, prefill_ctx: float = 0.0) -> np.ndarray:
         return np.array((1.0, tokens, decode_ctx / 1e3, prefill_sq / 1e6, prefill_ctx / 1e6))
 
-    def add_terms(self, x: np.ndarray, duration_s: float, repeats: int = 1) -> None:
-        """One measured iteration (``repeats`` equal ones) with terms ``x``."""
+    @property
+    def _xtx(self) -> np.ndarray:
+        k = self.NUM_TERMS
+        m = np.zeros((k, k))
+        for (i, j), v in zip(self._pairs, self._xtx_upper):
+            m[i, j] = m[j, i] = v
+        return m
+
+    @property
+    def _xty(self) -> np.ndarray:
+        return np.array(self._xty_list)
+
+    def add_terms(self, x: Sequence[float], duration_s: float, repeats: int = 1) -> None:
+        """One measured iteration (``repeats`` equal ones) with terms ``x`` (`terms`, or any five
+        numbers)."""
         if duration_s <= 0:
             return
         w = 1.0 / duration_s  # relative error: weight 1/y on both sides
-        xw = x * w
+        xw = [float(v) * w for v in x]
+        outer = [xw[i] * xw[j] for i, j in self._pairs]
         lam = self.forgetting
+        xtx, xty = self._xtx_upper, self._xty_list
         for _ in range(repeats):
-            self._xtx *= lam
-            self._xty *= lam
-            self._xtx += np.outer(xw, xw)
-            self._xty += xw  # (y * w) * x * w = x * w since y * w = 1
+            xtx[:] = [a * lam + b for a, b in zip(xtx, outer)]
+            xty[:] = [a * lam + b for a, b in zip(xty, xw)]  # (y * w) * x * w = x * w since y * w = 1
         self.num_samples += repeats
         self._dirty += repeats
 
@@ -293,7 +311,7 @@ class SLAIPlusPolicy(SLAIPolicy):
             raise ValueError(f"{self.name}: the mechanism did not record the batch's shape (BatchPlan.record_shape)")
         n_dec = shape.num_decodes
         model = self.time_model
-        terms = model.terms(shape.num_tokens, shape.sum_decode_ctx, shape.sum_prefill_sq, shape.sum_prefill_ctx)
+        terms = model.terms(shape.num_tokens, shape.sum_decode_ctx, shape.sum_prefill_sq, shape.sum_prefill_ctx).tolist()
         for j, (start, end) in enumerate(zip(starts_s, ends_s)):
             d = end - start
             self.recent.add(d)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from replica.policy.base import PlanBuilder, SchedulingPolicy
+from replica.policy.base import PlanBuilder, SchedulingPolicy, split_prefills
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState
@@ -29,7 +29,11 @@ class VLLMStylePolicy(SchedulingPolicy):
                 break
         if b.plan.prefills:
             return b.plan
-        queue = deque(sorted(state.running, key=lambda r: r.arrival_s))
+        by_arrival = sorted(state.running, key=lambda r: r.arrival_s)
+        started, decodes = split_prefills(by_arrival)
+        if not started and b.add_decodes_if_no_preemption(decodes):  # every decode, no preemption
+            return b.plan
+        queue = deque(by_arrival)
         while queue:
             r = queue.popleft()
             if r.is_prefill:  # cannot happen with whole-prompt prefills; kept for recompute safety

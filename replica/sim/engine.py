@@ -36,7 +36,9 @@ class SchedulerStalled(RuntimeError):
     """The policy returned an empty plan although requests are waiting and nothing runs."""
 
 
-# Called once per iteration with the requests that emitted a token and the time they did.
+# Called once per iteration with the requests that emitted a token and the time they did, before
+# any of them records it (their `last_token_s` is the previous token's; a decode's progress is not
+# yet advanced either). The list may be the plan's own: read it, do not keep or change it.
 TokensCallback = Callable[[list[Request], float], None]
 # Called once per fast-forwarded decode stretch: the requests (each emitted one token at every
 # one of the iteration end times) and those end times.
@@ -157,8 +159,8 @@ class SimEngine:
         st.now_s = end_s
         self.num_iterations += 1
         self.busy_s += end_s - start_s
-        done: list[Request] = []
-        emitted: list[Request] = []
+        decodes = plan.decodes
+        emitted: list[Request] = []  # the prefills whose last chunk this was
         pool = self.pool
         for r, n in plan.prefills:
             if pool is not None:
@@ -168,12 +170,17 @@ class SimEngine:
                 emitted.append(r)
                 if r.first_token_s is None:
                     r.first_token_s = end_s
-        emitted += plan.decodes
-        for r in plan.decodes:
-            r.num_computed_tokens += 1
-        if self.on_tokens is not None:
-            self.on_tokens(emitted, end_s)  # sees each request's previous last_token_s
+        if self.on_tokens is not None:  # sees each request's previous last_token_s
+            self.on_tokens(emitted + decodes if emitted else decodes, end_s)
+        done: list[Request] = []
         for r in emitted:
+            r.last_token_s = end_s
+            r.num_output_tokens += 1
+            if r.num_output_tokens >= r.max_output_tokens:  # type: ignore[operator]
+                r.is_finished = True
+                done.append(r)
+        for r in decodes:  # one pass: progress, token, finish
+            r.num_computed_tokens += 1
             r.last_token_s = end_s
             r.num_output_tokens += 1
             if r.num_output_tokens >= r.max_output_tokens:  # type: ignore[operator]
