@@ -239,8 +239,8 @@ def budget_ceiling(cost: CostModel, mix: RequestMix, budget: int, kv: KVCache,
 
 def scheduler_budget(config: SchedulerConfig) -> int:
     """The most tokens one iteration of this scheduler may hold (module docstring)."""
-    return {"vllm": config.max_prefill_tokens, "rad": config.max_batch_tokens,
-            "slai-plus": config.max_token_budget}.get(config.kind, config.token_budget)
+    return {"vllm": config.max_prefill_tokens, "rad": config.max_batch_tokens, "slai-plus": config.max_token_budget,
+            "slai-next": config.max_token_budget}.get(config.kind, config.token_budget)
 
 
 def scheduler_fractions(results: dict[str, Any], ceilings: dict[int, BudgetCeiling], budget_of: dict[str, int],

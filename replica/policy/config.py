@@ -16,7 +16,7 @@ class SchedulerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = DEFAULT_SCHEDULER
-    kind: Literal["slai", "slai-plus", "sarathi", "vllm", "rad"] = "slai"
+    kind: Literal["slai", "slai-plus", "slai-next", "sarathi", "vllm", "rad"] = "slai"
     admission_order: Literal["fcfs", "spf", "spf-tier"] = "spf"
 
     token_budget: int = Field(DEFAULT_TOKEN_BUDGET, gt=0, description="tokens per iteration (chunked prefill budget)")
@@ -48,6 +48,15 @@ class SchedulerConfig(BaseModel):
                                                       "batch_time_window batches, instead of all of them")
     batch_time_window: int = Field(64, gt=1, description="batches the recent statistics cover")
 
+    # slai-next (replica/policy/slai_next.py): slai-plus's flags plus these, each switchable.
+    srpf: bool = Field(True, description="prefill chunks go to the prompts with the fewest tokens left, started "
+                                         "and waiting in one order (overdue ones first under aging)")
+    eager_budget: bool = Field(True, description="the adaptive budget is bounded by the strictest running "
+                                                 "decode's SLO only and is not pinned at the base while slot-bound")
+    shrink_budget: bool = Field(True, description="with eager_budget: below the base budget, in tiles, when the "
+                                                   "base's predicted iteration time exceeds (1 - slo_margin) of "
+                                                   "the strictest running decode's TBT SLO")
+
     # vLLM-style: whole prompts, at most this many tokens in a prefill iteration.
     max_prefill_tokens: int = Field(8192, gt=0)
 
@@ -60,7 +69,7 @@ class SchedulerConfig(BaseModel):
     def _check(self) -> "SchedulerConfig":
         if self.theta_high < self.theta_low:
             raise ValueError(f"theta_high ({self.theta_high}) must be >= theta_low ({self.theta_low})")
-        if self.kind == "slai-plus" and self.max_token_budget < self.token_budget:
+        if self.kind in ("slai-plus", "slai-next") and self.max_token_budget < self.token_budget:
             raise ValueError(f"max_token_budget ({self.max_token_budget}) must be >= token_budget ({self.token_budget})")
         if self.kind == "rad" and self.max_batch_tokens < self.tile_tokens:
             raise ValueError("max_batch_tokens must be at least one tile")

@@ -21,6 +21,7 @@ from replica.policy.config import DEFAULT_SCHEDULER, SchedulerConfig
 from replica.policy.rad import RADPolicy
 from replica.policy.sarathi import SarathiPolicy
 from replica.policy.slai import SLAIPolicy
+from replica.policy.slai_next import SLAINextPolicy
 from replica.policy.slai_plus import SLAIPlusPolicy
 from replica.policy.vllm_style import VLLMStylePolicy
 
@@ -28,10 +29,10 @@ __all__ = ["DEFAULT_SCHEDULER", "PRESETS", "EngineLimits", "available_schedulers
            "paper_schedulers", "scheduler_config"]
 
 _CLASSES: dict[str, type[SchedulingPolicy]] = {
-    "slai": SLAIPolicy, "slai-plus": SLAIPlusPolicy, "sarathi": SarathiPolicy, "vllm": VLLMStylePolicy, "rad": RADPolicy,
+    "slai": SLAIPolicy, "slai-plus": SLAIPlusPolicy, "slai-next": SLAINextPolicy, "sarathi": SarathiPolicy, "vllm": VLLMStylePolicy, "rad": RADPolicy,
 }
 
-# The paper's schedulers (docs/paper.md "Variants evaluated" and "Baselines"), plus RAD and slai-plus.
+# The paper's schedulers (docs/paper.md "Variants evaluated" and "Baselines"), plus RAD, slai-plus and slai-next.
 PRESETS: dict[str, dict[str, Any]] = {
     "sarathi-fcfs": {"kind": "sarathi", "admission_order": "fcfs"},
     "sarathi-spf": {"kind": "sarathi", "admission_order": "spf"},
@@ -48,10 +49,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "slai-plus-no-offset": {"kind": "slai-plus", "admission_order": "spf", "adaptive_offset": False},
     "slai-plus-no-kv-guard": {"kind": "slai-plus", "admission_order": "spf", "kv_guard": False},
     "slai-plus-no-window": {"kind": "slai-plus", "admission_order": "spf", "recent_batch_time": False},
+    # slai-plus with two more levers (replica/policy/slai_next.py, issue 20), and its ablation.
+    "slai-next": {"kind": "slai-next", "admission_order": "spf"},
+    "slai-next-no-srpf": {"kind": "slai-next", "admission_order": "spf", "srpf": False},
+    "slai-next-no-eager-budget": {"kind": "slai-next", "admission_order": "spf", "eager_budget": False},
+    "slai-next-no-aging": {"kind": "slai-next", "admission_order": "spf", "aging": False},
+    "slai-next-no-shrink": {"kind": "slai-next", "admission_order": "spf", "shrink_budget": False},
 }
 
 # kinds whose iteration size adapts between a base budget and a ceiling
-_ADAPTIVE_SIZE = {"slai-plus": "max_token_budget", "rad": "max_batch_tokens"}
+_ADAPTIVE_SIZE = {"slai-plus": "max_token_budget", "slai-next": "max_token_budget", "rad": "max_batch_tokens"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +107,7 @@ def available_schedulers() -> list[str]:
 
 def paper_schedulers() -> list[str]:
     """The paper's schedulers and RAD (the `paper` benchmark's default set)."""
-    return [n for n, p in PRESETS.items() if p["kind"] != "slai-plus"]
+    return [n for n, p in PRESETS.items() if p["kind"] not in ("slai-plus", "slai-next")]
 
 
 def scheduler_config(name: str, **overrides: Any) -> SchedulerConfig:

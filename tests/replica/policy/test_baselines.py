@@ -9,6 +9,7 @@ from replica.policy import SchedulerConfig, available_schedulers, make_policy, s
 from replica.policy.rad import RADPolicy
 from replica.policy.sarathi import SarathiPolicy
 from replica.policy.slai import SLAIPolicy
+from replica.policy.slai_next import SLAINextPolicy
 from replica.policy.slai_plus import SLAIPlusPolicy
 from replica.policy.vllm_style import VLLMStylePolicy
 
@@ -240,7 +241,9 @@ PAPER_PRESETS = {
 SLAI_PLUS_PRESETS = {name: (SLAIPlusPolicy, "slai-plus", "spf", True) for name in (
     "slai-plus", "slai-plus-no-aging", "slai-plus-no-budget", "slai-plus-no-offset", "slai-plus-no-kv-guard",
     "slai-plus-no-window")}
-PRESETS = {**PAPER_PRESETS, **SLAI_PLUS_PRESETS}
+SLAI_NEXT_PRESETS = {name: (SLAINextPolicy, "slai-next", "spf", True) for name in (
+    "slai-next", "slai-next-no-srpf", "slai-next-no-eager-budget", "slai-next-no-aging", "slai-next-no-shrink")}
+PRESETS = {**PAPER_PRESETS, **SLAI_PLUS_PRESETS, **SLAI_NEXT_PRESETS}
 
 
 def test_registry_lists_the_papers_schedulers_rad_and_slai_plus_with_its_ablation():
@@ -259,6 +262,7 @@ def test_every_preset_name_builds_a_working_policy(name):
     st = state(0.0)
     plan = pol.schedule(st)
     assert plan.is_empty
+    plan.record_shape()  # as every engine does before it runs the batch
     pol.on_batch_end(st, plan, 0.0, 0.01)
 
 
