@@ -23,3 +23,9 @@ def test_the_command_prints_the_table(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "| all five (slai-plus) |" in out and "of 100 |" in out
+
+
+def test_learned_prints_what_slai_plus_learns_beside_the_profile(capsys):
+    assert main(["--learned", "rtx6000ada-mistral7b", "--requests", "150", "--qps", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "| rtx6000ada-mistral7b | profile | 1.8668e-02" in out and "| | learned |" in out
