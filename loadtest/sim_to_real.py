@@ -562,13 +562,18 @@ def compare_runs(real: ReplicaRun, sim: ReplicaRun) -> dict[str, Any]:
 def step_time_check(trace: StepTrace, profile: CostProfile) -> dict[str, float]:
     """The profile's prediction of the real run's own steps: mean measured vs mean predicted step
     time (ms) over the steps that ran a batch, and the mean per-step relative error."""
-    meas, cpu, pred = [], [], []
+    meas, cpu, pred, prefill = [], [], [], []
     for s, e, c, sh in zip(trace.starts, trace.ends, trace.cpu_s, trace.shapes):
         if sh is not None:
             meas.append(1e3 * (e - s))
             cpu.append(1e3 * c)
             pred.append(1e3 * profile.iteration_time_s(sh))
-    m, c, p = np.array(meas), np.array(cpu), np.array(pred)
+            prefill.append(sh.num_tokens > sh.num_decodes)
+    m, c, p, pre = np.array(meas), np.array(cpu), np.array(pred), np.array(prefill, dtype=bool)
+    # steps that ran prefill tokens and decode-only steps apart: a TTFT is made of the former
+    split = {f"{name}_{k}": v for name, sel in (("prefill_steps", pre), ("decode_only_steps", ~pre)) if sel.any()
+             for k, v in (("count", int(sel.sum())), ("measured_p50_ms", float(np.median(m[sel]))),
+                          ("predicted_p50_ms", float(np.median(p[sel]))))}
     busy_gaps = [b - a for a, b, sh in zip(trace.ends, trace.starts[1:], trace.shapes[1:]) if sh is not None
                  and b - a < 0.001]  # back-to-back steps: the driver loop's own time between them
     return {"steps": len(m), "measured_mean_ms": float(m.mean()), "predicted_mean_ms": float(p.mean()),
@@ -576,7 +581,7 @@ def step_time_check(trace: StepTrace, profile: CostProfile) -> dict[str, float]:
             "predicted_p50_ms": float(np.median(p)), "per_step_mean_abs_rel_error": float(np.mean(np.abs(p / m - 1))),
             "cpu_mean_ms": float(c.mean()), "cpu_mean_rel_error": float(p.mean() / c.mean() - 1),
             "wall_over_cpu_p50": float(np.median(m / c)),
-            "loop_gap_mean_ms": float(1e3 * np.mean(busy_gaps)) if busy_gaps else 0.0}
+            "loop_gap_mean_ms": float(1e3 * np.mean(busy_gaps)) if busy_gaps else 0.0, **split}
 
 
 def compare(model_dir: Path, profile: CostProfile, requests: int, qps: float, seed: int, tiers: TierMix,
@@ -620,6 +625,10 @@ def compare_table(res: dict[str, Any]) -> str:
                  f"(profile {st['cpu_mean_rel_error']:+.1%}), wall/CPU median {st['wall_over_cpu_p50']:.2f}, driver "
                  f"loop between steps {st['loop_gap_mean_ms']:.3f} ms; sim iterations {res['sim']['all']['iterations']}, "
                  f"real {res['real']['all']['iterations']}")
+    for name in ("prefill_steps", "decode_only_steps"):
+        if f"{name}_count" in st:
+            lines.append(f"{name.replace('_', ' ')}: {st[name + '_count']}, median measured "
+                         f"{st[name + '_measured_p50_ms']:.3f} ms, profile {st[name + '_predicted_p50_ms']:.3f} ms")
     return "\n".join(lines)
 
 
