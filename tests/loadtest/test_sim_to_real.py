@@ -1,5 +1,5 @@
 """loadtest.sim_to_real without vLLM: the workload and the simulator side of the comparison
-(the engine side: tests/replica/vllm/test_sim_to_real.py)."""
+(the engine side: tests/replica/vllm/test_sim_to_real_vllm.py)."""
 
 from __future__ import annotations
 
