@@ -72,21 +72,8 @@ class SLAIPolicy(SchedulingPolicy):
                 b.add_decode(r, victims)
         b.plan.num_critical_decodes = len(b.plan.decodes)
 
-        # 2. started prefills, FIFO
-        preempted = b.plan.preempted
-        pending = [r for r in victims if r not in preempted] if preempted else victims
-        victims = []
-        for k, r in enumerate(pending):
-            if b.budget_left <= 0:
-                victims = pending[k:]
-                break
-            b.add_started_prefill(r)
-
-        # 3. new prefills
-        if b.budget_left > 0 and state.waiting:
-            for r in self.waiting_order(state):
-                if not b.try_admit(r):
-                    break
+        # 2 and 3. started prefills, then new ones
+        victims = self.schedule_prefills(state, b, victims)
 
         # 4. non-critical decodes, earliest LST first, in the budget left (sorted only if any fit)
         k = min(len(non_critical), b.budget_left, cfg.max_decodes - len(b.plan.decodes))
@@ -99,7 +86,26 @@ class SLAIPolicy(SchedulingPolicy):
                     b.add_decode(r, victims)
         return b.plan
 
-    # --- the hooks a variant overrides (slai_plus) ---------------------------------------------
+    # --- the hooks a variant overrides (slai_plus, slai_next) -----------------------------------
+    def schedule_prefills(self, state: EngineState, b: PlanBuilder, started: list[Request]) -> list[Request]:
+        """Steps 2 and 3 into ``b``, after the critical decodes: the started prefills (``started``,
+        in the order they started; some may have been preempted by step 1) first-come first-served,
+        then new prompts in `waiting_order` while they can be admitted.  Returns the started
+        prefills left out of this batch (newest last): what a non-critical decode may preempt."""
+        preempted = b.plan.preempted
+        pending = [r for r in started if r not in preempted] if preempted else started
+        left_out: list[Request] = []
+        for k, r in enumerate(pending):
+            if b.budget_left <= 0:
+                left_out = pending[k:]
+                break
+            b.add_started_prefill(r)
+        if b.budget_left > 0 and state.waiting:
+            for r in self.waiting_order(state):
+                if not b.try_admit(r):
+                    break
+        return left_out
+
     def token_budget_for(self, state: EngineState) -> int:
         """This iteration's token budget: the fixed one."""
         return self.config.token_budget

@@ -59,11 +59,9 @@ from operator import attrgetter
 
 from replica.policy.base import PlanBuilder
 from replica.policy.config import SchedulerConfig
-from replica.policy.plan import BatchPlan
 from replica.policy.slai_plus import SLAIPlusPolicy
 from replica.policy.state import INF, EngineState, Request
 
-_lst_key = attrgetter("lst_s", "arrival_s")
 _arrival = attrgetter("arrival_s")
 
 
@@ -79,65 +77,22 @@ class SLAINextPolicy(SLAIPlusPolicy):
         super().__init__(config)
         self.last_skipped: list[Request] = []  # started prefills the last plan left out (tests, logs)
 
-    # --- the iteration ---------------------------------------------------------------------------
-    def schedule(self, state: EngineState) -> BatchPlan:
+    # --- the iteration: SLAI's, with this prefill step ----------------------------------------
+    def schedule_prefills(self, state: EngineState, b: PlanBuilder, started: list[Request]) -> list[Request]:
         if not self.config.srpf:
-            return super().schedule(state)
-        self._slot_bound = self.slot_bound(state)
-        try:
-            return self._schedule_srpf(state)
-        finally:
-            self._order = None
-
-    def _schedule_srpf(self, state: EngineState) -> BatchPlan:
-        cfg = self.config
-        now = state.now_s
-        b = PlanBuilder(state, self.token_budget_for(state), cfg.max_active_requests, cfg.max_decodes)
-        critical: list[Request] = []
-        non_critical: list[Request] = []
-        prefilling: list[Request] = []
-        crit_now = INF if self.decodes_all_critical(state) else now
-        for r in state.running:
-            if r.num_output_tokens == 0 or r.prompt_len + r.num_output_tokens - r.num_computed_tokens > 1:
-                prefilling.append(r)
-            elif crit_now >= r.lst_s:
-                critical.append(r)
-            else:
-                non_critical.append(r)
-        victims = list(prefilling)  # started prefills not in this batch, newest last
-
-        # 1. critical decodes, earliest LST first (SLAI's step 1)
-        critical.sort(key=_lst_key)
-        if not (len(critical) <= min(b.budget_left, cfg.max_decodes) and b.add_decodes_if_no_preemption(critical)):
-            for r in critical:
-                if b.budget_left <= 0 or not b.decode_room:
-                    break
-                b.add_decode(r, victims)
-        b.plan.num_critical_decodes = len(b.plan.decodes)
-
-        # 2+3. prefill chunks: overdue prompts oldest first, then shortest remaining first
+            return super().schedule_prefills(state, b, started)
         preempted = set(map(id, b.plan.preempted))
-        started = [r for r in prefilling if id(r) not in preempted]
+        started = [r for r in started if id(r) not in preempted]
         scheduled: set[int] = set()
         if b.budget_left > 0 and (started or state.waiting):
             self._fill_prefills(state, b, started, scheduled)
-        victims = [r for r in started if id(r) not in scheduled]
-        self.last_skipped = list(victims)
+        left_out = [r for r in started if id(r) not in scheduled]
+        self.last_skipped = list(left_out)
         if b.plan.admitted and len(b.plan.prefills) > 1:
             # started prefills first, then admissions: the order vLLM runs them in
             admitted = set(map(id, b.plan.admitted))
             b.plan.prefills.sort(key=lambda rn: id(rn[0]) in admitted)
-
-        # 4. non-critical decodes, earliest LST first, in the budget left (SLAI's step 4)
-        k = min(len(non_critical), b.budget_left, cfg.max_decodes - len(b.plan.decodes))
-        if k > 0:
-            non_critical.sort(key=_lst_key)
-            if not b.add_decodes_if_no_preemption(non_critical[:k]):
-                for r in non_critical:
-                    if b.budget_left <= 0 or not b.decode_room:
-                        break
-                    b.add_decode(r, victims)
-        return b.plan
+        return left_out
 
     def _fill_prefills(self, state: EngineState, b: PlanBuilder, started: list[Request],
                        scheduled: set[int]) -> None:
@@ -151,7 +106,7 @@ class SLAINextPolicy(SLAIPlusPolicy):
 
         late = [r for r in started if overdue(r)]
         late_ids = set(map(id, late))
-        waiting = self._waiting_order(state)  # overdue waiting requests first, oldest first (aging)
+        waiting = self.waiting_order(state)  # overdue waiting requests first, oldest first (aging)
         n_late_waiting = 0
         if aging:
             while n_late_waiting < len(waiting) and overdue(waiting[n_late_waiting]):

@@ -43,7 +43,8 @@ SLAI_PLUS_PRESETS = ["slai-plus", "slai-plus-no-aging", "slai-plus-no-budget", "
 # light load: long decode stretches; under load: short ones between prompts, with slai-plus's
 # adaptive budget and offset at work (its time model learns from every iteration of a stretch)
 @pytest.mark.parametrize("num_requests,qps", [(150, 0.5), (300, 1.5)])
-@pytest.mark.parametrize("scheduler", ["sarathi-fcfs", "vllm", "slai-spf-dynamic", "rad", *SLAI_PLUS_PRESETS])
+@pytest.mark.parametrize("scheduler", ["sarathi-fcfs", "vllm", "slai-spf-dynamic", "rad", *SLAI_PLUS_PRESETS,
+                                       "slai-next", "slai-next-no-srpf"])
 def test_fast_forwarded_decode_stretches_change_no_result(trace, rtx, scheduler, num_requests, qps):
     wl = Workload.build(trace, num_requests, qps, paper_tiers())
     fast = summarize(run_replica(wl, make_policy(scheduler), rtx, fast_forward=True))
