@@ -23,13 +23,14 @@ guard trips.  slai-next keeps every slai-plus mechanism and flag and adds:
   Safe for the strict tier: it reorders prefill chunks only, after the critical decodes, under
   the same budget.
 
-* ``eager_budget`` (the budget the strict tier allows, whenever it is safe): slai-plus grows the
-  budget only with a prefill backlog and pins it at the base while slot-bound.  Here the slot
-  guard no longer pins it (the guard still makes every decode critical), and the SLO that bounds
-  the iteration is the strictest among the requests whose token gap this iteration lengthens: the
-  running decodes.  A request still prefilling emits its first token at the end of its last
+* ``eager_budget`` (the budget the strict tier allows, whenever it is safe): like slai-plus it
+  grows the budget only with a prefill backlog and never while slot-bound (longer iterations
+  would hold every request, and its KV, longer: measured, growing while slot-bound cost a
+  capacity step on the h100-measured profile, BENCHMARKS 14d).  What differs is the SLO that
+  bounds the iteration: the strictest among the requests whose token gap this iteration
+  lengthens, the running decodes.  A request still prefilling emits its first token at the end of its last
   chunk; its first gap is the next iteration, sized with it as a decode.  With no decode running
-  the budget is ``max_token_budget``.  Why the strict tier stays safe: the candidate budgets and
+  (and not slot-bound) the budget is ``max_token_budget``.  Why the strict tier stays safe: the candidate budgets and
   their prediction are slai-plus's (whole tiles, the time model fitted on this engine's measured
   iterations, every running decode plus one chunk at the longest started prefill's context), the
   predicted time is at most (1 - ``slo_margin``) of the strictest running decode's SLO, and once
@@ -172,7 +173,9 @@ class SLAINextPolicy(SLAIPlusPolicy):
             if work <= base:
                 return base  # everything fits: the budget changes nothing
         tile = cfg.tile_tokens
-        top = max(cfg.max_token_budget // tile * tile, base)
+        # slot-bound: never grow (longer iterations would hold every request, and its KV, longer:
+        # slai-plus's rule); the shrink below still protects the strictest decode
+        top = base if self._slot_bound else max(cfg.max_token_budget // tile * tile, base)
         if slo == INF:  # no decode running: no token gap is lengthened by this iteration
             self.last_budget = top
             return top

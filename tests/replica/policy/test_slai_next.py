@@ -106,13 +106,28 @@ def test_a_critical_decode_runs_before_any_prefill_chunk():
 
 # --- the eager budget -----------------------------------------------------------------------------
 
-def test_the_budget_grows_while_slot_bound():
+def test_the_budget_grows_with_a_backlog_when_not_slot_bound():
+    p = nxt()
+    train(p)
+    run = [decoding(f"d{i}", lst_s=99.0, tbt_slo_s=FREE) for i in range(4)]
+    plan = p.schedule(state(1.0, running=run, waiting=[waiting("w", 1500)], used=100, kv_blocks=1000))
+    assert p.last_budget > 512 and plan.num_tokens > 512
+
+
+def test_the_budget_does_not_grow_while_slot_bound():
     p = nxt()
     train(p)
     run = [decoding(f"d{i}", lst_s=99.0, tbt_slo_s=FREE) for i in range(4)]
     plan = p.schedule(state(1.0, running=run, waiting=[waiting("w", 1500)], used=850, kv_blocks=1000))
-    assert p.last_budget > 512 and plan.num_tokens > 512
-    assert plan.num_critical_decodes == 4  # the slot guard still runs every decode
+    assert p.last_budget == 512 and plan.num_tokens == 512
+    assert plan.num_critical_decodes == 4  # the slot guard runs every decode
+
+
+def test_with_no_decode_running_slot_bound_keeps_the_base():
+    p = nxt()
+    plan = p.schedule(state(1.0, running=[started("s", 9000, 512)], waiting=[waiting("w", 4000)],
+                            used=850, kv_blocks=1000))
+    assert p.last_budget == 512 and plan.num_tokens == 512
 
 
 def test_without_the_eager_budget_slot_bound_keeps_the_base():
@@ -195,6 +210,14 @@ def test_a_strict_tier_that_the_base_budget_cannot_hold_shrinks_it_in_tiles():
     # 384 tokens: 20 + 15.4 + 0.7 = 36.1 ms > 36 ms; 256: 30.6 ms
     assert p.last_budget == 256 and plan.num_tokens == 256
     assert cost_s(plan) <= 0.9 * STRICT
+
+
+def test_the_budget_still_shrinks_for_a_strict_decode_while_slot_bound():
+    p = nxt("slai-next")
+    train(p)
+    prem = decoding("p", lst_s=99.0, tbt_slo_s=STRICT)
+    plan = p.schedule(state(1.0, running=[prem], waiting=[waiting("w", 4000)], used=1700, kv_blocks=2000))
+    assert p.last_budget == 256 and plan.num_tokens == 256
 
 
 def test_without_shrinking_the_base_budget_is_the_floor():
