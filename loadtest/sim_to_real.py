@@ -55,6 +55,7 @@ from loadtest.simulate.replica import ReplicaRun, Workload, run_replica
 from replica.cost.profile import Coefficients, CostProfile, Provenance, load_profile
 from replica.cost.shape import BatchShape
 from replica.tiers import TierMix, parse_tiers
+from replica.tiny_model import TINY_ENGINE_ARGS
 from replica.traces import Trace, load_trace
 
 SLAI = "replica.vllm_scheduler.SLAIScheduler"
@@ -63,19 +64,9 @@ PROFILE_NAME = "vllmcpu-tiny-llama"
 DEFAULT_PROFILE = DATA_DIR / f"{PROFILE_NAME}.json"
 DEFAULT_STEPS_CSV = DATA_DIR / "vllmcpu_tiny_llama_steps.csv"
 SIM_BLOCK_SIZE = 16  # run_replica's SimEngine block size (vLLM's CPU attention needs multiples of 32)
-MiB = 1 << 20
 
-# The engine of both commands (fit and compare must use the same one).
-ENGINE: dict[str, Any] = dict(
-    dtype="float32",
-    enforce_eager=True,
-    kv_cache_memory_bytes=64 * MiB,
-    max_model_len=1024,
-    max_num_seqs=16,
-    max_num_batched_tokens=256,
-    enable_prefix_caching=False,
-    seed=0,
-)
+# The engine of both commands (fit and compare must use the same one): the tiny model's.
+ENGINE: dict[str, Any] = TINY_ENGINE_ARGS
 # Tiers scaled to CPU step times (2-15 ms): the paper's 100 / 500 ms TBT SLOs would never bind.
 # premium: LST = last token + 25 ms - 5 x mean batch time (critical at once); free: 100 ms (its
 # decodes can wait behind prefills). Shares give the premium tier enough requests for a median.

@@ -24,6 +24,21 @@ SPECIAL_TOKENS = [UNK, BOS, EOS, PAD]  # ids 0, 1, 2, 3
 TOKENIZER_VOCAB = 2000  # the BPE trainer's target; the config's vocab_size is the tokenizer's size
 SEED = 0
 
+# The in-process vLLM engine tests and `loadtest.sim_to_real` run on the tiny model (any
+# `vllm.LLM` argument; callers override): 64 MiB of KV cache (65,536 tokens for the tiny model;
+# without the setting vLLM takes 92 % of RAM), eager mode (no torch.compile), no prefix caching
+# (schedules stay reproducible), a fixed seed.
+TINY_ENGINE_ARGS: dict = dict(
+    dtype="float32",
+    enforce_eager=True,
+    kv_cache_memory_bytes=64 << 20,
+    max_model_len=1024,
+    max_num_seqs=16,
+    max_num_batched_tokens=256,
+    enable_prefix_caching=False,
+    seed=0,
+)
+
 _SYLLABLES = [
     c + v
     for c in ("", "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "st", "tr")

@@ -16,23 +16,14 @@ import os
 import time
 from typing import Any
 
+from replica.tiny_model import TINY_ENGINE_ARGS
+
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 
-# Small engine: 64 MiB of KV cache (65,536 tokens for the tiny model; without the setting vLLM
-# takes 92 % of RAM), eager mode (no torch.compile), no prefix caching (schedules stay
-# reproducible), a fixed seed.
-ENGINE_DEFAULTS: dict[str, Any] = dict(
-    dtype="float32",
-    enforce_eager=True,
-    kv_cache_memory_bytes=64 * MiB,
-    max_model_len=1024,
-    max_num_seqs=16,
-    max_num_batched_tokens=256,
-    enable_prefix_caching=False,
-    seed=0,
-)
+# The tiny model's engine (replica.tiny_model.TINY_ENGINE_ARGS, also what loadtest.sim_to_real runs).
+ENGINE_DEFAULTS: dict[str, Any] = TINY_ENGINE_ARGS
 
 
 def engine_scheduler(llm):
