@@ -145,6 +145,10 @@ class StepTrace:
 
     starts: list[float] = field(default_factory=list)
     ends: list[float] = field(default_factory=list)
+    # per request of a `run_real` run: the step that returned its first token, and whether the
+    # engine had nothing to do when it was added (it arrived at an idle engine)
+    first_token_step: list[int] = field(default_factory=list)
+    arrived_idle: list[bool] = field(default_factory=list)
     shapes: list[BatchShape | None] = field(default_factory=list)
     model_s: list[float] = field(default_factory=list)  # end of schedule() to start of update_from_output()
     cpu_s: list[float] = field(default_factory=list)  # this thread's CPU time in the step (time.thread_time)
@@ -451,6 +455,8 @@ def run_real(st: "Stepper", wl: Workload) -> tuple[ReplicaRun, StepTrace]:
     arrival = wl.arrival_s.tolist()
     tokens: list[list[float]] = [[] for _ in range(n)]
     last_count = [0] * n
+    first_step = [-1] * n
+    arrived_idle = [False] * n
     sched = st.sched
     waiting_at_last = 0
     i = 0
@@ -461,6 +467,7 @@ def run_real(st: "Stepper", wl: Workload) -> tuple[ReplicaRun, StepTrace]:
         if i < n and arrival[i] <= now:
             while i < n and arrival[i] <= now:
                 rid = f"q{i}"
+                arrived_idle[i] = not eng.has_unfinished_requests()
                 eng.add_request(rid, _prompt(rid, int(wl.prompt_lens[i])),
                                 _params(int(wl.output_lens[i]), tiers[int(wl.tier_idx[i])].name),
                                 arrival_time=wall0 + arrival[i])
@@ -479,9 +486,12 @@ def run_real(st: "Stepper", wl: Workload) -> tuple[ReplicaRun, StepTrace]:
         for o in outs:
             k = int(o.request_id.split("-")[0][1:])
             cnt = len(o.outputs[0].token_ids) if o.outputs else 0
+            if cnt and first_step[k] < 0:
+                first_step[k] = len(st.trace.starts) - 1
             tokens[k].extend([t] * (cnt - last_count[k]))
             last_count[k] = max(cnt, last_count[k])
     makespan = time.perf_counter() - t0
+    st.trace.first_token_step, st.trace.arrived_idle = first_step, arrived_idle
     ttft = np.array([tk[0] - a if tk else np.inf for tk, a in zip(tokens, arrival)])
     gaps: dict[str, list[float]] = {t.name: [] for t in tiers}
     miss = np.zeros(n)
@@ -565,6 +575,17 @@ def step_time_check(trace: StepTrace, profile: CostProfile) -> dict[str, float]:
     split = {f"{name}_{k}": v for name, sel in (("prefill_steps", pre), ("decode_only_steps", ~pre)) if sel.any()
              for k, v in (("count", int(sel.sum())), ("measured_p50_ms", float(np.median(m[sel]))),
                           ("predicted_p50_ms", float(np.median(p[sel]))))}
+    # the steps that returned a first token, by whether the request arrived at an idle engine:
+    # a TTFT ends with such a step (a wake-up cost after idle would show in the idle ones only)
+    for name, idle in (("idle", True), ("busy", False)):
+        ks = [j for j, a in zip(trace.first_token_step, trace.arrived_idle) if a == idle and j >= 0
+              and trace.shapes[j] is not None]
+        if ks:
+            split[f"first_token_steps_{name}_arrivals_count"] = len(ks)
+            split[f"first_token_steps_{name}_arrivals_measured_p50_ms"] = float(np.median(
+                [1e3 * (trace.ends[j] - trace.starts[j]) for j in ks]))
+            split[f"first_token_steps_{name}_arrivals_predicted_p50_ms"] = float(np.median(
+                [1e3 * profile.iteration_time_s(trace.shapes[j]) for j in ks]))
     busy_gaps = [b - a for a, b, sh in zip(trace.ends, trace.starts[1:], trace.shapes[1:]) if sh is not None
                  and b - a < 0.001]  # back-to-back steps: the driver loop's own time between them
     return {"steps": len(m), "measured_mean_ms": float(m.mean()), "predicted_mean_ms": float(p.mean()),
@@ -616,7 +637,8 @@ def compare_table(res: dict[str, Any]) -> str:
                  f"(profile {st['cpu_mean_rel_error']:+.1%}), wall/CPU median {st['wall_over_cpu_p50']:.2f}, driver "
                  f"loop between steps {st['loop_gap_mean_ms']:.3f} ms; sim iterations {res['sim']['all']['iterations']}, "
                  f"real {res['real']['all']['iterations']}")
-    for name in ("prefill_steps", "decode_only_steps"):
+    for name in ("prefill_steps", "decode_only_steps", "first_token_steps_idle_arrivals",
+                 "first_token_steps_busy_arrivals"):
         if f"{name}_count" in st:
             lines.append(f"{name.replace('_', ' ')}: {st[name + '_count']}, median measured "
                          f"{st[name + '_measured_p50_ms']:.3f} ms, profile {st[name + '_predicted_p50_ms']:.3f} ms")

@@ -73,5 +73,8 @@ def test_compare_small_trace_both_tiers(fitted, tiny_model_dir):
     # the profile fitted from this engine's steps prices the real run's own steps (engine-thread CPU
     # time: what other processes on a shared machine do not inflate); generous, it is a timing
     assert abs(steps["cpu_mean_rel_error"]) < 0.5
+    # every request's first-token step is found, split by whether it arrived at an idle engine
+    assert sum(steps.get(f"first_token_steps_{k}_arrivals_count", 0) for k in ("idle", "busy")) == 24
+    assert steps["first_token_steps_idle_arrivals_count"] >= 1  # the first request finds the engine idle
     assert "premium" in s2r.compare_table(res)
 
