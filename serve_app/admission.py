@@ -432,6 +432,14 @@ class AdmissionPolicy:
     def window_s(self) -> float:
         return self.config.tbt_window_s
 
+    @property
+    def rate_model(self) -> SLOPolicy:
+        """The SLO router's prefill-rate model this policy prices the replicas with
+        (`SLOPolicy.prefill_rate_tps`, `SLOPolicy.decode_tokens_per_batch`; its ``config`` holds the
+        token budget, the prefill floor and the default batch time): read it, never route with it
+        (`serve_app.autoscaling_policy` sizes the cluster with the same model)."""
+        return self._rates
+
     # --- the cluster's state -------------------------------------------------------------------
     def fresh(self, feedback: Iterable[ReplicaFeedback], now_s: float) -> list[ReplicaFeedback]:
         """The snapshots no older than ``max_feedback_age_s``."""
