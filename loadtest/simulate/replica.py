@@ -117,32 +117,39 @@ class TokenLog:
         self.rep_gaps: dict[str, array] = {k: array("d") for k in names}
         self.rep_weights: dict[str, array] = {k: array("d") for k in names}
         self.misses = np.zeros(len(workload), dtype=np.int64)
+        self._append_gap = {k: a.append for k, a in self.gaps.items()}
 
     def on_tokens(self, emitted: list[Request], t: float) -> None:
-        gaps, misses = self.gaps, self.misses
+        append_gap = self._append_gap
         for r in emitted:
             last = r.last_token_s
             if last is not None:
                 gap = t - last
-                gaps[r.tier].append(gap)
+                append_gap[r.tier](gap)
                 if gap > r.tbt_slo_s:
-                    misses[int(r.req_id)] += 1
+                    self.misses[int(r.req_id)] += 1
 
     def on_repeated_tokens(self, reqs: list[Request], ends: list[float]) -> None:
         self.on_tokens(reqs, ends[0])
         if len(ends) < 2:
             return
-        common = np.diff(ends)
+        common = [b - a for a, b in zip(ends, ends[1:])]  # np.diff's floats, without numpy's overhead
         per_tier: dict[str, int] = {}
+        per_slo: dict[float, int] = {}
         for r in reqs:
             per_tier[r.tier] = per_tier.get(r.tier, 0) + 1
+            per_slo[r.tbt_slo_s] = 0
         for tier, count in per_tier.items():
-            self.rep_gaps[tier].extend(common.tolist())
+            self.rep_gaps[tier].extend(common)
             self.rep_weights[tier].extend([float(count)] * len(common))
-        slo_misses = {slo: int((common > slo).sum()) for slo in {r.tbt_slo_s for r in reqs}}
-        if any(slo_misses.values()):
+        missed = False
+        for slo in per_slo:
+            per_slo[slo] = n = sum(1 for g in common if g > slo)
+            missed = missed or n > 0
+        if missed:
+            misses = self.misses
             for r in reqs:
-                self.misses[int(r.req_id)] += slo_misses[r.tbt_slo_s]
+                misses[int(r.req_id)] += per_slo[r.tbt_slo_s]
 
     def tbt_s(self) -> dict[str, np.ndarray]:
         return {k: np.concatenate([np.frombuffer(self.gaps[k]), np.frombuffer(self.rep_gaps[k])]) for k in self.gaps}

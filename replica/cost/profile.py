@@ -105,6 +105,23 @@ class _TimeFn:
         ctx = sum_decode_ctx + num_decodes * np.arange(num_iterations, dtype=np.float64)
         return self.base_s + self.per_token_s * num_decodes + self.prefill_sq_s * 0 + self.prefill_ctx_s * 0 + self.decode_ctx_s * ctx
 
+    def decode_stretch_ends_s(self, num_decodes: int, sum_decode_ctx: int, start_s: float, max_iterations: int,
+                              until_s: float) -> list[float]:
+        """`CostModel.decode_stretch_ends_s` in plain floats, computing only the ends it returns
+        (stretches are short: numpy's per-call overhead cost more).  Each duration is
+        `decode_stretch_times_s`'s element, by the same operations in the same order, and the ends
+        are its running sum from `start_s`, so the floats are the same to the last bit."""
+        fixed_s = self.base_s + self.per_token_s * num_decodes + self.prefill_sq_s * 0 + self.prefill_ctx_s * 0
+        per_ctx_s = self.decode_ctx_s
+        ends: list[float] = []
+        t = start_s
+        for j in range(max_iterations):
+            t += fixed_s + per_ctx_s * (sum_decode_ctx + num_decodes * j)
+            ends.append(t)
+            if t >= until_s:
+                break
+        return ends
+
 
 class CostProfile(_Strict, CostModel):
     name: str = Field(min_length=1)
@@ -121,12 +138,18 @@ class CostProfile(_Strict, CostModel):
         fn = _TimeFn(self.coefficients)
         object.__setattr__(self, "iteration_time_s", fn.time_s)
         object.__setattr__(self, "decode_stretch_times_s", fn.decode_stretch_times_s)
+        object.__setattr__(self, "decode_stretch_ends_s", fn.decode_stretch_ends_s)
 
     def iteration_time_s(self, shape: BatchShape) -> float:  # replaced per instance, see above
         return _TimeFn(self.coefficients).time_s(shape)
 
     def decode_stretch_times_s(self, num_decodes: int, sum_decode_ctx: int, num_iterations: int) -> np.ndarray:
         return _TimeFn(self.coefficients).decode_stretch_times_s(num_decodes, sum_decode_ctx, num_iterations)
+
+    def decode_stretch_ends_s(self, num_decodes: int, sum_decode_ctx: int, start_s: float, max_iterations: int,
+                              until_s: float) -> list[float]:
+        return _TimeFn(self.coefficients).decode_stretch_ends_s(num_decodes, sum_decode_ctx, start_s, max_iterations,
+                                                                until_s)
 
     def model_copy(self, *, update=None, deep: bool = False) -> "CostProfile":
         copy = super().model_copy(update=update, deep=deep)

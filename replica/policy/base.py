@@ -169,7 +169,7 @@ class PlanBuilder:
         preemption (the same outcome `add_decode` would reach one by one); else add nothing."""
         bs = self.kv.block_size
         need = 0
-        for r in reqs:
+        for r in reqs:  # the decodes whose next token starts a new block
             if r.prompt_len + r.num_output_tokens > r.num_blocks * bs:
                 need += 1
         if need > self.free_blocks:
@@ -181,13 +181,17 @@ class PlanBuilder:
 
     def add_started_prefill(self, req: Request, max_chunk: int | None = None) -> int:
         """Next chunk of a request that already holds its KV; returns the tokens scheduled."""
-        chunk = min(req.num_uncomputed_tokens, self.budget_left)
-        if max_chunk is not None:
-            chunk = min(chunk, max_chunk)
+        chunk = req.prompt_len + req.num_output_tokens - req.num_computed_tokens  # num_uncomputed_tokens
+        left = self.token_budget - self.num_tokens  # budget_left
+        if left < chunk:
+            chunk = left
+        if max_chunk is not None and max_chunk < chunk:
+            chunk = max_chunk
         if chunk > 0:
             self.plan.prefills.append((req, chunk))
             self.num_tokens += chunk
-        return max(chunk, 0)
+            return chunk
+        return 0
 
     def try_admit(self, req: Request, max_chunk: int | None = None) -> bool:
         """Admit a waiting request if the budget, the KV blocks for its whole prompt (watermark

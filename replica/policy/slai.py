@@ -29,7 +29,16 @@ from replica.policy.plan import BatchPlan
 from replica.policy.state import INF, EngineState, Request
 
 
-_lst_key = attrgetter("lst_s", "arrival_s")
+_lst = attrgetter("lst_s")
+_arrival = attrgetter("arrival_s")
+
+
+def sort_by_lst(reqs: list[Request]) -> None:
+    """Sort ``reqs`` in place, earliest LST first, ties by arrival (then by their order): two
+    stable sorts on float keys, the order a (lst_s, arrival_s) key gives, at half its cost."""
+    if len(reqs) > 1:
+        reqs.sort(key=_arrival)
+        reqs.sort(key=_lst)
 
 
 class SLAIPolicy(SchedulingPolicy):
@@ -51,17 +60,18 @@ class SLAIPolicy(SchedulingPolicy):
         prefilling: list[Request] = []
         if self.decodes_all_critical(state):
             now = INF
+        add_prefilling, add_critical, add_non_critical = prefilling.append, critical.append, non_critical.append
         for r in state.running:  # inlined Request.is_prefill (hot loop)
             if r.num_output_tokens == 0 or r.prompt_len + r.num_output_tokens - r.num_computed_tokens > 1:
-                prefilling.append(r)
+                add_prefilling(r)
             elif now >= r.lst_s:
-                critical.append(r)
+                add_critical(r)
             else:
-                non_critical.append(r)
+                add_non_critical(r)
         victims = list(prefilling)  # started prefills not yet in this batch, newest last
 
         # 1. critical decodes, earliest LST first
-        critical.sort(key=_lst_key)
+        sort_by_lst(critical)
         if not (
             len(critical) <= min(b.budget_left, cfg.max_decodes)
             and b.add_decodes_if_no_preemption(critical)
@@ -78,7 +88,7 @@ class SLAIPolicy(SchedulingPolicy):
         # 4. non-critical decodes, earliest LST first, in the budget left (sorted only if any fit)
         k = min(len(non_critical), b.budget_left, cfg.max_decodes - len(b.plan.decodes))
         if k > 0:
-            non_critical.sort(key=_lst_key)
+            sort_by_lst(non_critical)
             if not b.add_decodes_if_no_preemption(non_critical[:k]):
                 for r in non_critical:
                     if b.budget_left <= 0 or not b.decode_room:
@@ -96,11 +106,11 @@ class SLAIPolicy(SchedulingPolicy):
         pending = [r for r in started if r not in preempted] if preempted else started
         left_out: list[Request] = []
         for k, r in enumerate(pending):
-            if b.budget_left <= 0:
+            if b.num_tokens >= b.token_budget:  # no budget left
                 left_out = pending[k:]
                 break
             b.add_started_prefill(r)
-        if b.budget_left > 0 and state.waiting:
+        if b.num_tokens < b.token_budget and state.waiting:
             for r in self.waiting_order(state):
                 if not b.try_admit(r):
                     break
@@ -130,7 +140,8 @@ class SLAIPolicy(SchedulingPolicy):
         self.mean_batch_time_s = mean
 
     def next_token_lst_s(self, r: Request, batch_end_s: float) -> float:
-        """The last schedulable time of ``r``'s next token, after a batch that ran it."""
+        """The last schedulable time of ``r``'s next token, after a batch that ran it.  It may
+        depend on ``r`` only through its ``tbt_slo_s``: `on_batches_end` computes it once per SLO."""
         return batch_end_s + r.tbt_slo_s - self._offset_s
 
     def current_theta(self, kv_usage: float) -> float:
@@ -155,9 +166,13 @@ class SLAIPolicy(SchedulingPolicy):
         batch_end_s = ends_s[-1]
         self._offset_s = self.offset_s(state)
         lst = self.next_token_lst_s
+        by_slo: dict[float, float] = {}  # one LST per TBT SLO (a tier's requests share it)
         for r in plan.decodes:
             if not r.is_finished and r.num_blocks:
-                r.lst_s = lst(r, batch_end_s)
+                v = by_slo.get(r.tbt_slo_s)
+                if v is None:
+                    v = by_slo[r.tbt_slo_s] = lst(r, batch_end_s)
+                r.lst_s = v
         for r, _ in plan.prefills:
             if not r.is_finished and r.num_blocks and not r.is_prefill:
                 r.lst_s = lst(r, batch_end_s)

@@ -9,11 +9,14 @@ latest-arrived running request not yet taken is preempted, else the decode itsel
 from __future__ import annotations
 
 from collections import deque
+from operator import attrgetter
 
 from replica.policy.base import PlanBuilder, SchedulingPolicy, split_prefills
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState
+
+_arrival = attrgetter("arrival_s")
 
 
 class VLLMStylePolicy(SchedulingPolicy):
@@ -29,7 +32,7 @@ class VLLMStylePolicy(SchedulingPolicy):
                 break
         if b.plan.prefills:
             return b.plan
-        by_arrival = sorted(state.running, key=lambda r: r.arrival_s)
+        by_arrival = sorted(state.running, key=_arrival)
         started, decodes = split_prefills(by_arrival)
         if not started and b.add_decodes_if_no_preemption(decodes):  # every decode, no preemption
             return b.plan

@@ -20,8 +20,6 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable
 
-import numpy as np
-
 from replica.cost.model import CostModel
 from replica.policy.base import WAITING_KEYS, SchedulingPolicy
 from replica.policy.plan import BatchPlan
@@ -175,15 +173,15 @@ class SimEngine:
         done: list[Request] = []
         for r in emitted:
             r.last_token_s = end_s
-            r.num_output_tokens += 1
-            if r.num_output_tokens >= r.max_output_tokens:  # type: ignore[operator]
+            r.num_output_tokens = n = r.num_output_tokens + 1
+            if n >= r.max_output_tokens:  # type: ignore[operator]
                 r.is_finished = True
                 done.append(r)
         for r in decodes:  # one pass: progress, token, finish
             r.num_computed_tokens += 1
             r.last_token_s = end_s
-            r.num_output_tokens += 1
-            if r.num_output_tokens >= r.max_output_tokens:  # type: ignore[operator]
+            r.num_output_tokens = n = r.num_output_tokens + 1
+            if n >= r.max_output_tokens:  # type: ignore[operator]
                 r.is_finished = True
                 done.append(r)
         if done:
@@ -198,7 +196,7 @@ class SimEngine:
         nothing waits, every policy plans the same batch again until a request finishes, a new
         request arrives (`until_s`: the next arrival) or a decode would need a KV block that is not
         free. Those iterations are then executed at once (same times, same tokens, same policy
-        updates: `SchedulingPolicy.on_batches_end`, `CostModel.decode_stretch_times_s`) instead of
+        updates: `SchedulingPolicy.on_batches_end`, `CostModel.decode_stretch_ends_s`) instead of
         one by one.  If tokens are observed this needs `on_repeated_tokens`; without it the
         engine steps one iteration at a time."""
         plan = self.plan(now_s)
@@ -206,11 +204,11 @@ class SimEngine:
             return None
         st = self.state
         if (
-            self._can_repeat
-            and not st.waiting
+            not st.waiting
             and not plan.prefills
             and not plan.preempted
             and len(plan.decodes) == len(st.running)
+            and self._can_repeat
         ):
             end_s = self._repeat_decodes(plan, now_s, until_s)
             if end_s is not None:
@@ -224,45 +222,57 @@ class SimEngine:
         return self.on_tokens is None or self.on_repeated_tokens is not None
 
     def _repeat_decodes(self, plan: BatchPlan, now_s: float, until_s: float) -> float | None:
+        # Plain Python loops: a stretch has a few to ~100 requests and is often a few iterations
+        # long, where numpy's per-call overhead cost more than the loops.
         reqs = plan.decodes
-        n = len(reqs)
-        kv = self.state.kv
-        bs = kv.block_size
         k_max = min(r.max_output_tokens - r.num_output_tokens for r in reqs)  # type: ignore[operator]
         if k_max < 2:
             return None
-        tokens = np.fromiter((r.prompt_len + r.num_output_tokens for r in reqs), np.int64, n)
-        blocks = np.fromiter((r.num_blocks for r in reqs), np.int64, n)
+        kv = self.state.kv
+        bs = kv.block_size
 
         def extra_blocks(k: int) -> int:  # blocks the k iterations add (iteration j holds T + j - 1)
-            return int(np.maximum(-(-(tokens + k - 1) // bs) - blocks, 0).sum())
+            extra = 0
+            for r in reqs:
+                add = -(-(r.prompt_len + r.num_output_tokens + k - 1) // bs) - r.num_blocks
+                if add > 0:
+                    extra += add
+            return extra
 
+        # The iterations until the first that ends at or after the next arrival (`until_s`), at
+        # most k_max; then as many of them as the free KV blocks allow, at least 2 (extra_blocks
+        # grows with k, so this is the stretch the whole k_max range would give).
+        ctx = plan.record_shape().sum_decode_ctx  # the stretch's first iteration
+        ends = self.cost.decode_stretch_ends_s(len(reqs), ctx, now_s, k_max, until_s)
+        k = len(ends)
         free = kv.num_free_blocks
-        if extra_blocks(k_max) > free:
-            lo, hi = 0, k_max  # largest k with extra_blocks(k) <= free
+        if extra_blocks(max(k, 2)) > free:
+            lo, hi = 0, max(k, 2) - 1  # largest k with extra_blocks(k) <= free
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 if extra_blocks(mid) <= free:
                     lo = mid
                 else:
                     hi = mid - 1
-            k_max = lo
-            if k_max < 2:
+            if lo < 2:
                 return None
-        ctx = plan.record_shape().sum_decode_ctx  # the stretch's first iteration
-        all_ends = np.cumsum(np.concatenate(([now_s], self.cost.decode_stretch_times_s(n, ctx, k_max))))[1:]
-        k = min(k_max, int(np.searchsorted(all_ends, until_s, side="left")) + 1)
-        ends = all_ends[:k].tolist()
+            k = lo
+            del ends[k:]
         t = ends[-1]
-        new_blocks = np.maximum(-(-(tokens + k - 1) // bs), blocks)
-        if self.pool is None:
-            kv.num_used_blocks += int((new_blocks - blocks).sum())
-            for r, nb in zip(reqs, new_blocks.tolist()):
-                r.num_blocks = nb
+        last = k - 1
+        pool = self.pool
+        if pool is None:
+            used = 0
+            for r in reqs:
+                nb = -(-(r.prompt_len + r.num_output_tokens + last) // bs)
+                if nb > r.num_blocks:
+                    used += nb - r.num_blocks
+                    r.num_blocks = nb
                 r.num_computed_tokens += k
+            kv.num_used_blocks += used
         else:  # blocks of generated tokens carry no hash: allocation order does not matter
-            for r, nb in zip(reqs, new_blocks.tolist()):
-                self.pool.grow(r, nb - r.num_blocks)
+            for r in reqs:
+                pool.grow(r, max(-(-(r.prompt_len + r.num_output_tokens + last) // bs) - r.num_blocks, 0))
                 r.num_computed_tokens += k
         if self.on_repeated_tokens is not None:
             self.on_repeated_tokens(reqs, ends)  # sees each request's previous last_token_s
@@ -283,9 +293,9 @@ class SimEngine:
         return t
 
     def _retire(self, done: list[Request]) -> None:
+        """Remove finished requests (`done`) from the running ones, free their KV."""
         st = self.state
-        gone = set(map(id, done))
-        st.running = [r for r in st.running if id(r) not in gone]
+        st.running = [r for r in st.running if not r.is_finished]  # a running request finishes only here
         for r in done:
             self._free(r)
             if self.on_finish is not None:
