@@ -27,12 +27,13 @@ class _Series:
     """(time, value) samples in time order, trimmed from the front: times and values in flat
     float arrays with a start offset, so a quantile over the window is one array copy."""
 
-    __slots__ = ("times", "values", "start")
+    __slots__ = ("times", "values", "start", "dropped")
 
     def __init__(self) -> None:
         self.times = array("d")
         self.values = array("d")
         self.start = 0
+        self.dropped = 0  # samples deleted from the front (trimmed out of the window long ago)
 
     def append(self, t: float, value: float) -> None:
         self.times.append(t)
@@ -43,7 +44,13 @@ class _Series:
         if self.start > 4096 and 2 * self.start > len(self.times):
             del self.times[: self.start]
             del self.values[: self.start]
+            self.dropped += self.start
             self.start = 0
+
+    @property
+    def total(self) -> int:
+        """Samples ever appended (the window's and those trimmed out of it)."""
+        return self.dropped + len(self.times)
 
     def window(self) -> np.ndarray:
         return np.array(self.values[self.start:], dtype=np.float64)
@@ -58,7 +65,11 @@ class _TierWindow:
     tbt: _Series = field(default_factory=_Series)
     ttft_misses: int = 0
     tbt_misses: int = 0
-    tokens: int = 0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens ever recorded: each is one sample, a TTFT (a request's first) or a TBT gap."""
+        return self.ttft.total + self.tbt.total
 
 
 class SLOTracker:
@@ -81,20 +92,50 @@ class SLOTracker:
 
     def on_tokens(self, reqs: Iterable[Request], t: float) -> None:
         """Each request emitted a token at `t`; call before updating `last_token_s`."""
+        tiers = self.tiers
         for r in reqs:
-            w = self.tiers.get(r.tier) or self._tier(r)
-            w.tokens += 1
-            if r.last_token_s is None:
-                ttft = t - r.arrival_s
-                w.ttft.append(t, ttft)
-                target = self.ttft_target_s.get(r.tier)
-                if target is not None and ttft > target:
-                    w.ttft_misses += 1
+            w = tiers.get(r.tier) or self._tier(r)
+            last = r.last_token_s
+            if last is None:
+                self._first_token(w, r, t)
             else:
-                gap = t - r.last_token_s
-                w.tbt.append(t, gap)
+                gap = t - last
+                s = w.tbt
+                s.times.append(t)
+                s.values.append(gap)
                 if gap > r.tbt_slo_s:
                     w.tbt_misses += 1
+
+    def record_tokens(self, reqs: Iterable[Request], t: float) -> None:
+        """`on_tokens`, then what the mechanism does after it, in the same pass: each request's
+        `last_token_s` becomes `t`, and its `first_token_s` too if it had none.  Each request
+        appears at most once in `reqs` (one token per request and step)."""
+        tiers = self.tiers
+        tier = None
+        for r in reqs:
+            last = r.last_token_s
+            r.last_token_s = t
+            if r.tier is not tier:  # the window of this run of same-tier requests (usually whole tiers)
+                tier = r.tier
+                w = tiers.get(tier) or self._tier(r)
+                add_time, add_gap = w.tbt.times.append, w.tbt.values.append
+            if last is None:
+                if r.first_token_s is None:
+                    r.first_token_s = t
+                self._first_token(w, r, t)
+            else:
+                gap = t - last
+                add_time(t)
+                add_gap(gap)
+                if gap > r.tbt_slo_s:
+                    w.tbt_misses += 1
+
+    def _first_token(self, w: _TierWindow, r: Request, t: float) -> None:
+        ttft = t - r.arrival_s
+        w.ttft.append(t, ttft)
+        target = self.ttft_target_s.get(r.tier)
+        if target is not None and ttft > target:
+            w.ttft_misses += 1
 
     def _trim(self, now: float) -> None:
         horizon = now - self.window_s

@@ -20,14 +20,18 @@ The policy decides, vLLM executes. Every step:
 3. the plan is carried out by vLLM's own machinery: the plan's victims are preempted with
    `_preempt_request` (recompute); this step's `running` list is the plan's decodes then its
    started prefills, in the plan's order (running requests the plan leaves out, i.e. deferred
-   decodes, are set aside for this step and put back after it); the plan's admissions go to
-   the head of the waiting queue; `max_num_scheduled_tokens` is the plan's token count; then
-   vLLM's `schedule()` runs unchanged: its KV manager allocates, it builds the output.
+   decodes, are set aside for this step and put back after it; a plan that runs every running
+   request as a decode, in vLLM's running order, the usual decode-only step, leaves vLLM's list
+   as it is); the plan's admissions go to the head of the waiting queue;
+   `max_num_scheduled_tokens` is the plan's token count; then vLLM's `schedule()` runs
+   unchanged: its KV manager allocates, it builds the output.
 After the model ran, `update_from_output()` measures the iteration wall time (end of
-`schedule()` to the start of `update_from_output()`), updates the mirror and calls the
-policy's `on_batch_end`.  The running requests' mirrors it synced are reused by the next step's
-step 1 unless something touched vLLM's running requests in between (an abort, a prefix-cache
-reset, another `schedule()`: async scheduling), so a decode-only step syncs each request once.
+`schedule()` to the start of `update_from_output()`), updates the mirror, records the tokens in
+the SLO tracker and calls the policy's `on_batch_end`.  The running requests' mirrors it synced
+are reused by the next step's step 1 (as the list it synced them in when vLLM's running list
+is the plan's requests in the plan's order) unless something touched vLLM's running requests in
+between (an abort, a prefix-cache reset, another `schedule()`: async scheduling), so a
+decode-only step syncs each request once.
 
 One clock: the policy's times (`EngineState.now_s`, the batch start/end times, hence every LST,
 and the mirror's `arrival_s`, by which slai-plus ages a waiting request) and the SLO tracker's
@@ -263,6 +267,9 @@ class PolicySchedulerMixin:
         self._rejected: list[EngineCoreOutput] = []
         self._rejected_clients: list[int] = []
         self._in_flight: deque[tuple[BatchPlan, float]] = deque()
+        # the state `on_batch_end` gets: the KV cache and the iteration's end (nothing waiting or
+        # running: a policy learns from the plan; policies never mutate a state they are given)
+        self._end_state = EngineState(now_s=0.0, kv=self.kv)
         self.step_log: deque[StepRecord] = deque(maxlen=int(os.environ.get("REPLICA_STEP_LOG", "0")) or None)
         self.record_steps = bool(os.environ.get("REPLICA_STEP_LOG"))
         logger.info("vLLM scheduler %s runs policy %s", type(self).__name__, name)
@@ -351,7 +358,8 @@ class PolicySchedulerMixin:
             rid = vreq.request_id
             m = mirrors[rid]
             # tokens in flight (async scheduling) count as produced: vLLM schedules past them
-            num_output = m.num_output_tokens = vreq.num_output_tokens + vreq.num_output_placeholders
+            # (`len(_output_token_ids)` is vLLM's `num_output_tokens` without the property call)
+            num_output = m.num_output_tokens = len(vreq._output_token_ids) + vreq.num_output_placeholders
             computed = m.num_computed_tokens = vreq.num_computed_tokens
             held = len(tables.get(rid, ()))
             num_tokens = m.prompt_len + num_output
@@ -364,23 +372,27 @@ class PolicySchedulerMixin:
             running.append(m)
         return running, reserved
 
-    def _sync_ran(self, plan: BatchPlan) -> tuple[list[Request], int, int]:
+    def _sync_ran(self, plan: BatchPlan) -> tuple[list[Request], int, list[Request], list[VRequest]]:
         """After `plan` ran: sync the mirrors of its requests (`_sync_running`, inlined for those
         still running; a finished one is marked finished, holding no blocks).  Returns those that
-        emitted a token, the reservations of those still running and how many still run."""
+        emitted a token, the reservations of those still running, and those still running (their
+        mirrors and vLLM's requests, in the plan's order)."""
         requests = self.requests
         tables = self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks
         bs = self.kv.block_size
         running_status = RequestStatus.RUNNING
         emitted = []
-        reserved = num_running = 0
+        still: list[Request] = []
+        still_v: list[VRequest] = []
+        reserved = 0
         for m in (plan.decodes if not plan.prefills else [*plan.decodes, *(m for m, _ in plan.prefills)]):
             before = m.num_output_tokens
             rid = m.req_id
             vreq = requests.get(rid)
             if vreq is not None and vreq.status is running_status:
-                num_running += 1
-                num_output = m.num_output_tokens = vreq.num_output_tokens + vreq.num_output_placeholders
+                still.append(m)
+                still_v.append(vreq)
+                num_output = m.num_output_tokens = len(vreq._output_token_ids) + vreq.num_output_placeholders
                 computed = m.num_computed_tokens = vreq.num_computed_tokens
                 held = len(tables.get(rid, ()))
                 num_tokens = m.prompt_len + num_output
@@ -390,7 +402,10 @@ class PolicySchedulerMixin:
                         reserved += r
                         held += r
                 m.num_blocks = held
-            elif vreq is None or vreq.is_finished():
+                if num_output > before:
+                    emitted.append(m)
+                continue
+            if vreq is None or vreq.is_finished():
                 m.is_finished = True
                 m.num_blocks = 0
                 m.num_output_tokens = before + 1 if vreq is None else vreq.num_output_tokens
@@ -398,32 +413,30 @@ class PolicySchedulerMixin:
                 self._sync_running(vreq)
             if m.num_output_tokens > before:
                 emitted.append(m)
-        return emitted, reserved, num_running
-
-    def _running_mirrors(self) -> tuple[list[Request], int]:
-        """The running requests' mirrors and reservations: those `update_from_output` synced if
-        nothing has touched vLLM's running requests since (`_fresh`), else synced now."""
-        fresh = self._fresh
-        if fresh is not None:
-            vrunning, n, running, reserved = fresh
-            if vrunning is self.running and n == len(vrunning):
-                return running, reserved
-        return self._sync_all_running()
+        return emitted, reserved, still, still_v
 
     def mirror_state(self, now_s: float) -> EngineState:
         kv = self.kv
         view = self.prefix_view
-        running, reserved = self._running_mirrors()
+        # the running requests' mirrors and reservations: those `update_from_output` synced if
+        # nothing has touched vLLM's running requests since (`_fresh`), else synced now
+        fresh = self._fresh
+        if fresh is not None and fresh[0] is self.running and fresh[1] == len(self.running):
+            running, reserved = fresh[2], fresh[3]
+        else:
+            running, reserved = self._sync_all_running()
         waiting = []
         if view is not None:
             view.new_step()
-        for vreq in self.waiting:
-            m = self._sync(vreq)
-            m.num_blocks = 0
-            if view is not None:
-                m.num_cached_tokens = view.hit(vreq.request_id)[0]
-            waiting.append(m)
-        kv.num_used_blocks = min(self._pool_used() + reserved, kv.num_blocks)
+        if len(self.requests) != len(self.running):  # else every request vLLM holds runs: none waits
+            for vreq in self.waiting:
+                m = self._sync(vreq)
+                m.num_blocks = 0
+                if view is not None:
+                    m.num_cached_tokens = view.hit(vreq.request_id)[0]
+                waiting.append(m)
+        pool = self.kv_cache_manager.block_pool  # `_pool_used`, inlined (`get_num_free_blocks` too)
+        kv.num_used_blocks = min(pool.num_gpu_blocks - 1 - pool.free_block_queue.num_free_blocks + reserved, kv.num_blocks)
         return EngineState(now_s=now_s, kv=kv, waiting=waiting, running=running, prefix=view)
 
     # --- one step --------------------------------------------------------------------------------
@@ -435,32 +448,44 @@ class PolicySchedulerMixin:
         running_decodes = [m.req_id for m in state.running if not m.is_prefill] if self.record_steps else []
         plan = self.policy.schedule(state)
         req = self.requests
-        for m in plan.preempted:
-            vreq = req[m.req_id]
-            self.running.remove(vreq)
-            self._preempt_request(vreq, time.monotonic())
-        step_running = [req[m.req_id] for m in plan.decodes]
-        if plan.admitted:
-            admitted = {m.req_id for m in plan.admitted}
-            step_running += [req[m.req_id] for m, _ in plan.prefills if m.req_id not in admitted]
-        elif plan.prefills:
-            step_running += [req[m.req_id] for m, _ in plan.prefills]
-        chosen = set(step_running)  # vLLM's requests hash by identity
-        set_aside = [v for v in self.running if v not in chosen]
-        for m in reversed(plan.admitted):
-            vreq = req[m.req_id]
-            self.waiting.remove_request(vreq)
-            self.waiting.prepend_request(vreq)
-        pinned = self._pin_planned_hits(plan) if self.prefix_view is not None and plan.admitted else []
+        decodes, prefills, admitted = plan.decodes, plan.prefills, plan.admitted
+        if plan.preempted:
+            for m in plan.preempted:
+                vreq = req[m.req_id]
+                self.running.remove(vreq)
+                self._preempt_request(vreq, time.monotonic())
+        elif not prefills and decodes == state.running:
+            # every running request decodes, in vLLM's running order (the mirrors' order; a
+            # Request compares by identity): vLLM's running list is this step's as it is
+            step_running = self.running
+            set_aside = ()
+            decodes = None
+        if decodes is not None:
+            step_running = [req[m.req_id] for m in decodes]
+            if admitted:
+                admitted_ids = {m.req_id for m in admitted}
+                step_running += [req[m.req_id] for m, _ in prefills if m.req_id not in admitted_ids]
+            elif prefills:
+                step_running += [req[m.req_id] for m, _ in prefills]
+            chosen = set(step_running)  # vLLM's requests hash by identity
+            set_aside = [v for v in self.running if v not in chosen]
+        if admitted:
+            for m in reversed(admitted):
+                vreq = req[m.req_id]
+                self.waiting.remove_request(vreq)
+                self.waiting.prepend_request(vreq)
+        pinned = self._pin_planned_hits(plan) if admitted and self.prefix_view is not None else []
         self.running = step_running
-        self.max_num_scheduled_tokens = min(plan.num_tokens, self.configured_max_tokens)
+        num_tokens = len(plan.decodes) + plan.num_prefill_tokens if prefills else len(plan.decodes)
+        self.max_num_scheduled_tokens = min(num_tokens, self.configured_max_tokens)
         try:
             out = super().schedule(*args, **kwargs)
         finally:
             if set_aside:
                 self.running.extend(v for v in set_aside if not v.is_finished())
             self.max_num_scheduled_tokens = self.configured_max_tokens
-            self._planned_hits.clear()
+            if self._planned_hits:
+                self._planned_hits.clear()
             if pinned:
                 self.kv_cache_manager.block_pool.free_blocks(pinned)
         plan.record_shape()  # mirrors not yet synced: the contexts this step runs with (admissions: vLLM's hit)
@@ -516,36 +541,39 @@ class PolicySchedulerMixin:
         if self._in_flight:
             plan, schedule_end_s = self._in_flight.popleft()
             now = time.perf_counter()  # the token time, on the policy's clock (the mirror's arrival_s)
-            emitted, reserved, num_running = self._sync_ran(plan)
+            emitted, reserved, still, still_v = self._sync_ran(plan)
         # every running request's mirror is now synced, kept for the next step's `mirror_state`
-        # (`_fresh`): the plan's, or, if some running request did not run, all of them again
-        if plan is not None and num_running == len(vrunning):
-            mirrors = self.mirrors
-            running = [mirrors[v.request_id] for v in vrunning]
+        # (`_fresh`): the plan's (as they are if vLLM's running list is the plan's requests in the
+        # plan's order), or, if some running request did not run, all of them again
+        if plan is not None and len(still) == len(vrunning):
+            if still_v == vrunning:  # identity: vLLM's requests define no equality
+                running = still
+            else:
+                mirrors = self.mirrors
+                running = [mirrors[v.request_id] for v in vrunning]
         else:
             running, reserved = self._sync_all_running()
         self._fresh = (vrunning, len(vrunning), running, reserved)
         if plan is not None:
-            self.slo.on_tokens(emitted, now)
-            for m in emitted:
-                m.last_token_s = now
-                if m.first_token_s is None:
-                    m.first_token_s = now
-            if not plan.is_empty:
+            self.slo.record_tokens(emitted, now)  # also stamps their last (and first) token times
+            if plan.decodes or plan.prefills:  # not `plan.is_empty`
                 kv = self.kv
-                kv.num_used_blocks = min(kv.num_blocks, self._pool_used() + reserved)  # as `_kv_now`
-                state = EngineState(now_s=start_s, kv=kv)
+                pool = self.kv_cache_manager.block_pool  # as `_kv_now`
+                kv.num_used_blocks = min(kv.num_blocks, pool.num_gpu_blocks - 1 - pool.free_block_queue.num_free_blocks + reserved)
+                state = self._end_state  # EngineState(now_s=start_s, kv=kv), one object for every step
+                state.now_s = start_s
                 self.policy.on_batch_end(state, plan, schedule_end_s, start_s)
         if len(self.mirrors) > len(self.requests):  # some request has left vLLM: forget its mirror
             for rid in [rid for rid in self.mirrors if rid not in self.requests]:
                 del self.mirrors[rid]
-        for out, client in zip(self._rejected, self._rejected_clients):
-            if client in outputs:
-                outputs[client].outputs.append(out)
-            else:
-                outputs[client] = EngineCoreOutputs(outputs=[out])
-        self._rejected.clear()
-        self._rejected_clients.clear()
+        if self._rejected:
+            for out, client in zip(self._rejected, self._rejected_clients):
+                if client in outputs:
+                    outputs[client].outputs.append(out)
+                else:
+                    outputs[client] = EngineCoreOutputs(outputs=[out])
+            self._rejected.clear()
+            self._rejected_clients.clear()
         return outputs
 
     def feedback_snapshot(self) -> dict:

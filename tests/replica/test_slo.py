@@ -89,3 +89,61 @@ def test_tbt_gaps_since_strides_evenly_over_the_bound():
     assert got["num_gaps"] == 100 and got["sampled"] and len(got["gaps_s"]) == 11
     assert got["gaps_s"][0] == pytest.approx(0.01 + 1e-5) and got["gaps_s"][-1] == pytest.approx(0.01 + 199e-5)
     assert list(got["gaps_s"]) == sorted(got["gaps_s"])
+
+
+def _steps(seed, n_steps=400):
+    """A scripted run: per step, a random subset of requests (tiers interleaved, a tier first seen
+    mid-run, some requests with their own TBT SLO) emits a token at t."""
+    import random
+
+    rng = random.Random(seed)
+    specs = [("p", "premium", 0.1), ("f", "free", 0.5), ("g", "gold", 0.05), ("x", "premium", 0.02)]
+    t, out = 0.0, []
+    for k in range(n_steps):
+        t += rng.choice([0.001, 0.01, 0.05, 0.2, 3.0])
+        live = [(f"{name}{i}", tier, slo) for i in range(6) for name, tier, slo in specs
+                if (tier != "gold" or k > n_steps // 3) and rng.random() < 0.6]
+        rng.shuffle(live)
+        out.append((t, live))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_record_tokens_is_on_tokens_then_stamping(seed):
+    """The adapter's one-pass `record_tokens` records what `on_tokens` followed by stamping each
+    request's last (and first) token time does: same stats, gaps, totals, and request times, with
+    the tiers interleaved, a tier first seen mid-run, and windows trimmed (and their arrays cut)."""
+    a = SLOTracker({"premium": 0.1, "free": 0.5}, {"premium": 0.5, "free": 2.0}, window_s=5.0)
+    b = SLOTracker({"premium": 0.1, "free": 0.5}, {"premium": 0.5, "free": 2.0}, window_s=5.0)
+    ra: dict[str, Request] = {}
+    rb: dict[str, Request] = {}
+    for k, (t, live) in enumerate(_steps(seed)):
+        batch_a = [ra.setdefault(rid, _req(rid, tier, slo, arrival=t - 0.3)) for rid, tier, slo in live]
+        batch_b = [rb.setdefault(rid, _req(rid, tier, slo, arrival=t - 0.3)) for rid, tier, slo in live]
+        _emit(a, batch_a, t)
+        for r in batch_a:
+            if r.first_token_s is None:
+                r.first_token_s = t
+        b.record_tokens(batch_b, t)
+        if k % 37 == 0:  # trims as a snapshot would (so old samples are cut from the arrays)
+            assert a.tier_stats(t) == b.tier_stats(t)
+    end = t + 1.0
+    assert a.tier_stats(end) == b.tier_stats(end)
+    ga, gb = a.tbt_gaps_since(end - 4.0, end, 10**6), b.tbt_gaps_since(end - 4.0, end, 10**6)
+    assert ga.keys() == gb.keys() and all(ga[n]["gaps_s"].tolist() == gb[n]["gaps_s"].tolist() for n in ga)
+    assert {rid: (r.first_token_s, r.last_token_s) for rid, r in ra.items()} == \
+        {rid: (r.first_token_s, r.last_token_s) for rid, r in rb.items()}
+
+
+def test_tokens_total_counts_every_token_after_the_window_arrays_are_cut():
+    tr = SLOTracker({"free": 0.5}, window_s=1.0)
+    reqs = [_req(f"f{i}", "free", 0.5) for i in range(10)]
+    for k in range(1000):  # 10,000 tokens; the window keeps about 1 s of them
+        tr.record_tokens(reqs, k * 0.01)
+        if k % 100 == 99:
+            tr.tier_stats(k * 0.01)
+    w = tr.tiers["free"]
+    assert w.tbt.dropped > 0  # the arrays' front was deleted
+    stats = tr.tier_stats(10.0)["free"]
+    assert stats["tokens_total"] == 10_000 and stats["ttft_misses_total"] == 0
+    assert len(w.ttft) == 0 and len(w.tbt) == 1000  # first tokens at 0.0; the gaps at 9.00 to 9.99

@@ -7,7 +7,8 @@ prefix; an admission's hit blocks are the oldest in vLLM's free queue in a step 
 a new block), on the adapter wrapped by `vllm_kv_probe` (which records, at every step, the KV use the
 mirror gave the policy beside vLLM's own block tables and free queue).  Checked at every step: vLLM
 scheduled exactly the plan, each admission from the planned prefix hit, and the mirror's KV use is
-the pool's (each shared block once) plus the started prefills' reservations; and at the end: vLLM
+the pool's (each shared block once) plus the started prefills' reservations, the running mirrors
+the policy saw are vLLM's running requests in its order with its progress; and at the end: vLLM
 reported cached tokens for the requests that share a prefix, and the greedy outputs equal vLLM's
 default scheduler's with prefix caching on.  The same checks run with caching off (the mirror's
 plain accounting).
@@ -119,6 +120,10 @@ def check_every_step(sched) -> None:
         assert c["mirror"] == rec.kv_used == min(c["pool"] + c["reserved"], c["num_blocks"]), f"step {k}: {c}"
         for rid, n in c["running_num_blocks"].items():
             assert n >= c["tables"][rid], f"step {k}: {rid} mirrors {n} blocks, holds {c['tables'][rid]}"
+        mirrored, vllms = c["running_order"]
+        assert mirrored == vllms, f"step {k}: the policy saw running {mirrored}, vLLM runs {vllms}"
+        for (mine, theirs), rid in zip(c["progress"], mirrored):
+            assert mine == theirs, f"step {k}: {rid} mirrored (computed, output) {mine}, vLLM has {theirs}"
 
 
 def by_name(outs) -> dict[str, list[int]]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 def _kv_check_scheduler(base: type) -> type:
     """`base` (a `replica.vllm_scheduler` policy scheduler) plus, at every `mirror_state`, the KV use
-    the mirror gave the policy beside what vLLM's own structures say (`kv_checks`); at every
+    the mirror gave the policy beside what vLLM's own structures say, and the running mirrors the
+    policy saw beside vLLM's running requests (order and progress) (`kv_checks`); at every
     `schedule`, for each admission, the computed tokens the plan started it from (its prefix hit as
     the policy saw it) beside where vLLM started it (`admission_starts`: (id, planned, vLLM's,
     the mirror's num_cached_tokens after it)); and a count of the cached blocks vLLM's pool evicted
@@ -63,6 +64,12 @@ def _kv_check_scheduler(base: type) -> type:
                 "num_blocks": state.kv.num_blocks,
                 "running_num_blocks": {m.req_id: m.num_blocks for m in state.running},
                 "tables": {rid: len(t) for rid, t in tables.items()},
+                # the running mirrors the policy saw (reused from the last `update_from_output`, or
+                # synced now) are vLLM's running requests, in its order, with vLLM's progress
+                "running_order": ([m.req_id for m in state.running], [v.request_id for v in self.running]),
+                "progress": [((m.num_computed_tokens, m.num_output_tokens),
+                              (v.num_computed_tokens, v.num_output_tokens + v.num_output_placeholders))
+                             for m, v in zip(state.running, self.running)],
             })
             return state
 
