@@ -60,7 +60,7 @@ from operator import attrgetter
 
 from replica.policy.base import PlanBuilder
 from replica.policy.config import SchedulerConfig
-from replica.policy.slai_plus import SLAIPlusPolicy
+from replica.policy.slai_plus import SLAIPlusPolicy, fits_in, running_load
 from replica.policy.state import INF, EngineState, Request
 
 _arrival = attrgetter("arrival_s")
@@ -150,28 +150,10 @@ class SLAINextPolicy(SLAIPlusPolicy):
         self.last_budget = base
         if not cfg.adaptive_budget or cfg.max_token_budget <= base:
             return base
-        slo = INF
-        work = 0
-        ctx = 0
-        n_dec = 0
-        chunk_ctx = 0
-        for r in state.running:
-            left = r.prompt_len + r.num_output_tokens - r.num_computed_tokens
-            work += left
-            if r.num_output_tokens and left == 1:
-                ctx += r.num_computed_tokens
-                n_dec += 1
-                if r.tbt_slo_s < slo:
-                    slo = r.tbt_slo_s
-            elif r.num_computed_tokens > chunk_ctx:
-                chunk_ctx = r.num_computed_tokens
-        if work <= base:
-            for r in state.waiting:
-                work += r.num_tokens - r.num_cached_tokens
-                if work > base:
-                    break
-            if work <= base:
-                return base  # everything fits: the budget changes nothing
+        # the SLO that bounds the iteration: the strictest running decode's (module docstring)
+        slo, work, ctx, n_dec, chunk_ctx = running_load(state, decodes_only=True)
+        if fits_in(state, work, base):
+            return base  # everything fits: the budget changes nothing
         tile = cfg.tile_tokens
         # slot-bound: never grow (longer iterations would hold every request, and its KV, longer:
         # slai-plus's rule); the shrink below still protects the strictest decode

@@ -197,6 +197,41 @@ class _RecentTimes:
         return self._sum / n if n else 0.0
 
 
+def running_load(state: EngineState, decodes_only: bool) -> tuple[float, int, int, int, int]:
+    """One pass over the running requests for a budget decision: the strictest TBT SLO (among all
+    of them, or only among the decodes with ``decodes_only``; INF if none), the work they bring
+    (decodes 1 token, prefills their uncomputed tokens), the decodes' context, the number of
+    decodes, and the longest prior context of a started prefill."""
+    slo = INF
+    work = ctx = n_dec = chunk_ctx = 0
+    for r in state.running:
+        left = r.prompt_len + r.num_output_tokens - r.num_computed_tokens
+        work += left
+        if r.num_output_tokens and left == 1:
+            ctx += r.num_computed_tokens
+            n_dec += 1
+            if r.tbt_slo_s < slo:
+                slo = r.tbt_slo_s
+        else:
+            if not decodes_only and r.tbt_slo_s < slo:
+                slo = r.tbt_slo_s
+            if r.num_computed_tokens > chunk_ctx:
+                chunk_ctx = r.num_computed_tokens
+    return slo, work, ctx, n_dec, chunk_ctx
+
+
+def fits_in(state: EngineState, work: int, base: int) -> bool:
+    """Whether ``work`` plus the waiting prompts' uncached tokens fit in ``base`` tokens (then a
+    larger budget changes nothing)."""
+    if work > base:
+        return False
+    for r in state.waiting:
+        work += r.num_tokens - r.num_cached_tokens
+        if work > base:
+            return False
+    return True
+
+
 class SLAIPlusPolicy(SLAIPolicy):
     """SLAI with bounded waiting, an adaptive tile-aligned budget, an offset from the measured
     worst case, and recent batch-time statistics (see the module docstring)."""
@@ -255,28 +290,9 @@ class SLAIPlusPolicy(SLAIPolicy):
         self.last_budget = base
         if not cfg.adaptive_budget or cfg.max_token_budget <= base or self._slot_bound:
             return base  # slot-bound: longer iterations would hold every request (and its KV) longer
-        slo = INF
-        work = 0  # decodes + uncomputed prefill tokens: is there more than the base budget takes?
-        ctx = 0  # the decodes' context
-        n_dec = 0
-        chunk_ctx = 0  # the longest prior context of a started prefill
-        for r in state.running:
-            if r.tbt_slo_s < slo:
-                slo = r.tbt_slo_s
-            left = r.prompt_len + r.num_output_tokens - r.num_computed_tokens
-            work += left
-            if r.num_output_tokens and left == 1:
-                ctx += r.num_computed_tokens
-                n_dec += 1
-            elif r.num_computed_tokens > chunk_ctx:
-                chunk_ctx = r.num_computed_tokens
-        if work <= base:
-            for r in state.waiting:
-                work += r.num_tokens - r.num_cached_tokens
-                if work > base:
-                    break
-            if work <= base:
-                return base
+        slo, work, ctx, n_dec, chunk_ctx = running_load(state, decodes_only=False)
+        if fits_in(state, work, base):
+            return base
         if slo == INF:  # nothing running: the strictest SLO seen (a prefill's next token will be one)
             slo = self.strictest_slo_s
         if slo == INF:
