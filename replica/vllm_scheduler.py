@@ -342,9 +342,14 @@ class PolicySchedulerMixin:
         m.num_blocks = held + reserved
         return m, reserved
 
-    def _pool_used(self) -> int:
+    def _kv_used(self, reserved: int) -> KVCache:
+        """The mirror's KV cache with ``reserved`` blocks (started prefills' reservations) on top
+        of the blocks out of vLLM's free queue (block 0 is vLLM's null block; the queue's count is
+        `BlockPool.get_num_free_blocks` without the call)."""
         pool = self.kv_cache_manager.block_pool
-        return pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # block 0 is vLLM's null block
+        kv = self.kv
+        kv.num_used_blocks = min(kv.num_blocks, pool.num_gpu_blocks - 1 - pool.free_block_queue.num_free_blocks + reserved)
+        return kv
 
     def _sync_all_running(self) -> tuple[list[Request], int]:
         """`_sync_running` for every running request, inlined (the per-step hot loop): returns
@@ -416,7 +421,6 @@ class PolicySchedulerMixin:
         return emitted, reserved, still, still_v
 
     def mirror_state(self, now_s: float) -> EngineState:
-        kv = self.kv
         view = self.prefix_view
         # the running requests' mirrors and reservations: those `update_from_output` synced if
         # nothing has touched vLLM's running requests since (`_fresh`), else synced now
@@ -435,9 +439,7 @@ class PolicySchedulerMixin:
                 if view is not None:
                     m.num_cached_tokens = view.hit(vreq.request_id)[0]
                 waiting.append(m)
-        pool = self.kv_cache_manager.block_pool  # `_pool_used`, inlined (`get_num_free_blocks` too)
-        kv.num_used_blocks = min(pool.num_gpu_blocks - 1 - pool.free_block_queue.num_free_blocks + reserved, kv.num_blocks)
-        return EngineState(now_s=now_s, kv=kv, waiting=waiting, running=running, prefix=view)
+        return EngineState(now_s=now_s, kv=self._kv_used(reserved), waiting=waiting, running=running, prefix=view)
 
     # --- one step --------------------------------------------------------------------------------
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
@@ -476,8 +478,7 @@ class PolicySchedulerMixin:
                 self.waiting.prepend_request(vreq)
         pinned = self._pin_planned_hits(plan) if admitted and self.prefix_view is not None else []
         self.running = step_running
-        num_tokens = len(plan.decodes) + plan.num_prefill_tokens if prefills else len(plan.decodes)
-        self.max_num_scheduled_tokens = min(num_tokens, self.configured_max_tokens)
+        self.max_num_scheduled_tokens = min(plan.num_tokens, self.configured_max_tokens)
         try:
             out = super().schedule(*args, **kwargs)
         finally:
@@ -557,9 +558,7 @@ class PolicySchedulerMixin:
         if plan is not None:
             self.slo.record_tokens(emitted, now)  # also stamps their last (and first) token times
             if plan.decodes or plan.prefills:  # not `plan.is_empty`
-                kv = self.kv
-                pool = self.kv_cache_manager.block_pool  # as `_kv_now`
-                kv.num_used_blocks = min(kv.num_blocks, pool.num_gpu_blocks - 1 - pool.free_block_queue.num_free_blocks + reserved)
+                self._kv_used(reserved)
                 state = self._end_state  # EngineState(now_s=start_s, kv=kv), one object for every step
                 state.now_s = start_s
                 self.policy.on_batch_end(state, plan, schedule_end_s, start_s)
@@ -589,8 +588,7 @@ class PolicySchedulerMixin:
     def _kv_now(self) -> KVCache:
         """The KV cache now: blocks out of vLLM's free queue plus started prefills' reservations."""
         reserved = sum(self._sync_running(v)[1] for v in self.running if v.request_id in self.mirrors)
-        self.kv.num_used_blocks = min(self.kv.num_blocks, self._pool_used() + reserved)
-        return self.kv
+        return self._kv_used(reserved)
 
 
 def _install_feedback_utility() -> None:
