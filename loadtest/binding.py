@@ -79,7 +79,7 @@ class BindingProbe:
         self.tokens.append(plan.num_tokens)
         self.kv_usage.append(state.kv.usage)
         self.running.append(len(state.running))
-        if getattr(p, "_slot_bound", False):
+        if hasattr(p, "slot_bound") and p.slot_bound(state):  # slai-plus's guard, on the state it planned from
             self.slot_bound += 1
         if plan.num_tokens > budget - self.tile:
             kind = "budget"
