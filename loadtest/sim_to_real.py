@@ -599,7 +599,7 @@ def step_time_check(trace: StepTrace, profile: CostProfile) -> dict[str, float]:
 def warm_batch_sizes(st: Stepper, max_batch_tokens: int) -> None:
     """One prefill-only step of every batch token count 1..`max_batch_tokens`.  The CPU engine's
     first step at a token count it has not run yet is slow (measured: a Poisson run's first-token
-    steps took 2.4-3x the profile cold, 1.4-1.8x after this; its decode-only steps, whose token counts
+    steps took 2.1-2.5x the profile cold, 1.4-1.8x after this; its decode-only steps, whose token counts
     repeat, match it), a one-time cost a serving engine pays in its first minutes and the
     simulator does not model; the fit grid's median over repeats leaves it out too."""
     eng = st.eng
