@@ -253,11 +253,8 @@ class TierAwareAutoscaler:
         """c(n): one of ``n`` replicas' prefill rate (tokens/s) when the cluster's running decodes
         ``decodes_by_tier`` are spread evenly over them (`SLOPolicy.prefill_rate_tps` of that
         replica)."""
-        model = self._admission.rate_model
-        cfg = model.config
         per_replica = {t: d / max(1, n) for t, d in decodes_by_tier.items()}
-        per_batch = cfg.token_budget - model.decode_tokens_per_batch(per_replica, batch_time_s)
-        return max(per_batch, cfg.min_prefill_share * cfg.token_budget) / batch_time_s
+        return self._admission.rate_model.prefill_rate_at(per_replica, batch_time_s)
 
     def _record_rates(self, now_s: float, arrivals: ArrivalStats) -> None:
         window = self.config.trend_window_s

@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import statistics
 from bisect import bisect_right
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,7 +254,7 @@ class SLOPolicy(RoutingPolicy):
         b = fb.mean_batch_time_s
         return b if b is not None and b > 0 else self.config.default_batch_time_s
 
-    def decode_tokens_per_batch(self, decodes_by_tier: dict[str, int], batch_time_s: float) -> float:
+    def decode_tokens_per_batch(self, decodes_by_tier: Mapping[str, float], batch_time_s: float) -> float:
         cfg = self.config
         total = 0.0
         for tier, n in decodes_by_tier.items():
@@ -266,11 +267,15 @@ class SLOPolicy(RoutingPolicy):
         return total
 
     def prefill_rate_tps(self, fb: ReplicaFeedback) -> float:
+        return self.prefill_rate_at(fb.running_decodes_by_tier, self.batch_time_s(fb))
+
+    def prefill_rate_at(self, decodes_by_tier: Mapping[str, float], batch_time_s: float) -> float:
+        """A replica's prefill rate (tokens/s) with these running decodes and this batch time: the
+        budget less the decodes' share of a batch, at least ``min_prefill_share`` of it, per batch."""
         cfg = self.config
-        b = self.batch_time_s(fb)
-        per_batch = cfg.token_budget - self.decode_tokens_per_batch(fb.running_decodes_by_tier, b)
+        per_batch = cfg.token_budget - self.decode_tokens_per_batch(decodes_by_tier, batch_time_s)
         per_batch = max(per_batch, cfg.min_prefill_share * cfg.token_budget)
-        return per_batch / b
+        return per_batch / batch_time_s
 
     def _competing_tiers(self, request: RoutingRequest) -> frozenset[str]:
         """Tiers at least as strict as the request's (its own tier when SLOs are unknown)."""
