@@ -14,7 +14,9 @@ Requests arrive through a DeploymentHandle (so the router sees them) as a
 Cancelling the stream (client gone) aborts the engine request.  ``tiers`` are the deployment's
 tiers (`replica.contract.TierFacts`): the engine tracks SLOs per tier from the start (each request
 carries its own tier facts too).  `record_routing_stats()` returns the feedback snapshot
-(`replica.slo`) that Serve pushes to every router; the same snapshot sets the replica's
+(`replica.slo`) that Serve pushes to every router, and `record_autoscaling_stats()` the same
+snapshot with the replica's arrival counters for Serve's autoscaler
+(`serve_app.ray_autoscaling`); the same snapshot sets the replica's
 Prometheus gauges (`replica.metrics`), also refreshed by a background task every
 ``TIERED_METRICS_PERIOD_S`` (5 s) when Serve polls less often.
 """
@@ -28,6 +30,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from replica.autoscaling_stats import ArrivalCounter, autoscaling_stats
 from replica.backend import ReplicaBackend
 from replica.contract import GenerateRequest, StreamChunk, TierFacts
 from replica.cost.profile import DEFAULT_COST_PROFILE
@@ -79,6 +82,7 @@ class LLMReplica:
             raise ValueError(f"unknown backend {backend!r}: expected 'sim' or 'vllm'")
         self._metrics = ReplicaMetrics.create()  # None when TIERED_METRICS=0
         self._metrics_task: asyncio.Task | None = None
+        self._arrivals = ArrivalCounter()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
         """The backend's chunks, preceded by heartbeats (`StreamChunk.heartbeat`): one at once (the
@@ -89,6 +93,7 @@ class LLMReplica:
         (`replica.streaming.coalesce`, ``request.tier.stream_interval_s``)."""
         if self._metrics_task is None and self._metrics is not None:
             self._start_metrics_task()
+        self._arrivals.record(request.tier.name, len(request.prompt_token_ids))
         yield StreamChunk.heartbeat()
         chunks = aiter(self.backend.generate(request))
         pending: asyncio.Future[StreamChunk] | None = asyncio.ensure_future(anext(chunks))
@@ -122,6 +127,12 @@ class LLMReplica:
             if self._metrics_task is None:
                 self._start_metrics_task()
         return snap
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics (with ``replicas.autoscaling``; read by
+        `serve_app.ray_autoscaling.TierAwareServePolicy`): the feedback snapshot's fields and the
+        arrival counters (`replica.autoscaling_stats`)."""
+        return autoscaling_stats(await self.backend.snapshot(), self._arrivals)
 
     # --- Prometheus gauges from the feedback snapshot ---------------------------------------------
     def _record_metrics(self, snap: dict[str, Any]) -> None:

@@ -118,11 +118,12 @@ __all__ = [
 
 def default_max_in_flight(app: AppConfig) -> int:
     """The bound on requests in flight at all the ingress replicas together: the replicas' total
-    ``max_ongoing_requests`` (more would wait at the handles), at most what the ingresses take at
-    once (``http.max_ongoing_requests`` each, times the most ingress replicas)."""
+    ``max_ongoing_requests`` at the most replicas (autoscaling's ``max_replicas``; more would wait
+    at the handles), at most what the ingresses take at once (``http.max_ongoing_requests`` each,
+    times the most ingress replicas)."""
     if app.admission.max_in_flight is not None:
         return app.admission.max_in_flight
-    return max(1, min(app.replicas.num_replicas * app.replicas.max_ongoing_requests,
+    return max(1, min(app.replicas.max_count * app.replicas.max_ongoing_requests,
                       app.http.max_ongoing_requests * app.ingress.max_count))
 
 

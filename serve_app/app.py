@@ -5,7 +5,9 @@ dotted-path overrides (``engine.time_scale=0.05`` on the command line, or ``over
 from Python), and binds:
 
 - ``LLMReplica`` (`replica.deployment`) with the config's replica options and the tier-aware
-  router (`router.ray_router.TierAwareRouter`, the config's policy and feedback period);
+  router (`router.ray_router.TierAwareRouter`, the config's policy and feedback period):
+  ``replicas.num_replicas`` replicas, or with ``replicas.autoscaling`` Serve's autoscaling
+  running the tier-aware policy (`serve_app.ray_autoscaling`);
 - ``Ingress`` (`serve_app.ingress`), the OpenAI-compatible HTTP front door, holding a handle to
   the replicas: ``ingress.num_replicas`` replicas of it, or Serve's autoscaling between
   ``ingress.min_replicas`` and ``ingress.max_replicas`` (the config's ``ingress`` section; each
@@ -42,6 +44,7 @@ from serve_app.admission import ingress_max_queued_requests, replica_max_queued_
 from serve_app.config import (DEFAULT_CONFIG_PATH, SERVE_DEFAULT_ROUTER, AppConfig, ConfigError, SimEngineConfig,
                               VLLMEngineConfig, load_config)
 from serve_app.ingress import DEFAULT_MAX_CONTEXT_TOKENS, Ingress
+from serve_app.ray_autoscaling import replica_autoscaling_config
 
 __all__ = ["build_app", "build_app_from_config", "ingress_replica_options"]
 
@@ -110,6 +113,24 @@ def graceful_shutdown_timeout_s(config: AppConfig) -> float:
     return config.http.drain_timeout_s + 5.0
 
 
+def replica_graceful_shutdown_timeout_s(config: AppConfig) -> float:
+    """The engine replicas' graceful shutdown: the ingress's (`graceful_shutdown_timeout_s`),
+    or with autoscaling ``replicas.autoscaling.drain_timeout_s`` if longer (a replica removed by a
+    scale-down finishes the requests it holds)."""
+    a = config.replicas.autoscaling
+    base = graceful_shutdown_timeout_s(config)
+    return base if a is None else max(base, a.drain_timeout_s)
+
+
+def replica_count_options(config: AppConfig) -> dict[str, Any]:
+    """The engine replicas' count: ``num_replicas``, or Serve's ``autoscaling_config`` running the
+    tier-aware policy (``replicas.autoscaling``, `serve_app.ray_autoscaling`)."""
+    autoscaling = replica_autoscaling_config(config)
+    if autoscaling is not None:
+        return {"autoscaling_config": autoscaling}
+    return {"num_replicas": config.replicas.num_replicas}
+
+
 def ingress_replica_options(config: AppConfig) -> dict[str, Any]:
     """The Ingress deployment's replica count: ``num_replicas``, or Serve's ``autoscaling_config``
     (the config's ``ingress`` section)."""
@@ -139,10 +160,10 @@ def build_app_from_config(config: AppConfig, *, max_context_tokens: int | None =
         )
     backpressure = BackpressureConfig(status_code=429, retry_after_s=config.admission.min_retry_after_s)
     replicas = serve.deployment(LLMReplica, name="LLMReplica").options(
-        num_replicas=r.num_replicas,
+        **replica_count_options(config),
         max_ongoing_requests=r.max_ongoing_requests,
         max_queued_requests=replica_max_queued_requests(config),
-        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s(config),
+        graceful_shutdown_timeout_s=replica_graceful_shutdown_timeout_s(config),
         ray_actor_options=actor_options,
         **router_options,
     )

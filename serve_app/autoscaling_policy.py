@@ -2,14 +2,15 @@
 
 `TierAwareAutoscaler.decide` says how many engine replicas the deployment should have, from what
 admission control already reads (`serve_app.admission`): every running replica's latest feedback
-snapshot (`router.feedback.ReplicaFeedback`), plus the arrival rate per tier (`ArrivalStats`,
-counted where requests arrive, before admission: a request the ingress sheds is demand that more
-replicas would serve) and the replica counts (running, and starting: requested, engine still
-loading).  It keeps a little state of its own: the times of its last scale events, when a starting
+snapshot (`router.feedback.ReplicaFeedback`), plus the arrival rate per tier (`ArrivalStats`:
+offered load, ideally counted before admission, since a request the ingress sheds is demand that
+more replicas would serve; the Ray Serve adapter, `serve_app.ray_autoscaling`, counts what reaches
+the replicas, the cluster simulator every arrival) and the replica counts (running, and
+starting: requested, engine still loading).  It keeps a little state of its own: the times of its last scale events, when a starting
 replica last became ready, a short history of each tier's arrival rate (the trend) and the recent
 predicted queueing delays and TBT counters (`DelayHistory`, `TBTHistory`, as the ingress keeps
-them).  The Ray Serve adapter (a custom autoscaling policy) and the cluster simulator both call it;
-it only decides, they apply.
+them).  The Ray Serve adapter (`serve_app.ray_autoscaling`: Serve's custom autoscaling policy) and
+the cluster simulator both call it; it only decides, they apply.
 
 The cluster's state is admission's (`AdmissionPolicy.assess` -> `ClusterLoad`): stale snapshots
 (older than ``admission.max_feedback_age_s``) are ignored, the predicted queueing delay of a new
@@ -85,12 +86,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import Field, model_validator
-
 from router.feedback import ReplicaFeedback
 from serve_app.admission import AdmissionPolicy, ClusterLoad, DelayHistory, TBTHistory
-from serve_app.config import AdmissionConfig, AppConfig, ServingTier, _Strict
-from serve_app.yaml_source import FieldError
+from serve_app.config import AdmissionConfig, AppConfig, ReplicaAutoscalingConfig, ServingTier
 
 __all__ = [
     "ArrivalStats",
@@ -99,69 +97,6 @@ __all__ = [
     "TierArrivals",
     "TierAwareAutoscaler",
 ]
-
-MAX_REPLICAS_LIMIT = 4096  # as the planner's search (loadtest.plan.workload)
-
-
-# ------------------------------------------------------------------------------------------ config
-
-class ReplicaAutoscalingConfig(_Strict):
-    """Autoscaling of the engine replicas (`serve_app.autoscaling_policy`, rules in its
-    docstring).  The defaults keep one replica: set ``max_replicas`` to let it scale."""
-
-    min_replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS_LIMIT, description="the fewest replicas")
-    max_replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS_LIMIT, description="the most replicas")
-    initial_replicas: int | None = Field(default=None, ge=1, le=MAX_REPLICAS_LIMIT,
-                                         description="replicas at deployment (default: min_replicas)")
-    startup_s: float = Field(default=120.0, gt=0,
-                             description="a replica's start-up time (s), until its engine serves (loading a "
-                                         "vLLM engine: tens of seconds to minutes); also the forecast horizon")
-    target_utilization: float = Field(default=0.7, gt=0, le=1,
-                                      description="share of the replicas' prefill capacity the forecast demand "
-                                                  "may use before scaling up")
-    scale_down_utilization: float = Field(default=0.5, gt=0, le=1,
-                                          description="one replica fewer must keep the demand under this share of "
-                                                      "their prefill capacity (below target_utilization)")
-    upscale_cooldown_s: float = Field(default=30.0, ge=0,
-                                      description="after a scale-up or a replica becoming ready, no further "
-                                                  "scale-up for this long (s) unless the replicas needed grew")
-    downscale_cooldown_s: float = Field(default=300.0, ge=0,
-                                        description="no scale-down within this long (s) of any scale event, a "
-                                                    "replica becoming ready or the first decision")
-    max_step_up: int = Field(default=4, ge=1, description="the most replicas one scale-up adds")
-    trend_window_s: float = Field(default=60.0, gt=0,
-                                  description="the arrival rates' trend is fitted over this long (s)")
-    delay_trigger_fraction: float | None = Field(
-        default=None, gt=0, le=1,
-        description="scale up when the mean predicted queueing delay exceeds this share of the strictest TTFT "
-                    "target (default: half of admission.sustained_delay_factor)")
-    scale_down_delay_fraction: float = Field(
-        default=0.05, gt=0, le=1,
-        description="scale down only while the predicted queueing delay (now and its mean) is at most this "
-                    "share of the strictest TTFT target")
-
-    @model_validator(mode="after")
-    def _check(self) -> ReplicaAutoscalingConfig:
-        if self.min_replicas > self.max_replicas:
-            raise FieldError(("min_replicas",), f"{self.min_replicas} is over max_replicas ({self.max_replicas})")
-        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
-            raise FieldError(("initial_replicas",),
-                             f"{self.initial_replicas} is outside the bounds: min_replicas ({self.min_replicas}) "
-                             f"<= initial_replicas <= max_replicas ({self.max_replicas})")
-        if self.scale_down_utilization >= self.target_utilization:
-            raise FieldError(("scale_down_utilization",),
-                             f"{self.scale_down_utilization:g} must be below target_utilization "
-                             f"({self.target_utilization:g}): else a scale-down is undone by the next scale-up")
-        if self.delay_trigger_fraction is not None and self.scale_down_delay_fraction >= self.delay_trigger_fraction:
-            raise FieldError(("scale_down_delay_fraction",),
-                             f"{self.scale_down_delay_fraction:g} must be below delay_trigger_fraction "
-                             f"({self.delay_trigger_fraction:g})")
-        return self
-
-    @property
-    def initial_count(self) -> int:
-        return self.initial_replicas if self.initial_replicas is not None else self.min_replicas
-
 
 # ------------------------------------------------------------------------------------------ inputs
 

@@ -71,6 +71,7 @@ __all__ = [
     "IngressConfig",
     "KeyLimits",
     "MetricsConfig",
+    "ReplicaAutoscalingConfig",
     "ReplicasConfig",
     "RouterConfig",
     "ServiceTierMap",
@@ -250,12 +251,111 @@ class ApiKeysConfig(_Strict):
 
 # ------------------------------------------------------------------------------------ deployment
 
+MAX_REPLICAS_LIMIT = 4096  # as the planner's search (loadtest.plan.workload)
+
+
+class ReplicaAutoscalingConfig(_Strict):
+    """Autoscaling of the engine replicas on the tiers' SLOs: the decision rules are
+    `serve_app.autoscaling_policy`'s (its docstring), run by Ray Serve as the deployment's custom
+    autoscaling policy (`serve_app.ray_autoscaling`).  ``replicas.num_replicas``, when given, is
+    the count Serve starts with (else ``min_replicas``)."""
+
+    min_replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS_LIMIT, description="the fewest replicas")
+    max_replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS_LIMIT, description="the most replicas")
+    startup_s: float = Field(default=120.0, gt=0,
+                             description="a replica's start-up time (s), until its engine serves (loading a "
+                                         "vLLM engine: tens of seconds to minutes); also the forecast horizon")
+    target_utilization: float = Field(default=0.7, gt=0, le=1,
+                                      description="share of the replicas' prefill capacity the forecast demand "
+                                                  "may use before scaling up")
+    scale_down_utilization: float = Field(default=0.5, gt=0, le=1,
+                                          description="one replica fewer must keep the demand under this share of "
+                                                      "their prefill capacity (below target_utilization)")
+    upscale_cooldown_s: float = Field(default=30.0, ge=0,
+                                      description="after a scale-up or a replica becoming ready, no further "
+                                                  "scale-up for this long (s) unless the replicas needed grew")
+    downscale_cooldown_s: float = Field(default=300.0, ge=0,
+                                        description="no scale-down within this long (s) of any scale event, a "
+                                                    "replica becoming ready or the first decision")
+    max_step_up: int = Field(default=4, ge=1, description="the most replicas one scale-up adds")
+    trend_window_s: float = Field(default=60.0, gt=0,
+                                  description="the arrival rates' trend is fitted over this long (s)")
+    delay_trigger_fraction: float | None = Field(
+        default=None, gt=0, le=1,
+        description="scale up when the mean predicted queueing delay exceeds this share of the strictest TTFT "
+                    "target (default: half of admission.sustained_delay_factor)")
+    scale_down_delay_fraction: float = Field(
+        default=0.05, gt=0, le=1,
+        description="scale down only while the predicted queueing delay (now and its mean) is at most this "
+                    "share of the strictest TTFT target")
+    # --- how Ray Serve feeds the policy (serve_app.ray_autoscaling) ---
+    metrics_period_s: float = Field(default=1.0, gt=0, le=4.0,
+                                    description="each replica reports its feedback and arrival counters to Serve's "
+                                                "controller this often (s); under admission.max_feedback_age_s")
+    arrival_window_s: float = Field(default=30.0, gt=0,
+                                    description="arrival rates are measured over this long (s): Serve's "
+                                                "look_back_period_s")
+    drain_timeout_s: float = Field(default=600.0, gt=0,
+                                   description="a replica removed by a scale-down stops receiving requests and "
+                                               "finishes those it holds for up to this long (s; Serve's "
+                                               "graceful_shutdown_timeout_s) before it is stopped")
+
+    @model_validator(mode="after")
+    def _check(self) -> ReplicaAutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise FieldError(("min_replicas",), f"{self.min_replicas} is over max_replicas ({self.max_replicas})")
+        if self.scale_down_utilization >= self.target_utilization:
+            raise FieldError(("scale_down_utilization",),
+                             f"{self.scale_down_utilization:g} must be below target_utilization "
+                             f"({self.target_utilization:g}): else a scale-down is undone by the next scale-up")
+        if self.delay_trigger_fraction is not None and self.scale_down_delay_fraction >= self.delay_trigger_fraction:
+            raise FieldError(("scale_down_delay_fraction",),
+                             f"{self.scale_down_delay_fraction:g} must be below delay_trigger_fraction "
+                             f"({self.delay_trigger_fraction:g})")
+        if self.arrival_window_s <= self.metrics_period_s:
+            raise FieldError(("arrival_window_s",),
+                             f"{self.arrival_window_s:g} must be over metrics_period_s ({self.metrics_period_s:g}): "
+                             "a rate needs two reports")
+        return self
+
+
 class ReplicasConfig(_Strict):
-    num_replicas: int = Field(default=1, ge=1)
+    num_replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS_LIMIT,
+                              description="engine replicas (with autoscaling: how many Serve starts; default "
+                                          "autoscaling.min_replicas)")
     gpus_per_replica: float = Field(default=0.0, ge=0, description="0 = CPU replicas")
     cpus_per_replica: float = Field(default=1.0, ge=0, description="Ray CPUs reserved per replica")
     max_ongoing_requests: int = Field(default=256, ge=1,
                                       description="per replica (Serve's default of 5 starves an LLM replica)")
+    autoscaling: ReplicaAutoscalingConfig | None = Field(
+        default=None, description="scale the replicas on the tiers' SLOs between min_replicas and max_replicas "
+                                  "(none: always num_replicas)")
+
+    @model_validator(mode="after")
+    def _check(self) -> ReplicasConfig:
+        a = self.autoscaling
+        if a is not None and "num_replicas" in self.model_fields_set \
+                and not a.min_replicas <= self.num_replicas <= a.max_replicas:
+            raise FieldError(("num_replicas",), f"{self.num_replicas} is outside the autoscaling bounds: "
+                                                f"autoscaling.min_replicas ({a.min_replicas}) <= num_replicas <= "
+                                                f"autoscaling.max_replicas ({a.max_replicas})")
+        return self
+
+    @property
+    def initial_count(self) -> int:
+        """The replicas Serve starts (``num_replicas``; with autoscaling and no ``num_replicas``
+        given, ``autoscaling.min_replicas``)."""
+        if self.autoscaling is not None and "num_replicas" not in self.model_fields_set:
+            return self.autoscaling.min_replicas
+        return self.num_replicas
+
+    @property
+    def min_count(self) -> int:
+        return self.autoscaling.min_replicas if self.autoscaling is not None else self.num_replicas
+
+    @property
+    def max_count(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
 
 
 class SimEngineConfig(_Strict):

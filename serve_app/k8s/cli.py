@@ -40,6 +40,12 @@ MANIFESTS: dict[str, list[str]] = {
         "render", "--config", "serve_app/configs/vllm-gpu.yaml", "--image", "tiered-llm-serve:0.1.0-gpu",
         "--name", "tiered-llm", "--hf-token-secret", "hf-token",
     ],
+    # the replicas scale on the tiers' SLOs (serve_app.ray_autoscaling) between 1 and 4 GPU pods
+    "k8s/rayservice-gpu-autoscaling.yaml": [
+        "render", "--config", "serve_app/configs/vllm-gpu.yaml", "--image", "tiered-llm-serve:0.1.0-gpu",
+        "--name", "tiered-llm", "--hf-token-secret", "hf-token",
+        "--set", "replicas.autoscaling={min_replicas: 1, max_replicas: 4, startup_s: 180}",
+    ],
     "k8s/rayservice-gpu-pvc.yaml": [
         "render", "--config", "serve_app/configs/vllm-gpu.yaml", "--image", "tiered-llm-serve:0.1.0-gpu",
         "--name", "tiered-llm", "--model-pvc", "tiered-llm-models", "--api-keys", "file",

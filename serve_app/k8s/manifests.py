@@ -56,10 +56,11 @@ APP_LABEL_VALUE = "tiered-llm-serve"
 
 def termination_grace_period_s(config: AppConfig) -> int:
     """Kubernetes' grace period for a pod: Serve's graceful shutdown of the replicas
-    (`serve_app.app.graceful_shutdown_timeout_s`) and 15 s more for Ray to stop."""
-    from serve_app.app import graceful_shutdown_timeout_s
+    (`serve_app.app.replica_graceful_shutdown_timeout_s`, the longest of the deployments': with
+    autoscaling, a removed replica's drain) and 15 s more for Ray to stop."""
+    from serve_app.app import replica_graceful_shutdown_timeout_s
 
-    return math.ceil(graceful_shutdown_timeout_s(config) + 15)
+    return math.ceil(replica_graceful_shutdown_timeout_s(config) + 15)
 
 
 def serve_config(config: AppConfig, runtime_env: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -126,20 +127,27 @@ def _layout(config: AppConfig, opts: RayServiceOptions) -> _Layout:
         if ray_cpus < r.cpus_per_replica:
             raise RenderError(f"--worker-ray-cpus {ray_cpus} is less than replicas.cpus_per_replica "
                               f"{r.cpus_per_replica}: no replica would fit on a worker")
-        workers = opts.workers if opts.workers is not None else r.num_replicas   # one replica per pod
+
+        def pods(replicas: int) -> int:
+            return replicas  # one replica per pod
+
         worker_cpu = opts.worker_cpu or _quantity(ray_cpus + 1)                  # + raylet, proxy, agent
         worker_limit, worker_memory, head_cpu, head_limit, head_memory, shm = worker_cpu, "48Gi", "2", "2", "8Gi", "8Gi"
     else:
         gpus = 0
         ray_cpus = opts.worker_ray_cpus if opts.worker_ray_cpus is not None else 2
-        need = r.num_replicas * r.cpus_per_replica
-        workers = opts.workers if opts.workers is not None else max(1, math.ceil(need / max(ray_cpus, 1)))
+
+        def pods(replicas: int) -> int:
+            return max(1, math.ceil(replicas * r.cpus_per_replica / max(ray_cpus, 1)))
+
         # small requests (a kind/minikube laptop), limits that let Ray use its CPUs when they are free
         worker_cpu = opts.worker_cpu or "500m"
         worker_limit = opts.worker_cpu or str(ray_cpus)
         worker_memory, head_cpu, head_limit, head_memory, shm = "2Gi", "500m", "1", "3Gi", None
-    lo = opts.min_workers if opts.min_workers is not None else workers
-    hi = opts.max_workers if opts.max_workers is not None else max(workers, lo)
+    # the worker group follows the replicas: their autoscaling bounds, when set, bound the pods
+    workers = opts.workers if opts.workers is not None else pods(r.initial_count)
+    lo = opts.min_workers if opts.min_workers is not None else min(workers, pods(r.min_count))
+    hi = opts.max_workers if opts.max_workers is not None else max(workers, lo, pods(r.max_count))
     if not 0 <= lo <= workers <= hi:
         raise RenderError(f"worker bounds must satisfy 0 <= min ({lo}) <= workers ({workers}) <= max ({hi})")
     return _Layout(gpu=gpu, gpus_per_pod=gpus, workers=workers, min_workers=lo, max_workers=hi,

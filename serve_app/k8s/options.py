@@ -130,10 +130,11 @@ def resolve_config(config_path: str | Path,
         eng = raw.get("engine") if isinstance(raw, dict) else None
         if not (isinstance(eng, dict) and eng.get("backend") == "vllm" and "engine.model" not in sets):
             raise
+        # with a placeholder model: any other mistake in the config is reported as itself
+        base = load_config(config_path, overrides={**sets, "engine.model": f"{MODELS_ROOT}/unset"}, environ={})
         if not (opts.model_dir or opts.hf_repo):
             raise RenderError("engine.model has no value without the environment: give --model-dir (PVC) or "
                               "--hf-repo (Hub download), or --set engine.model=...") from None
-        base = load_config(config_path, overrides={**sets, "engine.model": f"{MODELS_ROOT}/unset"}, environ={})
     if isinstance(base.engine, VLLMEngineConfig) and "engine.model" not in sets:
         path = model_path(base, opts)
         opts = replace(opts, model_dir=PurePosixPath(path).name,

@@ -209,7 +209,13 @@ def test_deployments_are_what_build_app_sets(path):
     config = k8s.app_config_from_serve_args(app["args"])
     deps = {d["name"]: d for d in app["deployments"]}
     replica, ingress = deps["LLMReplica"], deps["Ingress"]
-    assert replica["num_replicas"] == config.replicas.num_replicas
+    if config.replicas.autoscaling is not None:
+        from serve_app.ray_autoscaling import replica_autoscaling_config
+
+        assert "num_replicas" not in replica
+        assert replica["autoscaling_config"] == replica_autoscaling_config(config)
+    else:
+        assert replica["num_replicas"] == config.replicas.num_replicas and "autoscaling_config" not in replica
     assert replica["max_ongoing_requests"] == config.replicas.max_ongoing_requests
     assert replica["ray_actor_options"]["num_cpus"] == config.replicas.cpus_per_replica
     assert replica["ray_actor_options"].get("num_gpus", 0) == config.replicas.gpus_per_replica
@@ -469,3 +475,30 @@ def test_headers_name_the_command_and_no_local_paths():
         text = (REPO / path).read_text(encoding="utf-8")
         assert text.startswith("# Generated")
         assert str(REPO) not in text and not re.search(r"/(home|tmp|work)/", text)
+
+
+@pytest.mark.parametrize("autoscaling,pods", [
+    ("{min_replicas: 2, max_replicas: 6}", (2, 2, 6)),  # the config's num_replicas (1) is below: refused
+    ("{min_replicas: 1, max_replicas: 4, startup_s: 180}", (1, 1, 4)),
+])
+def test_replica_autoscaling_renders_the_policy_and_bounds_the_gpu_pods(autoscaling, pods):
+    argv = ["render", "--config", "serve_app/configs/vllm-gpu.yaml", "--image", "img:1", "--hf-token-secret", "hf",
+            "--set", f"replicas.autoscaling={autoscaling}"]
+    if pods[0] > 1:
+        with pytest.raises(Exception, match="outside the autoscaling bounds"):
+            k8s.render(argv, base=REPO)
+        argv += ["--set", f"replicas.num_replicas={pods[1]}"]
+    _, text = k8s.render(argv, base=REPO)
+    [obj] = [d for d in yaml.safe_load_all(text) if d]
+    assert ks.validate_any(obj) == []
+    rc_ = obj["spec"]["rayClusterConfig"]
+    [group] = rc_["workerGroupSpecs"]
+    assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == pods  # one GPU replica per pod
+    assert rc_["enableInTreeAutoscaling"] is True
+    deps = {d["name"]: d for d in _serve(obj)["applications"][0]["deployments"]}
+    auto = deps["LLMReplica"]["autoscaling_config"]
+    assert "num_replicas" not in deps["LLMReplica"]
+    assert (auto["min_replicas"], auto["max_replicas"]) == (pods[0], pods[2])
+    assert auto["policy"]["policy_function"] == "serve_app.ray_autoscaling:TierAwareServePolicy"
+    # the pods outlive a scale-down's drain (replicas.autoscaling.drain_timeout_s, 600 s by default)
+    assert group["template"]["spec"]["terminationGracePeriodSeconds"] >= 600

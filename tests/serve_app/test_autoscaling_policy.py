@@ -258,8 +258,8 @@ def test_no_scale_down_below_min_replicas():
 
 @pytest.mark.parametrize("cfg,match", [
     ({"min_replicas": 3, "max_replicas": 2}, "is over max_replicas"),
-    ({"min_replicas": 2, "max_replicas": 4, "initial_replicas": 5}, "outside the bounds"),
-    ({"min_replicas": 2, "max_replicas": 4, "initial_replicas": 1}, "outside the bounds"),
+    ({"metrics_period_s": 2.0, "arrival_window_s": 2.0}, "must be over metrics_period_s"),
+    ({"metrics_period_s": 5.0}, "less than or equal to 4"),
     ({"target_utilization": 0.6, "scale_down_utilization": 0.6}, "must be below target_utilization"),
     ({"target_utilization": 1.2}, "less than or equal to 1"),
     ({"scale_down_utilization": 0}, "greater than 0"),
@@ -273,10 +273,9 @@ def test_config_validation_errors(cfg, match):
         ReplicaAutoscalingConfig(**cfg)
 
 
-def test_config_defaults_and_initial_count():
+def test_config_defaults():
     cfg = ReplicaAutoscalingConfig(min_replicas=2, max_replicas=8)
-    assert (cfg.initial_count, cfg.startup_s, cfg.target_utilization) == (2, 120.0, 0.7)
-    assert ReplicaAutoscalingConfig(min_replicas=2, max_replicas=8, initial_replicas=5).initial_count == 5
+    assert (cfg.startup_s, cfg.target_utilization, cfg.drain_timeout_s) == (120.0, 0.7, 600.0)
 
 
 def test_scale_down_delay_bound_must_be_below_the_derived_trigger():
