@@ -127,7 +127,7 @@ if __name__ == "__main__":  # python -m serve_app
         sys.exit(0)
     local_only()  # Ray's local-only switch before anything imports Ray
 
-from serve_app.app import build_app  # noqa: E402 (imports Ray)
+from serve_app.app import build_app, cli_value  # noqa: E402 (imports Ray)
 from serve_app.auth import KeyConfigError, hashed_env_keys  # noqa: E402
 from serve_app.config import DEFAULT_CONFIG_PATH, AppConfig, load_config  # noqa: E402
 from serve_app.ray_auth import existing_token, private_token, require_enabled, require_token_mode  # noqa: E402
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         raise SystemExit(f"python -m serve_app: {e}") from None
     app = build_app(args)  # validates the config before anything starts
-    overrides = {k: v for k, v in args.items() if "." in k}
+    overrides = {k: cli_value(v) for k, v in args.items() if "." in k}  # as build_app reads them (YAML)
     config = load_config(args.get("config") or DEFAULT_CONFIG_PATH, overrides=overrides)
     http = config.http
     key_overrides = hash_env_keys(config)  # the keys' digests only, the variable gone (module docstring)

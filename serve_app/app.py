@@ -54,7 +54,7 @@ ROUTER_CLASS = "router.ray_router.TierAwareRouter"
 _ARGS = {"config", "overrides", "max_context_tokens", "ingress_num_cpus"}
 
 
-def _cli_value(value: Any) -> Any:
+def cli_value(value: Any) -> Any:
     """``serve run`` passes every arg as a string: read it as YAML (numbers, booleans, lists)."""
     if isinstance(value, str):
         try:
@@ -73,8 +73,8 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
                          f"{', '.join(sorted(_ARGS))} or dotted config overrides like engine.time_scale=0.05")
     overrides = dict(args.get("overrides") or {})
     if "ingress_num_cpus" in args:  # the older spelling of ingress.num_cpus
-        overrides["ingress.num_cpus"] = _cli_value(args["ingress_num_cpus"])
-    overrides.update({k: _cli_value(v) for k, v in args.items() if "." in k})
+        overrides["ingress.num_cpus"] = cli_value(args["ingress_num_cpus"])
+    overrides.update({k: cli_value(v) for k, v in args.items() if "." in k})
     config = load_config(args.get("config") or DEFAULT_CONFIG_PATH, overrides=overrides)
     ctx = args.get("max_context_tokens")
     return build_app_from_config(config, max_context_tokens=int(ctx) if ctx is not None else None)
