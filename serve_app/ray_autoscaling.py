@@ -30,7 +30,7 @@ them in Serve's ``policy_state``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from replica.autoscaling_stats import ARRIVED, FB, INT_FIELDS, SCALAR_FIELDS, TIER_FIELDS
@@ -82,17 +82,12 @@ def feedback_from_stats(replica_id: str, values: Mapping[str, float]) -> Replica
         return None
 
 
-def _points(series: Iterable[Any]) -> list[tuple[float, float]]:
-    """A Serve time series (``TimeStampedValue`` s, or (t, v) pairs) as sorted (t, v)."""
-    pts = []
-    for p in series:
-        t, v = (p.timestamp, p.value) if hasattr(p, "timestamp") else p
-        pts.append((float(t), float(v)))
-    pts.sort()
-    return pts
+def _point(p: Any) -> tuple[float, float]:
+    """A Serve time series point (``TimeStampedValue``, or a (t, v) pair) as (t, v)."""
+    return (float(p.timestamp), float(p.value)) if hasattr(p, "timestamp") else (float(p[0]), float(p[1]))
 
 
-def arrivals_from_series(raw: Mapping[str, Mapping[Any, Iterable[Any]]]) -> ArrivalStats:
+def arrivals_from_series(raw: Mapping[str, Mapping[Any, Sequence[Any]]]) -> ArrivalStats:
     """Per-tier arrival rates from the replicas' cumulative counters over Serve's window: each
     replica's rise over its series' span, summed over the replicas (a replica with a single
     report adds nothing yet); the mean prompt tokens, the tokens' rise over the requests'."""
@@ -105,22 +100,23 @@ def arrivals_from_series(raw: Mapping[str, Mapping[Any, Iterable[Any]]]) -> Arri
         if what not in ("requests", "prompt_tokens") or not tier:
             continue
         total = 0.0
-        for series in by_replica.values():
-            pts = _points(series)
-            if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
+        for series in by_replica.values():  # Serve keeps each series in time order (bisect.insort)
+            if len(series) < 2:
                 continue
-            total += max(0.0, pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
+            (t0, v0), (t1, v1) = _point(series[0]), _point(series[-1])
+            if t1 > t0:
+                total += max(0.0, v1 - v0) / (t1 - t0)
         (rate if what == "requests" else tokens_rate)[tier] = total
     return ArrivalStats({t: TierArrivals(r, tokens_rate.get(t, 0.0) / r if r > 0 else 0.0) for t, r in rate.items()})
 
 
-def latest_values(raw: Mapping[str, Mapping[Any, Iterable[Any]]], replica: Any) -> dict[str, float]:
+def latest_values(raw: Mapping[str, Mapping[Any, Sequence[Any]]], replica: Any) -> dict[str, float]:
     """One replica's latest reported value of every metric."""
     out = {}
     for key, by_replica in raw.items():
         series = by_replica.get(replica)
         if series:
-            out[key] = _points(series)[-1][1]
+            out[key] = _point(series[-1])[1]
     return out
 
 
@@ -135,23 +131,33 @@ class TierAwareServePolicy:
                                           ReplicaAutoscalingConfig.model_validate(dict(autoscaling)),
                                           AdmissionConfig.model_validate(dict(admission or {})),
                                           token_budget=token_budget)
+        self.period_s = self.scaler.config.metrics_period_s
         self._last_target: int | None = None
+        self._last_decision_s = -float("inf")
+        self._last_counts: tuple[int, int] | None = None
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        """Serve calls it every control loop (0.1 s); a new decision is made once per
+        ``metrics_period_s`` (the replicas report no faster) or when the replica counts changed,
+        else the last target stands."""
+        running = int(ctx.current_num_replicas)
+        starting = max(0, int(ctx.target_num_replicas) - running)
+        now_s = ctx.current_time
+        if (self._last_target is not None and now_s - self._last_decision_s < self.period_s
+                and self._last_counts == (running, starting)):
+            return self._last_target, dict(ctx.policy_state or {})
+        self._last_decision_s, self._last_counts = now_s, (running, starting)
         raw = ctx.raw_metrics or {}
         feedback = []
         for replica in ctx.running_replicas:
             fb = feedback_from_stats(_replica_name(replica), latest_values(raw, replica))
             if fb is not None:
                 feedback.append(fb)
-        running = int(ctx.current_num_replicas)
-        starting = max(0, int(ctx.target_num_replicas) - running)
-        now_s = ctx.current_time
         decision = self.scaler.decide(now_s, feedback, arrivals_from_series(raw), running, starting)
-        if decision.target_replicas != self._last_target:
+        if decision.target_replicas != (self._last_target if self._last_target is not None else running + starting):
             logger.info("autoscaling %s: %d -> %d replicas (%s): %s", ctx.deployment_name, running + starting,
                         decision.target_replicas, decision.reason, decision.message)
-            self._last_target = decision.target_replicas
+        self._last_target = decision.target_replicas
         state = dict(ctx.policy_state or {})
         state.update({"tiered_reason": decision.reason, "tiered_message": decision.message,
                       "tiered_target": decision.target_replicas})

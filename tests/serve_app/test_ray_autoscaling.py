@@ -201,3 +201,16 @@ def test_a_scaled_down_replica_drains_for_drain_timeout_s():
 def test_the_policy_kwargs_hold_no_keys():
     cfg = AppConfig.model_validate({"api_keys": {"hashes": {"a" * 64: "free"}}, "replicas": {"autoscaling": AUTOSCALING}})
     assert set(policy_config(cfg)) == {"tiers", "admission", "autoscaling", "token_budget"}
+
+
+def test_the_policy_decides_once_per_metrics_period_unless_the_counts_change():
+    p = policy(metrics_period_s=1.0)
+    calls = []
+    decide = p.scaler.decide
+    p.scaler.decide = lambda *a, **k: calls.append(a[0]) or decide(*a, **k)  # type: ignore[method-assign]
+    raw = reported("a", snapshot("a"), ArrivalCounter(), T0)
+    for dt in (0.0, 0.1, 0.5, 0.9):  # Serve's control loop calls it every 0.1 s
+        p(context(raw, ["a"], 1, now=T0 + dt))
+    p(context(raw, ["a"], 2, now=T0 + 0.95))  # a replica asked for elsewhere: the counts changed
+    p(context(raw, ["a"], 2, now=T0 + 1.96))
+    assert calls == [T0, T0 + 0.95, T0 + 1.96]
