@@ -9,7 +9,9 @@ from typing import Any
 
 __all__ = ["ARRIVED", "FB", "INT_FIELDS", "SCALAR_FIELDS", "TIER_FIELDS", "ArrivalCounter", "autoscaling_stats"]
 
-FB = "feedback/"  # a snapshot field: feedback/<field>, feedback/decodes/<tier>, feedback/tier/<tier>/<field>
+# a snapshot field: feedback/<field>, feedback/decodes/<tier>, feedback/tier/<tier>/<field>, and the
+# waiting prompts' histogram as feedback/histogram/<bin's lower edge> = count
+FB = "feedback/"
 ARRIVED = "arrived/"  # arrived/<tier>/requests, arrived/<tier>/prompt_tokens (cumulative counters)
 SCALAR_FIELDS = ("timestamp_s", "num_waiting", "num_running", "waiting_prefill_tokens", "kv_usage",
                  "mean_batch_time_s")
@@ -48,6 +50,10 @@ def autoscaling_stats(snapshot: Mapping[str, Any], arrivals: ArrivalCounter) -> 
             out[FB + name] = float(v)
     for tier, n in (snapshot.get("running_decodes_by_tier") or {}).items():
         out[f"{FB}decodes/{tier}"] = float(n)
+    hist = snapshot.get("waiting_prompt_histogram")
+    if hist:
+        for edge, count in zip(hist["edges"], hist["counts"]):
+            out[f"{FB}histogram/{int(edge)}"] = float(count)
     for tier, fields in (snapshot.get("tiers") or {}).items():
         for name in TIER_FIELDS:
             v = fields.get(name)

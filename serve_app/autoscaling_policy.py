@@ -13,11 +13,15 @@ them).  The Ray Serve adapter (`serve_app.ray_autoscaling`: Serve's custom autos
 the cluster simulator both call it; it only decides, they apply.
 
 The cluster's state is admission's (`AdmissionPolicy.assess` -> `ClusterLoad`): stale snapshots
-(older than ``admission.max_feedback_age_s``) are ignored, the predicted queueing delay of a new
-prefill D = waiting prefill tokens / cluster prefill rate R and its mean D_w over
-``admission.delay_window_s``, and each tier's health (at risk "tbt": its recent TBT miss fraction
+(older than ``admission.max_feedback_age_s``) are ignored, the cluster prefill rate R, and each
+tier's health (at risk "tbt": its recent TBT miss fraction
 over 1 - ``tbt_quantile``, or a replica's P99 TBT over the SLO; "kv": mean KV use at
-``kv_limit``).  T is the strictest (smallest) TTFT target of the tiers, h = ``startup_s``.
+``kv_limit``).  The predicted queueing delay D of a new request of the arrivals' mean prompt
+length p: the waiting prefill tokens of prompts no longer than p (the snapshots' histograms) over
+R, since the replicas run shortest-prompt-first (SLAI, as the SLO router assumes); admission's own
+D counts every waiting token, which for a long prompt waiting alone is its own prefill time, not a
+queue.  D_w: D's mean over ``admission.delay_window_s``.  T is the strictest (smallest) TTFT
+target of the tiers, h = ``startup_s``.
 
 Capacity (the SLO router's prefill-rate model, `router.policies.slo.SLOPolicy`, which admission
 prices R with).  A replica prefills c = max(B - d, m B) / b tokens/s, B the token budget per batch,
@@ -237,10 +241,19 @@ class TierAwareAutoscaler:
         fbs = list(feedback)
         self._tbt.add(fbs)
         self._tbt.forget(fb.replica_id for fb in fbs)
-        load = self._admission.assess(fbs, None, now_s=now_s, history=self._tbt, delays=self._delays,
-                                      num_replicas=n_run)
+        load = self._admission.assess(fbs, None, now_s=now_s, history=self._tbt, num_replicas=n_run)
         fresh = self._admission.fresh(fbs, now_s)
-        delay, delay_mean = load.queue_delay_s, load.queue_delay_mean_s or 0.0
+        # the queueing delay of a new request of the arrivals' mean prompt length, under the
+        # replicas' shortest-prompt-first order: the waiting prompts no longer than it, at the
+        # cluster's prefill rate (all of them when nothing has arrived or a snapshot has no
+        # histogram); a long prompt waiting behind no one is its own service time, not a queue
+        typical = arrivals.prefill_tps / arrivals.rate_rps if arrivals.rate_rps > 0 else None
+        if typical is None:
+            delay = load.queue_delay_s
+        else:
+            delay = sum(fb.waiting_tokens_at_most(int(typical)) for fb in fresh) / load.prefill_rate_tps
+        self._delays.add(now_s, delay)
+        delay_mean = self._delays.mean(now_s) or 0.0
 
         # demand: each tier's rate forecast over the start-up time
         self._record_rates(now_s, arrivals)

@@ -62,6 +62,7 @@ def feedback_from_stats(replica_id: str, values: Mapping[str, float]) -> Replica
     snap: dict[str, Any] = {"version": SUPPORTED_SNAPSHOT_VERSION, "replica_id": replica_id}
     decodes: dict[str, int] = {}
     tiers: dict[str, dict[str, float | int]] = {}
+    hist: dict[int, int] = {}
     for key, v in values.items():
         if not key.startswith(FB):
             continue
@@ -72,8 +73,13 @@ def feedback_from_stats(replica_id: str, values: Mapping[str, float]) -> Replica
             decodes[parts[1]] = int(v)
         elif len(parts) == 3 and parts[0] == "tier" and parts[2] in TIER_FIELDS:
             tiers.setdefault(parts[1], {})[parts[2]] = int(v) if parts[2] in INT_FIELDS else float(v)
+        elif len(parts) == 2 and parts[0] == "histogram" and parts[1].isdigit():
+            hist[int(parts[1])] = int(v)
     snap["running_decodes_by_tier"] = decodes
     snap["tiers"] = tiers
+    if hist:
+        edges = sorted(hist)
+        snap["waiting_prompt_histogram"] = {"edges": edges, "counts": [hist[e] for e in edges]}
     try:
         return ReplicaFeedback.from_snapshot(snap)
     except FeedbackError:

@@ -25,11 +25,15 @@ TIERS = [ServingTier(name="premium", tbt_slo_s=0.1, ttft_target_s=0.5, rank=0, s
 TRIGGER_S = 0.125
 
 
-def snap(rid="r0", ts=T0, waiting=0, kv=0.1, batch=BATCH_S, tiers=None, decodes=None) -> ReplicaFeedback:
-    return ReplicaFeedback.from_snapshot({
-        "version": 1, "replica_id": rid, "timestamp_s": ts, "waiting_prefill_tokens": waiting,
-        "num_waiting": 1 if waiting else 0, "num_running": 0, "kv_usage": kv, "mean_batch_time_s": batch,
-        "running_decodes_by_tier": decodes or {}, "tiers": tiers or {}})
+def snap(rid="r0", ts=T0, waiting=0, kv=0.1, batch=BATCH_S, tiers=None, decodes=None,
+         histogram=None) -> ReplicaFeedback:
+    """``histogram``: the waiting prompts' (edges, counts), as `replica.slo` reports them."""
+    s = {"version": 1, "replica_id": rid, "timestamp_s": ts, "waiting_prefill_tokens": waiting,
+         "num_waiting": 1 if waiting else 0, "num_running": 0, "kv_usage": kv, "mean_batch_time_s": batch,
+         "running_decodes_by_tier": decodes or {}, "tiers": tiers or {}}
+    if histogram is not None:
+        s["waiting_prompt_histogram"] = {"edges": histogram[0], "counts": histogram[1]}
+    return ReplicaFeedback.from_snapshot(s)
 
 
 def fleet(n, ts=T0, **kw) -> list[ReplicaFeedback]:
@@ -129,6 +133,26 @@ def test_sustained_queue_delay_adds_a_replica():
         if d.target_replicas > 2:
             break
     assert (d.target_replicas, d.reason) == (3, "queue_delay")
+
+
+EDGES = [0, 256, 1024, 4096]
+
+
+@pytest.mark.parametrize("histogram,scales", [
+    (([*EDGES], [0, 0, 0, 1]), False),  # one long prompt alone: it waits behind no one, its own prefill
+    (([*EDGES], [0, 8, 0, 0]), True),  # prompts of 256-1,023 tokens: a new one of the mean length queues behind them
+    (None, True),  # no histogram: every waiting token counts as ahead
+], ids=["one-long-prompt", "prompts-like-the-arrivals", "no-histogram"])
+def test_the_queue_delay_counts_the_prompts_a_new_request_waits_behind(histogram, scales):
+    # shortest prompt first: a new request of the arrivals' mean prompt (1,000 tokens) waits only
+    # for the waiting prompts no longer than it
+    s = scaler()
+    waiting = int(0.2 * RATE)  # all waiting tokens: D = 0.2 s on each of the 2 replicas, over the trigger
+    for k in range(5):
+        d = s.decide(T0 + k, fleet(2, T0 + k, waiting=waiting, histogram=histogram), load(0.1 * RATE), 2)
+        if d.target_replicas > 2:
+            break
+    assert (d.reason == "queue_delay") == scales, d.details
 
 
 def test_momentary_queue_burst_does_not_add_a_replica():

@@ -30,6 +30,7 @@ def snapshot(rid: str = "r0", ts: float = T0, **fields) -> dict:
     snap = {"version": 1, "replica_id": rid, "timestamp_s": ts, "num_waiting": 2, "num_running": 5,
             "waiting_prefill_tokens": 1500, "running_decodes_by_tier": {"premium": 1, "free": 4},
             "kv_usage": 0.25, "mean_batch_time_s": 0.05,
+            "waiting_prompt_histogram": {"edges": [0, 128, 512, 2048], "counts": [0, 1, 0, 1]},
             "tiers": {"premium": {"ttft_p99_s": 0.3, "tbt_p99_s": 0.08, "tbt_miss_frac": 0.0, "tbt_misses_total": 1,
                                   "tokens_total": 400, "ttft_misses_total": 0, "ttft_p50_s": None},
                       "free": {"tbt_p99_s": 0.2, "tbt_miss_frac": 0.01, "tokens_total": 900}}}
@@ -68,6 +69,8 @@ def test_the_feedback_a_replica_reports_reads_back_as_its_snapshot():
     assert (fb.kv_usage, fb.mean_batch_time_s) == (0.25, 0.05)
     assert fb.tiers["premium"].tbt_p99_s == 0.08 and fb.tiers["premium"].tbt_misses_total == 1
     assert fb.tiers["premium"].ttft_p50_s is None and fb.tiers["free"].tokens_total == 900
+    assert fb.waiting_prompt_histogram.edges == (0, 128, 512, 2048)
+    assert fb.waiting_prompt_histogram.counts == (0, 1, 0, 1)
 
 
 def test_a_real_tracker_snapshot_survives_the_round_trip():
