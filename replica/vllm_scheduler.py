@@ -478,7 +478,9 @@ class PolicySchedulerMixin:
                 self.waiting.prepend_request(vreq)
         pinned = self._pin_planned_hits(plan) if admitted and self.prefix_view is not None else []
         self.running = step_running
-        self.max_num_scheduled_tokens = min(plan.num_tokens, self.configured_max_tokens)
+        # plan.num_tokens, without its two property calls on a decode-only plan
+        num_tokens = len(plan.decodes) + (plan.num_prefill_tokens if prefills else 0)
+        self.max_num_scheduled_tokens = min(num_tokens, self.configured_max_tokens)
         try:
             out = super().schedule(*args, **kwargs)
         finally:

@@ -126,13 +126,13 @@ class PlanBuilder:
                  "prefix")
 
     def __init__(self, state: EngineState, token_budget: int, max_active: int, max_decodes: int) -> None:
-        self.kv = state.kv
+        self.kv = kv = state.kv
         self.plan = BatchPlan()
         self.num_tokens = 0
         self.token_budget = token_budget
         self.max_active = max_active
         self.max_decodes = max_decodes
-        self.free_blocks = state.kv.num_free_blocks
+        self.free_blocks = kv.num_blocks - kv.num_used_blocks  # KVCache.num_free_blocks, inlined
         self.num_active = len(state.running)
         self.prefix = state.prefix
 
@@ -167,11 +167,7 @@ class PlanBuilder:
     def add_decodes_if_no_preemption(self, reqs: list[Request]) -> bool:
         """Fast path: schedule all of `reqs` as decodes if their new KV blocks fit without any
         preemption (the same outcome `add_decode` would reach one by one); else add nothing."""
-        bs = self.kv.block_size
-        need = 0
-        for r in reqs:  # the decodes whose next token starts a new block
-            if r.prompt_len + r.num_output_tokens > r.num_blocks * bs:
-                need += 1
+        need = self.kv.new_blocks_for_decodes(reqs)
         if need > self.free_blocks:
             return False
         self.free_blocks -= need

@@ -63,7 +63,12 @@ class BatchPlan:
         """Record `ran_shape` (and return it): the mechanism calls this when it starts the
         iteration, once its admissions hold their cached prefix and before it advances any
         request's progress."""
-        self.ran_shape = shape = self.shape()
+        decodes = self.decodes
+        if self.prefills:
+            shape = self.shape()
+        else:  # a decode-only plan's `shape()`, inlined (the usual iteration)
+            shape = BatchShape(0, 0, 0, len(decodes), sum(map(_num_computed, decodes)))
+        self.ran_shape = shape
         return shape
 
     def summary(self) -> dict:

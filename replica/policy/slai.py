@@ -50,17 +50,22 @@ class SLAIPolicy(SchedulingPolicy):
         self.num_batches = 0
         self.theta = config.theta_low if config.dynamic_theta else config.theta_fixed
         self._offset_s = 0.0
+        # whether `on_batch_end` may run SLAI's own learning inline (a variant that overrides a
+        # hook of it goes through `on_batches_end`)
+        cls = type(self)
+        self._inline_batch_end = all(getattr(cls, hook) is getattr(SLAIPolicy, hook) for hook in (
+            "on_batches_end", "record_batch_times", "current_theta", "offset_s", "next_token_lst_s"))
 
     def schedule(self, state: EngineState) -> BatchPlan:
         cfg = self.config
         now = state.now_s
-        b = PlanBuilder(state, self.token_budget_for(state), cfg.max_active_requests, cfg.max_decodes)
+        budget = self.token_budget_for(state)
         critical: list[Request] = []
         non_critical: list[Request] = []
-        prefilling: list[Request] = []
+        victims: list[Request] = []  # started prefills not yet in this batch, newest last
         if self.decodes_all_critical(state):
             now = INF
-        add_prefilling, add_critical, add_non_critical = prefilling.append, critical.append, non_critical.append
+        add_prefilling, add_critical, add_non_critical = victims.append, critical.append, non_critical.append
         for r in state.running:  # inlined Request.is_prefill (hot loop)
             if r.num_output_tokens == 0 or r.prompt_len + r.num_output_tokens - r.num_computed_tokens > 1:
                 add_prefilling(r)
@@ -68,28 +73,42 @@ class SLAIPolicy(SchedulingPolicy):
                 add_critical(r)
             else:
                 add_non_critical(r)
-        victims = list(prefilling)  # started prefills not yet in this batch, newest last
 
-        # 1. critical decodes, earliest LST first
-        sort_by_lst(critical)
-        if not (
-            len(critical) <= min(b.budget_left, cfg.max_decodes)
-            and b.add_decodes_if_no_preemption(critical)
-        ):
-            for r in critical:
-                if b.budget_left <= 0 or not b.decode_room:
-                    break
-                b.add_decode(r, victims)
-        b.plan.num_critical_decodes = len(b.plan.decodes)
+        # The usual decode step: nothing waits, no prefill runs, no decode is critical.  If every
+        # decode fits (budget, decode cap, KV blocks), the plan is all of them, earliest LST
+        # first: what steps 1-4 below give, without building it.
+        if not (critical or victims or state.waiting):
+            k = len(non_critical)
+            if k <= budget and k <= cfg.max_decodes:
+                sort_by_lst(non_critical)
+                kv = state.kv
+                if kv.new_blocks_for_decodes(non_critical) <= kv.num_blocks - kv.num_used_blocks:
+                    return BatchPlan(non_critical)
 
-        # 2 and 3. started prefills, then new ones
-        victims = self.schedule_prefills(state, b, victims)
+        b = PlanBuilder(state, budget, cfg.max_active_requests, cfg.max_decodes)
+        # 1. critical decodes, earliest LST first (none: the usual decode step, nothing to do)
+        if critical:
+            sort_by_lst(critical)
+            if not (
+                len(critical) <= min(b.token_budget - b.num_tokens, cfg.max_decodes)
+                and b.add_decodes_if_no_preemption(critical)
+            ):
+                for r in critical:
+                    if b.budget_left <= 0 or not b.decode_room:
+                        break
+                    b.add_decode(r, victims)
+            b.plan.num_critical_decodes = len(b.plan.decodes)
+
+        # 2 and 3. started prefills, then new ones (none started and none waiting: nothing to do,
+        # the usual decode step)
+        if victims or state.waiting:
+            victims = self.schedule_prefills(state, b, victims)
 
         # 4. non-critical decodes, earliest LST first, in the budget left (sorted only if any fit)
-        k = min(len(non_critical), b.budget_left, cfg.max_decodes - len(b.plan.decodes))
+        k = min(len(non_critical), b.token_budget - b.num_tokens, cfg.max_decodes - len(b.plan.decodes))
         if k > 0:
             sort_by_lst(non_critical)
-            if not b.add_decodes_if_no_preemption(non_critical[:k]):
+            if not b.add_decodes_if_no_preemption(non_critical if k == len(non_critical) else non_critical[:k]):
                 for r in non_critical:
                     if b.budget_left <= 0 or not b.decode_room:
                         break
@@ -153,7 +172,30 @@ class SLAIPolicy(SchedulingPolicy):
     def on_batch_end(
         self, state: EngineState, plan: BatchPlan, batch_start_s: float, batch_end_s: float
     ) -> None:
-        self.on_batches_end(state, plan, [batch_start_s], [batch_end_s])
+        if not self._inline_batch_end:
+            self.on_batches_end(state, plan, [batch_start_s], [batch_end_s])
+            return
+        # `on_batches_end` of one batch with SLAI's own hooks (`record_batch_times`,
+        # `current_theta`, `offset_s`, `next_token_lst_s`) folded into one pass: the same
+        # arithmetic in the same order, so the same numbers to the last bit (this runs once per
+        # iteration in every mechanism)
+        cfg = self.config
+        n = self.num_batches = self.num_batches + 1
+        mean = self.mean_batch_time_s
+        mean = self.mean_batch_time_s = mean + (batch_end_s - batch_start_s - mean) / n
+        if not cfg.dynamic_theta:
+            theta = cfg.theta_fixed
+        else:
+            kv = state.kv  # KVCache.usage, inlined
+            theta = cfg.theta_high if kv.num_used_blocks / kv.num_blocks >= cfg.theta_kv_threshold else cfg.theta_low
+        self.theta = theta
+        offset = self._offset_s = theta * mean
+        for r in plan.decodes:
+            if not r.is_finished and r.num_blocks:
+                r.lst_s = batch_end_s + r.tbt_slo_s - offset
+        for r, _ in plan.prefills:
+            if not r.is_finished and r.num_blocks and not r.is_prefill:
+                r.lst_s = batch_end_s + r.tbt_slo_s - offset
 
     def on_batches_end(
         self, state: EngineState, plan: BatchPlan, starts_s: list[float], ends_s: list[float]

@@ -60,6 +60,7 @@ from operator import attrgetter
 
 from replica.policy.base import PlanBuilder
 from replica.policy.config import SchedulerConfig
+from replica.policy.plan import BatchPlan
 from replica.policy.slai_plus import SLAIPlusPolicy, fits_in, running_load
 from replica.policy.state import INF, EngineState, Request
 
@@ -79,6 +80,10 @@ class SLAINextPolicy(SLAIPlusPolicy):
         self.last_skipped: list[Request] = []  # started prefills the last plan left out (tests, logs)
 
     # --- the iteration: SLAI's, with this prefill step ----------------------------------------
+    def schedule(self, state: EngineState) -> BatchPlan:
+        self.last_skipped = []  # `schedule_prefills` sets it (SLAI skips it with nothing to prefill)
+        return super().schedule(state)
+
     def schedule_prefills(self, state: EngineState, b: PlanBuilder, started: list[Request]) -> list[Request]:
         if not self.config.srpf:
             return super().schedule_prefills(state, b, started)

@@ -137,6 +137,16 @@ class KVCache:
         """Blocks `req` must add so that every token it knows has a slot (0 or 1 for a decode)."""
         return max(0, self.blocks_for(req.num_tokens) - req.num_blocks)
 
+    def new_blocks_for_decodes(self, reqs: Sequence[Request]) -> int:
+        """Blocks one decode step of each of ``reqs`` (decodes) adds: one per request whose next
+        token starts a new block."""
+        bs = self.block_size
+        need = 0
+        for r in reqs:
+            if r.prompt_len + r.num_output_tokens > r.num_blocks * bs:
+                need += 1
+        return need
+
     # --- mutation, used by mechanisms (the simulator; vLLM's own KV manager in the adapter) ---
     def grow_to(self, req: Request, num_tokens: int) -> None:
         need = self.blocks_for(num_tokens) - req.num_blocks
