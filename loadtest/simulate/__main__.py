@@ -9,6 +9,9 @@
   python -m loadtest.simulate ceiling [--budgets 512,1024] [--results RESULTS.json] [--json PATH] ...
       the cost model's throughput ceiling per token budget (no simulation), and each scheduler's
       capacities of a paper sweep as a fraction of it (loadtest/simulate/ceiling.py)
+  python -m loadtest.simulate autoscale --policy fixed|ray-default|tier-aware [--workload day|mooncake] [--json PATH]
+      a simulated day (or the Mooncake trace's timestamps) with the replica count fixed or
+      autoscaled: GPU-hours, per-tier SLO attainment, scale events (loadtest/simulate/autoscale.py)
 """
 
 from __future__ import annotations
@@ -269,7 +272,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="a paper sweep's results JSON (same profile, trace, requests, seed, KV blocks): each "
                         "scheduler's capacities as a fraction of the ceiling at its budget")
     e.add_argument("--json", default=None, help="also write the numbers here")
+    s = sub.add_parser("autoscale", help="a day with the replica count fixed or autoscaled (GPU-hours, attainment)")
+    from loadtest.simulate import autoscale
+
+    autoscale.add_args(s)
     a = ap.parse_args(argv)
+    if a.cmd == "autoscale":
+        return autoscale.cli(a)
     if a.cmd == "ceiling":
         return cmd_ceiling(a)
     if a.cmd == "cluster":

@@ -25,6 +25,24 @@ through routing, so every iteration is simulated).
 
 `run_cluster(workload, config)` returns a `ClusterRun` with the fields `loadtest.metrics.summarize`
 reads (the whole cluster as one run) plus per-replica request counts.
+
+Autoscaling (``run_cluster(..., scaler=S)``; without one the replica count is fixed and nothing
+below runs).  ``config.num_replicas`` replicas serve from time 0; every ``S.period_s`` the
+scaler gets a `ScalingView` (the latest delivered snapshot of each routable replica, the
+arrivals per tier over ``S.arrival_window_s``: offered load, counted as requests arrive; the
+ongoing requests of each routable replica; the counts) and returns a `ScaleStep` with the target
+count (running + starting).  The cluster applies it:
+
+* more: new replicas are requested now and serve (are routable, take snapshots) from now +
+  ``S.startup_s``; they count as GPU time from the request;
+* fewer: starting replicas are cancelled first (newest first), then running replicas are
+  drained, the least loaded first (fewest ongoing requests; ties: the newest): a draining
+  replica leaves the routers' view at once (no new request reaches it), finishes every request
+  it holds (nothing is cut or moved), and is gone when it holds none.  At least one replica
+  stays routable.
+
+`ClusterRun.replica_spans` holds each replica's requested / ready / drained / gone times
+(GPU-hours: `gpu_hours`), `scale_events` every applied change with the scaler's reason.
 """
 
 from __future__ import annotations
@@ -32,8 +50,10 @@ from __future__ import annotations
 import heapq
 import random
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -88,12 +108,83 @@ class ClusterConfig(BaseModel):
         return self.profiles[i % len(self.profiles)]
 
 
+@dataclass(frozen=True)
+class ReplicaSpan:
+    """One replica's life in virtual seconds: requested (GPU time starts), ready (routable),
+    drained (left the routers' view; None: never), gone (GPU time ends; None: at the run's end;
+    a cancelled starting replica is gone with no ready time)."""
+
+    replica_id: str
+    requested_s: float
+    ready_s: float | None
+    drained_s: float | None
+    gone_s: float | None
+
+
+@dataclass(frozen=True)
+class ScaleEvent:
+    """One applied change of the target count (running + starting)."""
+
+    time_s: float
+    from_replicas: int
+    to_replicas: int
+    reason: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ScaleStep:
+    """A scaler's answer: the replicas the cluster should have (running + starting)."""
+
+    target: int
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ScalingView:
+    """What a scaler sees at ``now_s``.  ``feedback``: the latest delivered snapshot of each
+    routable replica that has one; ``ongoing``: requests held (running + queued) by each routable
+    replica; ``arrival_rates_rps`` / ``mean_prompt_tokens``: per tier, over the last
+    ``arrival_window_s`` (or since the start, if shorter); ``running`` / ``starting`` /
+    ``draining``: replica counts."""
+
+    now_s: float
+    running: int
+    starting: int
+    draining: int
+    feedback: tuple[ReplicaFeedback, ...]
+    ongoing: dict[str, int]
+    arrival_rates_rps: dict[str, float]
+    mean_prompt_tokens: dict[str, float]
+
+
+class Scaler(Protocol):
+    period_s: float  # decisions this often (virtual s)
+    startup_s: float  # a requested replica serves this long after the request
+    arrival_window_s: float  # the arrival rates of the view are over this long
+
+    def decide(self, view: ScalingView) -> ScaleStep: ...
+
+
+def gpu_hours(spans: Sequence[ReplicaSpan], end_s: float) -> float:
+    """Replica-hours from each replica's request until it is gone (or ``end_s``)."""
+    return sum(max(0.0, min(end_s, s.gone_s if s.gone_s is not None else end_s) - s.requested_s)
+               for s in spans) / 3600.0
+
+
 @dataclass
 class ClusterRun(ReplicaRun):
     router: str = ""
     requests_per_replica: list[int] = field(default_factory=list)
     replica_ids: list[str] = field(default_factory=list)
     replica_of: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # per request
+    replica_spans: list[ReplicaSpan] = field(default_factory=list)
+    scale_events: list[ScaleEvent] = field(default_factory=list)
+
+    @property
+    def gpu_hours(self) -> float:
+        return gpu_hours(self.replica_spans, self.makespan_s)
 
 
 def _routing_context(config: ClusterConfig, workload: Workload, k: int) -> RoutingContext:
@@ -102,24 +193,39 @@ def _routing_context(config: ClusterConfig, workload: Workload, k: int) -> Routi
                           seed=config.seed * 1000 + k)
 
 
+_STARTING, _RUNNING, _DRAINING, _GONE = range(4)
+
+
 class _Replica:
-    def __init__(self, index: int, rid: str, engine: SimEngine, tracker: SLOTracker) -> None:
+    def __init__(self, index: int, rid: str, engine: SimEngine, tracker: SLOTracker, requested_s: float = 0.0,
+                 state: int = _RUNNING) -> None:
         self.index = index
         self.rid = rid
         self.engine = engine
         self.tracker = tracker
         self.busy = False  # an iteration is in flight (its finish event is queued)
         self.num_requests = 0
+        self.in_flight = 0  # requests placed here and not finished
+        self.state = state
+        self.requested_s = requested_s
+        self.ready_s: float | None = requested_s if state == _RUNNING else None
+        self.drained_s: float | None = None
+        self.gone_s: float | None = None
+
+    def span(self) -> ReplicaSpan:
+        return ReplicaSpan(self.rid, self.requested_s, self.ready_s, self.drained_s, self.gone_s)
 
 
 # event kinds, in the order they run when simultaneous: an iteration that ends at t frees its
-# replica before the snapshot at t and before requests arriving at t are routed
-_FINISH, _DELIVER, _TAKE, _ARRIVE, _PLAN = range(5)
+# replica before the snapshot at t and before requests arriving at t are routed; a replica that
+# becomes ready at t is routable for them; a scaling decision at t sees them all
+_FINISH, _DELIVER, _TAKE, _READY, _ARRIVE, _PLAN, _SCALE = range(7)
 
 
 def run_cluster(workload: Workload, config: ClusterConfig,
-                profiles: dict[str, CostProfile] | None = None) -> ClusterRun:
-    """Run every request of `workload` to completion through the cluster."""
+                profiles: dict[str, CostProfile] | None = None, scaler: Scaler | None = None) -> ClusterRun:
+    """Run every request of `workload` to completion through the cluster (``scaler``: autoscale
+    it, the module docstring; None: ``config.num_replicas`` replicas throughout)."""
     t0 = time.perf_counter()
     profiles = dict(profiles or {})
     tiers = workload.tiers.tiers
@@ -137,7 +243,8 @@ def run_cluster(workload: Workload, config: ClusterConfig,
     hash_block_tokens = workload.hash_block_tokens
 
     replicas: list[_Replica] = []
-    for i in range(config.num_replicas):
+
+    def new_replica(i: int, requested_s: float = 0.0, state: int = _RUNNING) -> _Replica:
         pname = config.profile_of(i)
         if pname not in profiles:
             profiles[pname] = load_profile(pname)
@@ -150,8 +257,11 @@ def run_cluster(workload: Workload, config: ClusterConfig,
         policy = make_policy(config.scheduler_of(i), engine=EngineLimits(tile_tokens=profiles[pname].tile_tokens))
         engine = SimEngine(policy, profiles[pname], num_kv_blocks=config.kv_blocks, on_tokens=on_tokens,
                            on_finish=None, prefix_caching=prefix_caching)
-        replicas.append(_Replica(i, f"replica-{i:03d}", engine, tracker))
-    ids = [r.rid for r in replicas]
+        return _Replica(i, f"replica-{i:03d}", engine, tracker, requested_s, state)
+
+    for i in range(config.num_replicas):
+        replicas.append(new_replica(i))
+    ids = [r.rid for r in replicas]  # the routable replicas
     by_id = {r.rid: r for r in replicas}
 
     routers = [make_router_policy(config.router, _routing_context(config, workload, k), **config.router_options)
@@ -163,8 +273,10 @@ def run_cluster(workload: Workload, config: ClusterConfig,
     def on_finish(r: Request) -> None:
         k = int(r.req_id)
         rid = placed.pop(k, None)
-        if rid is not None and config.use_ledger:
-            ledgers[origin[k]].on_done(rid, r.req_id)
+        if rid is not None:
+            by_id[rid].in_flight -= 1
+            if config.use_ledger:
+                ledgers[origin[k]].on_done(rid, r.req_id)
 
     for rep in replicas:
         rep.engine.on_finish = on_finish
@@ -187,6 +299,67 @@ def run_cluster(workload: Workload, config: ClusterConfig,
     now = 0.0
     arrived = 0
     waiting_at_last_arrival = 0
+    scale_events: list[ScaleEvent] = []
+    recent: deque[tuple[float, str, int]] = deque()  # (time, tier, prompt tokens) of recent arrivals
+    if scaler is not None:
+        if not (scaler.period_s > 0 and scaler.startup_s >= 0 and scaler.arrival_window_s > 0):
+            raise ValueError("a scaler needs period_s > 0, startup_s >= 0 and arrival_window_s > 0")
+        push(scaler.period_s, _SCALE, None)
+
+    def retire_if_idle(rep: _Replica) -> None:
+        if rep.state == _DRAINING and not rep.busy and not rep.engine.has_work and rep.in_flight == 0:
+            rep.state = _GONE
+            rep.gone_s = now
+
+    def view() -> ScalingView:
+        window = scaler.arrival_window_s
+        while recent and recent[0][0] < now - window:
+            recent.popleft()
+        span_s = max(min(window, now), scaler.period_s)
+        counts: dict[str, int] = {t.name: 0 for t in tiers}
+        tokens: dict[str, int] = {t.name: 0 for t in tiers}
+        for _, tier, plen in recent:
+            counts[tier] += 1
+            tokens[tier] += plen
+        live = [by_id[rid] for rid in ids]
+        return ScalingView(
+            now_s=now, running=len(live), starting=sum(1 for x in replicas if x.state == _STARTING),
+            draining=sum(1 for x in replicas if x.state == _DRAINING),
+            feedback=tuple(fb for rid in ids if (fb := feedback.get(rid)) is not None),
+            ongoing={x.rid: x.in_flight for x in live},
+            arrival_rates_rps={t: c / span_s for t, c in counts.items()},
+            mean_prompt_tokens={t: (tokens[t] / c if c else 0.0) for t, c in counts.items()})
+
+    def apply(step: ScaleStep) -> None:
+        starting = [x for x in replicas if x.state == _STARTING]
+        total = len(ids) + len(starting)
+        target = max(1, int(step.target))
+        if target == total:
+            return
+        if target > total:
+            for _ in range(target - total):
+                rep = new_replica(len(replicas), now, _STARTING)
+                rep.engine.on_finish = on_finish
+                replicas.append(rep)
+                by_id[rep.rid] = rep
+                feedback[rep.rid] = None
+                push(now + scaler.startup_s, _READY, rep)
+        else:
+            excess = total - target
+            for rep in reversed(starting):  # cancel the newest starting replicas first
+                if not excess:
+                    break
+                rep.state, rep.gone_s = _GONE, now
+                excess -= 1
+            live = sorted((by_id[rid] for rid in ids), key=lambda x: (x.in_flight, -x.index))
+            for rep in live[:min(excess, len(live) - 1)]:
+                rep.state, rep.drained_s = _DRAINING, now
+                ids.remove(rep.rid)
+                retire_if_idle(rep)
+        after = len(ids) + sum(1 for x in replicas if x.state == _STARTING)
+        if after != total:
+            scale_events.append(ScaleEvent(now, total, after, step.reason, step.message))
+
     while events:
         now, kind, _, payload = heapq.heappop(events)
         if kind == _ARRIVE:
@@ -206,10 +379,13 @@ def run_cluster(workload: Workload, config: ClusterConfig,
             rep = by_id[rid]
             rep.engine.add_request(r)
             rep.num_requests += 1
+            rep.in_flight += 1
             replica_of[k] = rep.index
             placed[k] = rid
             if config.use_ledger:
                 ledger.record(rid, rreq)
+            if scaler is not None:
+                recent.append((now, r.tier, r.prompt_len))
             arrived += 1
             if arrived == n:
                 waiting_at_last_arrival = sum(len(x.engine.state.waiting) for x in replicas)
@@ -230,8 +406,12 @@ def run_cluster(workload: Workload, config: ClusterConfig,
                 push(now + rep.engine.begin(plan), _FINISH, (rep, plan, now))
             else:
                 rep.busy = False
+                if rep.state == _DRAINING:
+                    retire_if_idle(rep)
         elif kind == _TAKE:
             rep = payload
+            if rep.state == _GONE:
+                continue
             st = rep.engine.state
             st.now_s = now
             mean_b = rep.engine.policy.mean_batch_time_s
@@ -239,6 +419,15 @@ def run_cluster(workload: Workload, config: ClusterConfig,
             push(now + config.feedback_delay_s, _DELIVER, (rep.rid, snap))
             if arrived < n or any(x.busy for x in replicas):
                 push(now + config.feedback_period_s, _TAKE, rep)
+        elif kind == _READY:
+            rep = payload
+            if rep.state == _STARTING:  # not cancelled meanwhile
+                rep.state, rep.ready_s = _RUNNING, now
+                ids.append(rep.rid)
+                push(now + rng.uniform(0.0, config.feedback_period_s), _TAKE, rep)
+        elif kind == _SCALE:
+            apply(scaler.decide(view()))
+            push(now + scaler.period_s, _SCALE, None)
         else:  # _DELIVER
             rid, snap = payload
             fb = ReplicaFeedback.from_snapshot(snap)
@@ -263,7 +452,9 @@ def run_cluster(workload: Workload, config: ClusterConfig,
         wall_s=time.perf_counter() - t0,
         router=config.router,
         requests_per_replica=[x.num_requests for x in replicas],
-        replica_ids=ids,
+        replica_ids=[x.rid for x in replicas],
         replica_of=replica_of,
+        replica_spans=[x.span() for x in replicas],
+        scale_events=scale_events,
         **prefix_counts(engines),
     )
