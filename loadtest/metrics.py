@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -50,7 +51,14 @@ def _weighted_count_quantile(x: np.ndarray, q: float, weights: np.ndarray) -> fl
     summarising a long run): the answer is the least value v whose weight at or below it, W(v),
     has W(v) / W(all) >= q (numpy's cdf[i] >= q at the first such sorted position; whole-number
     float sums are exact in any order).  None where that does not hold (NaN, a weight that is
-    not a positive whole number, q outside [0, 1]): the caller falls back to numpy."""
+    not a positive whole number, q outside [0, 1]): the caller falls back to numpy.
+
+    W(v) is a whole number, so the test is W(v) >= `need`, the least whole number passing it.
+    The unit-weight values (`a`, most of them) are only partly sorted: the least passing one sits
+    at a sorted position between need - W(b) - 1 and need - 1 (W(b): the other values' weight),
+    so only that window is sorted; a position below it counts as the window's start (no value
+    there can reach `need`: W <= need - W(b) - 1 + W(b)), one above as the window's end (it
+    passes)."""
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != x.shape or not 0.0 <= q <= 1.0 or np.isnan(x).any():
         return None
@@ -58,28 +66,43 @@ def _weighted_count_quantile(x: np.ndarray, q: float, weights: np.ndarray) -> fl
     other = w[~unit]
     if other.size and ((other <= 0).any() or (other != np.floor(other)).any() or not np.isfinite(other).all()):
         return None
-    a = np.sort(x[unit])  # unit weights: W counts them by position
+    a = x[unit] if other.size else x.copy()  # unit weights: W counts them by position (a copy: partitioned below)
     b = x[~unit]
     order = np.argsort(b, kind="stable")
     b = b[order]
     cb = np.cumsum(other[order])
-    total = float(a.size) + (float(cb[-1]) if cb.size else 0.0)
+    wb = float(cb[-1]) if cb.size else 0.0
+    total = float(a.size) + wb
     if total >= 2.0**53:
         return None
-    merged = np.sort(np.concatenate((a, b)))
+    need = min(max(float(math.ceil(q * total)), 0.0), total)  # then exactly numpy's float test
+    while need > 0 and (need - 1.0) / total >= q:
+        need -= 1.0
+    while need / total < q:
+        need += 1.0
+    if need == 0:
+        return float(x.min())
+    lo = int(max(need - wb - 1.0, 0.0))  # the window of sorted positions of `a` (empty if `a` is)
+    hi = int(min(need, float(a.size))) - 1
+    if 0 < lo or hi < a.size - 1:
+        a.partition((lo, hi))
+    window = np.sort(a[lo : hi + 1])
 
     def passes(v: float) -> bool:
         j = int(np.searchsorted(b, v, side="right"))
-        return (float(np.searchsorted(a, v, side="right")) + (float(cb[j - 1]) if j else 0.0)) / total >= q
+        return lo + int(np.searchsorted(window, v, side="right")) + (float(cb[j - 1]) if j else 0.0) >= need
 
-    lo, hi = 0, len(merged) - 1  # the last value passes (W = total)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if passes(merged[mid]):
-            hi = mid
-        else:
-            lo = mid + 1
-    return float(merged[lo])
+    def least_passing(values: np.ndarray) -> float | None:
+        lo_, hi_ = 0, len(values)
+        while lo_ < hi_:
+            mid = (lo_ + hi_) // 2
+            if passes(values[mid]):
+                hi_ = mid
+            else:
+                lo_ = mid + 1
+        return float(values[lo_]) if lo_ < len(values) else None
+
+    return min(v for v in (least_passing(window), least_passing(b)) if v is not None)
 
 
 def summarize(run: Any, ttft_p50_limit_s: float = TTFT_P50_LIMIT_S) -> dict[str, Any]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter, lt, sub
 
 import numpy as np
 
@@ -18,6 +22,8 @@ from replica.sim.engine import PAPER_KV_BLOCKS, SimEngine
 
 
 ARRIVALS = ("poisson", "replay")
+_tier = attrgetter("tier")
+_tbt_slo = attrgetter("tbt_slo_s")
 
 
 @dataclass(frozen=True)
@@ -116,50 +122,50 @@ class TokenLog:
         self.gaps: dict[str, array] = {k: array("d") for k in names}
         self.rep_gaps: dict[str, array] = {k: array("d") for k in names}
         self.rep_weights: dict[str, array] = {k: array("d") for k in names}
-        self.misses = np.zeros(len(workload), dtype=np.int64)
+        self.misses = [0] * len(workload)  # per request (a list: cheaper to count into than an array)
         self._append_gap = {k: a.append for k, a in self.gaps.items()}
 
     def on_tokens(self, emitted: list[Request], t: float) -> None:
         append_gap = self._append_gap
+        misses = self.misses
         for r in emitted:
             last = r.last_token_s
             if last is not None:
                 gap = t - last
                 append_gap[r.tier](gap)
                 if gap > r.tbt_slo_s:
-                    self.misses[int(r.req_id)] += 1
+                    misses[int(r.req_id)] += 1
 
     def on_repeated_tokens(self, reqs: list[Request], ends: list[float]) -> None:
         self.on_tokens(reqs, ends[0])
         if len(ends) < 2:
             return
-        common = [b - a for a, b in zip(ends, ends[1:])]  # np.diff's floats, without numpy's overhead
-        per_tier: dict[str, int] = {}
-        per_slo: dict[float, int] = {}
-        for r in reqs:
-            per_tier[r.tier] = per_tier.get(r.tier, 0) + 1
-            per_slo[r.tbt_slo_s] = 0
-        for tier, count in per_tier.items():
+        common = list(map(sub, ends[1:], ends))  # np.diff's floats, without numpy's overhead
+        for tier, count in Counter(map(_tier, reqs)).items():
             self.rep_gaps[tier].extend(common)
             self.rep_weights[tier].extend([float(count)] * len(common))
-        missed = False
-        for slo in per_slo:
-            per_slo[slo] = n = sum(1 for g in common if g > slo)
-            missed = missed or n > 0
+        # per TBT SLO, how many of the common gaps exceed it (slo < gap; none if the longest does not)
+        longest = max(common)
+        missed = {slo: n for slo in set(map(_tbt_slo, reqs))
+                  if slo < longest and (n := sum(map(lt, repeat(slo), common)))}
         if missed:
             misses = self.misses
             for r in reqs:
-                misses[int(r.req_id)] += per_slo[r.tbt_slo_s]
+                misses[int(r.req_id)] += missed.get(r.tbt_slo_s, 0)
 
     def tbt_s(self) -> dict[str, np.ndarray]:
         return {k: np.concatenate([np.frombuffer(self.gaps[k]), np.frombuffer(self.rep_gaps[k])]) for k in self.gaps}
 
     def tbt_weight(self) -> dict[str, np.ndarray]:
-        return {k: np.concatenate([np.ones(len(self.gaps[k])), np.frombuffer(self.rep_weights[k])])
-                for k in self.gaps}
+        out = {}
+        for k, gaps in self.gaps.items():
+            out[k] = w = np.empty(len(gaps) + len(self.rep_weights[k]))
+            w[: len(gaps)] = 1.0
+            w[len(gaps) :] = np.frombuffer(self.rep_weights[k])
+        return out
 
     def tbt_miss_frac(self) -> np.ndarray:
-        return self.misses / np.maximum(self.workload.output_lens - 1, 1)
+        return np.array(self.misses, dtype=np.int64) / np.maximum(self.workload.output_lens - 1, 1)
 
 
 def make_requests(workload: Workload, block_size: int = 16) -> list[Request]:
@@ -223,19 +229,22 @@ def run_replica(
     arrival = workload.arrival_s.tolist()
     i = 0
     now = 0.0
+    next_arrival_s = arrival[0] if n else math.inf  # arrival[i], inf once all arrived
     waiting_at_last_arrival = 0
+    step = engine.step
     while i < n or engine.has_work:
-        if i < n and arrival[i] <= now:
+        if next_arrival_s <= now:
             while i < n and arrival[i] <= now:
                 engine.add_request(reqs[i])
                 i += 1
+            next_arrival_s = arrival[i] if i < n else math.inf
             if i == n:
                 waiting_at_last_arrival = len(engine.state.waiting)
-        stepped = engine.step(now, until_s=arrival[i] if i < n else np.inf)
+        stepped = step(now, next_arrival_s)
         if stepped is not None:
             now = stepped[1]
         elif i < n:
-            now = max(now, arrival[i])
+            now = max(now, next_arrival_s)
         else:
             break
 

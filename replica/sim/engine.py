@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
+from operator import attrgetter, sub
 
 from replica.cost.model import CostModel
 from replica.policy.base import WAITING_KEYS, SchedulingPolicy
@@ -28,6 +29,9 @@ from replica.sim.prefix_cache import PrefixBlockPool
 
 # docs/paper.md: 14,733 KV blocks of 16 tokens on the RTX 6000 Ada with Mistral-7B, 1 % watermark.
 PAPER_KV_BLOCKS = 14_733
+
+_max_output_tokens = attrgetter("max_output_tokens")
+_num_output_tokens = attrgetter("num_output_tokens")
 
 
 class SchedulerStalled(RuntimeError):
@@ -70,6 +74,10 @@ class SimEngine:
         self._waiting_key = WAITING_KEYS.get(order) if order is not None else None
         if self._waiting_key is not None:
             self.state.waiting_sorted_by = order.value
+        # A policy that keeps SchedulingPolicy's no-op on_batch_end and on_batches_end learns
+        # nothing from iterations: they are not called (Sarathi, vLLM-style and RAD do not learn).
+        self._learns = any(getattr(getattr(policy, name), "__func__", None) is not getattr(SchedulingPolicy, name)
+                           for name in ("on_batch_end", "on_batches_end"))
         self.num_iterations = 0
         self.num_preemptions = 0
         self.busy_s = 0.0
@@ -100,10 +108,11 @@ class SimEngine:
         req.is_finished = True
 
     def plan(self, now_s: float) -> BatchPlan:
-        self.state.now_s = now_s
-        plan = self.policy.schedule(self.state)
-        if plan.is_empty and self.state.waiting and not self.state.running:
-            head = self.state.waiting[0]
+        st = self.state
+        st.now_s = now_s
+        plan = self.policy.schedule(st)
+        if st.waiting and not st.running and plan.is_empty:
+            head = st.waiting[0]
             raise SchedulerStalled(
                 f"{self.policy.name}: nothing schedulable with {len(self.state.waiting)} waiting "
                 f"(head {head.req_id}: {head.num_tokens} tokens, {self.state.kv.num_free_blocks} "
@@ -130,25 +139,31 @@ class SimEngine:
                     st.waiting.insert(bisect.bisect_left(st.waiting, self._waiting_key(r), key=self._waiting_key), r)
             self.num_preemptions += len(plan.preempted)
         if plan.admitted:
-            new = set(map(id, plan.admitted))
-            st.waiting = [r for r in st.waiting if id(r) not in new]
-            for r in plan.admitted:
+            admitted = plan.admitted
+            k = len(admitted)
+            if st.waiting[:k] == admitted:  # the usual case: the queue's head, in order (identity)
+                del st.waiting[:k]
+            else:
+                new = set(map(id, admitted))
+                st.waiting = [r for r in st.waiting if id(r) not in new]
+            for r in admitted:
                 if self.pool is None:
                     kv.grow_to(r, r.num_tokens)
                 else:  # reuses its cached prefix now: its first chunk starts after it
                     self.pool.admit(r)
                 st.running.append(r)
-        bs = kv.block_size
-        grow = [r for r in plan.decodes if r.prompt_len + r.num_output_tokens > r.num_blocks * bs]
-        if len(grow) > kv.num_free_blocks:  # a decode adds at most one block (its KV covers all but 1 token)
-            raise RuntimeError(f"KV cache overflow: decodes need {len(grow)} blocks, {kv.num_free_blocks} free")
-        if self.pool is None:
-            for r in grow:
-                r.num_blocks += 1
-            kv.num_used_blocks += len(grow)
-        else:
-            for r in grow:
-                self.pool.grow(r, 1)
+        if plan.decodes:
+            bs = kv.block_size
+            grow = [r for r in plan.decodes if r.prompt_len + r.num_output_tokens > r.num_blocks * bs]
+            if len(grow) > kv.num_free_blocks:  # a decode adds at most one block (its KV covers all but 1 token)
+                raise RuntimeError(f"KV cache overflow: decodes need {len(grow)} blocks, {kv.num_free_blocks} free")
+            if self.pool is None:
+                for r in grow:
+                    r.num_blocks += 1
+                kv.num_used_blocks += len(grow)
+            else:
+                for r in grow:
+                    self.pool.grow(r, 1)
         return self.cost.iteration_time_s(plan.record_shape())  # the shape before `finish` advances it
 
     def finish(self, plan: BatchPlan, start_s: float, end_s: float) -> None:
@@ -186,7 +201,8 @@ class SimEngine:
                 done.append(r)
         if done:
             self._retire(done)
-        self.policy.on_batch_end(st, plan, start_s, end_s)
+        if self._learns:
+            self.policy.on_batch_end(st, plan, start_s, end_s)
 
     def step(self, now_s: float, until_s: float = float("inf")) -> tuple[BatchPlan, float] | None:
         """Plan and execute iterations starting at `now_s` (virtual time). Returns the plan and the
@@ -200,19 +216,14 @@ class SimEngine:
         one by one.  If tokens are observed this needs `on_repeated_tokens`; without it the
         engine steps one iteration at a time."""
         plan = self.plan(now_s)
-        if plan.is_empty:
-            return None
-        st = self.state
-        if (
-            not st.waiting
-            and not plan.prefills
-            and not plan.preempted
-            and len(plan.decodes) == len(st.running)
-            and self._can_repeat
-        ):
-            end_s = self._repeat_decodes(plan, now_s, until_s)
-            if end_s is not None:
-                return plan, end_s
+        if not plan.prefills:
+            if not plan.decodes:
+                return None
+            st = self.state
+            if not st.waiting and not plan.preempted and len(plan.decodes) == len(st.running) and self._can_repeat:
+                end_s = self._repeat_decodes(plan, now_s, until_s)
+                if end_s is not None:
+                    return plan, end_s
         end_s = now_s + self.begin(plan)
         self.finish(plan, now_s, end_s)
         return plan, end_s
@@ -225,7 +236,7 @@ class SimEngine:
         # Plain Python loops: a stretch has a few to ~100 requests and is often a few iterations
         # long, where numpy's per-call overhead cost more than the loops.
         reqs = plan.decodes
-        k_max = min(r.max_output_tokens - r.num_output_tokens for r in reqs)  # type: ignore[operator]
+        k_max = min(map(sub, map(_max_output_tokens, reqs), map(_num_output_tokens, reqs)))
         if k_max < 2:
             return None
         kv = self.state.kv
@@ -241,12 +252,14 @@ class SimEngine:
 
         # The iterations until the first that ends at or after the next arrival (`until_s`), at
         # most k_max; then as many of them as the free KV blocks allow, at least 2 (extra_blocks
-        # grows with k, so this is the stretch the whole k_max range would give).
+        # grows with k, so this is the stretch the whole k_max range would give).  A decode's KV
+        # holds its computed tokens (all but its last), so k iterations add at most ceil(k / bs)
+        # blocks to it: where that bound fits, the blocks are only counted as they are taken.
         ctx = plan.record_shape().sum_decode_ctx  # the stretch's first iteration
         ends = self.cost.decode_stretch_ends_s(len(reqs), ctx, now_s, k_max, until_s)
         k = len(ends)
         free = kv.num_free_blocks
-        if extra_blocks(max(k, 2)) > free:
+        if len(reqs) * -(-max(k, 2) // bs) > free and extra_blocks(max(k, 2)) > free:
             lo, hi = 0, max(k, 2) - 1  # largest k with extra_blocks(k) <= free
             while lo < hi:
                 mid = (lo + hi + 1) // 2
@@ -258,38 +271,36 @@ class SimEngine:
                 return None
             k = lo
             del ends[k:]
+        if self.on_repeated_tokens is not None:
+            self.on_repeated_tokens(reqs, ends)  # sees each request's previous last_token_s and progress
         t = ends[-1]
         last = k - 1
         pool = self.pool
-        if pool is None:
-            used = 0
-            for r in reqs:
-                nb = -(-(r.prompt_len + r.num_output_tokens + last) // bs)
-                if nb > r.num_blocks:
-                    used += nb - r.num_blocks
-                    r.num_blocks = nb
-                r.num_computed_tokens += k
-            kv.num_used_blocks += used
-        else:  # blocks of generated tokens carry no hash: allocation order does not matter
-            for r in reqs:
-                pool.grow(r, max(-(-(r.prompt_len + r.num_output_tokens + last) // bs) - r.num_blocks, 0))
-                r.num_computed_tokens += k
-        if self.on_repeated_tokens is not None:
-            self.on_repeated_tokens(reqs, ends)  # sees each request's previous last_token_s
+        used = 0
         done = []
-        for r in reqs:
+        for r in reqs:  # one pass: KV blocks, progress, tokens, finish
+            add = -(-(r.prompt_len + r.num_output_tokens + last) // bs) - r.num_blocks
+            if add > 0:
+                if pool is None:
+                    r.num_blocks += add
+                    used += add
+                else:  # blocks of generated tokens carry no hash: allocation order does not matter
+                    pool.grow(r, add)
+            r.num_computed_tokens += k
             r.last_token_s = t
-            r.num_output_tokens += k
-            if r.num_output_tokens >= r.max_output_tokens:  # type: ignore[operator]
+            r.num_output_tokens = n = r.num_output_tokens + k
+            if n >= r.max_output_tokens:  # type: ignore[operator]
                 r.is_finished = True
                 done.append(r)
+        kv.num_used_blocks += used  # (the pool counts its own)
         st = self.state
         st.now_s = t
         self.num_iterations += k
         self.busy_s += t - now_s
         if done:
             self._retire(done)
-        self.policy.on_batches_end(st, plan, [now_s, *ends[:-1]], ends)
+        if self._learns:
+            self.policy.on_batches_end(st, plan, [now_s, *ends[:-1]], ends)
         return t
 
     def _retire(self, done: list[Request]) -> None:
