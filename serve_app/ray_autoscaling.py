@@ -117,12 +117,12 @@ def arrivals_from_series(raw: Mapping[str, Mapping[Any, Sequence[Any]]]) -> Arri
 
 
 def latest_values(raw: Mapping[str, Mapping[Any, Sequence[Any]]], replica: Any) -> dict[str, float]:
-    """One replica's latest reported value of every metric."""
-    out = {}
-    for key, by_replica in raw.items():
-        series = by_replica.get(replica)
-        if series:
-            out[key] = _point(series[-1])[1]
+    """The metrics of one replica's latest report (a report records all its metrics at one
+    timestamp; a metric missing from it, e.g. the decodes of a tier that has none running now,
+    keeps older points in Serve's window, which are not read)."""
+    last = {key: _point(series[-1]) for key, by_replica in raw.items() if (series := by_replica.get(replica))}
+    newest = max((t for t, _ in last.values()), default=None)
+    out = {key: v for key, (t, v) in last.items() if t == newest}
     return out
 
 

@@ -80,6 +80,16 @@ def test_a_real_tracker_snapshot_survives_the_round_trip():
     assert fb is not None and fb.timestamp_s == T0 and fb.mean_batch_time_s == 0.04
 
 
+def test_a_metric_missing_from_the_latest_report_is_not_read_from_an_older_one():
+    from serve_app.ray_autoscaling import latest_values
+
+    raw = {"feedback/timestamp_s": {"a": series((T0 - 1, T0 - 1), (T0, T0))},
+           "feedback/decodes/premium": {"a": series((T0 - 1, 3.0))},  # premium had decodes a second ago
+           "feedback/decodes/free": {"a": series((T0 - 1, 2.0), (T0, 5.0))}}
+    fb = feedback_from_stats("a", latest_values(raw, "a"))
+    assert fb.timestamp_s == T0 and fb.running_decodes_by_tier == {"free": 5}
+
+
 def test_a_replica_without_a_snapshot_reports_no_feedback():
     assert feedback_from_stats("r0", {"arrived/free/requests": 3.0}) is None
 
