@@ -70,7 +70,9 @@ The rules, in order (running replicas N, starting S, total N + S):
    with fresh feedback (no decision on replicas it cannot see), P <= (N - 1) c(N - 1)
    ``scale_down_utilization`` (below ``target_utilization``: hysteresis, so the next rule-1
    decision does not add it back), the mean KV use carried by N - 1 replicas (x N / (N - 1)) at
-   most ``target_utilization`` x ``kv_limit``, and ``downscale_cooldown_s`` since the last scale
+   most ``target_utilization`` x ``kv_limit`` at its highest over the last
+   ``downscale_cooldown_s`` (KV use swings with the decodes in flight: a dip must not give back a
+   replica the next swell takes again), and ``downscale_cooldown_s`` since the last scale
    event of either direction, a replica becoming ready, or the first decision (the policy watches
    that long before it gives anything back).
 4. otherwise hold (the present total N + S); then clamp to [``min_replicas``, ``max_replicas``].
@@ -182,6 +184,7 @@ class TierAwareAutoscaler:
         self._last_down_s = -math.inf
         self._last_ready_s = -math.inf
         self._prev_starting: int | None = None
+        self._kv: deque[tuple[float, float]] = deque()  # (time, mean KV use) over downscale_cooldown_s
 
     @classmethod
     def from_app_config(cls, app: AppConfig, config: ReplicaAutoscalingConfig) -> TierAwareAutoscaler:
@@ -243,6 +246,7 @@ class TierAwareAutoscaler:
         self._tbt.forget(fb.replica_id for fb in fbs)
         load = self._admission.assess(fbs, None, now_s=now_s, history=self._tbt, num_replicas=n_run)
         fresh = self._admission.fresh(fbs, now_s)
+        kv_peak = self._record_kv(now_s, load.kv_usage) if fresh else load.kv_usage
         # the queueing delay of a new request of the arrivals' mean prompt length, under the
         # replicas' shortest-prompt-first order: the waiting prompts no longer than it, at the
         # cluster's prefill rate (all of them when nothing has arrived or a snapshot has no
@@ -308,6 +312,7 @@ class TierAwareAutoscaler:
             "need_forecast": need_forecast, "need_urgent": need_urgent, "urgent": urgent,
             "capacity_arriving": arriving, "queue_delay_s": delay, "queue_delay_mean_s": delay_mean,
             "delay_trigger_s": trigger_s, "at_risk": dict(load.at_risk), "kv_usage": load.kv_usage,
+            "kv_usage_peak": kv_peak,
         }
 
         need = max(need_forecast, need_urgent)
@@ -323,7 +328,7 @@ class TierAwareAutoscaler:
                 msg = self._up_message(reason, need, forecast, capacity(need), load, delay_mean, trigger_s)
         else:
             blocked = self._down_blocked(now_s, n_run, n_start, len(fresh), load, delay, delay_mean, forecast,
-                                         capacity)
+                                         capacity, kv_peak)
             details["scale_down_blocked"] = blocked
             if not blocked:
                 target, reason = n_run - 1, "scale_down"
@@ -345,8 +350,20 @@ class TierAwareAutoscaler:
             self._last_down_s = now_s
         return ScalingDecision(target, reason, msg, details)
 
+    def _record_kv(self, now_s: float, kv_usage: float) -> float:
+        """Record the mean KV use now; its highest over the last ``downscale_cooldown_s``."""
+        window = self.config.downscale_cooldown_s
+        kv = self._kv
+        while kv and kv[-1][1] <= kv_usage:  # a monotone queue: the maximum is at the front
+            kv.pop()
+        kv.append((now_s, kv_usage))
+        while kv[0][0] < now_s - window:
+            kv.popleft()
+        return kv[0][1]
+
     def _down_blocked(self, now_s: float, n_run: int, n_start: int, n_fresh: int, load: ClusterLoad, delay: float,
-                      delay_mean: float, forecast: float, capacity: Callable[[int], float]) -> list[str]:
+                      delay_mean: float, forecast: float, capacity: Callable[[int], float],
+                      kv_peak: float) -> list[str]:
         """Why rule 3 may not remove a replica now (empty: it may)."""
         cfg = self.config
         adm = self._admission.config
@@ -368,7 +385,7 @@ class TierAwareAutoscaler:
         if n_run >= 2:
             if forecast > (n_run - 1) * capacity(n_run - 1) * cfg.scale_down_utilization:
                 blocked.append("headroom")
-            if load.kv_usage * n_run / (n_run - 1) > cfg.target_utilization * adm.kv_limit:
+            if kv_peak * n_run / (n_run - 1) > cfg.target_utilization * adm.kv_limit:
                 blocked.append("kv_headroom")
         return blocked
 

@@ -261,6 +261,18 @@ def test_no_scale_down_when_the_kv_cache_would_fill():
     assert (d.target_replicas, d.details["scale_down_blocked"]) == (4, ["kv_headroom"])
 
 
+@pytest.mark.parametrize("swell_age_s,scales_down", [(200, False), (301, True)])
+def test_a_kv_swell_within_the_cooldown_keeps_the_replica(swell_age_s, scales_down):
+    # KV use at 0.6 on 4 replicas (0.8 on 3) swell_age_s ago, 0.3 (0.4 on 3) since
+    s = scaler(downscale_cooldown_s=300)
+    t_swell = T0 - swell_age_s
+    s.decide(t_swell - 400, fleet(4, t_swell - 400, kv=0.3), load(0.05 * RATE), 4)  # the first decision
+    s.decide(t_swell, fleet(4, t_swell, kv=0.6), load(0.05 * RATE), 4)
+    d = s.decide(T0, fleet(4, T0, kv=0.3), load(0.05 * RATE), 4)
+    assert d.details["kv_usage"] == 0.3
+    assert (d.reason == "scale_down") == scales_down, d.details["scale_down_blocked"]
+
+
 # ------------------------------------------------------------------------------------- rule 4
 
 def test_scale_up_is_clamped_to_max_replicas():
