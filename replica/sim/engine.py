@@ -81,6 +81,13 @@ class SimEngine:
         self.num_iterations = 0
         self.num_preemptions = 0
         self.busy_s = 0.0
+        # What the engine spends beside the batch shape (`CostProfile.overheads`; None for GPU
+        # profiles): it needs the requests taken in since the last iteration and when the last
+        # iteration ended (the idle time before the next one).
+        self._overheads = getattr(cost, "overheads", None)
+        self._num_taken_in = 0
+        self._last_end_s = 0.0
+        self._wake_tail_s = 0.0  # what the next iteration pays of the last wake's tail
 
     @property
     def has_work(self) -> bool:
@@ -90,6 +97,7 @@ class SimEngine:
         """Enqueue an arrived request (its `max_output_tokens` must be set: when to stop)."""
         if req.max_output_tokens is None or req.max_output_tokens < 1:
             raise ValueError(f"request {req.req_id}: max_output_tokens must be >= 1")
+        self._num_taken_in += 1
         if self.pool is not None:
             req.num_cached_tokens = self.pool.lookup(req).num_cached_tokens
         if self._waiting_key is None:
@@ -121,7 +129,8 @@ class SimEngine:
         return plan
 
     def begin(self, plan: BatchPlan) -> float:
-        """Carry out the plan's KV decisions; returns the iteration time the cost profile gives."""
+        """Carry out the plan's KV decisions; returns the iteration time the cost profile gives
+        (its batch-shape model, plus its `overheads` where it has them)."""
         st = self.state
         kv = st.kv
         if plan.preempted:
@@ -164,12 +173,21 @@ class SimEngine:
             else:
                 for r in grow:
                     self.pool.grow(r, 1)
-        return self.cost.iteration_time_s(plan.record_shape())  # the shape before `finish` advances it
+        busy_s = self.cost.iteration_time_s(plan.record_shape())  # the shape before `finish` advances it
+        o = self._overheads
+        if o is None:
+            return busy_s
+        idle_s = st.now_s - self._last_end_s
+        extra_s = o.time_s(self._num_taken_in, len(plan.prefills), idle_s) + self._wake_tail_s
+        self._num_taken_in = 0
+        tail_s = (o.wake_s(idle_s) + self._wake_tail_s) * o.wake_tail_ratio
+        self._wake_tail_s = tail_s if tail_s > 1e-6 else 0.0
+        return extra_s + busy_s
 
     def finish(self, plan: BatchPlan, start_s: float, end_s: float) -> None:
         """Advance progress at the end of the iteration, emit tokens, retire finished requests."""
         st = self.state
-        st.now_s = end_s
+        st.now_s = self._last_end_s = end_s
         self.num_iterations += 1
         self.busy_s += end_s - start_s
         decodes = plan.decodes
@@ -220,7 +238,8 @@ class SimEngine:
             if not plan.decodes:
                 return None
             st = self.state
-            if not st.waiting and not plan.preempted and len(plan.decodes) == len(st.running) and self._can_repeat:
+            if not st.waiting and not plan.preempted and len(plan.decodes) == len(st.running) and self._can_repeat \
+                    and not self._wake_tail_s:
                 end_s = self._repeat_decodes(plan, now_s, until_s)
                 if end_s is not None:
                     return plan, end_s
@@ -294,7 +313,7 @@ class SimEngine:
                 done.append(r)
         kv.num_used_blocks += used  # (the pool counts its own)
         st = self.state
-        st.now_s = t
+        st.now_s = self._last_end_s = t
         self.num_iterations += k
         self.busy_s += t - now_s
         if done:

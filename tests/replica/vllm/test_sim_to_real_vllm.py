@@ -25,8 +25,12 @@ def fitted(make_llm, tiny_model_dir, tmp_path_factory):
     make_llm.close()  # one live engine at a time (vllm_testkit.LLMFactory)
     out = tmp_path_factory.mktemp("s2r")
     profile, points, limits = s2r.fit(tiny_model_dir, "small", repeats=1, threads=1, out=out / "p.json",
-                                      steps_csv=out / "steps.csv", log=lambda m: None, clock="cpu")
+                                      steps_csv=out / "steps.csv", log=lambda m: None, clock="cpu",
+                                      training=SMALL_TRAINING)
     return profile, points, limits, out
+
+
+SMALL_TRAINING = s2r.TrainingRun(requests=24, qps=(20.0,), seed=5)
 
 
 def test_fit_writes_a_loadable_profile_with_its_error(fitted):
@@ -35,6 +39,9 @@ def test_fit_writes_a_loadable_profile_with_its_error(fitted):
     profile, points, limits, out = fitted
     loaded = load_profile(out / "p.json")
     assert loaded.coefficients == profile.coefficients
+    assert loaded.overheads == profile.overheads is not None  # fitted on the training run
+    assert profile.overheads.intake_ms > 0.0  # add_request always takes the engine thread some time
+    assert "24 requests" in profile.overheads.source
     c = profile.coefficients
     assert c.base_ms > 0.0  # every step pays a fixed CPU cost
     assert c.base_ms + c.per_token_ms * 256 < 1000.0  # a full budget step of the tiny model: milliseconds
@@ -78,3 +85,13 @@ def test_compare_small_trace_both_tiers(fitted, tiny_model_dir):
     assert steps["first_token_steps_idle_arrivals_count"] >= 1  # the first request finds the engine idle
     assert "premium" in s2r.compare_table(res)
 
+
+
+def test_compare_can_fit_its_profile_on_the_same_engine_first(make_llm, tiny_model_dir):
+    make_llm.close()  # one live engine at a time
+    tiers = parse_tiers(s2r.DEFAULT_TIERS)
+    res = s2r.compare(tiny_model_dir, None, requests=12, qps=20.0, seed=3, tiers=tiers, threads=1,
+                      refit=("small", 1, SMALL_TRAINING), log=lambda m: None)
+    fitted = res["setup"]["profile_json"]
+    assert fitted["overheads"] is not None and fitted["coefficients"]["base_ms"] > 0.0
+    assert res["real"]["all"]["unfinished"] == res["sim"]["all"]["unfinished"] == 0

@@ -1,0 +1,76 @@
+"""A profile's engine overheads and its mixed-batch term (measured for the CPU engine only)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from replica.cost import BatchShape, available_profiles, load_profile
+from replica.cost.profile import Coefficients, CostProfile, EngineOverheads, FitError, Provenance
+
+SHAPES = [BatchShape(256, 256 * 256, 0, 0, 0), BatchShape(0, 0, 0, 8, 4000), BatchShape(100, 10_000, 5_000, 4, 900)]
+
+
+def profile_with(mixed_ms: float = 0.0, overheads: EngineOverheads | None = None) -> CostProfile:
+    return CostProfile(name="t", gpu="-", model="-", tile_tokens=16, overheads=overheads,
+                       coefficients=Coefficients(base_ms=2.0, per_token_ms=0.005, prefill_sq_ms=0.0,
+                                                 prefill_ctx_ms=4e-6, decode_ctx_ms=1.5e-4, mixed_ms=mixed_ms),
+                       provenance=Provenance(sources=["-"], fitted_to="-", tile_tokens_source="-",
+                                             tile_padding_term="-",
+                                             fit_error=FitError(num_points=1, mean_rel_error=0, max_rel_error=0)))
+
+
+@pytest.mark.parametrize("name", available_profiles())
+def test_gpu_profiles_have_no_overheads_and_no_mixed_term(name):
+    p = load_profile(name)
+    assert p.overheads is None
+    assert p.coefficients.mixed_ms == 0.0
+
+
+def test_the_mixed_term_is_paid_only_by_a_batch_of_prefills_and_decodes():
+    plain, mixed = profile_with(), profile_with(mixed_ms=0.4)
+    prefill_only, decode_only, both = SHAPES
+    assert mixed.iteration_time_s(prefill_only) == plain.iteration_time_s(prefill_only)
+    assert mixed.iteration_time_s(decode_only) == plain.iteration_time_s(decode_only)
+    assert mixed.iteration_time_s(both) == pytest.approx(plain.iteration_time_s(both) + 0.4e-3, abs=1e-12)
+
+
+def test_the_mixed_term_leaves_decode_stretches_exact():
+    p = profile_with(mixed_ms=0.4)
+    times = p.decode_stretch_times_s(6, 3000, 5)
+    assert times.tolist() == [p.iteration_time_s(BatchShape(0, 0, 0, 6, 3000 + 6 * j)) for j in range(5)]
+
+
+def test_intake_and_prefill_chunks_add_per_request_and_per_chunk():
+    o = EngineOverheads(intake_ms=0.6, prefill_chunk_ms=0.3)
+    assert o.time_s(0, 0, 0.0) == 0.0
+    assert o.time_s(2, 0, 0.0) == pytest.approx(1.2e-3)
+    assert o.time_s(1, 3, 0.0) == pytest.approx(1.5e-3)
+
+
+def test_wake_is_nothing_below_its_idle_threshold_and_grows_per_e_fold_above():
+    o = EngineOverheads(wake_ms_per_e_fold=0.8, wake_after_idle_s=0.005)
+    assert o.wake_s(0.0) == 0.0 and o.wake_s(0.005) == 0.0
+    assert o.wake_s(0.005 * math.e) == pytest.approx(0.8e-3)
+    assert o.wake_s(0.005 * math.e ** 3) == pytest.approx(2.4e-3)
+    assert o.time_s(0, 0, 0.005 * math.e) == pytest.approx(0.8e-3)
+
+
+def test_overheads_round_trip_through_the_profile_json(tmp_path):
+    o = EngineOverheads(intake_ms=0.6, prefill_chunk_ms=0.3, wake_ms_per_e_fold=0.8, wake_after_idle_s=0.005,
+                        wake_tail_ratio=0.2, source="test")
+    p = profile_with(mixed_ms=0.4, overheads=o)
+    path = tmp_path / "p.json"
+    path.write_text(p.model_dump_json())
+    q = load_profile(path)
+    assert q.overheads == o and q.coefficients.mixed_ms == 0.4
+    assert q.iteration_time_s(SHAPES[2]) == p.iteration_time_s(SHAPES[2])
+
+
+@pytest.mark.parametrize("bad", [{"intake_ms": -0.1}, {"wake_after_idle_s": 0.0}, {"wake_tail_ratio": 1.0},
+                                 {"unknown_ms": 1.0}])
+def test_bad_overheads_are_refused(bad):
+    with pytest.raises(ValidationError):
+        EngineOverheads(**bad)
