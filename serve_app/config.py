@@ -289,9 +289,10 @@ class ReplicaAutoscalingConfig(_Strict):
         description="scale down only while the predicted queueing delay (now and its mean) is at most this "
                     "share of the strictest TTFT target")
     # --- how Ray Serve feeds the policy (serve_app.ray_autoscaling) ---
-    metrics_period_s: float = Field(default=1.0, gt=0, le=4.0,
+    metrics_period_s: float = Field(default=1.0, gt=0,
                                     description="each replica reports its feedback and arrival counters to Serve's "
-                                                "controller this often (s); under admission.max_feedback_age_s")
+                                                "controller this often (s); under admission.max_feedback_age_s, "
+                                                "or the policy would find every report too old to use")
     arrival_window_s: float = Field(default=30.0, gt=0,
                                     description="arrival rates are measured over this long (s): Serve's "
                                                 "look_back_period_s")
@@ -765,6 +766,12 @@ class AppConfig(_Strict):
             if tier is not None and tier not in self.tier_names:
                 raise FieldError(("service_tiers", value),
                                  f"unknown tier {tier!r}; tiers are {', '.join(self.tier_names)}")
+        scaling = self.replicas.autoscaling
+        if scaling is not None and scaling.metrics_period_s >= self.admission.max_feedback_age_s:
+            raise FieldError(("replicas", "autoscaling", "metrics_period_s"),
+                             f"{scaling.metrics_period_s:g} must be under admission.max_feedback_age_s "
+                             f"({self.admission.max_feedback_age_s:g}): the policy ignores snapshots older than "
+                             "that, so it would find every replica's report too old to use")
         cap, most = self.admission.max_in_flight, self.ingress.max_count
         if cap is not None and cap > self.http.max_ongoing_requests * most:
             raise FieldError(("admission", "max_in_flight"),

@@ -204,6 +204,15 @@ def test_num_replicas_outside_the_autoscaling_bounds_is_refused():
         app_config(num_replicas=6, autoscaling={"min_replicas": 2, "max_replicas": 5})
 
 
+def test_a_report_period_not_under_admissions_feedback_age_is_refused():
+    """The policy reads only snapshots younger than admission.max_feedback_age_s."""
+    with pytest.raises(ValidationError, match="6 must be under admission.max_feedback_age_s"):
+        AppConfig.model_validate({"replicas": {"autoscaling": {**AUTOSCALING, "metrics_period_s": 6.0}}})
+    ok = AppConfig.model_validate({"replicas": {"autoscaling": {**AUTOSCALING, "metrics_period_s": 6.0}},
+                                   "admission": {"max_feedback_age_s": 10.0}})
+    assert ok.replicas.autoscaling.metrics_period_s == 6.0
+
+
 def test_a_scaled_down_replica_drains_for_drain_timeout_s():
     fixed = app_config()
     scaled = app_config(autoscaling={**AUTOSCALING, "drain_timeout_s": 900})
