@@ -2,6 +2,7 @@
 replica count fixed, scaled by Ray Serve's default request-count policy, or by ours.
 
   python -m loadtest.simulate autoscale --policy fixed|ray-default|tier-aware [--workload day|mooncake] ...
+  python -m loadtest.simulate autoscale --ttft-floor [--workload day|mooncake] ...   (no simulation)
 
 The policies (each a `loadtest.simulate.cluster.Scaler`, decisions every ``period_s`` = 1 s):
 
@@ -50,7 +51,8 @@ from loadtest.arrivals import diurnal_arrival_times
 from loadtest.metrics import summarize
 from loadtest.simulate.cluster import ClusterConfig, ClusterRun, ScaleStep, ScalingView, run_cluster
 from loadtest.simulate.replica import Workload
-from replica.cost.profile import DEFAULT_COST_PROFILE
+from replica.cost.profile import DEFAULT_COST_PROFILE, CostProfile, load_profile
+from replica.cost.shape import BatchShape
 from replica.policy.registry import DEFAULT_SCHEDULER
 from replica.sim.engine import PAPER_KV_BLOCKS
 from replica.tiers import TierMix, paper_tiers, parse_tiers
@@ -298,7 +300,10 @@ def dumps(out: dict[str, Any]) -> str:
 # -------------------------------------------------------------------------------------- the command
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", choices=POLICIES, required=True)
+    p.add_argument("--policy", choices=POLICIES, help="required unless --ttft-floor")
+    p.add_argument("--ttft-floor", action="store_true",
+                   help="simulate nothing: per tier, the share of the workload's requests whose prefill alone on an "
+                        "idle replica fits the TTFT target (the attainment no scaling can exceed)")
     p.add_argument("--workload", choices=("day", "mooncake"), default="day")
     p.add_argument("--curve", default=str(DEFAULT_CURVE),
                    help="a workload YAML with diurnal_qps: the day's curve shape (default %(default)s)")
@@ -323,7 +328,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results JSON here")
 
 
-def run(a: argparse.Namespace) -> dict[str, Any]:
+def build_workload(a: argparse.Namespace) -> tuple[Workload, dict[str, Any]]:
+    """The run's workload and its setup record, from the command's arguments."""
     from loadtest.plan.workload import load_workload
 
     tiers = parse_tiers(a.tiers) if a.tiers else paper_tiers()
@@ -339,6 +345,59 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     else:
         wl = recorded_workload(load_trace("mooncake"), tiers, a.stretch, a.seed, a.max_requests)
         wsetup = {"kind": "mooncake", "trace": "mooncake", "stretch": a.stretch, "max_requests": a.max_requests}
+    return wl, wsetup
+
+
+def prefill_floor_s(prompt_len: int, profile: CostProfile) -> float:
+    """The least time `prompt_len` prompt tokens take to prefill on an idle replica under `profile`:
+    the prompt alone in every iteration, split into k chunks as equal as can be (sizes differing by
+    at most one token), k the best count; each chunk priced by the profile. For a given count the
+    most equal split is the fastest when the profile's ``prefill_sq_ms >= prefill_ctx_ms / 2`` (its
+    chunk terms sum to (sq - ctx/2) * sum p_i^2 plus what the count fixes), as in every shipped
+    profile, so this is the least over every chunking: no policy or router can give the prompt its
+    first token sooner on that replica."""
+    def split_s(k: int) -> float:
+        q, r = divmod(prompt_len, k)
+        t, done = 0.0, 0
+        for i in range(k):
+            n = q + 1 if i < r else q
+            t += profile.iteration_time_s(BatchShape(n, n * n, n * done, 0, 0))
+            done += n
+        return t
+
+    best = split_s(1)
+    base_s = profile.coefficients.base_ms / 1000.0
+    k = 2
+    while k <= prompt_len and k * base_s < best:  # k chunks cost at least k x the per-iteration base
+        best = min(best, split_s(k))
+        k += 1
+    return best
+
+
+def ttft_floor(wl: Workload, profile: CostProfile) -> dict[str, dict[str, float]]:
+    """Per tier: the share of its requests whose prefill floor (`prefill_floor_s`) is within the
+    tier's TTFT target (the highest TTFT attainment any scaling can reach on this workload), and
+    the floor's median and P99."""
+    if wl.prefix_hashes is not None:
+        raise ValueError("--ttft-floor: this workload reuses prompt prefixes (prefix caching on), whose cached "
+                         "tokens skip prefill; the floor counts every prompt token, so it would not bound anything")
+    floors: dict[int, float] = {}
+    for p in np.unique(wl.prompt_lens):
+        floors[int(p)] = prefill_floor_s(int(p), profile)
+    floor = np.array([floors[int(p)] for p in wl.prompt_lens])
+    out = {}
+    for k, tier in enumerate(wl.tiers.tiers):
+        f = floor[wl.tier_idx == k]
+        out[tier.name] = {"requests": int(len(f)), "ttft_target_s": tier.ttft_target_s,
+                          "attainable": float((f <= tier.ttft_target_s).mean()) if len(f) else float("nan"),
+                          "floor_p50_s": float(np.median(f)) if len(f) else float("nan"),
+                          "floor_p99_s": float(np.quantile(f, 0.99)) if len(f) else float("nan")}
+    return out
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    tiers = parse_tiers(a.tiers) if a.tiers else paper_tiers()
+    wl, wsetup = build_workload(a)
     initial = a.replicas if a.replicas is not None else a.min_replicas
     scaler: Any = None
     if a.policy == "tier-aware":
@@ -364,6 +423,18 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
 def cli(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    if a.ttft_floor:
+        try:
+            wl, wsetup = build_workload(a)
+            floor = ttft_floor(wl, load_profile(a.profile))
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps({"workload": wsetup, "profile": a.profile, "ttft_floor": floor}, indent=2, default=float))
+        return 0
+    if a.policy is None:
+        print("error: --policy is required (or --ttft-floor)", file=sys.stderr)
+        return 2
     try:
         out = run(a)
     except (ValueError, OSError) as e:
