@@ -469,6 +469,16 @@ def fit_on_engine(llm, tiers: TierMix, grid_name: str, repeats: int, threads: in
     return profile, points, limits
 
 
+def _shown_path(path: Path | None) -> str:
+    """`path` as the profile's provenance names it: relative to the repository when inside it."""
+    if path is None:
+        return "(not written)"
+    try:
+        return str(Path(path).resolve().relative_to(DATA_DIR.parents[2]))
+    except ValueError:
+        return str(path)
+
+
 def fit(model_dir: Path, grid_name: str, repeats: int, threads: int, out: Path | None, steps_csv: Path | None,
         log: Callable[[str], None] = print, clock: str = "wall",
         training: TrainingRun | None = TrainingRun()) -> tuple[CostProfile, list[StepPoint], dict[str, int]]:
@@ -477,7 +487,7 @@ def fit(model_dir: Path, grid_name: str, repeats: int, threads: int, out: Path |
     llm = start_engine(model_dir, tiers, threads)
     try:
         profile, points, limits = fit_on_engine(llm, tiers, grid_name, repeats, threads,
-                                                str(steps_csv) if steps_csv else "(not written)", log, clock, training)
+                                                _shown_path(steps_csv), log, clock, training)
     finally:
         shutdown(llm)
     coef = [getattr(profile.coefficients, k) for k in COEFFICIENTS]

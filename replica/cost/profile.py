@@ -10,11 +10,12 @@ Iteration-time model (ms), with N = tokens in the batch (prefill tokens + decode
          + mixed_ms       * [prefill chunks and decodes both in the batch]
 
 and an empty batch costs 0. `mixed_ms` is measured for the CPU engine only (an iteration that
-mixes prefills and decodes costs more than the other terms say there); GPU profiles leave it 0. A profile may add the engine thread's own costs around the batch
-(`EngineOverheads`, measured for the CPU engine only: taking in an arriving request, a prefill
-chunk beyond the shape model, the first step after the engine sat idle); GPU profiles have none. There is no tile-padding term: the Vidur linear-layer data does not
-show padding steps (see docs/cost_profiles.md). `tile_tokens` is still carried for schedulers
-that align batch sizes (RAD).
+mixes prefills and decodes costs more than the other terms say there); GPU profiles leave it 0.
+A profile may add the engine's own costs around the batch (`EngineOverheads`, also measured for
+the CPU engine only: taking in an arriving request, a prefill chunk beyond the shape model, the
+first steps after the engine sat idle); GPU profiles have none. There is no tile-padding term:
+the Vidur linear-layer data does not show padding steps (see docs/cost_profiles.md).
+`tile_tokens` is still carried for schedulers that align batch sizes (RAD).
 
 Profiles are JSON files in `profiles/`, written by `python -m loadtest.calibrate`.
 """
@@ -95,9 +96,9 @@ class EngineOverheads(_Strict):
         return self.wake_ms_per_e_fold * math.log(idle_s / self.wake_after_idle_s) / 1000.0
 
     def time_s(self, num_taken_in: int, num_prefill_chunks: int, idle_s: float) -> float:
-        """Seconds added to an iteration with `num_prefill_chunks` prefill chunks, run after the engine took in `num_taken_in` requests and sat idle
-        for `idle_s` (0 if busy); the wake's tail on the iterations after it is the caller's
-        (`wake_tail_ratio`)."""
+        """Seconds added to an iteration with `num_prefill_chunks` prefill chunks, run after the
+        engine took in `num_taken_in` requests and sat idle for `idle_s` (0 if busy); the wake's
+        tail on the iterations after it is the caller's (`wake_tail_ratio`)."""
         return (self.intake_ms * num_taken_in + self.prefill_chunk_ms * num_prefill_chunks) / 1000.0 \
             + self.wake_s(idle_s)
 
