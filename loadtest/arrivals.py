@@ -56,7 +56,7 @@ def burst_arrival_times(n: int) -> np.ndarray:
     return np.zeros(n)
 
 
-def _curve(points: Sequence[tuple[float, float]]) -> tuple[list[float], list[float]]:
+def wrapped_curve(points: Sequence[tuple[float, float]]) -> tuple[list[float], list[float]]:
     """The curve's knots over one wrapped day: the last point a day earlier in front, the first
     one a day later at the end (so that np.interp is linear across midnight)."""
     pts = sorted((float(h), float(q)) for h, q in points)
@@ -74,7 +74,7 @@ def diurnal_rate(points: Sequence[tuple[float, float]], hours: np.ndarray | floa
     """The curve's rate (QPS) at ``hours`` (any real hours: taken modulo 24), linear between
     the ``[hour, qps]`` points and wrapping at midnight (as `loadtest.plan.workload.hourly_qps`
     reads the planner's ``diurnal_qps``)."""
-    hs, vs = _curve(points)
+    hs, vs = wrapped_curve(points)
     return np.interp(np.mod(np.asarray(hours, dtype=np.float64), 24.0), hs, vs)
 
 
@@ -88,7 +88,7 @@ def diurnal_arrival_times(points: Sequence[tuple[float, float]], peak_qps: float
         raise ValueError(f"peak_qps must be a finite number > 0, got {peak_qps}")
     if not (math.isfinite(duration_s) and duration_s >= 0):
         raise ValueError(f"duration_s must be finite and >= 0, got {duration_s}")
-    top = max(q for _, q in points)
+    top = max(wrapped_curve(points)[1])  # (validates the points first)
     if not top > 0:
         raise ValueError("the curve's peak must be > 0 QPS")
     rng = stream_rng(seed, "arrivals")

@@ -105,6 +105,16 @@ def _weighted_count_quantile(x: np.ndarray, q: float, weights: np.ndarray) -> fl
     return min(v for v in (least_passing(window), least_passing(b)) if v is not None)
 
 
+def meets_slo(run: Any) -> np.ndarray:
+    """Per request of ``run``, whether it met its tier's SLO: TTFT within the tier's target and
+    at most 1 % of its token gaps over the tier's TBT SLO (its own P99 TBT within the SLO)."""
+    wl = run.workload
+    ok = np.zeros(len(run.ttft_s), dtype=bool)
+    for k, tier in enumerate(wl.tiers.tiers):
+        ok |= (wl.tier_idx == k) & (run.ttft_s <= tier.ttft_target_s) & (run.tbt_miss_frac <= 0.01)
+    return ok
+
+
 def summarize(run: Any, ttft_p50_limit_s: float = TTFT_P50_LIMIT_S) -> dict[str, Any]:
     """Statistics of one `ReplicaRun` (or any object with the same fields), JSON-ready."""
     wl = run.workload
@@ -112,7 +122,7 @@ def summarize(run: Any, ttft_p50_limit_s: float = TTFT_P50_LIMIT_S) -> dict[str,
     ttft = run.ttft_s
     per_tier: dict[str, dict[str, float]] = {}
     slo_met = _q(ttft, 0.5) <= ttft_p50_limit_s
-    good = np.zeros(len(ttft), dtype=bool)
+    good = meets_slo(run)
     for k, tier in enumerate(tiers):
         mask = wl.tier_idx == k
         gaps = run.tbt_s.get(tier.name, np.zeros(0))
@@ -131,7 +141,6 @@ def summarize(run: Any, ttft_p50_limit_s: float = TTFT_P50_LIMIT_S) -> dict[str,
         }
         if len(gaps) and tbt_p99 > tier.tbt_slo_s:
             slo_met = False
-        good |= mask & (ttft <= tier.ttft_target_s) & (run.tbt_miss_frac <= 0.01)
     makespan = max(run.makespan_s, 1e-9)
     stable = run.waiting_at_last_arrival <= STABLE_BACKLOG_FRACTION * len(wl) and run.unfinished == 0
     buckets = {}

@@ -533,19 +533,24 @@ WARM_AFTER_STEPS = 3  # a step this many steps after the last idle gap counts as
 IDLE_MIN_S = 0.001  # shorter gaps are the driver loop's own slack, not idle
 
 
-def predicted_step_s(profile: CostProfile, trace: StepTrace, j: int) -> float:
-    """The profile's time for step j of `trace` as `LLMEngine.step()` measures it: the batch shape,
-    plus the overheads' prefill-chunk and wake terms (intake runs in add_request, outside the step)."""
-    t = profile.iteration_time_s(trace.shapes[j])
+def predicted_steps_s(profile: CostProfile, trace: StepTrace) -> list[float | None]:
+    """The profile's time for each step of `trace` as `LLMEngine.step()` measures it (None for a
+    step that ran no batch): the batch shape, plus the overheads' prefill-chunk and wake terms
+    with the wake's tail carried from step to step as the simulated engine carries it (intake runs
+    in add_request, outside the step)."""
     o = profile.overheads
-    if o is not None:
-        t += o.time_s(0, trace.num_prefill_chunks[j], trace.idle_s(j))
-        i = j  # the wake's tail: the last step after an idle gap, up to 8 steps back
-        while i > 0 and j - i < 8 and trace.idle_s(i) < IDLE_MIN_S:
-            i -= 1
-        if i < j and trace.idle_s(i) >= IDLE_MIN_S:
-            t += o.wake_s(trace.idle_s(i)) * o.wake_tail_ratio ** (j - i)
-    return t
+    out: list[float | None] = []
+    tail_s = 0.0
+    for j, shape in enumerate(trace.shapes):
+        if shape is None:
+            out.append(None)
+            continue
+        t = profile.iteration_time_s(shape)
+        if o is not None:
+            wake_s, tail_s = o.wake_and_tail_s(trace.idle_s(j), tail_s)
+            t += o.intake_and_chunks_s(0, trace.num_prefill_chunks[j]) + wake_s
+        out.append(t)
+    return out
 
 
 def theil_sen(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -778,15 +783,16 @@ def compare_runs(real: ReplicaRun, sim: ReplicaRun) -> dict[str, Any]:
 
 
 def step_time_check(trace: StepTrace, profile: CostProfile) -> dict[str, float]:
-    """The profile's prediction of the real run's own steps (`predicted_step_s`: its overheads
+    """The profile's prediction of the real run's own steps (`predicted_steps_s`: its overheads
     included): mean measured vs mean predicted step time (ms) over the steps that ran a batch, and
     the mean per-step relative error."""
+    predicted = predicted_steps_s(profile, trace)
     meas, cpu, pred, prefill = [], [], [], []
-    for j, (s, e, c, sh) in enumerate(zip(trace.starts, trace.ends, trace.cpu_s, trace.shapes)):
+    for s, e, c, sh, ps in zip(trace.starts, trace.ends, trace.cpu_s, trace.shapes, predicted):
         if sh is not None:
             meas.append(1e3 * (e - s))
             cpu.append(1e3 * c)
-            pred.append(1e3 * predicted_step_s(profile, trace, j))
+            pred.append(1e3 * ps)
             prefill.append(sh.num_tokens > sh.num_decodes)
     m, c, p, pre = np.array(meas), np.array(cpu), np.array(pred), np.array(prefill, dtype=bool)
     # steps that ran prefill tokens and decode-only steps apart: a TTFT is made of the former
@@ -803,7 +809,7 @@ def step_time_check(trace: StepTrace, profile: CostProfile) -> dict[str, float]:
             split[f"first_token_steps_{name}_arrivals_measured_p50_ms"] = float(np.median(
                 [1e3 * (trace.ends[j] - trace.starts[j]) for j in ks]))
             split[f"first_token_steps_{name}_arrivals_predicted_p50_ms"] = float(np.median(
-                [1e3 * predicted_step_s(profile, trace, j) for j in ks]))
+                [1e3 * predicted[j] for j in ks]))
     busy_gaps = [b - a for a, b, sh in zip(trace.ends, trace.starts[1:], trace.shapes[1:]) if sh is not None
                  and b - a < 0.001]  # back-to-back steps: the driver loop's own time between them
     return {"steps": len(m), "measured_mean_ms": float(m.mean()), "predicted_mean_ms": float(p.mean()),

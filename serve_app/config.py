@@ -184,12 +184,17 @@ class ServingTier(_Strict):
         return dataclasses.replace(self.to_spec().facts(), stream_interval_s=self.stream_interval_s or 0.0)
 
 
-def _paper_serving_tiers() -> list[ServingTier]:
-    """The paper's tiers (`replica.tiers.paper_tiers`), the most lenient shed first."""
-    specs = sorted(paper_tiers().tiers, key=lambda t: t.rank or 0)
+def serving_tiers(mix: TierMix) -> list[ServingTier]:
+    """A tier mix's tiers as the app configures them, strictest first; the most lenient shed first."""
+    specs = sorted(mix.tiers, key=lambda t: t.rank or 0)
     n = len(specs)
     return [ServingTier(name=t.name, tbt_slo_s=t.tbt_slo_s, ttft_target_s=t.ttft_target_s,
                         rank=t.rank, shed_order=n - 1 - (t.rank or 0), share=t.share) for t in specs]
+
+
+def _paper_serving_tiers() -> list[ServingTier]:
+    """The paper's tiers (`replica.tiers.paper_tiers`)."""
+    return serving_tiers(paper_tiers())
 
 
 # --------------------------------------------------------------------------------------- API keys

@@ -15,6 +15,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loadtest.arrivals import wrapped_curve
 from replica.cost.profile import DEFAULT_COST_PROFILE, CostProfile, load_profile
 from replica.sim.engine import PAPER_KV_BLOCKS
 from replica.seeds import stream_rng
@@ -209,11 +210,7 @@ class Workload(_Strict):
 def hourly_qps(points: Sequence[tuple[float, float]]) -> list[float]:
     """The QPS to plan each hour 0..23 for: the curve's maximum within [h, h + 1] (the curve is
     linear between points and wraps from the last point to the first one + 24 h)."""
-    pts = sorted(points)
-    hours = [h for h, _ in pts] + [pts[0][0] + 24]
-    values = [q for _, q in pts] + [pts[0][1]]
-    hours = [pts[-1][0] - 24] + hours
-    values = [pts[-1][1]] + values
+    hours, values = wrapped_curve(points)
 
     def at(t: float) -> float:
         return float(np.interp(t, hours, values))

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from loadtest.arrivals import diurnal_arrival_times
-from loadtest.metrics import summarize
+from loadtest.metrics import meets_slo, summarize
 from loadtest.simulate.cluster import ClusterConfig, ClusterRun, ScaleStep, ScalingView, run_cluster
 from loadtest.simulate.replica import Workload
 from replica.cost.profile import DEFAULT_COST_PROFILE, CostProfile, load_profile
@@ -58,7 +58,7 @@ from replica.sim.engine import PAPER_KV_BLOCKS
 from replica.tiers import TierMix, paper_tiers, parse_tiers
 from replica.traces import Trace, load_trace, sample_requests
 from serve_app.autoscaling_policy import ArrivalStats, TierAwareAutoscaler
-from serve_app.config import AdmissionConfig, ReplicaAutoscalingConfig, ServingTier
+from serve_app.config import AdmissionConfig, ReplicaAutoscalingConfig, serving_tiers
 
 POLICIES = ("fixed", "ray-default", "tier-aware")
 DEFAULT_CURVE = Path(__file__).resolve().parents[1] / "workloads" / "paper-diurnal-rtx6000ada.yaml"
@@ -68,21 +68,13 @@ DECISION_PERIOD_S = 1.0
 
 # ------------------------------------------------------------------------------------ the scalers
 
-def serving_tiers(mix: TierMix) -> list[ServingTier]:
-    """The workload's tiers as the Serve app configures them (shed order: the laxest first)."""
-    last = max(t.rank for t in mix.tiers)
-    return [ServingTier(name=t.name, tbt_slo_s=t.tbt_slo_s, ttft_target_s=t.ttft_target_s, rank=t.rank,
-                        shed_order=last - t.rank, share=t.share) for t in mix.tiers]
-
-
 class TierAwareScaler:
-    """Ours: `TierAwareAutoscaler.decide` every ``period_s`` on the cluster's view."""
+    """Ours: `TierAwareAutoscaler.decide` every ``metrics_period_s`` on the cluster's view."""
 
-    def __init__(self, tiers: TierMix, config: ReplicaAutoscalingConfig, admission: AdmissionConfig | None = None,
-                 period_s: float = DECISION_PERIOD_S) -> None:
-        self.config = config
+    def __init__(self, tiers: TierMix, config: ReplicaAutoscalingConfig, admission: AdmissionConfig | None = None
+                 ) -> None:
         self.policy = TierAwareAutoscaler(serving_tiers(tiers), config, admission)
-        self.period_s = period_s
+        self.period_s = config.metrics_period_s  # as the Serve adapter decides (serve_app.ray_autoscaling)
         self.startup_s = config.startup_s
         self.arrival_window_s = config.arrival_window_s
 
@@ -197,6 +189,7 @@ def attainment(run: ClusterRun) -> dict[str, dict[str, float]]:
     """Per tier: the share of requests meeting the TTFT target, the TBT SLO (<= 1 % of gaps
     over it), and both (the module docstring)."""
     wl = run.workload
+    met = meets_slo(run)
     out = {}
     for k, tier in enumerate(wl.tiers.tiers):
         mask = wl.tier_idx == k
@@ -204,7 +197,7 @@ def attainment(run: ClusterRun) -> dict[str, dict[str, float]]:
         ttft_ok = run.ttft_s[mask] <= tier.ttft_target_s
         tbt_ok = run.tbt_miss_frac[mask] <= 0.01
         out[tier.name] = {"requests": n,
-                          "attainment": float((ttft_ok & tbt_ok).mean()) if n else float("nan"),
+                          "attainment": float(met[mask].mean()) if n else float("nan"),
                           "ttft_attainment": float(ttft_ok.mean()) if n else float("nan"),
                           "tbt_attainment": float(tbt_ok.mean()) if n else float("nan")}
     return out
@@ -217,9 +210,10 @@ def attainment_by_period(run: ClusterRun, period_s: float = 3600.0) -> dict[str,
     buckets = np.minimum((wl.arrival_s // period_s).astype(np.int64), int(end // period_s))
     nb = int(end // period_s) + 1
     out: dict[str, list[float | None]] = {}
+    met = meets_slo(run)
     for k, tier in enumerate(wl.tiers.tiers):
         mask = wl.tier_idx == k
-        ok = mask & (run.ttft_s <= tier.ttft_target_s) & (run.tbt_miss_frac <= 0.01)
+        ok = mask & met
         total = np.bincount(buckets[mask], minlength=nb)
         good = np.bincount(buckets[ok], minlength=nb)
         out[tier.name] = [round(float(g / t), 5) if t else None for g, t in zip(good, total)]
@@ -361,7 +355,7 @@ def prefill_floor_s(prompt_len: int, profile: CostProfile) -> float:
         t, done = 0.0, 0
         for i in range(k):
             n = q + 1 if i < r else q
-            t += profile.iteration_time_s(BatchShape(n, n * n, n * done, 0, 0))
+            t += profile.iteration_time_s(BatchShape.of(prefill_chunks=[(n, done)]))
             done += n
         return t
 
@@ -396,8 +390,8 @@ def ttft_floor(wl: Workload, profile: CostProfile) -> dict[str, dict[str, float]
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
-    tiers = parse_tiers(a.tiers) if a.tiers else paper_tiers()
     wl, wsetup = build_workload(a)
+    tiers = wl.tiers
     initial = a.replicas if a.replicas is not None else a.min_replicas
     scaler: Any = None
     if a.policy == "tier-aware":
@@ -417,7 +411,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     result = run_cluster(wl, config, scaler=scaler)
     setup = {"policy": a.policy, "workload": wsetup, "replicas_at_start": initial, **psetup,
              "profile": a.profile, "scheduler": a.scheduler, "router": a.router, "kv_blocks": a.kv_blocks,
-             "seed": a.seed, "tiers": [t.model_dump() for t in tiers.tiers], "decision_period_s": DECISION_PERIOD_S}
+             "seed": a.seed, "tiers": [t.model_dump() for t in tiers.tiers], "decision_period_s": scaler.period_s if scaler is not None else DECISION_PERIOD_S}
     return report(result, setup, a.bucket_s)
 
 

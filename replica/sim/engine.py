@@ -173,16 +173,15 @@ class SimEngine:
             else:
                 for r in grow:
                     self.pool.grow(r, 1)
-        busy_s = self.cost.iteration_time_s(plan.record_shape())  # the shape before `finish` advances it
+        shape_s = self.cost.iteration_time_s(plan.record_shape())  # the shape before `finish` advances it
         o = self._overheads
         if o is None:
-            return busy_s
-        idle_s = st.now_s - self._last_end_s
-        extra_s = o.time_s(self._num_taken_in, len(plan.prefills), idle_s) + self._wake_tail_s
+            return shape_s
+        wake_s, tail_s = o.wake_and_tail_s(st.now_s - self._last_end_s, self._wake_tail_s)
+        extra_s = o.intake_and_chunks_s(self._num_taken_in, len(plan.prefills)) + wake_s
         self._num_taken_in = 0
-        tail_s = (o.wake_s(idle_s) + self._wake_tail_s) * o.wake_tail_ratio
-        self._wake_tail_s = tail_s if tail_s > 1e-6 else 0.0
-        return extra_s + busy_s
+        self._wake_tail_s = tail_s if tail_s > 1e-6 else 0.0  # (under a microsecond: let decodes fast-forward)
+        return extra_s + shape_s
 
     def finish(self, plan: BatchPlan, start_s: float, end_s: float) -> None:
         """Advance progress at the end of the iteration, emit tokens, retire finished requests."""

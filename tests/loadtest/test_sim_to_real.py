@@ -91,8 +91,9 @@ def test_the_step_prediction_includes_the_wake_and_its_tail():
                                wake_after_idle_s=0.005, wake_tail_ratio=0.2)
     tr = synthetic_run(true, shape_model)
     with_true = shape_model.model_copy(update={"overheads": true})
+    predicted = s2r.predicted_steps_s(with_true, tr)
     for j in range(9, len(tr.shapes)):  # (step 0 and its tail: the trace does not know the idle time before it)
-        assert s2r.predicted_step_s(with_true, tr, j) == pytest.approx(tr.ends[j] - tr.starts[j], abs=1e-8)
+        assert predicted[j] == pytest.approx(tr.ends[j] - tr.starts[j], abs=1e-8)
 
 
 def test_theil_sen_ignores_a_few_spikes_that_least_squares_follows():
