@@ -10,6 +10,7 @@ mean batch time, per-tier TTFT/TBT quantiles and misses over the window.
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from array import array
 from collections.abc import Iterable
@@ -25,15 +26,20 @@ PROMPT_HISTOGRAM_EDGES = (0, 512, 1024, 2048, 4096, 8192)
 
 class _Series:
     """(time, value) samples in time order, trimmed from the front: times and values in flat
-    float arrays with a start offset, so a quantile over the window is one array copy."""
+    float arrays with a start offset.  The window's values are also kept sorted between
+    reads (`sorted_window`), so a snapshot's quantiles are index lookups."""
 
-    __slots__ = ("times", "values", "start", "dropped")
+    __slots__ = ("times", "values", "start", "dropped", "_sorted", "_sorted_lo", "_sorted_hi")
 
     def __init__(self) -> None:
         self.times = array("d")
         self.values = array("d")
         self.start = 0
         self.dropped = 0  # samples deleted from the front (trimmed out of the window long ago)
+        # `_sorted`: the values of samples _sorted_lo .. _sorted_hi - 1 (numbered from the first
+        # ever appended), ascending; None: not built
+        self._sorted: np.ndarray | None = None
+        self._sorted_lo = self._sorted_hi = 0
 
     def append(self, t: float, value: float) -> None:
         self.times.append(t)
@@ -42,6 +48,7 @@ class _Series:
     def trim(self, horizon: float) -> None:
         self.start = bisect.bisect_left(self.times, horizon, lo=self.start)
         if self.start > 4096 and 2 * self.start > len(self.times):
+            self._bring_sorted_up_to(self.dropped + self.start)  # before the values it removes are gone
             del self.times[: self.start]
             del self.values[: self.start]
             self.dropped += self.start
@@ -57,6 +64,62 @@ class _Series:
 
     def __len__(self) -> int:
         return len(self.times) - self.start
+
+    def sorted_window(self) -> np.ndarray:
+        """The window's values in ascending order (read-only: the series keeps it).  Updated from
+        the last call by taking out the samples that left the window and merging in those that
+        joined it (a memory move of the window, not a sort); rebuilt when most of it changed."""
+        lo, hi = self.dropped + self.start, self.total
+        self._bring_sorted_up_to(lo)
+        s = self._sorted
+        if s is not None and hi - self._sorted_hi <= len(s):
+            if hi > self._sorted_hi:
+                new = np.sort(np.array(self.values[self._sorted_hi - self.dropped:], dtype=np.float64))
+                s = np.insert(s, np.searchsorted(s, new), new)
+        else:
+            s = np.sort(self.window())
+        s.flags.writeable = False
+        self._sorted, self._sorted_lo, self._sorted_hi = s, lo, hi
+        return s
+
+    def _bring_sorted_up_to(self, lo: int) -> None:
+        """Take the samples numbered before `lo` (out of the window now) out of `_sorted`, or
+        drop it where they are most of it."""
+        s = self._sorted
+        if s is None or lo <= self._sorted_lo:
+            return
+        n_out = lo - self._sorted_lo
+        if 2 * n_out > len(s):  # (also where lo is past every sample it holds)
+            self._sorted = None
+            return
+        first = self._sorted_lo - self.dropped
+        gone = np.sort(np.array(self.values[first:first + n_out], dtype=np.float64))
+        # each gone value's slot in `s`: the first equal value there, plus its rank among the
+        # equal gone values
+        at = np.searchsorted(s, gone) + (np.arange(n_out) - np.searchsorted(gone, gone))
+        self._sorted = np.delete(s, at)
+        self._sorted_lo = lo
+
+
+def median_of_sorted(s: np.ndarray) -> float:
+    """`np.median` of an ascending array, the same float (the middle value, or the mean of the two
+    middle ones), by index instead of a partition."""
+    n = len(s)
+    m = n // 2
+    return float(s[m]) if n % 2 else (float(s[m - 1]) + float(s[m])) / 2
+
+
+def quantile_of_sorted(s: np.ndarray, q: float) -> float:
+    """`np.quantile(s, q)` (its default, linear method) of an ascending array, the same float: the
+    same virtual index, neighbours and interpolation (numpy's `_lerp`, which interpolates from the
+    upper neighbour when the weight is >= 0.5)."""
+    n = len(s)
+    virtual = (n - 1) * q
+    lo = math.floor(virtual)
+    a, b = float(s[lo]), float(s[min(lo + 1, n - 1)])
+    gamma = virtual - lo
+    diff = b - a
+    return b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
 
 
 @dataclass
@@ -147,15 +210,17 @@ class SLOTracker:
         self._trim(now)
         out = {}
         for name, w in self.tiers.items():
-            ttft = w.ttft.window()
-            tbt = w.tbt.window()
+            ttft = w.ttft.sorted_window()
+            tbt = w.tbt.sorted_window()
             slo = self.tbt_slo_s.get(name)
             out[name] = {
-                "ttft_p50_s": float(np.median(ttft)) if len(ttft) else None,
-                "ttft_p99_s": float(np.quantile(ttft, 0.99)) if len(ttft) else None,
-                "tbt_p50_s": float(np.median(tbt)) if len(tbt) else None,
-                "tbt_p99_s": float(np.quantile(tbt, 0.99)) if len(tbt) else None,
-                "tbt_miss_frac": float((tbt > slo).mean()) if len(tbt) and slo else 0.0,
+                "ttft_p50_s": median_of_sorted(ttft) if len(ttft) else None,
+                "ttft_p99_s": quantile_of_sorted(ttft, 0.99) if len(ttft) else None,
+                "tbt_p50_s": median_of_sorted(tbt) if len(tbt) else None,
+                "tbt_p99_s": quantile_of_sorted(tbt, 0.99) if len(tbt) else None,
+                # the share of gaps above the SLO: those after the last one at or below it
+                "tbt_miss_frac": (len(tbt) - int(np.searchsorted(tbt, slo, side="right"))) / len(tbt)
+                if len(tbt) and slo else 0.0,
                 "ttft_misses_total": w.ttft_misses,
                 "tbt_misses_total": w.tbt_misses,
                 "tokens_total": w.tokens,

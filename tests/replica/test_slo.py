@@ -1,9 +1,10 @@
 """Per-tier SLO tracking and the feedback snapshot."""
 
+import numpy as np
 import pytest
 
 from replica.policy.state import EngineState, KVCache, Request
-from replica.slo import SNAPSHOT_VERSION, SLOTracker
+from replica.slo import SNAPSHOT_VERSION, SLOTracker, median_of_sorted, quantile_of_sorted
 
 
 def _req(rid, tier, slo, arrival=0.0, prompt=100, computed=0, outputs=0):
@@ -147,3 +148,44 @@ def test_tokens_total_counts_every_token_after_the_window_arrays_are_cut():
     stats = tr.tier_stats(10.0)["free"]
     assert stats["tokens_total"] == 10_000 and stats["ttft_misses_total"] == 0
     assert len(w.ttft) == 0 and len(w.tbt) == 1000  # first tokens at 0.0; the gaps at 9.00 to 9.99
+
+
+def _numpy_window_stats(values: np.ndarray, slo: float) -> tuple:
+    """What the tracker's window stats were before they were read off a kept sorted window: numpy
+    on the window's values."""
+    if not len(values):
+        return None, None, 0.0
+    return float(np.median(values)), float(np.quantile(values, 0.99)), float((values > slo).mean())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_quantiles_of_a_sorted_array_are_numpys_to_the_last_bit(seed):
+    rng = np.random.default_rng(seed)
+    for n in [*range(1, 40), *rng.integers(40, 5000, 30).tolist()]:
+        # ties, a wide spread of magnitudes, and values on a coarse grid (as gaps of equal steps are)
+        values = np.concatenate([rng.lognormal(-3, 1.5, n), rng.choice([0.01, 0.02, 0.5], n // 3)])
+        s = np.sort(values)
+        assert median_of_sorted(s) == float(np.median(values))
+        for q in (0.99, 0.5, 0.9, 0.01, 0.0, 1.0, float(rng.random())):
+            assert quantile_of_sorted(s, q) == float(np.quantile(values, q)), (n, q)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_window_stats_read_off_the_kept_sorted_window_are_numpys_on_the_window(seed):
+    """Through appends, trims of any size (past the whole window, and past the 4,096 samples at
+    which the arrays' front is cut) and repeated values, the window stats equal numpy's on the
+    window's values, float for float."""
+    rng = np.random.default_rng(seed)
+    tr = SLOTracker({"free": 0.05}, window_s=2.0)
+    series = tr.tiers["free"].tbt
+    t = 0.0
+    for k in range(400):
+        for _ in range(int(rng.choice([0, 1, 5, 40, 300]))):
+            t += float(rng.choice([0.0, 1e-4, 1e-3, 0.01]))
+            series.append(t, float(rng.choice([0.04, 0.05, 0.06]) if rng.random() < 0.5 else rng.lognormal(-3, 1)))
+        now = t + float(rng.choice([0.0, 0.5, 1.9, 2.5, 10.0]) if rng.random() < 0.2 else 0.0)
+        stats = tr.tier_stats(now)["free"]
+        window = series.window()
+        assert (stats["tbt_p50_s"], stats["tbt_p99_s"], stats["tbt_miss_frac"]) == _numpy_window_stats(window, 0.05)
+        assert series.sorted_window().tolist() == sorted(window.tolist())
+    assert series.dropped > 0  # the arrays' front was cut along the way
