@@ -15,6 +15,7 @@ import time
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,22 +25,67 @@ SNAPSHOT_VERSION = 1
 PROMPT_HISTOGRAM_EDGES = (0, 512, 1024, 2048, 4096, 8192)
 
 
+class WindowDistribution(NamedTuple):
+    """A window's samples as their distinct values, ascending, and the running count of samples
+    up to each (`cum_counts[-1]` samples in all).  Gaps repeat a lot (every decode of a step
+    that ran in the same earlier step has the same gap), so this is far smaller than the window.
+    The statistics are numpy's on the samples, to the last bit."""
+
+    values: np.ndarray
+    cum_counts: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.cum_counts[-1]) if len(self.cum_counts) else 0
+
+    def order_stat(self, i: int) -> float:
+        """The i-th smallest sample (from 0)."""
+        return float(self.values[np.searchsorted(self.cum_counts, i, side="right")])
+
+    def median(self) -> float:
+        """`np.median` of the samples: the middle one, or the mean of the two middle ones."""
+        n = len(self)
+        m = n // 2
+        return self.order_stat(m) if n % 2 else (self.order_stat(m - 1) + self.order_stat(m)) / 2
+
+    def quantile(self, q: float) -> float:
+        """`np.quantile(samples, q)` (its default, linear method): the same virtual index,
+        neighbours and interpolation (numpy's `_lerp`, which interpolates from the upper
+        neighbour when the weight is >= 0.5)."""
+        n = len(self)
+        virtual = (n - 1) * q
+        lo = math.floor(virtual)
+        a, b = self.order_stat(lo), self.order_stat(min(lo + 1, n - 1))
+        gamma = virtual - lo
+        diff = b - a
+        return b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
+
+    def count_above(self, x: float) -> int:
+        """Samples greater than `x`."""
+        k = int(np.searchsorted(self.values, x, side="right"))
+        return len(self) - (int(self.cum_counts[k - 1]) if k else 0)
+
+    def samples(self) -> np.ndarray:
+        """Every sample, ascending (for checks; the statistics above do not build it)."""
+        return np.repeat(self.values, np.diff(self.cum_counts, prepend=0))
+
+
 class _Series:
     """(time, value) samples in time order, trimmed from the front: times and values in flat
-    float arrays with a start offset.  The window's values are also kept sorted between
-    reads (`sorted_window`), so a snapshot's quantiles are index lookups."""
+    float arrays with a start offset.  The window's distinct values and their counts are kept
+    between reads (`distribution`), so a snapshot's statistics are lookups."""
 
-    __slots__ = ("times", "values", "start", "dropped", "_sorted", "_sorted_lo", "_sorted_hi")
+    __slots__ = ("times", "values", "start", "dropped", "_values", "_counts", "_lo", "_hi")
 
     def __init__(self) -> None:
         self.times = array("d")
         self.values = array("d")
         self.start = 0
         self.dropped = 0  # samples deleted from the front (trimmed out of the window long ago)
-        # `_sorted`: the values of samples _sorted_lo .. _sorted_hi - 1 (numbered from the first
-        # ever appended), ascending; None: not built
-        self._sorted: np.ndarray | None = None
-        self._sorted_lo = self._sorted_hi = 0
+        # the distinct values (ascending) and counts of samples _lo .. _hi - 1, numbered from the
+        # first ever appended; _values None: not built
+        self._values: np.ndarray | None = None
+        self._counts = np.zeros(0, dtype=np.int64)
+        self._lo = self._hi = 0
 
     def append(self, t: float, value: float) -> None:
         self.times.append(t)
@@ -48,7 +94,7 @@ class _Series:
     def trim(self, horizon: float) -> None:
         self.start = bisect.bisect_left(self.times, horizon, lo=self.start)
         if self.start > 4096 and 2 * self.start > len(self.times):
-            self._bring_sorted_up_to(self.dropped + self.start)  # before the values it removes are gone
+            self._drop_samples_before(self.dropped + self.start)  # while their values are here
             del self.times[: self.start]
             del self.values[: self.start]
             self.dropped += self.start
@@ -65,61 +111,45 @@ class _Series:
     def __len__(self) -> int:
         return len(self.times) - self.start
 
-    def sorted_window(self) -> np.ndarray:
-        """The window's values in ascending order (read-only: the series keeps it).  Updated from
-        the last call by taking out the samples that left the window and merging in those that
-        joined it (a memory move of the window, not a sort); rebuilt when most of it changed."""
+    def _samples(self, lo: int, hi: int) -> np.ndarray:
+        """The values of samples lo .. hi - 1 (numbered from the first ever appended)."""
+        return np.array(self.values[lo - self.dropped:hi - self.dropped], dtype=np.float64)
+
+    def distribution(self) -> WindowDistribution:
+        """The window's samples (`WindowDistribution`), updated from the last call: the samples
+        that left the window taken out of the counts, those that joined it counted in."""
         lo, hi = self.dropped + self.start, self.total
-        self._bring_sorted_up_to(lo)
-        s = self._sorted
-        if s is not None and hi - self._sorted_hi <= len(s):
-            if hi > self._sorted_hi:
-                new = np.sort(np.array(self.values[self._sorted_hi - self.dropped:], dtype=np.float64))
-                s = np.insert(s, np.searchsorted(s, new), new)
-        else:
-            s = np.sort(self.window())
-        s.flags.writeable = False
-        self._sorted, self._sorted_lo, self._sorted_hi = s, lo, hi
-        return s
+        self._drop_samples_before(lo)
+        if self._values is None:
+            self._values, self._counts = np.unique(self.window(), return_counts=True)
+        elif hi > self._hi:
+            new, counts = np.unique(self._samples(self._hi, hi), return_counts=True)
+            values = self._values
+            at = np.searchsorted(values, new)
+            known = at < len(values)
+            known[known] = values[at[known]] == new[known]
+            self._counts[at[known]] += counts[known]
+            if not known.all():
+                fresh = ~known
+                self._values = np.insert(values, at[fresh], new[fresh])
+                self._counts = np.insert(self._counts, at[fresh], counts[fresh])
+        self._lo, self._hi = lo, hi
+        return WindowDistribution(self._values, np.cumsum(self._counts))
 
-    def _bring_sorted_up_to(self, lo: int) -> None:
-        """Take the samples numbered before `lo` (out of the window now) out of `_sorted`, or
-        drop it where they are most of it."""
-        s = self._sorted
-        if s is None or lo <= self._sorted_lo:
+    def _drop_samples_before(self, lo: int) -> None:
+        """Take the samples numbered before `lo` (out of the window now) out of the counts."""
+        if self._values is None or lo <= self._lo:
             return
-        n_out = lo - self._sorted_lo
-        if 2 * n_out > len(s):  # (also where lo is past every sample it holds)
-            self._sorted = None
+        if lo >= self._hi:
+            self._values = None
             return
-        first = self._sorted_lo - self.dropped
-        gone = np.sort(np.array(self.values[first:first + n_out], dtype=np.float64))
-        # each gone value's slot in `s`: the first equal value there, plus its rank among the
-        # equal gone values
-        at = np.searchsorted(s, gone) + (np.arange(n_out) - np.searchsorted(gone, gone))
-        self._sorted = np.delete(s, at)
-        self._sorted_lo = lo
-
-
-def median_of_sorted(s: np.ndarray) -> float:
-    """`np.median` of an ascending array, the same float (the middle value, or the mean of the two
-    middle ones), by index instead of a partition."""
-    n = len(s)
-    m = n // 2
-    return float(s[m]) if n % 2 else (float(s[m - 1]) + float(s[m])) / 2
-
-
-def quantile_of_sorted(s: np.ndarray, q: float) -> float:
-    """`np.quantile(s, q)` (its default, linear method) of an ascending array, the same float: the
-    same virtual index, neighbours and interpolation (numpy's `_lerp`, which interpolates from the
-    upper neighbour when the weight is >= 0.5)."""
-    n = len(s)
-    virtual = (n - 1) * q
-    lo = math.floor(virtual)
-    a, b = float(s[lo]), float(s[min(lo + 1, n - 1)])
-    gamma = virtual - lo
-    diff = b - a
-    return b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
+        gone, counts = np.unique(self._samples(self._lo, lo), return_counts=True)
+        at = np.searchsorted(self._values, gone)  # each is there: it was counted in
+        self._counts[at] -= counts
+        if not self._counts[at].all():
+            keep = self._counts > 0
+            self._values, self._counts = self._values[keep], self._counts[keep]
+        self._lo = lo
 
 
 @dataclass
@@ -210,17 +240,15 @@ class SLOTracker:
         self._trim(now)
         out = {}
         for name, w in self.tiers.items():
-            ttft = w.ttft.sorted_window()
-            tbt = w.tbt.sorted_window()
+            ttft = w.ttft.distribution()
+            tbt = w.tbt.distribution()
             slo = self.tbt_slo_s.get(name)
             out[name] = {
-                "ttft_p50_s": median_of_sorted(ttft) if len(ttft) else None,
-                "ttft_p99_s": quantile_of_sorted(ttft, 0.99) if len(ttft) else None,
-                "tbt_p50_s": median_of_sorted(tbt) if len(tbt) else None,
-                "tbt_p99_s": quantile_of_sorted(tbt, 0.99) if len(tbt) else None,
-                # the share of gaps above the SLO: those after the last one at or below it
-                "tbt_miss_frac": (len(tbt) - int(np.searchsorted(tbt, slo, side="right"))) / len(tbt)
-                if len(tbt) and slo else 0.0,
+                "ttft_p50_s": ttft.median() if len(ttft) else None,
+                "ttft_p99_s": ttft.quantile(0.99) if len(ttft) else None,
+                "tbt_p50_s": tbt.median() if len(tbt) else None,
+                "tbt_p99_s": tbt.quantile(0.99) if len(tbt) else None,
+                "tbt_miss_frac": tbt.count_above(slo) / len(tbt) if len(tbt) and slo else 0.0,
                 "ttft_misses_total": w.ttft_misses,
                 "tbt_misses_total": w.tbt_misses,
                 "tokens_total": w.tokens,

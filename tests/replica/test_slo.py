@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from replica.policy.state import EngineState, KVCache, Request
-from replica.slo import SNAPSHOT_VERSION, SLOTracker, median_of_sorted, quantile_of_sorted
+from replica.slo import SNAPSHOT_VERSION, SLOTracker, WindowDistribution
 
 
 def _req(rid, tier, slo, arrival=0.0, prompt=100, computed=0, outputs=0):
@@ -151,30 +151,34 @@ def test_tokens_total_counts_every_token_after_the_window_arrays_are_cut():
 
 
 def _numpy_window_stats(values: np.ndarray, slo: float) -> tuple:
-    """What the tracker's window stats were before they were read off a kept sorted window: numpy
-    on the window's values."""
+    """What the tracker's window stats were before they were read off kept counts: numpy on the
+    window's values."""
     if not len(values):
         return None, None, 0.0
     return float(np.median(values)), float(np.quantile(values, 0.99)), float((values > slo).mean())
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_quantiles_of_a_sorted_array_are_numpys_to_the_last_bit(seed):
+def test_a_window_distributions_statistics_are_numpys_to_the_last_bit(seed):
     rng = np.random.default_rng(seed)
     for n in [*range(1, 40), *rng.integers(40, 5000, 30).tolist()]:
         # ties, a wide spread of magnitudes, and values on a coarse grid (as gaps of equal steps are)
-        values = np.concatenate([rng.lognormal(-3, 1.5, n), rng.choice([0.01, 0.02, 0.5], n // 3)])
-        s = np.sort(values)
-        assert median_of_sorted(s) == float(np.median(values))
+        samples = np.concatenate([rng.lognormal(-3, 1.5, n), rng.choice([0.01, 0.02, 0.5], n // 3)])
+        values, counts = np.unique(samples, return_counts=True)
+        d = WindowDistribution(values, np.cumsum(counts))
+        assert len(d) == len(samples) and d.samples().tolist() == sorted(samples.tolist())
+        assert d.median() == float(np.median(samples))
         for q in (0.99, 0.5, 0.9, 0.01, 0.0, 1.0, float(rng.random())):
-            assert quantile_of_sorted(s, q) == float(np.quantile(values, q)), (n, q)
+            assert d.quantile(q) == float(np.quantile(samples, q)), (n, q)
+        for x in (0.01, 0.02, 0.5, float(rng.lognormal(-3, 1.5)), 0.0, 1e9):
+            assert d.count_above(x) == int((samples > x).sum())
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_window_stats_read_off_the_kept_sorted_window_are_numpys_on_the_window(seed):
+def test_window_stats_read_off_the_kept_counts_are_numpys_on_the_window(seed):
     """Through appends, trims of any size (past the whole window, and past the 4,096 samples at
-    which the arrays' front is cut) and repeated values, the window stats equal numpy's on the
-    window's values, float for float."""
+    which the arrays' front is cut) and repeated values, the window stats (read off the counts
+    kept between snapshots) equal numpy's on the window's values, float for float."""
     rng = np.random.default_rng(seed)
     tr = SLOTracker({"free": 0.05}, window_s=2.0)
     series = tr.tiers["free"].tbt
@@ -187,5 +191,7 @@ def test_window_stats_read_off_the_kept_sorted_window_are_numpys_on_the_window(s
         stats = tr.tier_stats(now)["free"]
         window = series.window()
         assert (stats["tbt_p50_s"], stats["tbt_p99_s"], stats["tbt_miss_frac"]) == _numpy_window_stats(window, 0.05)
-        assert series.sorted_window().tolist() == sorted(window.tolist())
+        dist = series.distribution()
+        assert dist.samples().tolist() == sorted(window.tolist())
+        assert len(dist.values) == len(set(window.tolist()))  # values that left the window are not kept
     assert series.dropped > 0  # the arrays' front was cut along the way
