@@ -56,7 +56,7 @@ from replica.cost.shape import BatchShape
 from replica.policy.registry import DEFAULT_SCHEDULER
 from replica.sim.engine import PAPER_KV_BLOCKS
 from replica.tiers import TierMix, paper_tiers, parse_tiers
-from replica.traces import Trace, load_trace, sample_requests
+from replica.traces import Trace, load_trace
 from serve_app.autoscaling_policy import ArrivalStats, TierAwareAutoscaler
 from serve_app.config import AdmissionConfig, ReplicaAutoscalingConfig, serving_tiers
 
@@ -125,19 +125,15 @@ class RayDefaultScaler:
         """Ray's decision for this context (the wrapped default policy, then the bounds)."""
         from ray.serve import autoscaling_policy as ray_policy
 
+        # (Ray's wrapper also has cold-start branches for zero running replicas; the cluster
+        # always keeps one routable replica, so they cannot arise here)
+        if running < 1:
+            raise ValueError(f"Ray's policy is simulated with running replicas only, got {running}")
         ctx = self.context(now_s, running, target, total_num_requests)
-        cold = ray_policy._get_cold_start_scale_up_replicas(ctx)
-        if cold is not None:
-            decision = cold
-        else:
-            desired, _ = ray_policy.replica_queue_length_autoscaling_policy(ctx)
-            desired = ray_policy._apply_scaling_factors(desired, ctx.current_num_replicas, self.config)
-            if ctx.current_num_replicas == 0 and desired > 0:
-                decision = desired
-            else:
-                state = {k: v for k, v in self.policy_state.items()}
-                decision, self.policy_state = ray_policy._apply_delay_logic(
-                    max(0, desired), ctx.target_num_replicas, self.config, state, _now=now_s)
+        desired, _ = ray_policy.replica_queue_length_autoscaling_policy(ctx)
+        desired = ray_policy._apply_scaling_factors(desired, ctx.current_num_replicas, self.config)
+        decision, self.policy_state = ray_policy._apply_delay_logic(
+            max(0, desired), ctx.target_num_replicas, self.config, dict(self.policy_state), _now=now_s)
         if isinstance(decision, float):
             decision = math.ceil(decision)
         return max(self.config.min_replicas, min(self.config.max_replicas, decision))
@@ -155,32 +151,29 @@ class RayDefaultScaler:
 
 def day_workload(trace: Trace, curve: Sequence[tuple[float, float]], peak_qps: float, tiers: TierMix,
                  duration_s: float = DAY_S, seed: int = 42, start_hour: float = 0.0) -> Workload:
-    """The paper's lengths (the trace shuffled with ``seed``) and tiers, arrivals following the
-    curve scaled to ``peak_qps`` (`loadtest.arrivals.diurnal_arrival_times`)."""
+    """The paper's setup (`Workload.build`: lengths from the trace shuffled with ``seed``, tiers
+    drawn by share) with arrivals following the curve scaled to ``peak_qps``
+    (`loadtest.arrivals.diurnal_arrival_times`)."""
     arrival_s = diurnal_arrival_times(curve, peak_qps, duration_s, seed, start_hour)
     n = len(arrival_s)
-    prompt_lens, output_lens = sample_requests(trace, n, seed=seed)
-    return Workload(arrival_s=arrival_s, prompt_lens=np.asarray(prompt_lens, dtype=np.int64),
-                    output_lens=np.asarray(output_lens, dtype=np.int64), tier_idx=tiers.assign(n, seed=seed),
-                    tiers=tiers, qps=n / duration_s if duration_s else 0.0)
+    return Workload.build(trace, n, n / duration_s if duration_s else 0.0, tiers, seed=seed, arrival_s=arrival_s)
 
 
 def recorded_workload(trace: Trace, tiers: TierMix, stretch: float = 1.0, seed: int = 42,
                       max_requests: int | None = None) -> Workload:
-    """A timestamped prefix trace in its order, at its own arrival times x ``stretch`` (from 0)."""
+    """A timestamped prefix trace in its order (`Workload.build`), at its own arrival times x
+    ``stretch`` (from 0)."""
     if trace.arrival_s is None:
         raise ValueError(f"{trace.source} has no timestamps")
+    if not trace.has_prefixes:
+        raise ValueError(f"{trace.source} has no prefix hashes: only a prefix trace is replayed in its order")
     if not stretch > 0:
         raise ValueError(f"stretch must be > 0, got {stretch}")
     n = len(trace) if max_requests is None else min(max_requests, len(trace))
     recorded = np.asarray(trace.arrival_s[:n], dtype=np.float64)
     arrival_s = (recorded - recorded[0]) * stretch
     span = float(arrival_s[-1]) if n else 0.0
-    prefix = trace.prefix_hashes[:n] if trace.has_prefixes else None
-    return Workload(arrival_s=arrival_s, prompt_lens=np.asarray(trace.prompt_lens[:n], dtype=np.int64),
-                    output_lens=np.asarray(trace.output_lens[:n], dtype=np.int64),
-                    tier_idx=tiers.assign(n, seed=seed), tiers=tiers, qps=(n - 1) / span if span > 0 else 0.0,
-                    prefix_hashes=prefix, hash_block_tokens=trace.hash_block_tokens if prefix is not None else 0)
+    return Workload.build(trace, n, (n - 1) / span if span > 0 else 0.0, tiers, seed=seed, arrival_s=arrival_s)
 
 
 # ------------------------------------------------------------------------------------ the results

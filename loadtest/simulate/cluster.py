@@ -146,13 +146,12 @@ class ScalingView:
     """What a scaler sees at ``now_s``.  ``feedback``: the latest delivered snapshot of each
     routable replica that has one; ``ongoing``: requests held (running + queued) by each routable
     replica; ``arrival_rates_rps`` / ``mean_prompt_tokens``: per tier, over the last
-    ``arrival_window_s`` (or since the start, if shorter); ``running`` / ``starting`` /
-    ``draining``: replica counts."""
+    ``arrival_window_s`` (or since the start, if shorter); ``running`` / ``starting``: replica
+    counts (routable; requested and not yet ready)."""
 
     now_s: float
     running: int
     starting: int
-    draining: int
     feedback: tuple[ReplicaFeedback, ...]
     ongoing: dict[str, int]
     arrival_rates_rps: dict[str, float]
@@ -205,12 +204,17 @@ class _Replica:
         self.tracker = tracker
         self.busy = False  # an iteration is in flight (its finish event is queued)
         self.num_requests = 0
-        self.in_flight = 0  # requests placed here and not finished
         self.state = state
         self.requested_s = requested_s
         self.ready_s: float | None = requested_s if state == _RUNNING else None
         self.drained_s: float | None = None
         self.gone_s: float | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests placed here and not finished (queued or running in its engine)."""
+        st = self.engine.state
+        return len(st.waiting) + len(st.running)
 
     def span(self) -> ReplicaSpan:
         return ReplicaSpan(self.rid, self.requested_s, self.ready_s, self.drained_s, self.gone_s)
@@ -243,6 +247,17 @@ def run_cluster(workload: Workload, config: ClusterConfig,
     hash_block_tokens = workload.hash_block_tokens
 
     replicas: list[_Replica] = []
+    by_id: dict[str, _Replica] = {}
+    routers = [make_router_policy(config.router, _routing_context(config, workload, k), **config.router_options)
+               for k in range(config.num_routers)]
+    ledgers = [InFlightLedger(clock=lambda: now) for _ in routers]
+    placed: dict[int, str] = {}  # request index -> replica id, while unfinished
+
+    def on_finish(r: Request) -> None:
+        k = int(r.req_id)
+        rid = placed.pop(k, None)
+        if rid is not None and config.use_ledger:
+            ledgers[origin[k]].on_done(rid, r.req_id)
 
     def new_replica(i: int, requested_s: float = 0.0, state: int = _RUNNING) -> _Replica:
         pname = config.profile_of(i)
@@ -256,30 +271,16 @@ def run_cluster(workload: Workload, config: ClusterConfig,
 
         policy = make_policy(config.scheduler_of(i), engine=EngineLimits(tile_tokens=profiles[pname].tile_tokens))
         engine = SimEngine(policy, profiles[pname], num_kv_blocks=config.kv_blocks, on_tokens=on_tokens,
-                           on_finish=None, prefix_caching=prefix_caching)
-        return _Replica(i, f"replica-{i:03d}", engine, tracker, requested_s, state)
+                           on_finish=on_finish, prefix_caching=prefix_caching)
+        rep = _Replica(i, f"replica-{i:03d}", engine, tracker, requested_s, state)
+        replicas.append(rep)
+        by_id[rep.rid] = rep
+        return rep
 
     for i in range(config.num_replicas):
-        replicas.append(new_replica(i))
+        new_replica(i)
     ids = [r.rid for r in replicas]  # the routable replicas
-    by_id = {r.rid: r for r in replicas}
-
-    routers = [make_router_policy(config.router, _routing_context(config, workload, k), **config.router_options)
-               for k in range(config.num_routers)]
-    ledgers = [InFlightLedger(clock=lambda: now) for _ in routers]
     feedback: dict[str, ReplicaFeedback | None] = dict.fromkeys(ids)  # as delivered (all routers)
-    placed: dict[int, str] = {}  # request index -> replica id, while unfinished
-
-    def on_finish(r: Request) -> None:
-        k = int(r.req_id)
-        rid = placed.pop(k, None)
-        if rid is not None:
-            by_id[rid].in_flight -= 1
-            if config.use_ledger:
-                ledgers[origin[k]].on_done(rid, r.req_id)
-
-    for rep in replicas:
-        rep.engine.on_finish = on_finish
 
     events: list[tuple[float, int, int, Any]] = []
     seq = 0
@@ -301,37 +302,34 @@ def run_cluster(workload: Workload, config: ClusterConfig,
     waiting_at_last_arrival = 0
     scale_events: list[ScaleEvent] = []
     recent: deque[tuple[float, str, int]] = deque()  # (time, tier, prompt tokens) of recent arrivals
+    recent_count: dict[str, int] = {t.name: 0 for t in tiers}  # their sums per tier
+    recent_tokens: dict[str, int] = {t.name: 0 for t in tiers}
+    starting: list[_Replica] = []  # requested and not ready yet, oldest first
     if scaler is not None:
         if not (scaler.period_s > 0 and scaler.startup_s >= 0 and scaler.arrival_window_s > 0):
             raise ValueError("a scaler needs period_s > 0, startup_s >= 0 and arrival_window_s > 0")
         push(scaler.period_s, _SCALE, None)
 
     def retire_if_idle(rep: _Replica) -> None:
-        if rep.state == _DRAINING and not rep.busy and not rep.engine.has_work and rep.in_flight == 0:
+        if rep.state == _DRAINING and not rep.busy and not rep.engine.has_work:
             rep.state = _GONE
             rep.gone_s = now
 
     def view() -> ScalingView:
         window = scaler.arrival_window_s
         while recent and recent[0][0] < now - window:
-            recent.popleft()
+            _, tier, plen = recent.popleft()
+            recent_count[tier] -= 1
+            recent_tokens[tier] -= plen
         span_s = max(min(window, now), scaler.period_s)
-        counts: dict[str, int] = {t.name: 0 for t in tiers}
-        tokens: dict[str, int] = {t.name: 0 for t in tiers}
-        for _, tier, plen in recent:
-            counts[tier] += 1
-            tokens[tier] += plen
-        live = [by_id[rid] for rid in ids]
         return ScalingView(
-            now_s=now, running=len(live), starting=sum(1 for x in replicas if x.state == _STARTING),
-            draining=sum(1 for x in replicas if x.state == _DRAINING),
+            now_s=now, running=len(ids), starting=len(starting),
             feedback=tuple(fb for rid in ids if (fb := feedback.get(rid)) is not None),
-            ongoing={x.rid: x.in_flight for x in live},
-            arrival_rates_rps={t: c / span_s for t, c in counts.items()},
-            mean_prompt_tokens={t: (tokens[t] / c if c else 0.0) for t, c in counts.items()})
+            ongoing={rid: by_id[rid].in_flight for rid in ids},
+            arrival_rates_rps={t: c / span_s for t, c in recent_count.items()},
+            mean_prompt_tokens={t: (recent_tokens[t] / c if c else 0.0) for t, c in recent_count.items()})
 
     def apply(step: ScaleStep) -> None:
-        starting = [x for x in replicas if x.state == _STARTING]
         total = len(ids) + len(starting)
         target = max(1, int(step.target))
         if target == total:
@@ -339,16 +337,13 @@ def run_cluster(workload: Workload, config: ClusterConfig,
         if target > total:
             for _ in range(target - total):
                 rep = new_replica(len(replicas), now, _STARTING)
-                rep.engine.on_finish = on_finish
-                replicas.append(rep)
-                by_id[rep.rid] = rep
+                starting.append(rep)
                 feedback[rep.rid] = None
                 push(now + scaler.startup_s, _READY, rep)
         else:
             excess = total - target
-            for rep in reversed(starting):  # cancel the newest starting replicas first
-                if not excess:
-                    break
+            while excess and starting:  # cancel the newest starting replicas first
+                rep = starting.pop()
                 rep.state, rep.gone_s = _GONE, now
                 excess -= 1
             live = sorted((by_id[rid] for rid in ids), key=lambda x: (x.in_flight, -x.index))
@@ -356,7 +351,7 @@ def run_cluster(workload: Workload, config: ClusterConfig,
                 rep.state, rep.drained_s = _DRAINING, now
                 ids.remove(rep.rid)
                 retire_if_idle(rep)
-        after = len(ids) + sum(1 for x in replicas if x.state == _STARTING)
+        after = len(ids) + len(starting)
         if after != total:
             scale_events.append(ScaleEvent(now, total, after, step.reason, step.message))
 
@@ -379,13 +374,14 @@ def run_cluster(workload: Workload, config: ClusterConfig,
             rep = by_id[rid]
             rep.engine.add_request(r)
             rep.num_requests += 1
-            rep.in_flight += 1
             replica_of[k] = rep.index
             placed[k] = rid
             if config.use_ledger:
                 ledger.record(rid, rreq)
             if scaler is not None:
                 recent.append((now, r.tier, r.prompt_len))
+                recent_count[r.tier] += 1
+                recent_tokens[r.tier] += r.prompt_len
             arrived += 1
             if arrived == n:
                 waiting_at_last_arrival = sum(len(x.engine.state.waiting) for x in replicas)
@@ -422,6 +418,7 @@ def run_cluster(workload: Workload, config: ClusterConfig,
         elif kind == _READY:
             rep = payload
             if rep.state == _STARTING:  # not cancelled meanwhile
+                starting.remove(rep)
                 rep.state, rep.ready_s = _RUNNING, now
                 ids.append(rep.rid)
                 push(now + rng.uniform(0.0, config.feedback_period_s), _TAKE, rep)

@@ -46,16 +46,25 @@ class Workload:
 
     @classmethod
     def build(cls, trace: Trace, num_requests: int, qps: float, tiers: TierMix, seed: int = 42,
-              arrivals: str = "poisson") -> "Workload":
+              arrivals: str = "poisson", arrival_s: np.ndarray | None = None) -> "Workload":
         """The paper's setup: requests drawn from the trace (shuffle seed), Poisson arrivals with
         capped gaps, tiers drawn at random with their shares.
 
         A prefix trace (`Trace.has_prefixes`) keeps its order instead (its first `num_requests`
         requests: a shuffle would put a conversation's later turns before its first); its arrivals
         are re-drawn at `qps` (``arrivals="poisson"``) or replayed from its timestamps, scaled so
-        that the mean rate is `qps` (``"replay"``: the recorded burstiness, at another load)."""
+        that the mean rate is `qps` (``"replay"``: the recorded burstiness, at another load).
+
+        `arrival_s` gives the arrival times instead (`num_requests` of them, non-decreasing, from
+        0: a diurnal curve's, or a recording's at its own pace); `qps` is then recorded as given."""
         if arrivals not in ARRIVALS:
             raise ValueError(f"arrivals must be one of {ARRIVALS}, got {arrivals!r}")
+        if arrival_s is not None:
+            if arrivals != "poisson":
+                raise ValueError(f"give arrival times or arrivals={arrivals!r}, not both")
+            arrival_s = np.asarray(arrival_s, dtype=np.float64)
+            if arrival_s.shape != (num_requests,) or (num_requests and (arrival_s[0] < 0 or np.any(np.diff(arrival_s) < 0))):
+                raise ValueError(f"arrival_s must be {num_requests} non-decreasing times from 0")
         if trace.has_prefixes:
             if num_requests > len(trace):
                 raise ValueError(f"{trace.source} has {len(trace)} requests, {num_requests} asked for "
@@ -75,7 +84,7 @@ class Workload:
             span = float(recorded[-1] - recorded[0]) if num_requests > 1 else 0.0
             scale = ((num_requests - 1) / qps) / span if span > 0 else 1.0
             arrival_s = (recorded - recorded[0]) * scale
-        else:
+        elif arrival_s is None:
             arrival_s = poisson_arrival_times(num_requests, qps, seed=seed)
         return cls(
             arrival_s=arrival_s,
