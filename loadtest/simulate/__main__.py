@@ -91,9 +91,16 @@ def _setup(a: argparse.Namespace) -> SweepSetup:
 def cmd_paper(a: argparse.Namespace) -> int:
     setup = _setup(a)
     t0 = time.perf_counter()
+    saturation: dict[str, dict] = {}
+
+    def saturation_runs():  # independent of the sweep: run alongside it
+        sat = [n for n in a.saturation_schedulers if n in a.schedulers] if a.saturation_qps else []
+        for res in (yield [(name, a.saturation_qps) for name in sat]):
+            saturation[res["scheduler"]] = res
+
     with Runner(setup, jobs=a.jobs, progress=not a.quiet) as runner:
         results = sweep_with_capacity(runner, a.schedulers, a.qps, refine_steps=a.refine,
-                                      p99_ttft_bound_s=a.p99_ttft_bound_s or None)
+                                      p99_ttft_bound_s=a.p99_ttft_bound_s or None, also=[saturation_runs()])
         ref_name = "sarathi-fcfs" if "sarathi-fcfs" in results else a.schedulers[0]
         ref_qps = results[ref_name]["capacity_qps"] or min(a.qps)
         at_ref = {}
@@ -106,11 +113,6 @@ def cmd_paper(a: argparse.Namespace) -> int:
                 todo.append((name, ref_qps))
         for res in runner.run(todo):
             at_ref[res["scheduler"]] = res
-        saturation = {}
-        if a.saturation_qps:
-            sat = [n for n in a.saturation_schedulers if n in results]
-            for res in runner.run((name, a.saturation_qps) for name in sat):
-                saturation[res["scheduler"]] = res
     wall_s = time.perf_counter() - t0
     paths = write_paper_report(setup, results, ref_name, ref_qps, at_ref, saturation, wall_s, Path(a.out), a.json)
     print((Path(a.out) / "summary.md").read_text())

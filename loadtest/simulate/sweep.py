@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import multiprocessing as mp
 import os
-from collections.abc import Callable, Iterable, Sequence
+import queue
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,10 @@ def _task(args: tuple[Callable[[Any, str, float], dict[str, Any]], Any, str, flo
     return point_fn(setup, key, qps)
 
 
+Task = tuple[str, float]  # (key, qps)
+Chain = Generator[list[Task], list[dict[str, Any]], None]
+
+
 class Runner:
     """Runs batches of (key, qps) tasks on `jobs` processes with one progress bar: a task is
     `point_fn(setup, key, qps)` (default `run_point`: key = a scheduler name), a module-level
@@ -86,18 +91,65 @@ class Runner:
         self._pool = mp.get_context("fork").Pool(self.jobs) if self.jobs > 1 else None
         self._bar = tqdm(total=0, unit="run", disable=not progress, desc="simulating")
 
-    def run(self, tasks: Iterable[tuple[str, float]]) -> list[dict[str, Any]]:
-        tasks = list(tasks)
-        self._bar.total += len(tasks)
-        self._bar.refresh()
-        # heaviest first (high QPS runs longest), so no worker is left with a long tail alone
-        args = [(self.point_fn, self.setup, s, q) for s, q in sorted(tasks, key=lambda t: -t[1])]
-        out = []
-        it = self._pool.imap_unordered(_task, args) if self._pool else map(_task, args)
-        for res in it:
-            out.append(res)
-            self._bar.update(1)
+    def run(self, tasks: Iterable[Task]) -> list[dict[str, Any]]:
+        """Every task's result, in the order they finish."""
+        out: list[dict[str, Any]] = []
+
+        def chain() -> Chain:
+            out.extend((yield list(tasks)))
+
+        self.run_chains([chain()])
         return out
+
+    def run_chains(self, chains: Iterable[Chain]) -> None:
+        """Drive independent chains of batches at once: a chain yields a batch of tasks, is sent
+        that batch's results (in the order they finished) and yields its next batch, until it
+        returns.  A chain's next batch is queued as soon as its own batch is done, not when every
+        chain's is, so the workers are not left idle behind the slowest task of a round; each
+        chain sees what it would see run alone.  Tasks run in the order queued: the first batches
+        of all chains together, then each next batch, each heaviest (highest QPS) first, so no
+        worker is left with a long tail alone."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        waiting: dict[int, list] = {}  # chain -> [tasks left, results so far]
+
+        def next_batch(gen: Chain, results: list[dict[str, Any]] | None) -> list[Task] | None:
+            """The chain's next non-empty batch (None: it has finished)."""
+            try:
+                batch = next(gen) if results is None else gen.send(results)
+                while not batch:
+                    batch = gen.send([])
+            except StopIteration:
+                return None
+            return list(batch)
+
+        def queue_tasks(tasks: list[tuple[int, Task]]) -> None:
+            for c, _ in tasks:
+                waiting.setdefault(c, [0, []])[0] += 1
+            self._bar.total += len(tasks)
+            self._bar.refresh()
+            for c, (key, qps) in sorted(tasks, key=lambda ct: -ct[1][1]):
+                args = (self.point_fn, self.setup, key, qps)
+                if self._pool is None:
+                    done.put((c, _task(args), None))
+                else:
+                    self._pool.apply_async(_task, (args,), callback=lambda res, c=c: done.put((c, res, None)),
+                                           error_callback=lambda e, c=c: done.put((c, None, e)))
+
+        gens = dict(enumerate(chains))
+        queue_tasks([(c, t) for c, gen in gens.items() for t in (next_batch(gen, None) or [])])
+        while waiting:
+            c, res, err = done.get()
+            if err is not None:
+                raise err
+            self._bar.update(1)
+            left = waiting[c]
+            left[0] -= 1
+            left[1].append(res)
+            if left[0] == 0:
+                del waiting[c]
+                batch = next_batch(gens[c], left[1])
+                if batch is not None:
+                    queue_tasks([(c, t) for t in batch])
 
     def close(self) -> None:
         self._bar.close()
@@ -119,10 +171,13 @@ def sweep_with_capacity(
     refine_steps: int = 3,
     keys: Sequence[str] = ("slo_met", "stable_slo_met"),
     p99_ttft_bound_s: float | None = None,
+    also: Iterable[Chain] = (),
 ) -> dict[str, dict[str, Any]]:
-    """Every scheduler at every QPS, then `refine_steps` bisection rounds (all runs of a round in
-    parallel) between each one's last passing and first failing QPS, for each criterion in
-    `keys` (the paper's capacity and the stable one).
+    """Every scheduler at every QPS, then `refine_steps` bisection rounds between each one's last
+    passing and first failing QPS, for each criterion in `keys` (the paper's capacity and the
+    stable one).  Each scheduler's rounds follow one another, the schedulers' side by side
+    (`Runner.run_chains`: a scheduler's next round starts when its own round is done); `also`:
+    more chains of runs to drive alongside.
 
     With `p99_ttft_bound_s`, also the P99-TTFT-bounded capacity (`loadtest.metrics.p99_ttft_ok`):
     every point gets ``p99_ttft_slo_met``, then `refine_steps` more bisection rounds for it alone.
@@ -130,38 +185,34 @@ def sweep_with_capacity(
     ``points`` only, so that they are the same numbers as without it.  It is refined only while
     below the stable capacity, so it is at most that."""
     points: dict[str, list[dict]] = {s: [] for s in schedulers}
-    for res in runner.run((s, q) for s in schedulers for q in qps_grid):
-        points[res[runner.key_field]].append(res)
-    for _ in range(refine_steps):
-        todo = sorted(
-            {
-                (s, mid)
-                for s in schedulers
-                for key in keys
-                if (mid := bisect_midpoint(*capacity_bracket(points[s], key))) is not None
-            }
-        )
-        if not todo:
-            break
-        for res in runner.run(todo):
-            points[res[runner.key_field]].append(res)
     extra: dict[str, list[dict]] = {s: [] for s in schedulers}
-    if p99_ttft_bound_s is not None:
-        key = "p99_ttft_slo_met"
-        for p in (p for s in schedulers for p in points[s]):
-            p[key] = p99_ttft_ok(p, p99_ttft_bound_s)
-        stable = {s: capacity_bracket(points[s], "stable_slo_met")[0] for s in schedulers}
+    p99_key = "p99_ttft_slo_met"
+
+    def rounds(s: str) -> Chain:
+        """One scheduler's runs, round by round (a chain of `Runner.run_chains`)."""
+        pts, more = points[s], extra[s]
+        pts += yield [(s, q) for q in qps_grid]
+        for _ in range(refine_steps):
+            todo = sorted({mid for key in keys if (mid := bisect_midpoint(*capacity_bracket(pts, key))) is not None})
+            if not todo:
+                break
+            pts += yield [(s, q) for q in todo]
+        if p99_ttft_bound_s is None:
+            return
+        for p in pts:
+            p[p99_key] = p99_ttft_ok(p, p99_ttft_bound_s)
+        stable = capacity_bracket(pts, "stable_slo_met")[0]
         for _ in range(refine_steps):
             # refined only below the stable capacity: a criterion that implies stability passes no
             # load above it, and refining past the stable one's resolution would report more
-            todo = sorted({(s, mid) for s in schedulers
-                           if capacity_bracket(points[s] + extra[s], key)[0] < stable[s]
-                           and (mid := bisect_midpoint(*capacity_bracket(points[s] + extra[s], key))) is not None})
-            if not todo:
+            lo, hi = capacity_bracket(pts + more, p99_key)
+            if not (lo < stable and (mid := bisect_midpoint(lo, hi)) is not None):
                 break
-            for res in runner.run(todo):
-                res[key] = p99_ttft_ok(res, p99_ttft_bound_s)
-                extra[res[runner.key_field]].append(res)
+            for res in (yield [(s, mid)]):
+                res[p99_key] = p99_ttft_ok(res, p99_ttft_bound_s)
+                more.append(res)
+
+    runner.run_chains([*(rounds(s) for s in schedulers), *also])
     out = {}
     for s in schedulers:
         pts = sorted(points[s], key=lambda p: p["qps"])
@@ -171,7 +222,7 @@ def sweep_with_capacity(
             "points": pts,
         }
         if p99_ttft_bound_s is not None:
-            out[s]["p99_ttft_capacity_qps"] = capacity_bracket(pts + extra[s], "p99_ttft_slo_met")[0]
+            out[s]["p99_ttft_capacity_qps"] = capacity_bracket(pts + extra[s], p99_key)[0]
             out[s]["p99_ttft_bound_s"] = p99_ttft_bound_s
             out[s]["p99_ttft_points"] = sorted(extra[s], key=lambda p: p["qps"])
     return out
