@@ -7,8 +7,8 @@ import time
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import compress, repeat
-from operator import attrgetter, gt, is_not, lt, sub
+from itertools import repeat
+from operator import attrgetter, lt, sub
 
 import numpy as np
 
@@ -23,9 +23,7 @@ from replica.sim.engine import PAPER_KV_BLOCKS, SimEngine
 
 ARRIVALS = ("poisson", "replay")
 _tier = attrgetter("tier")
-_tier_rank = attrgetter("tier_rank")
 _tbt_slo = attrgetter("tbt_slo_s")
-_last_token = attrgetter("last_token_s")
 
 
 @dataclass(frozen=True)
@@ -124,35 +122,28 @@ class ReplicaRun:
 
 class TokenLog:
     """Every request's TBT gaps and SLO misses, from the engine's token callbacks (request ids
-    are indices into the workload).  Single gaps are kept in order with their tier's rank (split
-    per tier when read); gaps shared by many requests in a fast-forwarded decode stretch are
-    stored once per tier with a weight."""
+    are indices into the workload).  Gaps shared by many requests in a fast-forwarded decode
+    stretch are stored once with a weight."""
 
     def __init__(self, workload: Workload) -> None:
         names = [t.name for t in workload.tiers.tiers]
         self.workload = workload
-        self._rank_of = {t.name: t.rank for t in workload.tiers.tiers}
-        self.gap_s = array("d")  # every single gap, in the order the tokens came
-        self.gap_rank = array("i")  # the tier (rank) of each
+        self.gaps: dict[str, array] = {k: array("d") for k in names}
         self.rep_gaps: dict[str, array] = {k: array("d") for k in names}
         self.rep_weights: dict[str, array] = {k: array("d") for k in names}
         self.misses = [0] * len(workload)  # per request (a list: cheaper to count into than an array)
+        self._append_gap = {k: a.append for k, a in self.gaps.items()}
 
     def on_tokens(self, emitted: list[Request], t: float) -> None:
-        # map/compress over the batch (C loops: this runs once per iteration over every token)
-        lasts = list(map(_last_token, emitted))
-        if None in lasts:  # first tokens: no gap
-            has_gap = list(map(is_not, lasts, repeat(None)))
-            emitted = list(compress(emitted, has_gap))
-            lasts = list(compress(lasts, has_gap))
-        gaps = list(map(sub, repeat(t), lasts))
-        self.gap_s.extend(gaps)
-        self.gap_rank.extend(map(_tier_rank, emitted))
-        over = list(map(gt, gaps, map(_tbt_slo, emitted)))
-        if True in over:
-            misses = self.misses
-            for r in compress(emitted, over):
-                misses[int(r.req_id)] += 1
+        append_gap = self._append_gap
+        misses = self.misses
+        for r in emitted:
+            last = r.last_token_s
+            if last is not None:
+                gap = t - last
+                append_gap[r.tier](gap)
+                if gap > r.tbt_slo_s:
+                    misses[int(r.req_id)] += 1
 
     def on_repeated_tokens(self, reqs: list[Request], ends: list[float]) -> None:
         self.on_tokens(reqs, ends[0])
@@ -171,17 +162,12 @@ class TokenLog:
             for r in reqs:
                 misses[int(r.req_id)] += missed.get(r.tbt_slo_s, 0)
 
-    def _single_gaps(self) -> dict[str, np.ndarray]:
-        """Each tier's single gaps, in order."""
-        gaps, ranks = np.frombuffer(self.gap_s), np.frombuffer(self.gap_rank, dtype=np.int32)
-        return {k: gaps[ranks == rank] for k, rank in self._rank_of.items()}
-
     def tbt_s(self) -> dict[str, np.ndarray]:
-        return {k: np.concatenate([g, np.frombuffer(self.rep_gaps[k])]) for k, g in self._single_gaps().items()}
+        return {k: np.concatenate([np.frombuffer(self.gaps[k]), np.frombuffer(self.rep_gaps[k])]) for k in self.gaps}
 
     def tbt_weight(self) -> dict[str, np.ndarray]:
         out = {}
-        for k, gaps in self._single_gaps().items():
+        for k, gaps in self.gaps.items():
             out[k] = w = np.empty(len(gaps) + len(self.rep_weights[k]))
             w[: len(gaps)] = 1.0
             w[len(gaps) :] = np.frombuffer(self.rep_weights[k])

@@ -137,9 +137,6 @@ class Provenance(_Strict):
     notes: list[str] = []
 
 
-_LONG_STRETCH = 64  # iterations from which a decode stretch's ends are computed with numpy
-
-
 class _TimeFn:
     """The hot path: plain floats, no pydantic. Coefficients converted to seconds once."""
 
@@ -174,33 +171,15 @@ class _TimeFn:
 
     def decode_stretch_ends_s(self, num_decodes: int, sum_decode_ctx: int, start_s: float, max_iterations: int,
                               until_s: float) -> list[float]:
-        """`CostModel.decode_stretch_ends_s`, computing only the ends it returns: in plain floats
-        for a short stretch (numpy's per-call overhead costs more there), with numpy for a long
-        one.  Each duration is `decode_stretch_times_s`'s element, by the same operations in the
-        same order, and the ends are its running sum from `start_s`, added left to right either
-        way (a loop, or ``np.add.accumulate``), so the floats are the same to the last bit."""
+        """`CostModel.decode_stretch_ends_s` in plain floats, computing only the ends it returns
+        (stretches are short: numpy's per-call overhead cost more).  Each duration is
+        `decode_stretch_times_s`'s element, by the same operations in the same order, and the ends
+        are its running sum from `start_s`, so the floats are the same to the last bit."""
         fixed_s = self.base_s + self.per_token_s * num_decodes + self.prefill_sq_s * 0 + self.prefill_ctx_s * 0
         per_ctx_s = self.decode_ctx_s
         ends: list[float] = []
         t = start_s
-        first = 0
-        if max_iterations >= _LONG_STRETCH:
-            # durations grow with j, so the first iteration's bounds how many end before until_s
-            first_s = fixed_s + per_ctx_s * sum_decode_ctx
-            k = max_iterations
-            if until_s != math.inf and first_s > 0:
-                k = min(k, int((until_s - start_s) / first_s) + 2)
-            if k >= _LONG_STRETCH:
-                acc = np.empty(k + 1)
-                acc[0] = start_s
-                acc[1:] = self.decode_stretch_times_s(num_decodes, sum_decode_ctx, k)
-                run = np.add.accumulate(acc)[1:]
-                stop = int(np.searchsorted(run, until_s, side="left"))  # the first that ends at or after it
-                if stop < k:
-                    return run[:stop + 1].tolist()
-                ends = run.tolist()
-                t, first = ends[-1], k
-        for j in range(first, max_iterations):
+        for j in range(max_iterations):
             t += fixed_s + per_ctx_s * (sum_decode_ctx + num_decodes * j)
             ends.append(t)
             if t >= until_s:
