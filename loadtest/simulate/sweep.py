@@ -151,17 +151,21 @@ class Runner:
                 if batch is not None:
                     queue_tasks([(c, t) for t in batch])
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Wait for the workers to finish what is queued, or (``abort``) stop them at once."""
         self._bar.close()
         if self._pool is not None:
-            self._pool.close()
+            if abort:
+                self._pool.terminate()
+            else:
+                self._pool.close()
             self._pool.join()
 
     def __enter__(self) -> "Runner":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(abort=exc_type is not None)  # a failed run (or ^C) does not wait for the rest
 
 
 def sweep_with_capacity(

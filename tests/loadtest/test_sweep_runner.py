@@ -75,3 +75,20 @@ def test_run_returns_every_tasks_result():
     with Runner(None, jobs=2, progress=False, point_fn=_echo, key_field="key") as runner:
         out = runner.run([("a", 1.0), ("b", 2.0), ("a", 3.0)])
     assert sorted((r["key"], r["qps"]) for r in out) == [("a", 1.0), ("a", 3.0), ("b", 2.0)]
+
+
+def _fails_first(setup, key, qps):
+    if qps == 9.0:
+        raise RuntimeError("run 9.0 failed")
+    (Path(setup) / f"started-{qps}").touch()
+    time.sleep(0.5)
+    return {"key": key, "qps": qps}
+
+
+def test_a_failed_run_stops_the_runs_still_queued(tmp_path):
+    """The failing run goes first (heaviest first); the eight after it take 0.5 s each on the
+    other worker: leaving the runner on the error stops them instead of waiting for them all."""
+    with pytest.raises(RuntimeError, match="run 9.0 failed"):
+        with Runner(str(tmp_path), jobs=2, progress=False, point_fn=_fails_first, key_field="key") as runner:
+            runner.run([("a", float(q)) for q in range(1, 10)])
+    assert len(list(tmp_path.glob("started-*"))) < 8
