@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 
 from loadtest.calibrate import DATA_DIR, fit_error, relative_nonneg_lstsq, round_sig
+from loadtest.calibrate import features as calibrate_features
 from loadtest.metrics import summarize
 from loadtest.simulate.replica import ReplicaRun, Workload, run_replica
 from replica.cost.profile import Coefficients, CostProfile, EngineOverheads, Provenance, load_profile
@@ -324,8 +325,7 @@ COEFFICIENTS = ("base_ms", "per_token_ms", "prefill_sq_ms", "prefill_ctx_ms", "d
 def features(shape: BatchShape) -> list[float]:
     """The regressors of `COEFFICIENTS`: calibrate's five, and whether the batch mixes prefill
     chunks and decodes."""
-    return [1.0, shape.num_tokens, shape.sum_prefill_sq, shape.sum_prefill_ctx, shape.sum_decode_ctx,
-            1.0 if shape.num_prefill_tokens and shape.num_decodes else 0.0]
+    return [*calibrate_features(shape), 1.0 if shape.num_prefill_tokens and shape.num_decodes else 0.0]
 
 
 def fit_points(points: Sequence[StepPoint]) -> tuple[list[float], np.ndarray]:
@@ -547,8 +547,8 @@ def predicted_steps_s(profile: CostProfile, trace: StepTrace) -> list[float | No
             continue
         t = profile.iteration_time_s(shape)
         if o is not None:
-            wake_s, tail_s = o.wake_and_tail_s(trace.idle_s(j), tail_s)
-            t += o.intake_and_chunks_s(0, trace.num_prefill_chunks[j]) + wake_s
+            extra_s, tail_s = o.iteration_s(0, trace.num_prefill_chunks[j], trace.idle_s(j), tail_s)
+            t += extra_s
         out.append(t)
     return out
 
@@ -908,6 +908,27 @@ def _model_dir(arg: str | None, tmp: str) -> Path:
     return Path(arg) if arg else build_tiny_model(Path(tmp) / "tiny")
 
 
+def _rates(text: str) -> tuple[float, ...]:
+    """`--train-qps`: comma-separated rates, each a finite number > 0."""
+    try:
+        rates = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates, got {text!r}") from None
+    if not rates or not all(math.isfinite(q) and q > 0 for q in rates):
+        raise argparse.ArgumentTypeError(f"expected rates > 0, got {text!r}")
+    return rates
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.sim_to_real", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -921,10 +942,11 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--repeats", type=int, default=3)
     f.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="fit wall time (default) or the engine thread's CPU time (for a contended machine)")
-    f.add_argument("--train-requests", type=int, default=TrainingRun.requests,
+    f.add_argument("--train-requests", type=_positive, default=TrainingRun.requests,
                    help="requests of the Poisson run the overheads are fitted on (default %(default)s)")
-    f.add_argument("--train-qps", default=",".join(f"{q:g}" for q in TrainingRun.qps),
-                   help="their rates, comma-separated: one run each (default %(default)s)")
+    f.add_argument("--train-qps", type=_rates, default=TrainingRun.qps,
+                   help="their rates, comma-separated: one run each (default "
+                        f"{','.join(f'{q:g}' for q in TrainingRun.qps)})")
     f.add_argument("--train-seed", type=int, default=TrainingRun.seed,
                    help="its seed (default %(default)s; compare's default is 42: a different trace)")
     f.add_argument("--no-overheads", action="store_true", help="fit the shape model only (no training run)")
@@ -949,8 +971,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = _model_dir(a.model_dir, tmp)
         if a.cmd == "fit":
-            training = None if a.no_overheads else TrainingRun(a.train_requests, tuple(
-                float(q) for q in a.train_qps.split(",")), a.train_seed)
+            training = None if a.no_overheads else TrainingRun(a.train_requests, a.train_qps, a.train_seed)
             profile, points, _ = fit(model_dir, a.grid, a.repeats, a.threads, a.out, a.steps_csv,
                                      log=lambda m: print(m, file=sys.stderr), clock=a.clock, training=training)
             print(fit_report(profile, points))

@@ -95,21 +95,14 @@ class EngineOverheads(_Strict):
             return 0.0
         return self.wake_ms_per_e_fold * math.log(idle_s / self.wake_after_idle_s) / 1000.0
 
-    def wake_and_tail_s(self, idle_s: float, tail_s: float) -> tuple[float, float]:
-        """The wake an iteration pays after `idle_s` idle, `tail_s` (what earlier wakes' tails owe
-        it) included, and what it leaves the next iteration to pay (s)."""
-        wake = self.wake_s(idle_s) + tail_s
-        return wake, wake * self.wake_tail_ratio
-
-    def intake_and_chunks_s(self, num_taken_in: int, num_prefill_chunks: int) -> float:
-        """The intake and prefill-chunk terms (s): what an iteration adds however long it waited."""
-        return (self.intake_ms * num_taken_in + self.prefill_chunk_ms * num_prefill_chunks) / 1000.0
-
-    def time_s(self, num_taken_in: int, num_prefill_chunks: int, idle_s: float) -> float:
+    def iteration_s(self, num_taken_in: int, num_prefill_chunks: int, idle_s: float,
+                    tail_s: float = 0.0) -> tuple[float, float]:
         """Seconds added to an iteration with `num_prefill_chunks` prefill chunks, run after the
-        engine took in `num_taken_in` requests and sat idle for `idle_s` (0 if busy); the wake's
-        tail on the iterations after it is the caller's (`wake_tail_ratio`)."""
-        return self.intake_and_chunks_s(num_taken_in, num_prefill_chunks) + self.wake_s(idle_s)
+        engine took in `num_taken_in` requests and sat idle for `idle_s` (0 if busy), `tail_s`
+        being what earlier wakes' tails owe it; and the tail it leaves the next iteration (s)."""
+        wake = self.wake_s(idle_s) + tail_s
+        intake_and_chunks = (self.intake_ms * num_taken_in + self.prefill_chunk_ms * num_prefill_chunks) / 1000.0
+        return intake_and_chunks + wake, wake * self.wake_tail_ratio
 
 
 class FitPoint(_Strict):

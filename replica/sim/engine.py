@@ -177,8 +177,8 @@ class SimEngine:
         o = self._overheads
         if o is None:
             return shape_s
-        wake_s, tail_s = o.wake_and_tail_s(st.now_s - self._last_end_s, self._wake_tail_s)
-        extra_s = o.intake_and_chunks_s(self._num_taken_in, len(plan.prefills)) + wake_s
+        extra_s, tail_s = o.iteration_s(self._num_taken_in, len(plan.prefills), st.now_s - self._last_end_s,
+                                        self._wake_tail_s)
         self._num_taken_in = 0
         self._wake_tail_s = tail_s if tail_s > 1e-6 else 0.0  # (under a microsecond: let decodes fast-forward)
         return extra_s + shape_s

@@ -42,9 +42,8 @@ def synthetic_run(true: s2r.EngineOverheads, profile: s2r.CostProfile, gaps_s=(0
         nonlocal t, tail
         intake = taken * true.intake_ms / 1e3
         t += idle_s + intake
-        wake = true.wake_s(idle_s)
-        dur = profile.iteration_time_s(shape) + true.time_s(0, chunks, idle_s) + tail
-        tail = (wake + tail) * true.wake_tail_ratio
+        extra, tail = true.iteration_s(0, chunks, idle_s, tail)  # (intake runs before the step)
+        dur = profile.iteration_time_s(shape) + extra
         tr.starts.append(t)
         t += dur
         tr.ends.append(t)
@@ -103,3 +102,16 @@ def test_theil_sen_ignores_a_few_spikes_that_least_squares_follows():
     slope, icpt = s2r.theil_sen(x, y)
     assert slope == pytest.approx(0.8) and icpt == pytest.approx(3.0)
     assert abs(np.polyfit(x, y, 1)[0] - 0.8) > 0.1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train-qps", "4,x"], "expected comma-separated rates"),
+    (["--train-qps", "4,0"], "expected rates > 0"),
+    (["--train-requests", "0"], "expected a number >= 1"),
+])
+def test_fit_refuses_bad_training_runs_before_starting_an_engine(args, message, capsys):
+    from loadtest.sim_to_real import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["fit", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err

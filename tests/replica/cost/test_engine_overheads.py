@@ -45,9 +45,9 @@ def test_the_mixed_term_leaves_decode_stretches_exact():
 
 def test_intake_and_prefill_chunks_add_per_request_and_per_chunk():
     o = EngineOverheads(intake_ms=0.6, prefill_chunk_ms=0.3)
-    assert o.time_s(0, 0, 0.0) == 0.0
-    assert o.time_s(2, 0, 0.0) == pytest.approx(1.2e-3)
-    assert o.time_s(1, 3, 0.0) == pytest.approx(1.5e-3)
+    assert o.iteration_s(0, 0, 0.0) == (0.0, 0.0)
+    assert o.iteration_s(2, 0, 0.0)[0] == pytest.approx(1.2e-3)
+    assert o.iteration_s(1, 3, 0.0)[0] == pytest.approx(1.5e-3)
 
 
 def test_wake_is_nothing_below_its_idle_threshold_and_grows_per_e_fold_above():
@@ -55,7 +55,15 @@ def test_wake_is_nothing_below_its_idle_threshold_and_grows_per_e_fold_above():
     assert o.wake_s(0.0) == 0.0 and o.wake_s(0.005) == 0.0
     assert o.wake_s(0.005 * math.e) == pytest.approx(0.8e-3)
     assert o.wake_s(0.005 * math.e ** 3) == pytest.approx(2.4e-3)
-    assert o.time_s(0, 0, 0.005 * math.e) == pytest.approx(0.8e-3)
+    assert o.iteration_s(0, 0, 0.005 * math.e)[0] == pytest.approx(0.8e-3)
+
+
+def test_a_wake_leaves_its_tail_to_the_next_iterations():
+    o = EngineOverheads(intake_ms=0.5, wake_ms_per_e_fold=0.8, wake_after_idle_s=0.005, wake_tail_ratio=0.25)
+    extra, tail = o.iteration_s(1, 0, 0.005 * math.e)
+    assert extra == pytest.approx(0.5e-3 + 0.8e-3) and tail == pytest.approx(0.2e-3)
+    extra, tail = o.iteration_s(0, 0, 0.0, tail)  # busy: only the tail, and a quarter of it left
+    assert extra == pytest.approx(0.2e-3) and tail == pytest.approx(0.05e-3)
 
 
 def test_overheads_round_trip_through_the_profile_json(tmp_path):
