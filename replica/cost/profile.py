@@ -22,13 +22,15 @@ Profiles are JSON files in `profiles/`, written by `python -m loadtest.calibrate
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
+from operator import itemgetter
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from replica.cost.model import CostModel
 from replica.cost.shape import BatchShape
@@ -38,6 +40,7 @@ PROFILES_DIR = Path(__file__).parent / "profiles"
 DEFAULT_COST_PROFILE = "rtx6000ada-mistral7b"
 
 NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+_first = itemgetter(0)
 
 
 class _Strict(BaseModel):
@@ -69,6 +72,7 @@ class EngineOverheads(_Strict):
         intake_ms * (requests taken in since the last iteration)
       + prefill_chunk_ms * (prefill chunks in this iteration)
       + wake_ms_per_e_fold * ln(idle_s / wake_after_idle_s)      if idle_s > wake_after_idle_s
+        (or, with `wake_curve`, the measured curve at idle_s)
       + the wake's tail: wake_tail_ratio^k of that on the k-th iteration after it
 
     - intake: the engine thread's own work to take in a request (vLLM in-process:
@@ -77,20 +81,50 @@ class EngineOverheads(_Strict):
       repeated grid (whose medians see every attention shape warm; a serving engine rarely sees
       the same prompt and context twice);
     - wake: the first iteration after the engine sat idle for idle_s is slower, the more so the
-      longer it sat (caches gone cold), and the next few a little (a geometric tail).
+      longer it sat (caches gone cold), and the next few a little (a geometric tail).  Either a
+      line in ln(idle_s) (`wake_ms_per_e_fold` above `wake_after_idle_s`) or a measured curve
+      (`wake_curve`: (idle_s, ms) points, ascending; linear in ln(idle_s) between them, nothing
+      below the first, the last one's beyond it), not both.
 
     Measured for the CPU engine only (`python -m loadtest.sim_to_real fit`, from a Poisson run's
-    own steps; its docstring says how). GPU profiles have none: `CostProfile.overheads` is None."""
+    own steps and requests run one at a time after set idle gaps; its docstring says how). GPU
+    profiles have none: `CostProfile.overheads` is None."""
 
     intake_ms: NonNegative = 0.0
     prefill_chunk_ms: NonNegative = 0.0
     wake_ms_per_e_fold: NonNegative = 0.0
     wake_after_idle_s: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    wake_curve: tuple[tuple[Annotated[float, Field(gt=0.0, allow_inf_nan=False)], NonNegative], ...] = ()
     wake_tail_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     source: str = ""  # how they were measured
 
+    @model_validator(mode="after")
+    def _one_wake_model(self) -> "EngineOverheads":
+        idle = [x for x, _ in self.wake_curve]
+        if any(b <= a for a, b in zip(idle, idle[1:])):
+            raise ValueError(f"wake_curve: idle times must ascend, got {idle}")
+        if self.wake_curve and self.wake_ms_per_e_fold:
+            raise ValueError("give the wake as wake_curve or as wake_ms_per_e_fold, not both")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_curve(self, handler):  # profiles with the line keep their JSON as it was
+        out = handler(self)
+        if not self.wake_curve:
+            out.pop("wake_curve", None)
+        return out
+
     def wake_s(self, idle_s: float) -> float:
         """The first iteration's wake cost after `idle_s` idle (s)."""
+        curve = self.wake_curve
+        if curve:
+            if idle_s < curve[0][0]:
+                return 0.0
+            k = bisect.bisect_right(curve, idle_s, key=_first)
+            if k == len(curve):
+                return curve[-1][1] / 1000.0
+            (x0, y0), (x1, y1) = curve[k - 1], curve[k]
+            return (y0 + (y1 - y0) * math.log(idle_s / x0) / math.log(x1 / x0)) / 1000.0
         if idle_s <= self.wake_after_idle_s:
             return 0.0
         return self.wake_ms_per_e_fold * math.log(idle_s / self.wake_after_idle_s) / 1000.0

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -95,6 +97,125 @@ def test_the_step_prediction_includes_the_wake_and_its_tail():
         assert predicted[j] == pytest.approx(tr.ends[j] - tr.starts[j], abs=1e-8)
 
 
+SATURATING = s2r.EngineOverheads(intake_ms=0.6, prefill_chunk_ms=0.25, wake_tail_ratio=0.2,
+                                 wake_curve=((0.002, 0.0), (0.01, 1.0), (0.03, 1.4), (0.5, 1.5)))
+
+
+def synthetic_probes(true: s2r.EngineOverheads, profile: s2r.CostProfile, idles_s) -> s2r.StepTrace:
+    """A StepTrace as `run_wake_probes` records it, of an engine that costs exactly `profile`'s
+    shapes plus `true`: per idle gap, one request taken in, its prefill step, two decode steps."""
+    tr = s2r.StepTrace()
+    t, tail = 0.0, 0.0
+    for k, idle_s in enumerate(idles_s):
+        for j, (shape, chunks) in enumerate(((s2r.BatchShape(150, 22_500, 0, 0, 0), 1),
+                                             (s2r.BatchShape(0, 0, 0, 1, 150), 0), (s2r.BatchShape(0, 0, 0, 1, 151), 0))):
+            taken = 1 if j == 0 else 0
+            gap = idle_s if j == 0 else 0.0
+            t += gap + taken * true.intake_ms / 1e3
+            extra, tail = true.iteration_s(0, chunks, gap, tail)
+            tr.starts.append(t)
+            t += profile.iteration_time_s(shape) + extra
+            tr.ends.append(t)
+            tr.shapes.append(shape)
+            tr.num_prefill_chunks.append(chunks)
+            tr.taken_in.append(taken)
+            tr.intake_s.append(taken * true.intake_ms / 1e3)
+    return tr
+
+
+def test_wake_probes_measure_a_saturating_wake():
+    """The probes' idle gaps, log-spaced, give the wake as a curve: it follows a wake that rises
+    over a few milliseconds of idle and then levels off, which a line in ln(idle) cannot."""
+    shape_model = s2r.profile_stub(s2r.Coefficients(base_ms=2.0, per_token_ms=0.005, prefill_sq_ms=0.0,
+                                                    prefill_ctx_ms=4e-6, decode_ctx_ms=1.5e-4, mixed_ms=0.3))
+    probes = synthetic_probes(SATURATING, shape_model, np.random.default_rng(0).permutation(np.geomspace(1e-3, 0.5, 96)))
+    fitted = s2r.fit_overheads([synthetic_run(SATURATING, shape_model)], shape_model, [probes])
+    assert fitted.wake_ms_per_e_fold == 0.0 and len(fitted.wake_curve) == s2r.WAKE_CURVE_BINS
+    for idle_s in (0.004, 0.01, 0.02, 0.1, 0.4):
+        assert fitted.wake_s(idle_s) == pytest.approx(SATURATING.wake_s(idle_s), rel=0.05, abs=2e-5)
+    assert fitted.intake_ms == pytest.approx(0.6, rel=1e-3)
+    assert fitted.prefill_chunk_ms == pytest.approx(0.25, rel=1e-3)
+    assert fitted.wake_tail_ratio == pytest.approx(0.2, rel=0.05)
+    assert "probes after set idle gaps" in fitted.source
+
+
+def test_the_wake_curve_takes_medians_and_never_falls_with_longer_idle():
+    idle = [0.001, 0.0012, 0.0014, 0.01, 0.011, 0.012, 0.1, 0.11, 0.12]
+    excess = [-0.2, -0.1, -0.3, 1.0, 9.0, 1.4, 0.8, 0.9, 0.7]  # a spike, and a dip after the rise
+    # medians -0.2, 1.4, 0.8: the dip pooled with the rise (1.1 each), the negative one clipped to 0
+    assert s2r.wake_curve(idle, excess, bins=3) == ((0.0012, 0.0), (0.011, 1.1), (0.11, 1.1))
+    assert s2r.wake_curve(idle[:2], excess[:2]) == ()
+
+
+def test_non_decreasing_pools_the_values_that_fall():
+    # 2.2, 2.0 pool to 2.1; 2.9, 1.4, 1.5 to 1.93, below 2.1: all five pool to their mean, 2.0
+    assert s2r.non_decreasing([0.1, 2.2, 2.0, 2.9, 1.4, 1.5]) == pytest.approx([0.1, 2.0, 2.0, 2.0, 2.0, 2.0])
+    assert s2r.non_decreasing([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+
+
+def test_the_step_prediction_counts_no_wake_across_the_driver_loops_own_gaps():
+    """Back-to-back steps are a few microseconds apart (the driver loop), which the simulated
+    engine's iterations are not: a wake with a tiny threshold must not reach them."""
+    shape_model = s2r.profile_stub(s2r.Coefficients(base_ms=2.0, per_token_ms=0.005, prefill_sq_ms=0.0,
+                                                    prefill_ctx_ms=0.0, decode_ctx_ms=1.5e-4))
+    tr = s2r.StepTrace()
+    t = 0.0
+    for _ in range(5):
+        t += 15e-6
+        tr.starts.append(t)
+        t += 2e-3
+        tr.ends.append(t)
+        tr.shapes.append(s2r.BatchShape(0, 0, 0, 4, 400))
+        tr.num_prefill_chunks.append(0)
+        tr.taken_in.append(0)
+        tr.intake_s.append(0.0)
+    woken = shape_model.model_copy(update={"overheads": s2r.EngineOverheads(wake_ms_per_e_fold=0.05,
+                                                                           wake_after_idle_s=1e-14)})
+    assert s2r.predicted_steps_s(woken, tr) == s2r.predicted_steps_s(shape_model, tr)
+
+
+class _FakeEngine:
+    """Just what `run_wake_probes` drives: add a request, step it in three steps."""
+
+    def __init__(self) -> None:
+        self.left = 0
+        self.added: list[tuple[str, float]] = []
+
+    def add_request(self, rid, prompt, params, arrival_time):
+        self.added.append((rid, time.perf_counter()))
+        self.left = s2r.PROBE_OUTPUT_TOKENS
+
+    def has_unfinished_requests(self) -> bool:
+        return self.left > 0
+
+
+class _FakeStepper:
+    def __init__(self) -> None:
+        self.eng = _FakeEngine()
+        self.trace = s2r.StepTrace()
+
+    def step(self):
+        t0 = time.perf_counter()
+        self.eng.left -= 1
+        self.trace.starts.append(t0)
+        self.trace.ends.append(time.perf_counter())
+        self.trace.shapes.append(s2r.BatchShape(0, 0, 0, 1, 10))
+        self.trace.num_prefill_chunks.append(0)
+        return []
+
+
+def test_wake_probes_run_one_request_at_a_time_after_each_set_idle_gap():
+    st = _FakeStepper()
+    tr = s2r.run_wake_probes(st, 6, (0.002, 0.02), seed=3)
+    assert len(st.eng.added) == 6 and len(tr.starts) == 6 * s2r.PROBE_OUTPUT_TOKENS
+    firsts = range(s2r.PROBE_OUTPUT_TOKENS, len(tr.starts), s2r.PROBE_OUTPUT_TOKENS)  # (probe 0: unknown)
+    assert [tr.taken_in[j] for j in range(len(tr.starts))] == [1, 0, 0] * 6
+    idle = [tr.idle_s(j) for j in firsts]
+    wanted = np.random.default_rng(3).permutation(np.geomspace(0.002, 0.02, 6))[1:]
+    assert all(w - 1e-4 <= i <= w + 0.01 for i, w in zip(idle, wanted))  # each gap as set (or a busy host's slack more)
+    assert sorted(idle) != idle  # in a random order, not ascending
+
+
 def test_theil_sen_ignores_a_few_spikes_that_least_squares_follows():
     x = np.linspace(-5.0, 0.0, 21)
     y = 0.8 * x + 3.0
@@ -108,6 +229,7 @@ def test_theil_sen_ignores_a_few_spikes_that_least_squares_follows():
     (["--train-qps", "4,x"], "expected comma-separated rates"),
     (["--train-qps", "4,0"], "expected rates > 0"),
     (["--train-requests", "0"], "expected a number >= 1"),
+    (["--wake-probes", "-1"], "expected a number >= 0"),
 ])
 def test_fit_refuses_bad_training_runs_before_starting_an_engine(args, message, capsys):
     from loadtest.sim_to_real import main

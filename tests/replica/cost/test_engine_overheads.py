@@ -77,6 +77,30 @@ def test_overheads_round_trip_through_the_profile_json(tmp_path):
     assert q.iteration_time_s(SHAPES[2]) == p.iteration_time_s(SHAPES[2])
 
 
+def test_a_measured_wake_curve_is_linear_in_log_idle_between_its_points_and_flat_beyond():
+    o = EngineOverheads(wake_curve=((0.002, 0.0), (0.02, 1.0), (0.2, 1.5)))
+    assert o.wake_s(0.0) == 0.0 and o.wake_s(0.0019) == 0.0 and o.wake_s(0.002) == 0.0
+    assert o.wake_s(0.002 * math.sqrt(10)) == pytest.approx(0.5e-3)  # halfway in ln(idle)
+    assert o.wake_s(0.02) == pytest.approx(1.0e-3)
+    assert o.wake_s(0.2) == pytest.approx(1.5e-3) and o.wake_s(30.0) == pytest.approx(1.5e-3)
+
+
+def test_the_curve_round_trips_and_a_profile_without_one_keeps_its_json(tmp_path):
+    o = EngineOverheads(intake_ms=0.5, wake_curve=((0.001, 0.1), (0.05, 1.2)), wake_tail_ratio=0.2)
+    path = tmp_path / "p.json"
+    path.write_text(profile_with(overheads=o).model_dump_json())
+    assert load_profile(path).overheads == o
+    assert "wake_curve" not in EngineOverheads(wake_ms_per_e_fold=0.8).model_dump()
+
+
+@pytest.mark.parametrize("bad", [{"wake_curve": ((0.01, 1.0), (0.005, 1.2))}, {"wake_curve": ((0.0, 1.0),)},
+                                 {"wake_curve": ((0.01, -1.0),)},
+                                 {"wake_curve": ((0.01, 1.0),), "wake_ms_per_e_fold": 0.5}])
+def test_a_bad_wake_curve_is_refused(bad):
+    with pytest.raises(ValidationError):
+        EngineOverheads(**bad)
+
+
 @pytest.mark.parametrize("bad", [{"intake_ms": -0.1}, {"wake_after_idle_s": 0.0}, {"wake_tail_ratio": 1.0},
                                  {"unknown_ms": 1.0}])
 def test_bad_overheads_are_refused(bad):

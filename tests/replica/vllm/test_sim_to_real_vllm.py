@@ -30,7 +30,7 @@ def fitted(make_llm, tiny_model_dir, tmp_path_factory):
     return profile, points, limits, out
 
 
-SMALL_TRAINING = s2r.TrainingRun(requests=24, qps=(20.0,), seed=5)
+SMALL_TRAINING = s2r.TrainingRun(requests=24, qps=(20.0,), seed=5, wake_probes=6, wake_idle_s=(0.001, 0.03))
 
 
 def test_fit_writes_a_loadable_profile_with_its_error(fitted):
@@ -42,6 +42,8 @@ def test_fit_writes_a_loadable_profile_with_its_error(fitted):
     assert loaded.overheads == profile.overheads is not None  # fitted on the training run
     assert profile.overheads.intake_ms > 0.0  # add_request always takes the engine thread some time
     assert "24 requests" in profile.overheads.source
+    assert "probes after set idle gaps" in profile.overheads.source
+    assert profile.overheads.wake_curve and profile.overheads.wake_ms_per_e_fold == 0.0  # measured by the probes
     c = profile.coefficients
     assert c.base_ms > 0.0  # every step pays a fixed CPU cost
     assert c.base_ms + c.per_token_ms * 256 < 1000.0  # a full budget step of the tiny model: milliseconds
