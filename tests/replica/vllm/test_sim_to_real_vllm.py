@@ -88,6 +88,18 @@ def test_compare_small_trace_both_tiers(fitted, tiny_model_dir):
     assert "premium" in s2r.compare_table(res)
 
 
+def test_compare_repeats_the_trace_through_the_same_engine(fitted, tiny_model_dir):
+    """--repeats: the same trace again through the same engine, every run listed (the first is
+    the comparison), each against the same (deterministic) simulator run."""
+    tiers = parse_tiers(s2r.DEFAULT_TIERS)
+    res = s2r.compare(tiny_model_dir, fitted[0], requests=12, qps=20.0, seed=3, tiers=tiers, threads=1, repeats=2)
+    assert len(res["runs"]) == 2 and res["setup"]["repeats"] == 2
+    assert res["runs"][0]["real"] == res["real"] and res["runs"][0]["rel_error"] == res["rel_error"]
+    for run in res["runs"]:
+        assert run["real"]["all"]["unfinished"] == 0 and run["real"]["all"]["requests"] == 12
+        assert run["steps"]["steps"] > 12
+    assert "run 2:" in s2r.compare_table(res)
+
 
 def test_compare_can_fit_its_profile_on_the_same_engine_first(make_llm, tiny_model_dir):
     make_llm.close()  # one live engine at a time
