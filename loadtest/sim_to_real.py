@@ -65,6 +65,7 @@ import numpy as np
 
 from loadtest.calibrate import DATA_DIR, fit_error, relative_nonneg_lstsq, round_sig
 from loadtest.calibrate import features as calibrate_features
+from loadtest.cli_args import int_at_least
 from loadtest.metrics import summarize
 from loadtest.simulate.replica import ReplicaRun, Workload, run_replica
 from replica.cost.profile import Coefficients, CostProfile, EngineOverheads, Provenance, load_profile
@@ -694,14 +695,13 @@ def fit_overheads(traces: Sequence[StepTrace], profile: CostProfile,
     excess_ms = [resid[k] - fixed_ms(k) for k in idle_steps]
     if wake_traces:
         curve = wake_curve([idle_s(k) for k in idle_steps], excess_ms)
-        measured = EngineOverheads(wake_curve=curve)
     elif len(idle_steps) >= 3:
         slope, icpt = theil_sen(np.log([idle_s(k) for k in idle_steps]), np.array(excess_ms))
         if slope > 0 and (after := float(np.exp(-icpt / slope))) > 0:
             after_s = after
         else:
             slope = 0.0
-        measured = EngineOverheads(wake_ms_per_e_fold=slope, wake_after_idle_s=after_s)
+    measured = EngineOverheads(wake_ms_per_e_fold=slope, wake_after_idle_s=after_s, wake_curve=curve)
     if curve or slope:
         wake, excess = [], []
         for t, j in idle_steps:
@@ -1056,24 +1056,6 @@ def _rates(text: str) -> tuple[float, ...]:
     return rates
 
 
-def _whole(text: str, least: int) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < least:
-        raise argparse.ArgumentTypeError(f"expected a number >= {least}, got {n}")
-    return n
-
-
-def _positive(text: str) -> int:
-    return _whole(text, 1)
-
-
-def _count(text: str) -> int:
-    return _whole(text, 0)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.sim_to_real", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1087,14 +1069,14 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--repeats", type=int, default=3)
     f.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="fit wall time (default) or the engine thread's CPU time (for a contended machine)")
-    f.add_argument("--train-requests", type=_positive, default=TrainingRun.requests,
+    f.add_argument("--train-requests", type=int_at_least(1), default=TrainingRun.requests,
                    help="requests of the Poisson run the overheads are fitted on (default %(default)s)")
     f.add_argument("--train-qps", type=_rates, default=TrainingRun.qps,
                    help="their rates, comma-separated: one run each (default "
                         f"{','.join(f'{q:g}' for q in TrainingRun.qps)})")
     f.add_argument("--train-seed", type=int, default=TrainingRun.seed,
                    help="its seed (default %(default)s; compare's default is 42: a different trace)")
-    f.add_argument("--wake-probes", type=_count, default=TrainingRun.wake_probes,
+    f.add_argument("--wake-probes", type=int_at_least(0), default=TrainingRun.wake_probes,
                    help="requests run one at a time after set idle gaps to fit the wake on (default %(default)s; "
                         "0: fit it on the Poisson runs' idle gaps)")
     f.add_argument("--no-overheads", action="store_true", help="fit the shape model only (no training run)")
@@ -1112,7 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
                         " instead of reading --profile")
     c.add_argument("--no-overheads", action="store_true",
                    help="simulate with the profile's shape model only (its overheads dropped)")
-    c.add_argument("--repeats", type=_positive, default=1,
+    c.add_argument("--repeats", type=int_at_least(1), default=1,
                    help="run the trace this many times back to back through the same engine and list each run "
                         "(the engine's own spread; default %(default)s)")
     c.add_argument("--cold", action="store_true",

@@ -33,6 +33,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from loadtest.cli_args import int_at_least
 from loadtest.plan.report import json_safe, summary_text
 from loadtest.plan.search import CRITERION, plan
 from loadtest.plan.stacks import STACKS, Stack, available_stacks
@@ -62,19 +63,6 @@ def _stacks_arg(text: str) -> list[Stack]:
     return [avail[k] for k in keys]
 
 
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected >= {minimum}, got {v}")
-        return v
-
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.plan", description=__doc__, epilog=_epilog(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stacks", type=_stacks_arg, default=None,
                     help="comma-separated stack keys (default: every available one: "
                          f"{', '.join(s.key for s in available_stacks())})")
-    ap.add_argument("--requests", type=_int_at_least(20), default=None,
+    ap.add_argument("--requests", type=int_at_least(20), default=None,
                     help="requests per simulation run (default: search.requests_per_run, else "
                          "search.virtual_duration_s x peak QPS within 600..20000)")
-    ap.add_argument("--jobs", type=_int_at_least(1), default=None, help="worker processes (default: all cores)")
+    ap.add_argument("--jobs", type=int_at_least(1), default=None, help="worker processes (default: all cores)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     try:
