@@ -14,7 +14,7 @@ SLAI scheduler (`replica.vllm_scheduler.SLAIScheduler`), in two parts:
    (`LLMEngine.step()`, wall clock: schedule + forward + sampling + output processing) with the
    batch shape the policy recorded for it (`BatchPlan.ran_shape`); the median of each step over
    `--repeats` runs of the grid is fitted with `loadtest.calibrate`'s relative-error non-negative
-   least squares to the cost model's five terms plus `mixed_ms` (`replica.cost.profile`).
+   least squares to the cost model's five terms plus `mixed_ms` and `per_decode_ms` (`replica.cost.profile`).
 2. The engine's overheads (`EngineOverheads`: what the shape model cannot see). Poisson runs of the
    compare trace's lengths (`--train-seed`, not compare's seed; one run per `--train-qps`) through
    the same engine, as `compare` runs them; `fit_overheads` fits, on what the shape model leaves of
@@ -323,17 +323,18 @@ def measure_grid(llm, grid: dict[str, tuple[int, ...]], repeats: int, log: Calla
     return points
 
 
-COEFFICIENTS = ("base_ms", "per_token_ms", "prefill_sq_ms", "prefill_ctx_ms", "decode_ctx_ms", "mixed_ms")
+COEFFICIENTS = ("base_ms", "per_token_ms", "prefill_sq_ms", "prefill_ctx_ms", "decode_ctx_ms", "mixed_ms", "per_decode_ms")
 
 
 def features(shape: BatchShape) -> list[float]:
-    """The regressors of `COEFFICIENTS`: calibrate's five, and whether the batch mixes prefill
-    chunks and decodes."""
-    return [*calibrate_features(shape), 1.0 if shape.num_prefill_tokens and shape.num_decodes else 0.0]
+    """The regressors of `COEFFICIENTS`: calibrate's five, whether the batch mixes prefill chunks
+    and decodes, and its number of decodes."""
+    return [*calibrate_features(shape), 1.0 if shape.num_prefill_tokens and shape.num_decodes else 0.0,
+            float(shape.num_decodes)]
 
 
 def fit_points(points: Sequence[StepPoint]) -> tuple[list[float], np.ndarray]:
-    """The six coefficients (ms) by calibrate's relative-error NNLS; and each point's relative error."""
+    """The seven coefficients (ms) by calibrate's relative-error NNLS; and each point's relative error."""
     x = np.array([features(p.shape) for p in points])
     y = np.array([p.step_ms for p in points])
     coef = [round_sig(v) for v in relative_nonneg_lstsq(x, y)]
@@ -370,7 +371,7 @@ def build_profile(points: Sequence[StepPoint], limits: dict[str, int], threads: 
                      f"each the median of {repeats} runs; vLLM in-process with "
                      "replica.vllm_scheduler.SLAIScheduler. " + load_note],
             fitted_to=("Least squares on relative error (rows weighted by 1/measured ms), coefficients "
-                       "non-negative (loadtest.calibrate.relative_nonneg_lstsq), of the six-term model (mixed_ms included) to the "
+                       "non-negative (loadtest.calibrate.relative_nonneg_lstsq), of the seven-term model (mixed_ms and per_decode_ms included) to the "
                        + ("wall time" if clock == "wall" else "CPU time of the engine thread (time.thread_time; "
                           "torch on one thread runs in it; insensitive to other processes on the machine)")
                        + " of LLMEngine.step() (schedule, forward, sampling, update, output processing: "
@@ -417,10 +418,10 @@ def write_steps_csv(path: Path, points: Sequence[StepPoint], coef: Sequence[floa
                         s.sum_decode_ctx, f"{p.step_ms:.4f}", f"{p.wall_ms:.4f}", f"{p.cpu_ms:.4f}", f"{p.model_ms:.4f}", f"{p.spread:.3f}", f"{pred:.4f}"])
 
 
-def load_note() -> str:
+def load_note(when: str = "at the end of the fit") -> str:
     try:
         la = os.getloadavg()
-        return f"Load average at the end of the fit {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} on {os.cpu_count()} CPUs."
+        return f"Load average {when} {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} on {os.cpu_count()} CPUs."
     except OSError:
         return ""
 
@@ -538,7 +539,8 @@ def fit_report(profile: CostProfile, points: Sequence[StepPoint]) -> str:
         e = fit_error(profile, [(p.label(), [p.shape], round_sig(p.step_ms)) for p in points], keep_points=True)
     errs = np.array([p.rel_error for p in e.points])
     lines = [f"{profile.name}: t_ms = {c.base_ms:.6g} + {c.per_token_ms:.6g}*N + {c.prefill_sq_ms:.6g}*sum p^2 "
-             f"+ {c.prefill_ctx_ms:.6g}*sum p*c + {c.decode_ctx_ms:.6g}*sum decode ctx + {c.mixed_ms:.6g}*mixed",
+             f"+ {c.prefill_ctx_ms:.6g}*sum p*c + {c.decode_ctx_ms:.6g}*sum decode ctx + {c.mixed_ms:.6g}*mixed "
+             f"+ {c.per_decode_ms:.6g}*D",
              f"fit over {e.num_points} steps: mean |rel err| {e.mean_rel_error:.2%}, max {e.max_rel_error:.2%}"
              + f", median {np.median(np.abs(errs)):.2%}, within 10 %: {np.mean(np.abs(errs) <= 0.10):.0%}",
              f"step time: median {statistics.median(p.step_ms for p in points):.3f} ms (wall "
@@ -931,6 +933,7 @@ def step_time_check(trace: StepTrace, profile: CostProfile) -> dict[str, float]:
                 [1e3 * (trace.ends[j] - trace.starts[j]) for j in ks]))
             split[f"first_token_steps_{name}_arrivals_predicted_p50_ms"] = float(np.median(
                 [1e3 * predicted[j] for j in ks]))
+    split["decode_only_after_prefill"] = decode_steps_after_prefill(trace, predicted)
     busy_gaps = [b - a for a, b, sh in zip(trace.ends, trace.starts[1:], trace.shapes[1:]) if sh is not None
                  and b - a < 0.001]  # back-to-back steps: the driver loop's own time between them
     return {"steps": len(m), "measured_mean_ms": float(m.mean()), "predicted_mean_ms": float(p.mean()),
@@ -939,6 +942,31 @@ def step_time_check(trace: StepTrace, profile: CostProfile) -> dict[str, float]:
             "cpu_mean_ms": float(c.mean()), "cpu_mean_rel_error": float(p.mean() / c.mean() - 1),
             "wall_over_cpu_p50": float(np.median(m / c)),
             "loop_gap_mean_ms": float(1e3 * np.mean(busy_gaps)) if busy_gaps else 0.0, **split}
+
+
+AFTER_PREFILL_STEPS = 8  # decode-only steps counted by their distance from the last prefill step, up to this
+
+
+def decode_steps_after_prefill(trace: StepTrace, predicted: Sequence[float | None]) -> list[dict[str, float]]:
+    """Decode-only steps of a busy engine (no idle gap before them, none since the last step that
+    ran prefill tokens) by how many steps after that prefill step they ran (1, 2, ...; the last
+    entry: `AFTER_PREFILL_STEPS` or more): how many, and their median measured / predicted time.
+    A slower first few would be a cost the prefill leaves behind that the model does not see."""
+    groups: list[list[float]] = [[] for _ in range(AFTER_PREFILL_STEPS)]
+    since = 0  # steps since the last prefill step; 0: none yet, or an idle gap since
+    for j, shape in enumerate(trace.shapes):
+        if shape is None or (j and trace.idle_s(j) >= IDLE_MIN_S):
+            since = 0
+        if shape is None:
+            continue
+        if shape.num_prefill_tokens:
+            since = 1
+            continue
+        if since and predicted[j]:
+            groups[min(since, AFTER_PREFILL_STEPS) - 1].append((trace.ends[j] - trace.starts[j]) / predicted[j])
+            since += 1
+    return [{"steps_after": k, "count": len(g), "measured_over_predicted_p50": float(np.median(g))}
+            for k, g in enumerate(groups, 1) if g]
 
 
 def warm_batch_sizes(st: Stepper, max_batch_tokens: int) -> None:
@@ -969,8 +997,8 @@ def compare(model_dir: Path, profile: CostProfile | None, requests: int, qps: fl
     llm = start_engine(model_dir, tiers, threads)
     try:
         if profile is None:
-            grid_name, repeats, training = refit
-            profile = fit_on_engine(llm, tiers, grid_name, repeats, threads, "(not written)", log,
+            grid_name, grid_repeats, training = refit
+            profile = fit_on_engine(llm, tiers, grid_name, grid_repeats, threads, "(not written)", log,
                                     training=training)[0]
             log(f"fitted on this engine: {profile.coefficients}; {profile.overheads}")
         limits = engine_limits(llm)
@@ -993,7 +1021,7 @@ def compare(model_dir: Path, profile: CostProfile | None, requests: int, qps: fl
                     "warm_shapes": warm_shapes, "repeats": repeats,
                     "tiers": [t.model_dump() for t in tiers.tiers], "threads": threads, "profile": profile.name,
                     "profile_json": profile.model_dump(mode="json"),
-                    "limits": limits, "engine": {k: v for k, v in ENGINE.items()}, "load": load_note(),
+                    "limits": limits, "engine": {k: v for k, v in ENGINE.items()}, "load": load_note("at the end of the runs"),
                     "prompt_mean": float(wl.prompt_lens.mean()), "output_mean": float(wl.output_lens.mean())}
     return out
 
@@ -1024,6 +1052,11 @@ def compare_table(res: dict[str, Any]) -> str:
         if f"{name}_count" in st:
             lines.append(f"{name.replace('_', ' ')}: {st[name + '_count']}, median measured "
                          f"{st[name + '_measured_p50_ms']:.3f} ms, profile {st[name + '_predicted_p50_ms']:.3f} ms")
+    if st.get("decode_only_after_prefill"):
+        lines.append("decode-only steps by steps since the last prefill step (busy engine), measured/profile "
+                     "median: " + ", ".join(f"{g['steps_after']}{'+' if g['steps_after'] == AFTER_PREFILL_STEPS else ''}: "
+                                            f"{g['measured_over_predicted_p50']:.3f} ({g['count']})"
+                                            for g in st["decode_only_after_prefill"]))
     if "runs" in res:
         lines.append(f"\nthe same trace {len(res['runs'])} times through the same engine, back to back, sim/real - 1:")
         for k, run in enumerate(res["runs"], 1):

@@ -8,9 +8,13 @@ Iteration-time model (ms), with N = tokens in the batch (prefill tokens + decode
          + prefill_ctx_ms * sum_i p_i * c_i         prefill attention to the chunk's prior context
          + decode_ctx_ms  * sum_j ctx_j             decode attention (reads each decode's KV)
          + mixed_ms       * [prefill chunks and decodes both in the batch]
+         + per_decode_ms  * D                       each decode's own work beside its token
+                                                    (D = decodes in the batch)
 
-and an empty batch costs 0. `mixed_ms` is measured for the CPU engine only (an iteration that
-mixes prefills and decodes costs more than the other terms say there); GPU profiles leave it 0.
+and an empty batch costs 0. `mixed_ms` and `per_decode_ms` are measured for the CPU engine only
+(an iteration that mixes prefills and decodes costs more than the other terms say there, and a
+decode more than a prefill token: its logits row, sampling and output processing are per request);
+GPU profiles leave them 0.
 A profile may add the engine's own costs around the batch (`EngineOverheads`, also measured for
 the CPU engine only: taking in an arriving request, a prefill chunk beyond the shape model, the
 first steps after the engine sat idle); GPU profiles have none. There is no tile-padding term:
@@ -48,7 +52,7 @@ class _Strict(BaseModel):
 
 
 class Coefficients(_Strict):
-    """The five coefficients of the iteration-time model, all in milliseconds."""
+    """The coefficients of the iteration-time model (the module docstring), all in milliseconds."""
 
     base_ms: NonNegative  # per iteration (weights read once, launch and CPU overhead)
     per_token_ms: NonNegative  # per batch token
@@ -56,12 +60,14 @@ class Coefficients(_Strict):
     prefill_ctx_ms: NonNegative  # per new prefill token x prior-context token of its request
     decode_ctx_ms: NonNegative  # per context token of each decode
     mixed_ms: NonNegative = 0.0  # per iteration running both prefill chunks and decodes
+    per_decode_ms: NonNegative = 0.0  # per decode in the batch, beyond its token's per_token_ms
 
     @model_serializer(mode="wrap")
-    def _omit_unused_mixed(self, handler):  # the GPU profiles' JSON stays as it was
+    def _omit_unused_terms(self, handler):  # the GPU profiles' JSON stays as it was
         out = handler(self)
-        if self.mixed_ms == 0.0:
-            out.pop("mixed_ms", None)
+        for name in ("mixed_ms", "per_decode_ms"):
+            if getattr(self, name) == 0.0:
+                out.pop(name, None)
         return out
 
 
@@ -214,21 +220,58 @@ class _TimeFn:
         return ends
 
 
-class _MixedTimeFn(_TimeFn):
-    """`_TimeFn` plus the mixed-batch term (a profile with `mixed_ms` > 0 only: the GPU profiles'
-    hot path stays as it was). Decode stretches have no prefill: the parent's stretch methods hold."""
+class _EngineTimeFn(_TimeFn):
+    """`_TimeFn` plus the CPU engine's terms, the mixed-batch one and the per-decode one (a profile
+    with either > 0 only: the GPU profiles' hot path stays as it was).  Each stretch duration is
+    `time_s` of its iteration's shape by the same operations in the same order (a stretch has no
+    prefill, so no mixed term)."""
 
-    __slots__ = ("mixed_s",)
+    __slots__ = ("mixed_s", "per_decode_s")
 
     def __init__(self, c: Coefficients) -> None:
         super().__init__(c)
         self.mixed_s = c.mixed_ms / 1000.0
+        self.per_decode_s = c.per_decode_ms / 1000.0
 
     def time_s(self, shape: BatchShape) -> float:
-        t = _TimeFn.time_s(self, shape)
-        if shape.num_prefill_tokens and shape.num_decodes:
+        num_decodes = shape.num_decodes
+        num_tokens = shape.num_prefill_tokens + num_decodes
+        if num_tokens == 0:
+            return 0.0
+        t = (
+            self.base_s
+            + self.per_token_s * num_tokens
+            + self.prefill_sq_s * shape.sum_prefill_sq
+            + self.prefill_ctx_s * shape.sum_prefill_ctx
+            + self.decode_ctx_s * shape.sum_decode_ctx
+            + self.per_decode_s * num_decodes
+        )
+        if shape.num_prefill_tokens and num_decodes:
             t += self.mixed_s
         return t
+
+    def decode_stretch_times_s(self, num_decodes: int, sum_decode_ctx: int, num_iterations: int) -> np.ndarray:
+        ctx = sum_decode_ctx + num_decodes * np.arange(num_iterations, dtype=np.float64)
+        return (self.base_s + self.per_token_s * num_decodes + self.prefill_sq_s * 0 + self.prefill_ctx_s * 0
+                + self.decode_ctx_s * ctx + self.per_decode_s * num_decodes)
+
+    def decode_stretch_ends_s(self, num_decodes: int, sum_decode_ctx: int, start_s: float, max_iterations: int,
+                              until_s: float) -> list[float]:
+        fixed_s = self.base_s + self.per_token_s * num_decodes + self.prefill_sq_s * 0 + self.prefill_ctx_s * 0
+        per_ctx_s = self.decode_ctx_s
+        decodes_s = self.per_decode_s * num_decodes
+        ends: list[float] = []
+        t = start_s
+        for j in range(max_iterations):
+            t += fixed_s + per_ctx_s * (sum_decode_ctx + num_decodes * j) + decodes_s
+            ends.append(t)
+            if t >= until_s:
+                break
+        return ends
+
+
+def _time_fn(c: Coefficients) -> _TimeFn:
+    return _EngineTimeFn(c) if c.mixed_ms or c.per_decode_ms else _TimeFn(c)
 
 
 class CostProfile(_Strict, CostModel):
@@ -252,20 +295,20 @@ class CostProfile(_Strict, CostModel):
     def model_post_init(self, _context: object) -> None:
         # Shadow the method below with a bound method of a plain object: the simulator calls
         # this millions of times and pydantic attribute access would dominate its cost.
-        fn = _MixedTimeFn(self.coefficients) if self.coefficients.mixed_ms else _TimeFn(self.coefficients)
+        fn = _time_fn(self.coefficients)
         object.__setattr__(self, "iteration_time_s", fn.time_s)
         object.__setattr__(self, "decode_stretch_times_s", fn.decode_stretch_times_s)
         object.__setattr__(self, "decode_stretch_ends_s", fn.decode_stretch_ends_s)
 
     def iteration_time_s(self, shape: BatchShape) -> float:  # replaced per instance, see above
-        return _TimeFn(self.coefficients).time_s(shape)
+        return _time_fn(self.coefficients).time_s(shape)
 
     def decode_stretch_times_s(self, num_decodes: int, sum_decode_ctx: int, num_iterations: int) -> np.ndarray:
-        return _TimeFn(self.coefficients).decode_stretch_times_s(num_decodes, sum_decode_ctx, num_iterations)
+        return _time_fn(self.coefficients).decode_stretch_times_s(num_decodes, sum_decode_ctx, num_iterations)
 
     def decode_stretch_ends_s(self, num_decodes: int, sum_decode_ctx: int, start_s: float, max_iterations: int,
                               until_s: float) -> list[float]:
-        return _TimeFn(self.coefficients).decode_stretch_ends_s(num_decodes, sum_decode_ctx, start_s, max_iterations,
+        return _time_fn(self.coefficients).decode_stretch_ends_s(num_decodes, sum_decode_ctx, start_s, max_iterations,
                                                                 until_s)
 
     def model_copy(self, *, update=None, deep: bool = False) -> "CostProfile":

@@ -64,6 +64,26 @@ def synthetic_run(true: s2r.EngineOverheads, profile: s2r.CostProfile, gaps_s=(0
     return tr
 
 
+def test_the_shape_fit_recovers_a_per_decode_cost_beside_the_per_token_one():
+    """A grid like `fit`'s (decodes at a few contexts, one prompt beside them) priced by a profile
+    whose decodes cost more than prefill tokens: the fit finds every term, the per-decode one too."""
+    true = s2r.Coefficients(base_ms=1.5, per_token_ms=0.005, prefill_sq_ms=0.0, prefill_ctx_ms=6e-6,
+                            decode_ctx_ms=1.2e-4, mixed_ms=0.25, per_decode_ms=0.03)
+    priced = s2r.profile_stub(true)
+    points = []
+    for n in (0, 1, 2, 4, 8, 15):
+        for c in (32, 256, 768):
+            for prompt in (0, 16, 64, 192, 700):
+                if n == 0 and prompt == 0:
+                    continue
+                shape = s2r.BatchShape(prompt, prompt * prompt, prompt * c // 2, n, n * c)
+                ms = 1e3 * priced.iteration_time_s(shape)
+                points.append(s2r.StepPoint(f"n{n} c{c} p{prompt}", 0, shape, ms, ms, ms, ms, 0.0))
+    coef, rel_err = s2r.fit_points(points)
+    assert dict(zip(s2r.COEFFICIENTS, coef)) == pytest.approx(true.model_dump(), rel=1e-3, abs=1e-9)
+    assert np.abs(rel_err).max() < 1e-3
+
+
 def test_fit_overheads_recovers_the_overheads_of_a_run_that_has_them():
     shape_model = s2r.profile_stub(s2r.Coefficients(base_ms=2.0, per_token_ms=0.005, prefill_sq_ms=0.0,
                                                     prefill_ctx_ms=4e-6, decode_ctx_ms=1.5e-4, mixed_ms=0.3))
@@ -243,3 +263,23 @@ def test_compare_refuses_no_repeats_before_starting_an_engine(capsys):
     with pytest.raises(SystemExit) as e:
         s2r.main(["compare", "--repeats", "0"])
     assert e.value.code == 2 and "expected a number >= 1" in capsys.readouterr().err
+
+
+def test_decode_steps_are_counted_from_the_last_prefill_step_of_a_busy_engine():
+    """The step check's post-prefill diagnostic: decode-only steps by their distance from the last
+    step that ran prefill tokens; an idle gap or a step without a batch restarts the count."""
+    prefill, decode = s2r.BatchShape(64, 64 * 64, 0, 0, 0), s2r.BatchShape(0, 0, 0, 2, 300)
+    tr = s2r.StepTrace()
+    t = 0.0
+    # (shape, gap before it in s, its duration in s)
+    for shape, gap, dur in ((prefill, 0.0, 0.003), (decode, 0.0, 0.003), (decode, 0.0, 0.002),
+                            (decode, 0.05, 0.002),  # after idle: not counted
+                            (prefill, 0.0, 0.003), (decode, 0.0, 0.004), (None, 0.0, 0.0), (decode, 0.0, 0.002)):
+        t += gap
+        tr.starts.append(t)
+        t += dur
+        tr.ends.append(t)
+        tr.shapes.append(shape)
+    groups = s2r.decode_steps_after_prefill(tr, [None if s is None else 0.002 for s in tr.shapes])
+    assert groups == [{"steps_after": 1, "count": 2, "measured_over_predicted_p50": pytest.approx(1.75)},
+                      {"steps_after": 2, "count": 1, "measured_over_predicted_p50": pytest.approx(1.0)}]

@@ -1,4 +1,5 @@
-"""A profile's engine overheads and its mixed-batch term (measured for the CPU engine only)."""
+"""A profile's engine overheads, its mixed-batch term and its per-decode term (measured for the CPU
+engine only)."""
 
 from __future__ import annotations
 
@@ -13,20 +14,22 @@ from replica.cost.profile import Coefficients, CostProfile, EngineOverheads, Fit
 SHAPES = [BatchShape(256, 256 * 256, 0, 0, 0), BatchShape(0, 0, 0, 8, 4000), BatchShape(100, 10_000, 5_000, 4, 900)]
 
 
-def profile_with(mixed_ms: float = 0.0, overheads: EngineOverheads | None = None) -> CostProfile:
+def profile_with(mixed_ms: float = 0.0, overheads: EngineOverheads | None = None,
+                 per_decode_ms: float = 0.0) -> CostProfile:
     return CostProfile(name="t", gpu="-", model="-", tile_tokens=16, overheads=overheads,
                        coefficients=Coefficients(base_ms=2.0, per_token_ms=0.005, prefill_sq_ms=0.0,
-                                                 prefill_ctx_ms=4e-6, decode_ctx_ms=1.5e-4, mixed_ms=mixed_ms),
+                                                 prefill_ctx_ms=4e-6, decode_ctx_ms=1.5e-4, mixed_ms=mixed_ms,
+                                                 per_decode_ms=per_decode_ms),
                        provenance=Provenance(sources=["-"], fitted_to="-", tile_tokens_source="-",
                                              tile_padding_term="-",
                                              fit_error=FitError(num_points=1, mean_rel_error=0, max_rel_error=0)))
 
 
 @pytest.mark.parametrize("name", available_profiles())
-def test_gpu_profiles_have_no_overheads_and_no_mixed_term(name):
+def test_gpu_profiles_have_no_overheads_and_no_cpu_engine_terms(name):
     p = load_profile(name)
     assert p.overheads is None
-    assert p.coefficients.mixed_ms == 0.0
+    assert p.coefficients.mixed_ms == 0.0 and p.coefficients.per_decode_ms == 0.0
 
 
 def test_the_mixed_term_is_paid_only_by_a_batch_of_prefills_and_decodes():
@@ -41,6 +44,34 @@ def test_the_mixed_term_leaves_decode_stretches_exact():
     p = profile_with(mixed_ms=0.4)
     times = p.decode_stretch_times_s(6, 3000, 5)
     assert times.tolist() == [p.iteration_time_s(BatchShape(0, 0, 0, 6, 3000 + 6 * j)) for j in range(5)]
+
+
+def test_the_per_decode_term_is_paid_once_per_decode_and_by_nothing_else():
+    plain, per_decode = profile_with(mixed_ms=0.4), profile_with(mixed_ms=0.4, per_decode_ms=0.03)
+    prefill_only, decode_only, both = SHAPES
+    assert per_decode.iteration_time_s(prefill_only) == plain.iteration_time_s(prefill_only)
+    assert per_decode.iteration_time_s(decode_only) == pytest.approx(plain.iteration_time_s(decode_only) + 8 * 0.03e-3,
+                                                                     abs=1e-12)
+    assert per_decode.iteration_time_s(both) == pytest.approx(plain.iteration_time_s(both) + 4 * 0.03e-3, abs=1e-12)
+    assert per_decode.iteration_time_s(BatchShape(0, 0, 0, 0, 0)) == 0.0
+
+
+@pytest.mark.parametrize("mixed_ms", [0.0, 0.4])
+def test_the_per_decode_term_leaves_decode_stretches_exact(mixed_ms):
+    p = profile_with(mixed_ms=mixed_ms, per_decode_ms=0.031)
+    times = p.decode_stretch_times_s(6, 3000, 5)
+    each = [p.iteration_time_s(BatchShape(0, 0, 0, 6, 3000 + 6 * j)) for j in range(5)]
+    assert times.tolist() == each
+    ends, t = [], 1.5
+    for d in each:
+        t += d
+        ends.append(t)
+    assert p.decode_stretch_ends_s(6, 3000, 1.5, 5, float("inf")) == ends
+
+
+def test_a_profile_without_the_per_decode_term_keeps_its_json():
+    assert "per_decode_ms" not in profile_with(mixed_ms=0.4).model_dump()["coefficients"]
+    assert profile_with(per_decode_ms=0.03).model_dump()["coefficients"]["per_decode_ms"] == 0.03
 
 
 def test_intake_and_prefill_chunks_add_per_request_and_per_chunk():
@@ -69,11 +100,11 @@ def test_a_wake_leaves_its_tail_to_the_next_iterations():
 def test_overheads_round_trip_through_the_profile_json(tmp_path):
     o = EngineOverheads(intake_ms=0.6, prefill_chunk_ms=0.3, wake_ms_per_e_fold=0.8, wake_after_idle_s=0.005,
                         wake_tail_ratio=0.2, source="test")
-    p = profile_with(mixed_ms=0.4, overheads=o)
+    p = profile_with(mixed_ms=0.4, overheads=o, per_decode_ms=0.03)
     path = tmp_path / "p.json"
     path.write_text(p.model_dump_json())
     q = load_profile(path)
-    assert q.overheads == o and q.coefficients.mixed_ms == 0.4
+    assert q.overheads == o and q.coefficients == p.coefficients
     assert q.iteration_time_s(SHAPES[2]) == p.iteration_time_s(SHAPES[2])
 
 

@@ -105,7 +105,9 @@ def test_compare_can_fit_its_profile_on_the_same_engine_first(make_llm, tiny_mod
     make_llm.close()  # one live engine at a time
     tiers = parse_tiers(s2r.DEFAULT_TIERS)
     res = s2r.compare(tiny_model_dir, None, requests=12, qps=20.0, seed=3, tiers=tiers, threads=1,
-                      refit=("small", 1, SMALL_TRAINING), log=lambda m: None)
+                      refit=("small", 1, SMALL_TRAINING), log=lambda m: None, repeats=2)
     fitted = res["setup"]["profile_json"]
     assert fitted["overheads"] is not None and fitted["coefficients"]["base_ms"] > 0.0
     assert res["real"]["all"]["unfinished"] == res["sim"]["all"]["unfinished"] == 0
+    # the trace's repeats are compare's, not the grid's (one pass here)
+    assert res["setup"]["repeats"] == 2 and len(res["runs"]) == 2
