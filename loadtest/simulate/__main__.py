@@ -22,17 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from loadtest.cli_args import positive_floats
 from loadtest.metrics import P99_TTFT_BOUND_S
 from loadtest.simulate.report import write_paper_report
 from loadtest.simulate.sweep import PAPER_QPS, Runner, SweepSetup, _profile, _trace, run_point, sweep_with_capacity
 from replica.policy.registry import available_schedulers, paper_schedulers
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
 
 
 def _schedulers(text: str) -> list[str]:
@@ -226,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_args(p)
     p.add_argument("--schedulers", type=_schedulers, default=paper_schedulers(),
                    help="comma-separated (default: the paper's and RAD; slai-plus and its ablation by name)")
-    p.add_argument("--qps", type=_floats, default=list(PAPER_QPS), help="QPS points (default 0.2..2.0)")
+    p.add_argument("--qps", type=positive_floats, default=list(PAPER_QPS), help="QPS points (default 0.2..2.0)")
     p.add_argument("--saturation-qps", type=float, default=3.0,
                    help="also run --saturation-schedulers at this overload QPS to measure throughput (0: skip)")
     p.add_argument("--saturation-schedulers", type=_schedulers, default=["sarathi-fcfs", "rad"],
@@ -254,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--requests-total", action="store_true",
                    help="--requests is per run for the whole cluster (default: per replica, scaled by N)")
     c.add_argument("--pairs", type=_pairs, default=list(DEFAULT_PAIRS), help="ROUTER+SCHEDULER,... (default %(default)s)")
-    c.add_argument("--qps", type=_floats, default=list(CLUSTER_QPS_PER_REPLICA),
+    c.add_argument("--qps", type=positive_floats, default=list(CLUSTER_QPS_PER_REPLICA),
                    help="QPS points per replica, scaled by N (default %(default)s)")
     c.add_argument("--routers", type=int, default=1, help="routers in front of the replicas (default 1)")
     c.add_argument("--feedback-period", type=float, default=1.0, help="snapshot period, s (default 1)")

@@ -246,8 +246,8 @@ def test_theil_sen_ignores_a_few_spikes_that_least_squares_follows():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--train-qps", "4,x"], "expected comma-separated rates"),
-    (["--train-qps", "4,0"], "expected rates > 0"),
+    (["--train-qps", "4,x"], "expected comma-separated numbers, got '4,x'"),
+    (["--train-qps", "4,0"], "expected positive numbers, got '4,0'"),
     (["--train-requests", "0"], "expected a number >= 1"),
     (["--wake-probes", "-1"], "expected a number >= 0"),
 ])
@@ -256,6 +256,19 @@ def test_fit_refuses_bad_training_runs_before_starting_an_engine(args, message, 
 
     with pytest.raises(SystemExit) as e:
         main(["fit", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--qps", "0"], "expected a number > 0, got '0'"),
+    (["--requests", "0"], "expected a number >= 1, got 0"),
+    (["--scale", "-0.1"], "expected a number > 0, got '-0.1'"),
+])
+def test_compare_refuses_bad_rates_and_counts_before_starting_an_engine(args, message, capsys):
+    from loadtest.sim_to_real import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["compare", *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
