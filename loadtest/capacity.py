@@ -44,7 +44,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ import numpy as np
 
 from loadtest.arrivals import effective_qps, poisson_arrival_times
 from loadtest.cli_args import parse_positive_floats as parse_floats  # (the locustfile imports it from here)
+from loadtest.ports import free_port
 from loadtest.metrics import (
     P99_TTFT_BOUND_S,
     STABLE_BACKLOG_FRACTION,
@@ -586,12 +586,6 @@ def write_report(out: Path, points: list[dict[str, Any]], p99_ttft_bound_s: floa
 
 
 # ------------------------------------------------------------------------------ processes
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def session_pids(sid: int) -> list[int]:
     """The processes of session ``sid`` (Linux /proc; a process started with

@@ -16,20 +16,14 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
 
 import httpx
+from loadtest.ports import free_port as _free_port
 
 KEY = "bench-key-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _drive(url: str, seconds: float, concurrency: int) -> dict:

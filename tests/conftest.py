@@ -2,22 +2,16 @@
 
 import os
 import secrets
-import socket
 from pathlib import Path
 
 import pytest
 
 from serve_app.ray_loopback import LOCAL_ONLY
+from loadtest.ports import free_port as _free_port
 
 # Ray's local-only switch, before any test module imports Ray (Ray reads it once, at import): the
 # session's local clusters listen on 127.0.0.1 only (serve_app/ray_loopback.py); `local_serve` checks it.
 os.environ[LOCAL_ONLY] = "0"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

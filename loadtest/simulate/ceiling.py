@@ -156,7 +156,7 @@ def _affine_terms(cost: CostModel, shape: BatchShape, iterations: float) -> dict
 
 
 def _with(shape: BatchShape, **changes: int) -> BatchShape:
-    return BatchShape(**{**{k: getattr(shape, k) for k in BatchShape.__dataclass_fields__}, **changes})
+    return shape._replace(**changes)
 
 
 def _sum_ceil_div(n: np.ndarray, bs: int) -> np.ndarray:

@@ -19,7 +19,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import pytest
 
 from serve_app import ray_loopback
 from serve_app.ray_loopback import LOCAL_ONLY
+from loadtest.ports import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_S, STOP_S, GONE_S = 90.0, 60.0, 30.0
@@ -204,12 +204,6 @@ def _comm(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:80]
     except OSError:
         return "?"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------ the launch

@@ -3,7 +3,6 @@ a few requests of each tier (streaming and not) and a few rejections go through 
 per-tier histograms, counters and replica gauges must show up on
 ``http://127.0.0.1:METRICS_PORT/metrics`` with their tags and plausible values."""
 
-import socket
 import time
 from collections import defaultdict
 
@@ -17,6 +16,7 @@ from ray import serve  # noqa: E402
 from serve_app import metrics as m  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
 from serve_app.ray_loopback import require_loopback, runtime_env  # noqa: E402
+from loadtest.ports import free_port as _free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -25,12 +25,6 @@ KEYS = {"premium": "metrics-premium-key-1", "free": "metrics-free-key-2"}
 APP = "tiered-metrics"
 CONTEXT = 512
 MAX_TOKENS = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

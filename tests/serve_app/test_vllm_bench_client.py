@@ -10,7 +10,6 @@ benchmark's requests and tokens (free tier only).  ~40-60 s: Ray + Serve start, 
 import importlib.util
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from ray import serve  # noqa: E402
 
 from serve_app.app import build_app  # noqa: E402
 from serve_app.ray_loopback import require_loopback, runtime_env  # noqa: E402
+from loadtest.ports import free_port as _free_port
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                  reason="vLLM is not installed (pip install -e '.[cpu]')"),
@@ -37,12 +37,6 @@ MODEL = "mistral-7b-sim"  # sim.yaml's model_name
 KEYS = {"premium": "bench-premium-key-01", "free": "bench-free-key-0002"}
 APP = "tiered-bench"
 NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 20, 32, 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

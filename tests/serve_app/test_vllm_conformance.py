@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from serve_app.app import build_app  # noqa: E402
 from serve_app.config import CONFIGS_DIR, load_config  # noqa: E402
 from serve_app.openai_api import RequestParser  # noqa: E402
 from serve_app.tokenizer import load_tokenizer  # noqa: E402
+from loadtest.ports import free_port
 
 KEY = "conformance-premium-key"
 SERVE_ENV_VARS = {"TIERED_API_KEYS": f"{KEY}:premium", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
@@ -69,9 +69,7 @@ def _engine_args(config) -> list[str]:
 @pytest.fixture(scope="module")
 def vllm_server(model_dir, tmp_path_factory):
     """vLLM's OpenAI server on 127.0.0.1 (a free port), stopped (its process group) at the end."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = load_config(CONFIG, overrides={"engine.model": str(model_dir)})
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
