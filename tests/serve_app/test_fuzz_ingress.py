@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingress_testkit import call_inprocess, make_ingress
-from replica.contract import GenerateRequest, SamplingFields, TierFacts
+from replica.contract import MAX_STOP_CHARS, MAX_STOP_STRINGS, GenerateRequest, SamplingFields, TierFacts
 from serve_app.openai_api import ChatCompletionRequest, CompletionRequest
 from serve_app.tokenizer import default_tokenizer
 
@@ -312,8 +312,12 @@ def test_inprocess_fuzz_never_5xx_and_payloads_keep_the_key_tier(inprocess):
             assert type(p) is GenerateRequest and type(p.sampling) is SamplingFields
             sampling = p.sampling.model_dump(exclude_none=True)
             assert set(sampling) <= {"temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                                     "frequency_penalty", "ignore_eos"}
+                                     "frequency_penalty", "ignore_eos", "stop"}  # the fields the strategies send
             assert all(not isinstance(v, float) or math.isfinite(v) for v in sampling.values())
+            stops = sampling.get("stop", [])
+            stops = [stops] if isinstance(stops, str) else stops
+            assert len(stops) <= MAX_STOP_STRINGS and all(type(x) is str and 0 < len(x) <= MAX_STOP_CHARS
+                                                          for x in stops)
             assert 1 <= p.prompt_len == len(p.prompt_token_ids) and p.prompt_len + p.max_tokens <= CONTEXT
             assert all(type(i) is int and 0 <= i < VOCAB for i in p.prompt_token_ids)
 
