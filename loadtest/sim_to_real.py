@@ -1006,16 +1006,16 @@ def compare(model_dir: Path, profile: CostProfile | None, requests: int, qps: fl
         reals = [run_real(st, wl) for _ in range(repeats)]
     finally:
         shutdown(llm)
-    real, trace_steps = reals[0]
+    real = reals[0][0]
     sim = run_sim(wl, profile, limits)
-    out = compare_runs(real, sim)
+    checked = [(compare_runs(r, sim), step_time_check(t, profile)) for r, t in reals]
+    out, out_steps = checked[0]
     if repeats > 1:
-        out["runs"] = [{"real": (c := compare_runs(r, sim))["real"], "rel_error": c["rel_error"],
-                        "steps": step_time_check(t, profile)} for r, t in reals]
+        out["runs"] = [{"real": c["real"], "rel_error": c["rel_error"], "steps": steps} for c, steps in checked]
     if profile.overheads is not None:  # the same real run against the shape model alone
         out["without_overheads"] = compare_runs(real, run_sim(wl, profile.model_copy(update={"overheads": None}),
                                                               limits))["rel_error"]
-    out["steps"] = step_time_check(trace_steps, profile)
+    out["steps"] = out_steps
     out["setup"] = {"requests": requests, "qps": qps, "seed": seed, "trace": trace, "scale": scale,
                     "warm_shapes": warm_shapes, "repeats": repeats,
                     "tiers": [t.model_dump() for t in tiers.tiers], "threads": threads, "profile": profile.name,
@@ -1087,7 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--out", type=Path, default=DEFAULT_PROFILE)
     f.add_argument("--steps-csv", type=Path, default=DEFAULT_STEPS_CSV)
     f.add_argument("--grid", choices=sorted(GRIDS), default="full")
-    f.add_argument("--repeats", type=int, default=3)
+    f.add_argument("--repeats", type=int_at_least(1), default=3)
     f.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="fit wall time (default) or the engine thread's CPU time (for a contended machine)")
     f.add_argument("--train-requests", type=int_at_least(1), default=TrainingRun.requests,

@@ -234,26 +234,16 @@ class _EngineTimeFn(_TimeFn):
         self.per_decode_s = c.per_decode_ms / 1000.0
 
     def time_s(self, shape: BatchShape) -> float:
+        # the five terms, then the per-decode one (0 for an empty batch), then the mixed one
         num_decodes = shape.num_decodes
-        num_tokens = shape.num_prefill_tokens + num_decodes
-        if num_tokens == 0:
-            return 0.0
-        t = (
-            self.base_s
-            + self.per_token_s * num_tokens
-            + self.prefill_sq_s * shape.sum_prefill_sq
-            + self.prefill_ctx_s * shape.sum_prefill_ctx
-            + self.decode_ctx_s * shape.sum_decode_ctx
-            + self.per_decode_s * num_decodes
-        )
+        t = _TimeFn.time_s(self, shape) + self.per_decode_s * num_decodes
         if shape.num_prefill_tokens and num_decodes:
             t += self.mixed_s
         return t
 
     def decode_stretch_times_s(self, num_decodes: int, sum_decode_ctx: int, num_iterations: int) -> np.ndarray:
-        ctx = sum_decode_ctx + num_decodes * np.arange(num_iterations, dtype=np.float64)
-        return (self.base_s + self.per_token_s * num_decodes + self.prefill_sq_s * 0 + self.prefill_ctx_s * 0
-                + self.decode_ctx_s * ctx + self.per_decode_s * num_decodes)
+        return _TimeFn.decode_stretch_times_s(self, num_decodes, sum_decode_ctx, num_iterations) \
+            + self.per_decode_s * num_decodes
 
     def decode_stretch_ends_s(self, num_decodes: int, sum_decode_ctx: int, start_s: float, max_iterations: int,
                               until_s: float) -> list[float]:

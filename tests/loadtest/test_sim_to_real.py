@@ -245,37 +245,21 @@ def test_theil_sen_ignores_a_few_spikes_that_least_squares_follows():
     assert abs(np.polyfit(x, y, 1)[0] - 0.8) > 0.1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--train-qps", "4,x"], "expected comma-separated numbers, got '4,x'"),
-    (["--train-qps", "4,0"], "expected positive numbers, got '4,0'"),
-    (["--train-requests", "0"], "expected a number >= 1"),
-    (["--wake-probes", "-1"], "expected a number >= 0"),
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "--train-qps", "4,x"], "expected comma-separated numbers, got '4,x'"),
+    (["fit", "--train-qps", "4,0"], "expected positive numbers, got '4,0'"),
+    (["fit", "--train-requests", "0"], "expected a number >= 1"),
+    (["fit", "--wake-probes", "-1"], "expected a number >= 0"),
+    (["fit", "--repeats", "0"], "expected a number >= 1, got 0"),
+    (["compare", "--qps", "0"], "expected a number > 0, got '0'"),
+    (["compare", "--requests", "0"], "expected a number >= 1, got 0"),
+    (["compare", "--scale", "-0.1"], "expected a number > 0, got '-0.1'"),
+    (["compare", "--repeats", "0"], "expected a number >= 1"),
 ])
-def test_fit_refuses_bad_training_runs_before_starting_an_engine(args, message, capsys):
-    from loadtest.sim_to_real import main
-
+def test_bad_rates_and_counts_are_refused_before_an_engine_starts(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["fit", *args])
+        s2r.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--qps", "0"], "expected a number > 0, got '0'"),
-    (["--requests", "0"], "expected a number >= 1, got 0"),
-    (["--scale", "-0.1"], "expected a number > 0, got '-0.1'"),
-])
-def test_compare_refuses_bad_rates_and_counts_before_starting_an_engine(args, message, capsys):
-    from loadtest.sim_to_real import main
-
-    with pytest.raises(SystemExit) as e:
-        main(["compare", *args])
-    assert e.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_compare_refuses_no_repeats_before_starting_an_engine(capsys):
-    with pytest.raises(SystemExit) as e:
-        s2r.main(["compare", "--repeats", "0"])
-    assert e.value.code == 2 and "expected a number >= 1" in capsys.readouterr().err
 
 
 def test_decode_steps_are_counted_from_the_last_prefill_step_of_a_busy_engine():
