@@ -1,0 +1,1 @@
+import replica  # noqa: F401  (its compiled modules, loadtest.simulate.replica among them: replica.native)

@@ -43,7 +43,8 @@ CLASSES = ("budget", "kv", "slots", "other")
 
 
 class BindingProbe:
-    """Wraps `policy.schedule`; classifies each plan made while requests wait (module docstring)."""
+    """Classifies each plan made while requests wait (module docstring); `observe` is the
+    engine's `on_plan` callback."""
 
     def __init__(self, policy: SchedulingPolicy, tile_tokens: int) -> None:
         self.policy = policy
@@ -55,14 +56,6 @@ class BindingProbe:
         self.kv_usage: list[float] = []
         self.running: list[int] = []
         self.iterations = 0
-        inner = policy.schedule
-
-        def schedule(state: EngineState) -> BatchPlan:
-            plan = inner(state)
-            self.observe(state, plan)
-            return plan
-
-        policy.schedule = schedule  # type: ignore[method-assign]
 
     def observe(self, state: EngineState, plan: BatchPlan) -> None:
         if plan.is_empty:
@@ -116,7 +109,7 @@ def probe(setup: SweepSetup, scheduler: str, qps: float) -> dict[str, Any]:
     policy = make_policy(scheduler, engine=EngineLimits(tile_tokens=profile.tile_tokens))
     pr = BindingProbe(policy, profile.tile_tokens)
     run = run_replica(wl, policy, profile, num_kv_blocks=setup.kv_blocks,
-                      prefix_caching=setup.prefix_caching and wl.prefix_hashes is not None)
+                      prefix_caching=setup.prefix_caching and wl.prefix_hashes is not None, on_plan=pr.observe)
     s = summarize(run)
     return {"scheduler": scheduler, "qps": qps, "ttft_p50_s": s["ttft_p50_s"], "ttft_p99_s": s["ttft_p99_s"],
             **pr.summary()}

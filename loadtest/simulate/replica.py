@@ -11,6 +11,7 @@ from itertools import repeat
 from operator import attrgetter, lt, sub
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from loadtest.arrivals import poisson_arrival_times
 from replica.tiers import TierMix
@@ -18,7 +19,7 @@ from replica.traces import Trace, engine_block_hashes, sample_requests
 from replica.policy.base import SchedulingPolicy
 from replica.policy.state import Request
 from replica.cost.model import CostModel
-from replica.sim.engine import PAPER_KV_BLOCKS, SimEngine
+from replica.sim.engine import PAPER_KV_BLOCKS, PlanCallback, SimEngine
 
 
 ARRIVALS = ("poisson", "replay")
@@ -98,6 +99,7 @@ class Workload:
         )
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # loadtest.simulate.cluster.ClusterRun
 @dataclass
 class ReplicaRun:
     """Raw outcome of one run; `loadtest.metrics` turns it into the paper's statistics."""
@@ -220,11 +222,12 @@ def run_replica(
     num_kv_blocks: int = PAPER_KV_BLOCKS,
     fast_forward: bool = True,
     prefix_caching: bool | None = None,
+    on_plan: PlanCallback | None = None,
 ) -> ReplicaRun:
     """Run every request to completion (no time limit: runs drain). `fast_forward=False` makes
     the engine step decode stretches one iteration at a time (same results, slower).
     `prefix_caching` (default: when the workload has prefix hashes) gives the engine vLLM's
-    prefix cache."""
+    prefix cache; `on_plan` sees each plan before it runs (`SimEngine`)."""
     t0 = time.perf_counter()
     n = len(workload)
     reqs = make_requests(workload)
@@ -234,6 +237,7 @@ def run_replica(
     engine = SimEngine(
         policy, cost, num_kv_blocks=num_kv_blocks, on_tokens=log.on_tokens,
         on_repeated_tokens=log.on_repeated_tokens if fast_forward else None, prefix_caching=prefix_caching,
+        on_plan=on_plan,
     )
     arrival = workload.arrival_s.tolist()
     i = 0
@@ -257,6 +261,7 @@ def run_replica(
         else:
             break
 
+    counts = prefix_counts([engine])
     return ReplicaRun(
         scheduler=policy.name,
         workload=workload,
@@ -267,7 +272,8 @@ def run_replica(
         busy_s=engine.busy_s,
         makespan_s=now,
         wall_s=time.perf_counter() - t0,
-        **prefix_counts([engine]),
+        prefix_lookup_tokens=counts["prefix_lookup_tokens"],
+        prefix_hit_tokens=counts["prefix_hit_tokens"],
     )
 
 

@@ -10,8 +10,10 @@ one line in `replica.policy.registry`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import MutableSequence, Sequence
 from enum import Enum
+
+from mypy_extensions import mypyc_attr
 
 from replica.policy.plan import BatchPlan
 from replica.policy.state import EngineState, Request
@@ -58,6 +60,7 @@ def order_waiting(state: EngineState, order: AdmissionOrder) -> Sequence[Request
     return sorted(state.waiting, key=key)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # a policy may live outside replica.native.MODULES
 class SchedulingPolicy(ABC):
     """One engine's scheduling policy: every iteration it turns the engine state into a plan, and
     after the iteration it learns what the iteration measured.  One object per engine (it may keep
@@ -149,7 +152,7 @@ class PlanBuilder:
         self.free_blocks += req.num_blocks if self.prefix is None else self.prefix.blocks_freed_by_preempting(req)
         self.num_active -= 1
 
-    def add_decode(self, req: Request, victims: list[Request]) -> bool:
+    def add_decode(self, req: Request, victims: MutableSequence[Request]) -> bool:
         """Schedule one decode token; if its next KV block does not fit, preempt `victims` from the
         end (the lowest priority), and if none is left, preempt `req` itself. True if scheduled."""
         need = self.kv.extra_blocks_for_step(req)

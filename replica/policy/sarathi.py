@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import deque
 from operator import attrgetter
 
+from mypy_extensions import mypyc_attr
+
 from replica.policy.base import AdmissionOrder, PlanBuilder, SchedulingPolicy, order_waiting, split_prefills
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
@@ -21,6 +23,7 @@ from replica.policy.state import EngineState
 _arrival = attrgetter("arrival_s")
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # variants may live outside replica.native.MODULES
 class SarathiPolicy(SchedulingPolicy):
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
@@ -44,6 +47,7 @@ class SarathiPolicy(SchedulingPolicy):
         for r in started_prefills:
             b.add_started_prefill(r)
         if state.waiting and b.budget_left > 0:
+            assert self.order is not None  # set in __init__
             for r in order_waiting(state, self.order):
                 if not b.try_admit(r):
                     break

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from operator import attrgetter
 
+from mypy_extensions import mypyc_attr
+
 from replica.policy.base import AdmissionOrder, PlanBuilder, SchedulingPolicy, order_waiting
 from replica.policy.config import SchedulerConfig
 from replica.policy.plan import BatchPlan
@@ -41,6 +43,7 @@ def sort_by_lst(reqs: list[Request]) -> None:
         reqs.sort(key=_lst)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # variants may live outside replica.native.MODULES
 class SLAIPolicy(SchedulingPolicy):
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
@@ -145,7 +148,9 @@ class SLAIPolicy(SchedulingPolicy):
 
     def waiting_order(self, state: EngineState):
         """The waiting queue in admission order (FCFS, SPF or SPF-tier)."""
-        return order_waiting(state, self.order)
+        order = self.order
+        assert order is not None  # set in __init__
+        return order_waiting(state, order)
 
     def record_batch_times(self, state: EngineState, plan: BatchPlan, starts_s: list[float],
                            ends_s: list[float]) -> None:

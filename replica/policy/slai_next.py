@@ -56,6 +56,7 @@ KV admission of whole prompts) is slai-plus's, behind the same flags.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterator
 from operator import attrgetter
 
 from replica.policy.base import PlanBuilder
@@ -128,7 +129,7 @@ class SLAINextPolicy(SLAIPlusPolicy):
             # prompt), started first on a tie: one pass, no re-sort of the waiting queue
             keyed = heapq.merge(((_remaining(r), 0, j, r) for j, r in enumerate(rest_started)),
                                 ((r.prompt_len - r.num_cached_tokens, 1, j, r) for j, r in enumerate(rest_waiting)))
-            rest = (r for *_, r in keyed)
+            rest: Iterator[Request] = (r for *_, r in keyed)
         else:
             rest = iter(rest_waiting)
         admitting = True

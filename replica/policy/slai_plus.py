@@ -58,6 +58,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from operator import attrgetter
+from typing import Final
+
+from mypy_extensions import mypyc_attr
 
 import numpy as np
 
@@ -70,6 +73,7 @@ from replica.policy.state import INF, EngineState, Request
 _arrival = attrgetter("arrival_s")
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # a fixed model in tests; others may live outside
 class BatchTimeModel:
     """Iteration time ~ c0 + c1 * tokens + c2 * decode context (Ktokens) + c3 * sum of squared
     prefill chunks (Mtokens^2) + c4 * sum of chunk x its prior context (Mtokens^2): the terms of
@@ -80,8 +84,8 @@ class BatchTimeModel:
     predicts one batch of 100 of 256+ tokens by more than 10 %; without the two prefill terms 6
     (docs/BENCHMARKS.md section 9)."""
 
-    MIN_SAMPLES = 32
-    NUM_TERMS = 5
+    MIN_SAMPLES: Final = 32
+    NUM_TERMS: Final = 5
 
     def __init__(self, forgetting: float = 1.0) -> None:
         if not 0.0 < forgetting <= 1.0:
@@ -115,7 +119,7 @@ class BatchTimeModel:
     def _xty(self) -> np.ndarray:
         return np.array(self._xty_list)
 
-    def add_terms(self, x: Sequence[float], duration_s: float, repeats: int = 1) -> None:
+    def add_terms(self, x: Sequence[float] | np.ndarray, duration_s: float, repeats: int = 1) -> None:
         """One measured iteration (``repeats`` equal ones) with terms ``x`` (`terms`, or any five
         numbers)."""
         if duration_s <= 0:
@@ -271,6 +275,7 @@ class SLAIPlusPolicy(SLAIPolicy):
         return self._slot_bound
 
     def _waiting_order(self, state: EngineState) -> Sequence[Request]:
+        assert self.order is not None  # set in SLAIPolicy.__init__
         ordered = order_waiting(state, self.order)
         if not self.config.aging or not ordered:
             return ordered

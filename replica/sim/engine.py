@@ -21,6 +21,8 @@ import bisect
 from collections.abc import Callable
 from operator import attrgetter, sub
 
+from mypy_extensions import mypyc_attr
+
 from replica.cost.model import CostModel
 from replica.policy.base import WAITING_KEYS, SchedulingPolicy
 from replica.policy.plan import BatchPlan
@@ -34,6 +36,7 @@ _max_output_tokens = attrgetter("max_output_tokens")
 _num_output_tokens = attrgetter("num_output_tokens")
 
 
+@mypyc_attr(native_class=False)  # an exception class (compiled builds: replica.native)
 class SchedulerStalled(RuntimeError):
     """The policy returned an empty plan although requests are waiting and nothing runs."""
 
@@ -45,6 +48,9 @@ TokensCallback = Callable[[list[Request], float], None]
 # Called once per fast-forwarded decode stretch: the requests (each emitted one token at every
 # one of the iteration end times) and those end times.
 RepeatedTokensCallback = Callable[[list[Request], list[float]], None]
+# Called with each plan the policy makes and the state it made it from, before the engine carries
+# it out (a probe's view of the policy's decisions; read them, do not change them).
+PlanCallback = Callable[[EngineState, BatchPlan], None]
 
 
 class SimEngine:
@@ -59,8 +65,10 @@ class SimEngine:
         on_finish: Callable[[Request], None] | None = None,
         on_repeated_tokens: RepeatedTokensCallback | None = None,
         prefix_caching: bool = False,
+        on_plan: PlanCallback | None = None,
     ) -> None:
         self.policy = policy
+        self.on_plan = on_plan
         self.cost = cost
         self.state = EngineState(now_s=0.0, kv=KVCache(num_kv_blocks, block_size, kv_watermark))
         self.on_tokens = on_tokens
@@ -72,11 +80,11 @@ class SimEngine:
         # does not re-sort a long queue every iteration.
         order = policy.order
         self._waiting_key = WAITING_KEYS.get(order) if order is not None else None
-        if self._waiting_key is not None:
+        if self._waiting_key is not None and order is not None:
             self.state.waiting_sorted_by = order.value
         # A policy that keeps SchedulingPolicy's no-op on_batch_end and on_batches_end learns
         # nothing from iterations: they are not called (Sarathi, vLLM-style and RAD do not learn).
-        self._learns = any(getattr(getattr(policy, name), "__func__", None) is not getattr(SchedulingPolicy, name)
+        self._learns = any(getattr(type(policy), name) is not getattr(SchedulingPolicy, name)
                            for name in ("on_batch_end", "on_batches_end"))
         self.num_iterations = 0
         self.num_preemptions = 0
@@ -119,6 +127,8 @@ class SimEngine:
         st = self.state
         st.now_s = now_s
         plan = self.policy.schedule(st)
+        if self.on_plan is not None:
+            self.on_plan(st, plan)
         if st.waiting and not st.running and plan.is_empty:
             head = st.waiting[0]
             raise SchedulerStalled(

@@ -29,12 +29,18 @@ def test_without_a_prefix_cache_the_first_chunk_says_none_was_cached():
 
 def test_the_first_chunk_carries_the_engines_cached_prompt_tokens():
     backend = SimBackend(tiers=[FREE], replica_id="r0", time_scale=0.01)
-    add = backend.engine.engine.add_request
 
-    def add_with_a_hit(req):  # what a prefix cache's lookup on arrival sets
-        req.num_cached_tokens = 256
-        add(req)
+    class HitOnArrival:  # the engine, with what a prefix cache's lookup on arrival sets
+        def __init__(self, engine):
+            self._engine = engine
 
-    backend.engine.engine.add_request = add_with_a_hit
+        def __getattr__(self, name):
+            return getattr(self._engine, name)
+
+        def add_request(self, req):
+            req.num_cached_tokens = 256
+            self._engine.add_request(req)
+
+    backend.engine.engine = HitOnArrival(backend.engine.engine)
     assert [c.num_cached_tokens for c in _chunks(backend, "b")] == [256, None, None]
     assert backend.engine.num_cached_tokens("b") == 0  # a request no longer generating: unknown

@@ -3,7 +3,6 @@ random small workloads, keeps its limits and serves every request exactly once."
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from collections import defaultdict
@@ -55,13 +54,7 @@ class TokenLog:
         self.finished.append(r.req_id)
 
     def engine_kwargs(self) -> dict:
-        params = inspect.signature(SimEngine).parameters
-        kw = {"on_finish": self.on_finish}
-        if "on_tokens" in params:
-            kw["on_tokens"] = self.on_tokens
-        else:
-            kw["on_token"] = self._one
-        return kw
+        return {"on_finish": self.on_finish, "on_tokens": self.on_tokens}
 
 
 @dataclass(frozen=True)

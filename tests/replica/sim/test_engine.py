@@ -7,7 +7,6 @@ are iteration counts."""
 
 from __future__ import annotations
 
-import inspect
 from collections import defaultdict
 
 import pytest
@@ -69,13 +68,7 @@ class TokenLog:
         return [t - prev for t, prev in self.tokens[req_id] if prev is not None]
 
     def engine_kwargs(self) -> dict:
-        params = inspect.signature(SimEngine).parameters
-        kw = {"on_finish": self.on_finish}
-        if "on_tokens" in params:  # one call per iteration with the requests that emitted
-            kw["on_tokens"] = self._many
-        else:  # one call per token
-            kw["on_token"] = self._one
-        return kw
+        return {"on_finish": self.on_finish, "on_tokens": self._many}  # one call per iteration
 
 
 def engine(policy, num_kv_blocks: int = 100, log: TokenLog | None = None) -> SimEngine:
@@ -316,3 +309,23 @@ def test_engine_keeps_the_waiting_queue_in_spf_order_with_preempted_in_front_of_
 
     fresh = EngineState(now_s=0.0, kv=eng.state.kv, waiting=unsorted)
     assert list(order_waiting(fresh, AdmissionOrder.SPF)) == eng.state.waiting
+
+
+# --- observing the policy ------------------------------------------------------------------------
+
+
+def test_on_plan_sees_each_plan_before_the_engine_carries_it_out():
+    seen = []  # (plan, the state's running ids, the prefills' progress) as on_plan saw them
+    eng = SimEngine(make_policy("sarathi-fcfs"), OneSecond(), num_kv_blocks=100, block_size=BS,
+                    on_plan=lambda st, plan: seen.append(
+                        (plan, [r.req_id for r in st.running], [r.num_computed_tokens for r, _ in plan.prefills])))
+    eng.add_request(req("a", 3 * BS, 2))
+    ran = []
+    now = 0.0
+    while (stepped := eng.step(now)) is not None:
+        ran.append(stepped[0])
+        now = stepped[1]
+    # every plan that ran, the same objects, then the empty plan that found nothing to run
+    assert len(seen) == len(ran) + 1 and all(p is r for (p, _, _), r in zip(seen, ran))
+    assert seen[-1][0].is_empty
+    assert seen[0][1] == [] and seen[0][2] == [0]  # before admission and before the chunk ran

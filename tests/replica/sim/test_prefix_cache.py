@@ -10,6 +10,7 @@ import pytest
 
 from replica.cost.model import CostModel
 from replica.policy import BatchPlan, Request, SchedulingPolicy, make_policy
+from replica.policy.slai import SLAIPolicy
 from replica.policy.state import KVCache, PrefixHit
 from replica.sim.engine import SimEngine
 from replica.sim.prefix_cache import PrefixBlockPool
@@ -108,18 +109,19 @@ def run_to_end(engine: SimEngine, reqs: list[Request]) -> None:
 
 def test_engine_computes_only_the_uncached_tokens_of_a_request_sharing_a_prefix():
     shared = list(range(1, 33))  # 32 blocks = 512 tokens
-    engine = SimEngine(make_policy("slai-spf-dynamic"), OneSecond(), num_kv_blocks=2000, prefix_caching=True)
+    chunks = []
+
+    class Spy(SLAIPolicy):  # the prefill chunks of each plan, as the engine is handed it
+        def schedule(self, state):
+            plan = super().schedule(state)
+            chunks.extend((r.req_id, n, r.num_computed_tokens) for r, n in plan.prefills)
+            return plan
+
+    engine = SimEngine(Spy(make_policy("slai-spf-dynamic").config), OneSecond(), num_kv_blocks=2000, prefix_caching=True)
     first = req("first", 32 * BS + 100, shared + [100, 101, 102, 103, 104, 105], out=2)
     run_to_end(engine, [first])
+    chunks.clear()
     second = req("second", 32 * BS + 100, shared + [200, 201, 202, 203, 204, 205], out=2)
-    chunks = []
-    orig = engine.begin
-
-    def spy(plan):
-        chunks.extend((r.req_id, n, r.num_computed_tokens) for r, n in plan.prefills)
-        return orig(plan)
-
-    engine.begin = spy
     run_to_end(engine, [second])
     assert second.num_cached_tokens == 32 * BS
     assert chunks == [("second", 100, 0)]  # one chunk of the 100 uncached tokens (admitted at 0)
