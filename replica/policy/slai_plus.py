@@ -60,9 +60,8 @@ from collections.abc import Sequence
 from operator import attrgetter
 from typing import Final
 
-from mypy_extensions import mypyc_attr
-
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from replica.policy.base import order_waiting
 from replica.policy.config import SchedulerConfig
