@@ -80,27 +80,32 @@ def _abi() -> str:
 
 def status() -> tuple[bool, str]:
     """Whether the compiled modules can be used now, and why (not)."""
+    return _check()[:2]
+
+
+def _check() -> tuple[bool, str, dict[str, str]]:
+    """`status`, and the build's files (module name -> path under NATIVE_DIR) when it is usable."""
     if os.environ.get(ENV) == "0":
-        return False, f"{ENV}=0"
+        return False, f"{ENV}=0", {}
     try:
         manifest = json.loads(MANIFEST.read_text())
     except FileNotFoundError:
-        return False, "not built (python -m replica.native build)"
+        return False, "not built (python -m replica.native build)", {}
     except (OSError, ValueError) as e:
-        return False, f"unreadable manifest {MANIFEST}: {e}"
+        return False, f"unreadable manifest {MANIFEST}: {e}", {}
     if manifest.get("abi") != _abi():
-        return False, f"built for {manifest.get('abi')}, this Python is {_abi()}: rebuild"
+        return False, f"built for {manifest.get('abi')}, this Python is {_abi()}: rebuild", {}
     try:
         digest = sources_digest()
     except OSError as e:  # (an install without one of MODULES' packages)
-        return False, f"sources unreadable: {e}"
+        return False, f"sources unreadable: {e}", {}
     if manifest.get("sources") != digest:
-        return False, "stale: the sources changed since the build (python -m replica.native build)"
+        return False, "stale: the sources changed since the build (python -m replica.native build)", {}
     files = manifest.get("files", {})
     missing = [name for name in (*MODULES, f"{GROUP}__mypyc") if not (NATIVE_DIR / files.get(name, "?")).is_file()]
     if missing:
-        return False, f"incomplete build (no {missing[0]}): rebuild"
-    return True, f"compiled ({len(MODULES)} modules, {NATIVE_DIR})"
+        return False, f"incomplete build (no {missing[0]}): rebuild", {}
+    return True, f"compiled ({len(MODULES)} modules, {NATIVE_DIR})", files
 
 
 class _NativeFinder(importlib.abc.MetaPathFinder):
@@ -126,7 +131,7 @@ def install() -> bool:
     global _installed
     if _installed is not None:
         return True
-    ok, why = status()
+    ok, why, files = _check()
     if not ok:
         # (not said to `python -m replica.native`, which is there to fix it)
         if why.startswith(("stale", "built for", "incomplete", "unreadable")) and \
@@ -137,7 +142,6 @@ def install() -> bool:
         warnings.warn("replica.native: installed after some of its modules were imported from source; "
                       "running the Python sources", RuntimeWarning, stacklevel=2)
         return False
-    files = json.loads(MANIFEST.read_text())["files"]
     _installed = _NativeFinder({name: NATIVE_DIR / rel for name, rel in files.items()})
     sys.meta_path.insert(0, _installed)
     return True

@@ -21,9 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "clean":
         clean()
         return 0
-    if a.if_stale and status()[0]:
-        print(f"replica.native: {status()[1]}")
-        return 0
+    if a.if_stale:
+        ok, why = status()
+        if ok:
+            print(f"replica.native: {why}")
+            return 0
     try:
         build(verbose=a.verbose)
     except RuntimeError as e:
