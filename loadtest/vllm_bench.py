@@ -2,8 +2,8 @@
 
   python -m loadtest.vllm_bench overhead [--running 16,64,128,256] [--steps 40] [--repeats 1]
       scheduler CPU time per step (schedule() + update_from_output()) of SLAI against vLLM's own
-      scheduler, with N requests decoding (both measured back to back per N; --repeats R for
-      medians over R such pairs on a busy host)
+      scheduler, with N requests decoding (two engines in this process, stepped in turn, so both
+      see the same host; --repeats R for the median over R such pairs)
   python -m loadtest.vllm_bench burst [--requests 48] [--budget 64]
       median TTFT of a burst of mixed prompt lengths, SLAI against vLLM's default scheduler
 
@@ -67,9 +67,9 @@ def _timed(sched) -> dict[str, list[float]]:
     return times
 
 
-def _overhead_once(model_dir: Path, cls: str | None, n: int, steps: int) -> list[float]:
-    """Per-step scheduler CPU time (schedule() + update_from_output(), seconds) of `steps` decode
-    steps with `n` requests running, on a fresh engine."""
+def _decoding_engine(model_dir: Path, cls: str | None, n: int, steps: int):
+    """A fresh engine with `n` requests admitted and decoding (each has room for `steps` more
+    decode steps), and the timers on its scheduler."""
     from vllm import SamplingParams
 
     llm = _engine(model_dir, cls, max_num_seqs=n, max_num_batched_tokens=max(256, n * 8))
@@ -82,36 +82,55 @@ def _overhead_once(model_dir: Path, cls: str | None, n: int, steps: int) -> list
                                        extra_args={"tier": tiers[i % 20 == 0 and 0 or 1]}))
     while len(sched.running) < n:  # admit everyone (prefills) before measuring decodes
         eng.step()
-    times = _timed(sched)
+    return llm, eng, _timed(sched)
+
+
+def _overhead_pair(model_dir: Path, classes: dict[str, str | None], n: int, steps: int) -> dict[str, list[float]]:
+    """Per-step scheduler CPU time (schedule() + update_from_output(), seconds) of `steps` decode
+    steps with `n` requests running, for each scheduler class: one engine each in this process,
+    stepped in turn (one step of each, the order reversed every step), so that whatever changes
+    the host's speed during the measurement changes it for both alike."""
+    engines = {name: _decoding_engine(model_dir, cls, n, steps) for name, cls in classes.items()}
+    order = list(engines.values())
     for _ in range(steps):
-        eng.step()
-    per_step = [s + u for s, u in zip(times["schedule"], times["update"])]
-    while eng.has_unfinished_requests():
-        eng.step()
-    _shutdown(llm)
+        for _llm, eng, _times in order:
+            eng.step()
+        order.reverse()
+    per_step = {name: [s + u for s, u in zip(times["schedule"], times["update"])]
+                for name, (_llm, _eng, times) in engines.items()}
+    for _llm, eng, _times in engines.values():  # drain all before shutting any down: the engines
+        while eng.has_unfinished_requests():    # share this process's torch.distributed state
+            eng.step()
+    for llm, _eng, _times in engines.values():
+        _shutdown(llm)
     return per_step
 
 
 def overhead(model_dir: Path, running: list[int], steps: int, repeats: int = 1) -> dict:
-    """Each repeat measures both schedulers back to back at every N (which goes first alternates
-    between repeats), so that a busy host slows both alike; a scheduler's ``median_ms`` is the
-    median over its repeats of the per-step median, ``ratio`` the median of the per-repeat ratios."""
+    """Each repeat measures both schedulers at every N on the same steps (`_overhead_pair`; which
+    engine is built and stepped first alternates between repeats).  A scheduler's ``median_ms``
+    is the median over its repeats of the per-step median; ``ratio`` the median of the repeats'
+    ratios of the per-step medians (each in ``ratios``)."""
     names = {"vllm-default": None, "slai": SLAI}
     runs: dict[str, dict[int, list[list[float]]]] = {name: {n: [] for n in running} for name in names}
     for rep in range(repeats):
         for n in running:
-            for name in (list(names) if rep % 2 == 0 else list(reversed(names))):
-                runs[name][n].append(_overhead_once(model_dir, names[name], n, steps))
+            classes = names if rep % 2 == 0 else dict(reversed(names.items()))
+            for name, per_step in _overhead_pair(model_dir, classes, n, steps).items():
+                runs[name][n].append(per_step)
     results: dict = {}
     for name in names:
         results[name] = {n: {"median_ms": statistics.median(statistics.median(r) for r in runs[name][n]) * 1e3,
-                             "mean_ms": statistics.fmean(x for r in runs[name][n] for x in r) * 1e3}
+                             "mean_ms": statistics.fmean(x for r in runs[name][n] for x in r) * 1e3,
+                             "steps_timed": [len(r) for r in runs[name][n]]}
                          for n in running}
         if repeats > 1:
             for n in running:
                 results[name][n]["repeat_medians_ms"] = [round(statistics.median(r) * 1e3, 4) for r in runs[name][n]]
-    results["ratio"] = {n: statistics.median(statistics.median(s) / statistics.median(v) for s, v in
-                                             zip(runs["slai"][n], runs["vllm-default"][n])) for n in running}
+    ratios = {n: [statistics.median(s) / statistics.median(v) for s, v in zip(runs["slai"][n], runs["vllm-default"][n])]
+              for n in running}
+    results["ratio"] = {n: statistics.median(r) for n, r in ratios.items()}
+    results["ratios"] = {n: [round(x, 4) for x in r] for n, r in ratios.items()}
     return results
 
 
@@ -158,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--running", default="16,64,128,256")
     o.add_argument("--steps", type=int, default=40)
     o.add_argument("--repeats", type=int, default=1,
-                   help="measure both schedulers this many times, back to back per N (medians reported)")
+                   help="measure both schedulers this many times per N, each time on fresh engines (medians reported)")
     b = sub.add_parser("burst")
     b.add_argument("--requests", type=int, default=48)
     b.add_argument("--budget", type=int, default=64)
