@@ -1,6 +1,6 @@
 """Benchmarks of the vLLM scheduler adapter on a real (CPU) engine with the tiny model.
 
-  python -m loadtest.vllm_bench overhead [--running 16,64,128,256] [--steps 40] [--repeats 1]
+  python -m loadtest.vllm_bench overhead [--running 16,64,128,256] [--steps 40] [--repeats 1] [--log-stats]
       scheduler CPU time per step (schedule() + update_from_output()) of SLAI against vLLM's own
       scheduler, with N requests decoding (two engines in this process, stepped in turn, so both
       see the same host; --repeats R for the median over R such pairs)
@@ -67,12 +67,14 @@ def _timed(sched) -> dict[str, list[float]]:
     return times
 
 
-def _decoding_engine(model_dir: Path, cls: str | None, n: int, steps: int):
+def _decoding_engine(model_dir: Path, cls: str | None, n: int, steps: int, log_stats: bool = False):
     """A fresh engine with `n` requests admitted and decoding (each has room for `steps` more
-    decode steps), and the timers on its scheduler."""
+    decode steps), and the timers on its scheduler.  `log_stats`: vLLM's own statistics on (the
+    default of its API server; `vllm.LLM` turns them off)."""
     from vllm import SamplingParams
 
-    llm = _engine(model_dir, cls, max_num_seqs=n, max_num_batched_tokens=max(256, n * 8))
+    llm = _engine(model_dir, cls, max_num_seqs=n, max_num_batched_tokens=max(256, n * 8),
+                  disable_log_stats=not log_stats)
     eng = llm.llm_engine
     sched = eng.engine_core.engine_core.scheduler
     tiers = ("premium", "free")
@@ -85,12 +87,13 @@ def _decoding_engine(model_dir: Path, cls: str | None, n: int, steps: int):
     return llm, eng, _timed(sched)
 
 
-def _overhead_pair(model_dir: Path, classes: dict[str, str | None], n: int, steps: int) -> dict[str, list[float]]:
+def _overhead_pair(model_dir: Path, classes: dict[str, str | None], n: int, steps: int,
+                   log_stats: bool = False) -> dict[str, list[float]]:
     """Per-step scheduler CPU time (schedule() + update_from_output(), seconds) of `steps` decode
     steps with `n` requests running, for each scheduler class: one engine each in this process,
     stepped in turn (one step of each, the order reversed every step), so that whatever changes
     the host's speed during the measurement changes it for both alike."""
-    engines = {name: _decoding_engine(model_dir, cls, n, steps) for name, cls in classes.items()}
+    engines = {name: _decoding_engine(model_dir, cls, n, steps, log_stats) for name, cls in classes.items()}
     order = list(engines.values())
     for _ in range(steps):
         for _llm, eng, _times in order:
@@ -106,7 +109,7 @@ def _overhead_pair(model_dir: Path, classes: dict[str, str | None], n: int, step
     return per_step
 
 
-def overhead(model_dir: Path, running: list[int], steps: int, repeats: int = 1) -> dict:
+def overhead(model_dir: Path, running: list[int], steps: int, repeats: int = 1, log_stats: bool = False) -> dict:
     """Each repeat measures both schedulers at every N on the same steps (`_overhead_pair`; which
     engine is built and stepped first alternates between repeats).  A scheduler's ``median_ms``
     is the median over its repeats of the per-step median; ``ratio`` the median of the repeats'
@@ -116,7 +119,7 @@ def overhead(model_dir: Path, running: list[int], steps: int, repeats: int = 1) 
     for rep in range(repeats):
         for n in running:
             classes = names if rep % 2 == 0 else dict(reversed(names.items()))
-            for name, per_step in _overhead_pair(model_dir, classes, n, steps).items():
+            for name, per_step in _overhead_pair(model_dir, classes, n, steps, log_stats).items():
                 runs[name][n].append(per_step)
     results: dict = {}
     for name in names:
@@ -131,6 +134,7 @@ def overhead(model_dir: Path, running: list[int], steps: int, repeats: int = 1) 
               for n in running}
     results["ratio"] = {n: statistics.median(r) for n, r in ratios.items()}
     results["ratios"] = {n: [round(x, 4) for x in r] for n, r in ratios.items()}
+    results["log_stats"] = log_stats
     return results
 
 
@@ -178,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--steps", type=int, default=40)
     o.add_argument("--repeats", type=int, default=1,
                    help="measure both schedulers this many times per N, each time on fresh engines (medians reported)")
+    o.add_argument("--log-stats", action="store_true",
+                   help="vLLM's own statistics on, as its API server runs (vllm.LLM's default is off)")
     b = sub.add_parser("burst")
     b.add_argument("--requests", type=int, default=48)
     b.add_argument("--budget", type=int, default=64)
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(Path(tmp) / "tiny")
         if a.cmd == "overhead":
-            res = overhead(model_dir, [int(x) for x in a.running.split(",")], a.steps, a.repeats)
+            res = overhead(model_dir, [int(x) for x in a.running.split(",")], a.steps, a.repeats, a.log_stats)
         else:
             res = burst(model_dir, a.requests, a.budget)
     print(json.dumps(res, indent=1))

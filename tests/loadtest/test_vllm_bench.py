@@ -32,7 +32,7 @@ def fake_engines(monkeypatch):
     log: list[str] = []
     cost = {None: 1e-4, vllm_bench.SLAI: 1.2e-4}
 
-    def decoding_engine(model_dir, cls, n, steps):
+    def decoding_engine(model_dir, cls, n, steps, log_stats=False):
         eng = FakeEngine("slai" if cls else "vllm", cost[cls], log, steps + 3)
         log.append(f"built {eng.name}")
         return f"llm-{eng.name}", eng, eng.times

@@ -18,7 +18,7 @@ if importlib.util.find_spec("vllm") is None:
 
 def test_the_overhead_command_times_both_schedulers_on_the_same_steps():
     proc = subprocess.run([sys.executable, "-m", "loadtest.vllm_bench", "overhead", "--running", "4", "--steps", "6",
-                           "--repeats", "2"], capture_output=True, text=True, timeout=300,
+                           "--repeats", "2", "--log-stats"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout)
@@ -26,3 +26,4 @@ def test_the_overhead_command_times_both_schedulers_on_the_same_steps():
         assert res[name]["4"]["steps_timed"] == [6, 6]
         assert res[name]["4"]["median_ms"] > 0
     assert len(res["ratios"]["4"]) == 2 and res["ratio"]["4"] > 0
+    assert res["log_stats"] is True  # vLLM's statistics on, as its API server runs
