@@ -23,6 +23,19 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def ints_at_least(minimum: int) -> Callable[[str], list[int]]:
+    """A parser of comma-separated whole numbers, each >= `minimum` (at least one)."""
+    one = int_at_least(minimum)
+
+    def parse(text: str) -> list[int]:
+        vals = [one(x.strip()) for x in text.split(",") if x.strip()]
+        if not vals:
+            raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}")
+        return vals
+
+    return parse
+
+
 def parse_positive_floats(text: str) -> list[float]:
     """Comma-separated finite numbers > 0 (at least one); ValueError with a message otherwise."""
     try:

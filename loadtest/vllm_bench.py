@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from loadtest.cli_args import int_at_least, ints_at_least
+
 SLAI = "replica.vllm_scheduler.SLAIScheduler"
 
 
@@ -178,22 +180,23 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     o = sub.add_parser("overhead")
-    o.add_argument("--running", default="16,64,128,256")
-    o.add_argument("--steps", type=int, default=40)
-    o.add_argument("--repeats", type=int, default=1,
+    o.add_argument("--running", type=ints_at_least(1), default=[16, 64, 128, 256],
+                   help="comma-separated numbers of requests decoding (default 16,64,128,256)")
+    o.add_argument("--steps", type=int_at_least(1), default=40)
+    o.add_argument("--repeats", type=int_at_least(1), default=1,
                    help="measure both schedulers this many times per N, each time on fresh engines (medians reported)")
     o.add_argument("--log-stats", action="store_true",
                    help="vLLM's own statistics on, as its API server runs (vllm.LLM's default is off)")
     b = sub.add_parser("burst")
-    b.add_argument("--requests", type=int, default=48)
-    b.add_argument("--budget", type=int, default=64)
+    b.add_argument("--requests", type=int_at_least(1), default=48)
+    b.add_argument("--budget", type=int_at_least(1), default=64)
     a = ap.parse_args(argv)
     from replica.tiny_model import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(Path(tmp) / "tiny")
         if a.cmd == "overhead":
-            res = overhead(model_dir, [int(x) for x in a.running.split(",")], a.steps, a.repeats, a.log_stats)
+            res = overhead(model_dir, a.running, a.steps, a.repeats, a.log_stats)
         else:
             res = burst(model_dir, a.requests, a.budget)
     print(json.dumps(res, indent=1))

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from loadtest.cli_args import int_at_least, positive_float, positive_floats
+from loadtest.cli_args import int_at_least, ints_at_least, positive_float, positive_floats
 
 
 @pytest.mark.parametrize("minimum, text, message", [
@@ -23,6 +23,13 @@ def test_int_at_least_refuses_with_a_message(minimum, text, message):
 def test_int_at_least_takes_the_bound_and_above():
     assert int_at_least(0)("0") == 0 and int_at_least(20)("25") == 25
 
+
+def test_ints_at_least_reads_a_comma_list_and_refuses_a_bad_item():
+    assert ints_at_least(1)("16, 64,") == [16, 64]
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a number >= 1, got 0"):
+        ints_at_least(1)("16,0")
+    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated whole numbers"):
+        ints_at_least(1)(" , ")
 
 @pytest.mark.parametrize("text, message", [
     ("1,x", "expected comma-separated numbers, got '1,x'"),

@@ -64,3 +64,18 @@ def test_the_ratio_is_the_median_of_the_repeats_ratios_and_the_build_order_alter
     assert res["ratio"][8] == pytest.approx(statistics.median(res["ratios"][8]))
     assert res["slai"][8]["steps_timed"] == res["vllm-default"][8]["steps_timed"] == [4, 4, 4]
     assert res["slai"][8]["median_ms"] == pytest.approx(0.12)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["overhead", "--running", "16,x"], "expected a whole number, got 'x'"),
+    (["overhead", "--running", "0"], "expected a number >= 1, got 0"),
+    (["overhead", "--running", ","], "expected comma-separated whole numbers"),
+    (["overhead", "--steps", "0"], "expected a number >= 1, got 0"),
+    (["overhead", "--repeats", "-1"], "expected a number >= 1, got -1"),
+    (["burst", "--budget", "0"], "expected a number >= 1, got 0"),
+])
+def test_a_bad_argument_is_refused_with_its_reason(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        vllm_bench.main(args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
