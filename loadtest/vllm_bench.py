@@ -69,6 +69,11 @@ def _timed(sched) -> dict[str, list[float]]:
     return times
 
 
+def bench_tier(i: int) -> str:
+    """The tier of the bench's i-th request: every 20th is premium (5 %, the paper's mix)."""
+    return "premium" if i % 20 == 0 else "free"
+
+
 def _decoding_engine(model_dir: Path, cls: str | None, n: int, steps: int, log_stats: bool = False):
     """A fresh engine with `n` requests admitted and decoding (each has room for `steps` more
     decode steps), and the timers on its scheduler.  `log_stats`: vLLM's own statistics on (the
@@ -79,11 +84,10 @@ def _decoding_engine(model_dir: Path, cls: str | None, n: int, steps: int, log_s
                   disable_log_stats=not log_stats)
     eng = llm.llm_engine
     sched = eng.engine_core.engine_core.scheduler
-    tiers = ("premium", "free")
     for i in range(n):
         eng.add_request(f"r{i}", {"prompt_token_ids": [5 + (i * 7 + j) % 1500 for j in range(8)]},
                         SamplingParams(temperature=0, max_tokens=steps + 20, ignore_eos=True,
-                                       extra_args={"tier": tiers[i % 20 == 0 and 0 or 1]}))
+                                       extra_args={"tier": bench_tier(i)}))
     while len(sched.running) < n:  # admit everyone (prefills) before measuring decodes
         eng.step()
     return llm, eng, _timed(sched)
@@ -157,9 +161,9 @@ def burst(model_dir: Path, num_requests: int, budget: int, seed: int = 0) -> dic
         t0 = time.perf_counter()
         first: dict[str, float] = {}
         for i, n in enumerate(prompts):
-            tier = "premium" if i % 20 == 0 else "free"
             eng.add_request(f"b{i}", {"prompt_token_ids": [5 + (i * 13 + j) % 1500 for j in range(n)]},
-                            SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, extra_args={"tier": tier}))
+                            SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                           extra_args={"tier": bench_tier(i)}))
         while eng.has_unfinished_requests():
             for o in eng.step():
                 if o.request_id not in first and o.outputs and o.outputs[0].token_ids:

@@ -79,3 +79,9 @@ def test_a_bad_argument_is_refused_with_its_reason(args, message, capsys):
         vllm_bench.main(args)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_every_twentieth_bench_request_is_premium():
+    assert [vllm_bench.bench_tier(i) for i in range(41)].count("premium") == 3
+    assert vllm_bench.bench_tier(0) == vllm_bench.bench_tier(20) == "premium"
+    assert vllm_bench.bench_tier(1) == "free"
