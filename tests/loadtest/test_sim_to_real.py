@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -30,6 +31,29 @@ def test_sim_side_matches_itself():
     res = s2r.compare_runs(run, run)
     assert all(v == 0.0 for t in res["rel_error"].values() for v in t.values() if np.isfinite(v))
 
+
+
+def test_ttft_by_prompt_length_shows_an_error_that_grows_with_the_prompt():
+    """A real engine whose TTFT is the simulator's times (1 + prompt / 1,000): every request in
+    exactly one length group, the groups in order, and each group's error the factor of its
+    lengths (a wrong prefill slope), where a uniformly slower engine moves every group alike."""
+    prof = s2r.profile_stub(s2r.Coefficients(base_ms=3.0, per_token_ms=0.005, prefill_sq_ms=0.0,
+                                             prefill_ctx_ms=0.0, decode_ctx_ms=1e-4))
+    wl = s2r.build_workload(80, 10.0, 3, parse_tiers(s2r.DEFAULT_TIERS))
+    limits = {"max_batch_tokens": 256, "max_active_requests": 16, "max_decodes": 16, "kv_tokens": 65536}
+    sim = s2r.run_sim(wl, prof, limits)
+    real = dataclasses.replace(sim, ttft_s=sim.ttft_s * (1 + wl.prompt_lens / 1000))
+    groups = s2r.ttft_by_prompt_len(real, sim)
+    assert len(groups) == s2r.TTFT_LENGTH_GROUPS
+    assert sum(g["count"] for g in groups) == len(wl)
+    assert all(a["prompt_max"] < b["prompt_min"] for a, b in zip(groups, groups[1:]))
+    errors = [g["rel_error"] for g in groups]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0] - 0.1
+    for g in groups:
+        assert 1 / (1 + g["prompt_max"] / 1000) - 1 <= g["rel_error"] <= 1 / (1 + g["prompt_min"] / 1000) - 1
+    slower = dataclasses.replace(sim, ttft_s=sim.ttft_s * 1.25)
+    assert [round(g["rel_error"], 9) for g in s2r.ttft_by_prompt_len(slower, sim)] == [-0.2] * len(groups)
+    assert "ttft_by_prompt_len" in s2r.compare_runs(real, sim)
 
 def synthetic_run(true: s2r.EngineOverheads, profile: s2r.CostProfile, gaps_s=(0.01, 0.03, 0.1, 0.3, 1.0)):
     """A StepTrace as `run_real` records it, of an engine that costs exactly `profile`'s shapes

@@ -85,7 +85,11 @@ def test_compare_small_trace_both_tiers(fitted, tiny_model_dir):
     # every request's first-token step is found, split by whether it arrived at an idle engine
     assert sum(steps.get(f"first_token_steps_{k}_arrivals_count", 0) for k in ("idle", "busy")) == 24
     assert steps["first_token_steps_idle_arrivals_count"] >= 1  # the first request finds the engine idle
-    assert "premium" in s2r.compare_table(res)
+    # the median TTFT by prompt length: every request in one group, each group's medians finite
+    groups = res["ttft_by_prompt_len"]
+    assert sum(g["count"] for g in groups) == 24 and len(groups) > 1
+    assert all(math.isfinite(g["rel_error"]) for g in groups)
+    assert "premium" in s2r.compare_table(res) and "median TTFT by prompt length" in s2r.compare_table(res)
 
 
 def test_compare_repeats_the_trace_through_the_same_engine(fitted, tiny_model_dir):
