@@ -31,6 +31,7 @@ def test_ints_at_least_reads_a_comma_list_and_refuses_a_bad_item():
     with pytest.raises(argparse.ArgumentTypeError, match="comma-separated whole numbers"):
         ints_at_least(1)(" , ")
 
+
 @pytest.mark.parametrize("text, message", [
     ("1,x", "expected comma-separated numbers, got '1,x'"),
     ("", "expected positive numbers, got ''"),
