@@ -1,7 +1,9 @@
 """Shared fixtures."""
 
+import atexit
 import os
 import secrets
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,9 +131,6 @@ def pytest_unconfigure(config):
     if _session is None or _session.config is not config or os.environ.get(FULL_TEARDOWN_ENV) == "1":
         return
     exit_status = int(_session.exitstatus)
-    import atexit
-    import sys
-
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:

@@ -32,7 +32,6 @@ def test_sim_side_matches_itself():
     assert all(v == 0.0 for t in res["rel_error"].values() for v in t.values() if np.isfinite(v))
 
 
-
 def test_ttft_by_prompt_length_shows_an_error_that_grows_with_the_prompt():
     """A real engine whose TTFT is the simulator's times (1 + prompt / 1,000): every request in
     exactly one length group, the groups in order, and each group's error the factor of its
@@ -54,6 +53,7 @@ def test_ttft_by_prompt_length_shows_an_error_that_grows_with_the_prompt():
     slower = dataclasses.replace(sim, ttft_s=sim.ttft_s * 1.25)
     assert [round(g["rel_error"], 9) for g in s2r.ttft_by_prompt_len(slower, sim)] == [-0.2] * len(groups)
     assert "ttft_by_prompt_len" in s2r.compare_runs(real, sim)
+
 
 def synthetic_run(true: s2r.EngineOverheads, profile: s2r.CostProfile, gaps_s=(0.01, 0.03, 0.1, 0.3, 1.0)):
     """A StepTrace as `run_real` records it, of an engine that costs exactly `profile`'s shapes
